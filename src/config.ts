@@ -1,0 +1,104 @@
+import { z } from 'zod';
+
+/**
+ * Every setting of the service, one schema. Values come from environment variables and are
+ * overridden by `--flag value` / `--flag=value` of the same name in kebab or snake case
+ * (`--max-lora-rank 32`, `--MAX_LORA_RANK=32`). README documents each.
+ */
+const int = (def: number) => z.coerce.number().int().nonnegative().default(def);
+const csv = z
+  .string()
+  .default('')
+  .transform((s) => s.split(',').map((x) => x.trim()).filter(Boolean));
+
+export const ConfigSchema = z.object({
+  PORT: z.coerce.number().int().min(0).max(65535).default(8080),
+  HOST: z.string().default('0.0.0.0'),
+  /** unset → the embedded default model (written on first start into DEFAULT_MODEL_DIR) */
+  MODEL_PATH: z.string().optional(),
+  /** llama2.c tokenizer.bin; default: tokenizer.bin beside MODEL_PATH */
+  TOKENIZER_PATH: z.string().optional(),
+  DEFAULT_MODEL_DIR: z.string().default('./data/default-model'),
+  /** where built graphs are cached; default: a `.loraserve` folder inside the model folder, or beside a .bin */
+  CACHE_DIR: z.string().optional(),
+  ADAPTER_DIR: z.string().default('./data/adapters'),
+  DEVICE: z.enum(['auto', 'cpu', 'cuda']).default('auto'),
+  DTYPE: z.enum(['auto', 'fp32', 'fp16']).default('auto'),
+  MAX_LORA_RANK: int(64),
+  MAX_ADAPTERS: int(32),
+  MAX_UPLOAD_BYTES: int(512 * 1024 * 1024),
+  MAX_BATCH: z.coerce.number().int().positive().default(8),
+  MAX_QUEUE: int(64),
+  /** prompt tokens fed per prefill step, so a long prompt does not stall running streams */
+  PREFILL_CHUNK: z.coerce.number().int().positive().default(64),
+  MAX_TOKENS_DEFAULT: z.coerce.number().int().positive().default(256),
+  REQUEST_TIMEOUT_MS: int(300_000),
+  DRAIN_TIMEOUT_MS: int(30_000),
+  API_KEYS: csv,
+  ADMIN_API_KEYS: csv,
+  CORS_ORIGINS: csv,
+  /** refuse adapters whose base_model_name_or_path differs from the model id (else a warning) */
+  STRICT_BASE_MODEL: z
+    .enum(['true', 'false', '1', '0'])
+    .default('false')
+    .transform((v) => v === 'true' || v === '1'),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+});
+export type Config = z.infer<typeof ConfigSchema>;
+export type ConfigInput = z.input<typeof ConfigSchema>;
+
+const KEYS = Object.keys(ConfigSchema.shape) as (keyof Config)[];
+
+/** `--max-lora-rank 8` / `--MAX_LORA_RANK=8` → { MAX_LORA_RANK: '8' }; other args are returned as positionals. */
+export function parseFlags(argv: readonly string[]): { flags: Record<string, string>; positionals: string[]; unknown: string[] } {
+  const flags: Record<string, string> = {};
+  const positionals: string[] = [];
+  const unknown: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (!arg.startsWith('--')) {
+      positionals.push(arg);
+      continue;
+    }
+    const eq = arg.indexOf('=');
+    const rawName = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
+    const key = rawName.replace(/-/g, '_').toUpperCase();
+    let value: string | undefined = eq >= 0 ? arg.slice(eq + 1) : undefined;
+    if (value === undefined) {
+      const next = argv[i + 1];
+      if (next !== undefined && !next.startsWith('--')) {
+        value = next;
+        i++;
+      } else {
+        value = 'true';
+      }
+    }
+    if ((KEYS as string[]).includes(key)) flags[key] = value;
+    else unknown.push(`--${rawName}`);
+  }
+  return { flags, positionals, unknown };
+}
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/** Environment first, flags override; throws ConfigError naming every bad setting. */
+export function loadConfig(env: Record<string, string | undefined>, flags: Record<string, string> = {}): Config {
+  const raw: Record<string, string> = {};
+  for (const k of KEYS) {
+    const v = flags[k] ?? env[k];
+    if (v !== undefined && v !== '') raw[k] = v;
+  }
+  const parsed = ConfigSchema.safeParse(raw);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`);
+    throw new ConfigError(`invalid settings: ${lines.join('; ')}`);
+  }
+  return parsed.data;
+}
+
+/** Config for tests and embedding: defaults plus overrides, no environment. */
+export function makeConfig(overrides: Partial<ConfigInput> = {}): Config {
+  return ConfigSchema.parse(overrides);
+}

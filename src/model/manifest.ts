@@ -1,0 +1,81 @@
+import { z } from 'zod';
+import { ArchitectureSchema, PROJECTIONS, projectionBlock, projectionDims, type Architecture, type Projection } from './architecture.js';
+
+/**
+ * One LoRA-capable projection of the built graph. `name` is the module name relative to the base
+ * model, exactly as PEFT sees it (`model.layers.0.self_attn.q_proj`), so the validator can match
+ * adapter keys and rank_pattern keys against it.
+ */
+export const LoraTargetSchema = z.object({
+  name: z.string(),
+  layer: z.number().int().nonnegative(),
+  module: z.enum(PROJECTIONS),
+  inFeatures: z.number().int().positive(),
+  outFeatures: z.number().int().positive(),
+  /** graph input names: A is [batch, in, r], B is [batch, r, out] (scale folded into B). */
+  inputA: z.string(),
+  inputB: z.string(),
+});
+export type LoraTarget = z.infer<typeof LoraTargetSchema>;
+
+export const ModelDtypeSchema = z.enum(['fp32', 'fp16']);
+export type ModelDtype = z.infer<typeof ModelDtypeSchema>;
+
+/**
+ * The graph's I/O contract (DESIGN.md "The model graph contract"):
+ *   inputs  input_ids int64 [batch, seq], position_ids int64 [batch, seq],
+ *           attention_bias <dtype> [batch, 1, seq, past + seq] (0 = attend, maskValue = do not),
+ *           past_key_values.{i}.key|value <dtype> [batch, kvHeads, past, headDim],
+ *           every LoRA target's A and B (<dtype>)
+ *   outputs logits float32 [batch, seq | 1, vocab] (see `logits`),
+ *           present.{i}.key|value <dtype> [batch, kvHeads, past + seq, headDim]
+ */
+export const ManifestSchema = z.object({
+  manifestVersion: z.literal(1),
+  builderVersion: z.string(),
+  /** sha256 over the source files and the builder version: the cache key. */
+  sourceHash: z.string(),
+  modelId: z.string(),
+  architecture: ArchitectureSchema,
+  dtype: ModelDtypeSchema,
+  /** `all`: logits for every position of the step; `last`: only for the last one ([batch, 1, vocab]). */
+  logits: z.enum(['all', 'last']),
+  /** when false the graph has no LoRA inputs (the benchmark's peer export uses Optimum's names instead). */
+  lora: z.boolean(),
+  maskValue: z.number(),
+  files: z.object({ graph: z.string(), weights: z.string() }),
+  loraTargets: z.array(LoraTargetSchema),
+});
+export type Manifest = z.infer<typeof ManifestSchema>;
+
+export const pastKeyName = (layer: number) => `past_key_values.${layer}.key`;
+export const pastValueName = (layer: number) => `past_key_values.${layer}.value`;
+export const presentKeyName = (layer: number) => `present.${layer}.key`;
+export const presentValueName = (layer: number) => `present.${layer}.value`;
+
+export function moduleName(layer: number, p: Projection): string {
+  return `model.layers.${layer}.${projectionBlock(p)}.${p}`;
+}
+
+/**
+ * The LoRA target table follows from the architecture alone, which is what lets the offline
+ * checker validate an adapter against a bare config.json without any weights.
+ */
+export function loraTargetsFor(a: Architecture): LoraTarget[] {
+  const out: LoraTarget[] = [];
+  for (let layer = 0; layer < a.numLayers; layer++) {
+    for (const module of PROJECTIONS) {
+      const { inFeatures, outFeatures } = projectionDims(a, module);
+      out.push({
+        name: moduleName(layer, module),
+        layer,
+        module,
+        inFeatures,
+        outFeatures,
+        inputA: `lora.${layer}.${module}.A`,
+        inputB: `lora.${layer}.${module}.B`,
+      });
+    }
+  }
+  return out;
+}
