@@ -19,8 +19,8 @@ export const ConfigSchema = z.object({
   /** llama2.c tokenizer.bin; default: tokenizer.bin beside MODEL_PATH */
   TOKENIZER_PATH: z.string().optional(),
   DEFAULT_MODEL_DIR: z.string().default('./data/default-model'),
-  /** where built graphs are cached; default: a `.loraserve` folder inside the model folder, or beside a .bin */
-  CACHE_DIR: z.string().optional(),
+  /** where built graphs are cached, one subfolder per source hash (model folders may be read-only) */
+  CACHE_DIR: z.string().default('./data/model-cache'),
   ADAPTER_DIR: z.string().default('./data/adapters'),
   DEVICE: z.enum(['auto', 'cpu', 'cuda']).default('auto'),
   DTYPE: z.enum(['auto', 'fp32', 'fp16']).default('auto'),

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { PROJECTIONS } from '../model/architecture.js';
 
 /** Stable, machine-readable problem codes (DESIGN.md "Adapters: format, resolution, validation"). */
 export const PROBLEM_CODES = [
@@ -50,3 +51,40 @@ export function error(p: Omit<Problem, 'severity'>): Problem {
 export function warning(p: Omit<Problem, 'severity'>): Problem {
   return { severity: 'warning', ...p };
 }
+
+/** One targeted module of the model, as resolved from the config and found in the file. */
+export const ModuleReportSchema = z.object({
+  module: z.string(),
+  layer: z.number().int().nonnegative(),
+  projection: z.enum(PROJECTIONS),
+  rank: z.number().int().positive(),
+  alpha: z.number(),
+  /** alpha / rank, or alpha / √rank with use_rslora: folded into B by the converter */
+  scale: z.number(),
+  /** the rank_pattern key that decided the rank, or 'r' */
+  rankKey: z.string(),
+  /** the alpha_pattern key that decided alpha, or 'lora_alpha' */
+  alphaKey: z.string(),
+  /** tensor keys as they appear in the file; null when missing */
+  tensorA: z.string().nullable(),
+  tensorB: z.string().nullable(),
+});
+export type ModuleReport = z.infer<typeof ModuleReportSchema>;
+
+export const ValidationReportSchema = z.object({
+  ok: z.boolean(),
+  errors: z.array(ProblemSchema),
+  warnings: z.array(ProblemSchema),
+  modules: z.array(ModuleReportSchema),
+  summary: z.object({
+    peftType: z.string().nullable(),
+    baseModel: z.string().nullable(),
+    r: z.number().nullable(),
+    loraAlpha: z.number().nullable(),
+    useRslora: z.boolean().nullable(),
+    targetedModules: z.number().int().nonnegative(),
+    tensors: z.number().int().nonnegative(),
+    parameters: z.number().int().nonnegative(),
+  }),
+});
+export type ValidationReport = z.infer<typeof ValidationReportSchema>;

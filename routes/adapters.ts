@@ -1,0 +1,74 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import multipart from '@fastify/multipart';
+import { badRequest } from '../src/http/problem.js';
+import { receiveAdapterUpload, type ReceivedUpload } from '../src/adapters/upload.js';
+import { rejectedProblem } from '../src/adapters/registry.js';
+import { adapterNameProblem } from '../src/adapters/store.js';
+
+/**
+ * Adapter management: parse → registry → status. Status codes:
+ *   POST   /v1/adapters            201 stored | 400 bad request | 409 name taken or MAX_ADAPTERS reached | 413 | 415 | 422 report
+ *   PUT    /v1/adapters/:name      create-or-replace, atomic: 201 created | 200 replaced | same errors as POST
+ *   GET    /v1/adapters            200 {adapters: [...]}
+ *   GET    /v1/adapters/:name      200 detail with report | 404
+ *   DELETE /v1/adapters/:name      204 | 404
+ *   POST   /v1/adapters/validate   200 report when it fits | 422 problem with the report; stores nothing
+ * Every error is application/problem+json; a 422 carries errors[], warnings[] and report.
+ */
+export default async function adapterRoutes(app: FastifyInstance): Promise<void> {
+  const { registry, config } = app.runtime;
+  const maxBytes = config.MAX_UPLOAD_BYTES;
+  // scoped to these routes: nowhere else accepts multipart
+  await app.register(multipart, { limits: { fileSize: maxBytes }, throwFileSizeLimit: true });
+
+  const upload = (request: FastifyRequest) => receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes, fields: ['name'] });
+
+  async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload) => Promise<T>): Promise<T> {
+    const u = await upload(request);
+    try {
+      return await fn(u);
+    } finally {
+      await u.cleanup();
+    }
+  }
+
+  app.get('/v1/adapters', async () => ({ adapters: registry.list() }));
+
+  app.get<{ Params: { name: string } }>('/v1/adapters/:name', async (request) => registry.get(request.params.name));
+
+  app.post('/v1/adapters', async (request, reply) => {
+    const adapter = await withUpload(request, async (u) => {
+      const name = u.fields.name;
+      if (name === undefined) throw badRequest('missing field `name`: the name requests will use to select this adapter', { missing: ['name'] });
+      return registry.create(name, u.dir);
+    });
+    return reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`).send(adapter);
+  });
+
+  app.put<{ Params: { name: string } }>('/v1/adapters/:name', async (request, reply) => {
+    const { name } = request.params;
+    const { created, adapter } = await withUpload(request, async (u) => {
+      if (u.fields.name !== undefined && u.fields.name !== name) {
+        throw badRequest(`the \`name\` field (${JSON.stringify(u.fields.name)}) differs from the name in the URL (${JSON.stringify(name)})`);
+      }
+      return registry.replace(name, u.dir);
+    });
+    if (created) reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`);
+    return reply.send(adapter);
+  });
+
+  app.delete<{ Params: { name: string } }>('/v1/adapters/:name', async (request, reply) => {
+    await registry.delete(request.params.name);
+    return reply.code(204).send();
+  });
+
+  app.post('/v1/adapters/validate', async (request) => {
+    const report = await withUpload(request, (u) => {
+      const why = u.fields.name === undefined ? null : adapterNameProblem(u.fields.name);
+      if (why) throw badRequest(why);
+      return registry.validate(u.dir);
+    });
+    if (!report.ok) throw rejectedProblem(report, 'the adapter');
+    return report;
+  });
+}

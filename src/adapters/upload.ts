@@ -1,0 +1,211 @@
+import { createWriteStream } from 'node:fs';
+import { mkdir, rename, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import type { FastifyRequest } from 'fastify';
+import type { Multipart } from '@fastify/multipart';
+import { HttpProblem, badRequest } from '../http/problem.js';
+import { error, type Problem } from './report.js';
+import { ArchiveError, extractAdapterArchive, sniffArchiveFile } from './archive.js';
+import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
+
+/**
+ * multipart/form-data → a staged folder holding adapter_config.json + adapter_model.safetensors.
+ *
+ * Accepted parts: text fields listed by the caller (`name`), and either
+ *   - the two files as PEFT wrote them, recognised by file name (adapter_config.json,
+ *     adapter_model.safetensors) or by field name (`config`, `weights`), or
+ *   - one archive of the folder (.tar, .tar.gz/.tgz, .zip; field `archive` or any field with such
+ *     a file name), whose adapter folder may sit at the top or one folder down.
+ * Every file part is streamed to a temp file inside the upload folder, never held in memory.
+ * Status codes: 400 malformed request (unknown, duplicate or missing parts; unsafe or unreadable
+ * archive), 413 over MAX_UPLOAD_BYTES (request, any file, or an archive's expansion), 415 not
+ * multipart, 422 a pickle (`adapter_model.bin`) or an archive without the adapter files.
+ */
+
+export interface UploadOptions {
+  /** creates an empty folder for this upload (the store's `.upload-*` folder, removed after a crash) */
+  workDir: () => Promise<string>;
+  maxBytes: number;
+  /** text fields this route accepts */
+  fields: readonly string[];
+}
+
+export interface ReceivedUpload {
+  /** folder holding the two adapter files */
+  dir: string;
+  fields: Record<string, string>;
+  /** what the client sent, for logs: 'files' or the archive kind */
+  source: 'files' | 'tar' | 'tgz' | 'zip';
+  /** removes everything this upload wrote */
+  cleanup(): Promise<void>;
+}
+
+type Role = 'config' | 'weights' | 'archive' | 'pickle';
+
+const ARCHIVE_EXT = /\.(tar|tar\.gz|tgz|zip)$/i;
+const PICKLE_EXT = /\.(bin|pt|pth|pkl|ckpt)$/i;
+
+/** Pure: what a file part is, from its file name first and its field name second. */
+export function classifyPart(fieldname: string, filename: string): Role | null {
+  const base = path.basename(filename.replace(/\\/g, '/'));
+  if (base === CONFIG_FILE) return 'config';
+  if (base === WEIGHTS_FILE) return 'weights';
+  if (ARCHIVE_EXT.test(base)) return 'archive';
+  if (base === 'adapter_model.bin' || ((fieldname === 'weights' || fieldname === 'archive') && PICKLE_EXT.test(base))) return 'pickle';
+  if (fieldname === 'config') return 'config';
+  if (fieldname === 'weights') return 'weights';
+  if (fieldname === 'archive') return 'archive';
+  return null;
+}
+
+export const payloadTooLarge = (detail: string) => new HttpProblem(413, 'Payload Too Large', detail);
+
+/** 422 for uploads whose adapter cannot even be validated: same body shape as a validation failure. */
+export function unprocessable(detail: string, errors: Problem[]): HttpProblem {
+  return new HttpProblem(422, 'Unprocessable Content', detail, { errors, warnings: [], report: null });
+}
+
+/** Same problem (code, file) as the validator reports when a folder holds only the pickle. */
+export function pickleProblem(file: string): HttpProblem {
+  return unprocessable(`${file} is a Python pickle; loraserve never loads pickles, because unpickling runs arbitrary code. ${WEIGHTS_FILE} is required.`, [
+    error({
+      code: 'missing_file',
+      file: WEIGHTS_FILE,
+      actual: file,
+      message: `Only ${file} was given: it is a Python pickle (torch.save), and pickles can run arbitrary code when loaded, so it is refused unopened; ${WEIGHTS_FILE} is required.`,
+      hint: "Save the adapter as safetensors: PEFT does so by default (`model.save_pretrained(dir)`, safe_serialization=True). To convert an old one: `from peft import PeftModel; PeftModel.from_pretrained(base, dir).save_pretrained(out, safe_serialization=True)`.",
+    }),
+  ]);
+}
+
+function missingFile(file: string, where: string): Problem {
+  return error({ code: 'missing_file', file, message: `${file} is missing ${where}.`, hint: 'Upload the folder that PEFT `save_pretrained` wrote: adapter_config.json and adapter_model.safetensors.' });
+}
+
+/** Counts bytes across every file part of the request. */
+function totalBudget(state: { used: number }, max: number): Transform {
+  return new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      state.used += chunk.byteLength;
+      if (state.used > max) cb(payloadTooLarge(`the upload is larger than MAX_UPLOAD_BYTES (${max} bytes)`));
+      else cb(null, chunk);
+    },
+  });
+}
+
+const MULTIPART_LIMIT_CODES = new Set(['FST_PARTS_LIMIT', 'FST_FILES_LIMIT', 'FST_FIELDS_LIMIT']);
+
+/** Maps @fastify/multipart's errors onto our problems; anything else passes through. */
+function mapMultipartError(e: unknown, maxBytes: number): unknown {
+  if (e instanceof HttpProblem || e instanceof ArchiveError) return e;
+  const code = (e as { code?: unknown }).code;
+  if (code === 'FST_REQ_FILE_TOO_LARGE') return payloadTooLarge(`a file in the upload is larger than MAX_UPLOAD_BYTES (${maxBytes} bytes)`);
+  if (typeof code === 'string' && MULTIPART_LIMIT_CODES.has(code)) {
+    return badRequest('the upload has too many parts: send `name` and the two adapter files (or one archive)');
+  }
+  if (code === 'FST_PROTO_VIOLATION') return badRequest('a part name is reserved (prototype property)');
+  if (code === 'FST_INVALID_JSON_FIELD_ERROR') return badRequest('a field declared as JSON is not valid JSON');
+  const message = (e as Error).message ?? String(e);
+  if (/multipart|part terminated|unexpected end/i.test(message)) return badRequest(`the multipart body is malformed: ${message}`);
+  return e;
+}
+
+export async function receiveAdapterUpload(request: FastifyRequest, opts: UploadOptions): Promise<ReceivedUpload> {
+  if (!request.isMultipart()) {
+    throw new HttpProblem(415, 'Unsupported Media Type', 'send the adapter as multipart/form-data: a `name` field plus adapter_config.json and adapter_model.safetensors, or one .tar/.tar.gz/.zip of the folder');
+  }
+  const declared = Number(request.headers['content-length']);
+  // a little room for the multipart boundaries and part headers
+  if (Number.isFinite(declared) && declared > opts.maxBytes + 64 * 1024) {
+    throw payloadTooLarge(`the request is ${declared} bytes; MAX_UPLOAD_BYTES is ${opts.maxBytes}`);
+  }
+
+  const work = await opts.workDir();
+  const cleanup = () => rm(work, { recursive: true, force: true });
+  try {
+    return { ...(await receive(request, opts, work)), cleanup };
+  } catch (e) {
+    // drain what the client is still sending so it can read our answer, then drop the files
+    request.raw.resume();
+    await cleanup();
+    if (e instanceof ArchiveError) {
+      throw e.status === 413 ? payloadTooLarge(e.message) : badRequest(e.message, { entries: e.entries });
+    }
+    throw mapMultipartError(e, opts.maxBytes);
+  }
+}
+
+async function receive(request: FastifyRequest, opts: UploadOptions, work: string): Promise<Omit<ReceivedUpload, 'cleanup'>> {
+  const fields: Record<string, string> = {};
+  const got = new Map<Role, { file: string; filename: string }>();
+  const unknown: string[] = [];
+  const duplicate: string[] = [];
+  const budget = { used: 0 };
+  let index = 0;
+
+  const parts = request.parts({
+    limits: { fileSize: opts.maxBytes, files: 16, fields: 16, parts: 32, fieldSize: 4096, fieldNameSize: 200, headerPairs: 64 },
+  }) as AsyncIterableIterator<Multipart>;
+  for await (const part of parts) {
+    if (part.type === 'field') {
+      if (!opts.fields.includes(part.fieldname)) unknown.push(`field \`${part.fieldname}\``);
+      else if (part.fieldname in fields) duplicate.push(`field \`${part.fieldname}\``);
+      else if (part.valueTruncated) throw badRequest(`field \`${part.fieldname}\` is longer than 4096 bytes`);
+      else fields[part.fieldname] = String(part.value);
+      continue;
+    }
+    const role = classifyPart(part.fieldname, part.filename ?? '');
+    const label = `file \`${part.fieldname}\`${part.filename ? ` (${part.filename})` : ''}`;
+    if (role === null || got.has(role) || role === 'pickle') {
+      // read it to the end (counted against the budget) so the parts after it still arrive
+      await pipeline(part.file, totalBudget(budget, opts.maxBytes), async function* (src: AsyncIterable<Buffer>) {
+        for await (const _ of src) yield* [];
+      });
+      if (role === 'pickle') throw pickleProblem(path.basename(part.filename || 'adapter_model.bin'));
+      (role === null ? unknown : duplicate).push(label);
+      continue;
+    }
+    const dest = path.join(work, `part-${index++}`);
+    await pipeline(part.file, totalBudget(budget, opts.maxBytes), createWriteStream(dest, { flags: 'wx' }));
+    if (part.file.truncated) throw payloadTooLarge(`${label} is larger than MAX_UPLOAD_BYTES (${opts.maxBytes} bytes)`);
+    got.set(role, { file: dest, filename: part.filename ?? '' });
+  }
+
+  if (unknown.length) {
+    throw badRequest(`unexpected part(s): ${unknown.join(', ')}. Send ${opts.fields.map((f) => `\`${f}\``).join(', ')} and either adapter_config.json + adapter_model.safetensors (fields \`config\`, \`weights\`) or one archive (\`archive\`).`, { unexpected: unknown });
+  }
+  if (duplicate.length) throw badRequest(`part(s) sent more than once: ${duplicate.join(', ')}`, { duplicate });
+
+  const archive = got.get('archive');
+  if (archive) {
+    if (got.has('config') || got.has('weights')) throw badRequest('send either the two adapter files or one archive, not both');
+    const kind = await sniffArchiveFile(archive.file, archive.filename);
+    if (!kind) throw badRequest(`${archive.filename || 'the archive'} is neither tar, gzip-compressed tar nor zip`);
+    const out = path.join(work, 'extracted');
+    await mkdir(out);
+    const found = await extractAdapterArchive(archive.file, kind, out, opts.maxBytes);
+    await rm(archive.file, { force: true });
+    const where = found.folderInArchive ? `from folder ${found.folderInArchive}/ of the archive` : 'from the archive';
+    if (!found.files.includes('adapter_config.json')) throw unprocessable('the archive holds no adapter_config.json at its top level or one folder down', [missingFile(CONFIG_FILE, 'from the archive (looked at its top level and one folder down)')]);
+    if (!found.files.includes('adapter_model.safetensors')) {
+      if (found.files.includes('adapter_model.bin')) throw pickleProblem('adapter_model.bin');
+      throw unprocessable(`adapter_model.safetensors is missing ${where}`, [missingFile(WEIGHTS_FILE, where)]);
+    }
+    return { dir: found.dir, fields, source: kind };
+  }
+
+  const missing = [
+    got.has('config') ? null : `${CONFIG_FILE} (field \`config\`)`,
+    got.has('weights') ? null : `${WEIGHTS_FILE} (field \`weights\`)`,
+  ].filter((x): x is string => x !== null);
+  if (missing.length) {
+    throw badRequest(`missing part(s): ${missing.join(' and ')}; or send one .tar/.tar.gz/.zip of the adapter folder (field \`archive\`)`, { missing });
+  }
+  const dir = path.join(work, 'files');
+  await mkdir(dir);
+  await rename(got.get('config')!.file, path.join(dir, CONFIG_FILE));
+  await rename(got.get('weights')!.file, path.join(dir, WEIGHTS_FILE));
+  return { dir, fields, source: 'files' };
+}

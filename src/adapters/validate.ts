@@ -1,0 +1,476 @@
+import type { Architecture } from '../model/architecture.js';
+import type { LoraTarget } from '../model/manifest.js';
+import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
+import { CONFIG_FILE, parsePeftConfig, type PeftConfig } from './peft-config.js';
+import { error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
+import { resolveModules, type ResolvedModule } from './resolve.js';
+import { isFloatDtype, type SafetensorsHeader, type TensorHeader } from './safetensors.js';
+
+/**
+ * The validator: one pure function from (adapter files, model facts, limits) to a report that
+ * lists every problem at once. DESIGN.md "Adapters: format, resolution, validation".
+ */
+
+export const WEIGHTS_FILE = 'adapter_model.safetensors';
+export const PICKLE_FILE = 'adapter_model.bin';
+
+export interface AdapterInput {
+  /** adapter_config.json text; null when the file is absent */
+  configText: string | null;
+  /** the weights file's name, for messages */
+  weightsFile: string;
+  /** null with no headerProblems = the weights file is absent */
+  header: SafetensorsHeader | null;
+  headerProblems: Problem[];
+  /** tensor key → values, when they were read (enables the NaN/Inf check) */
+  values?: Map<string, Float32Array>;
+  /** names of the other files that came with the adapter */
+  otherFiles?: string[];
+}
+
+export interface ModelFacts {
+  architecture: Architecture;
+  loraTargets: LoraTarget[];
+  modelId: string;
+}
+
+export interface ValidationLimits {
+  maxLoraRank: number;
+  strictBaseModel: boolean;
+}
+
+const fmt = (shape: readonly number[]) => `[${shape.join(', ')}]`;
+const countOf = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
+
+/** What to say about each feature we cannot serve; keyed so config and tensor evidence merge into one problem. */
+type Feature = 'peft_type' | 'dora' | 'modules_to_save' | 'bias' | 'lora_bias' | 'target_parameters' | 'embedding' | 'lm_head' | 'non_linear' | 'fan_in_fan_out' | 'layer_replication' | 'trainable_tokens' | 'alora' | 'qalora';
+
+const MERGE = 'merge it into the base model with PEFT merge_and_unload() and serve the merged model';
+
+const FEATURE_HINTS: Record<Feature, string> = {
+  peft_type: `Only plain LoRA adapters (peft_type "LORA") are served: ${MERGE}, or retrain with LoraConfig.`,
+  dora: `DoRA rescales the base weight per column, which a per-row low-rank delta cannot express: ${MERGE}, or retrain with use_dora=False.`,
+  modules_to_save: `modules_to_save ships fully trained copies of base modules (e.g. lm_head, embed_tokens) that replace the base weights: ${MERGE}, or retrain without modules_to_save.`,
+  bias: `Trained biases change the base model's own bias terms: ${MERGE}, or retrain with bias="none".`,
+  lora_bias: `lora_B with a bias adds a per-module constant the engine does not carry: ${MERGE}, or retrain with lora_bias=False.`,
+  target_parameters: `LoRA on raw nn.Parameters (target_parameters, e.g. MoE experts) is not a Linear projection: ${MERGE}, or retrain with target_modules only.`,
+  embedding: `LoRA on the token embedding is not served (only the attention and MLP projections are): ${MERGE}, or retrain without embed_tokens in target_modules.`,
+  lm_head: `LoRA on lm_head is not served (only the attention and MLP projections are): ${MERGE}, or retrain without lm_head in target_modules.`,
+  non_linear: 'PEFT itself cannot put LoRA on these modules (they are not Linear layers); name the projections instead, e.g. ["q_proj", "v_proj"].',
+  fan_in_fan_out: 'fan_in_fan_out=true is meant for Conv1D models such as GPT-2; Llama-family projections are nn.Linear (PEFT itself would force it to false). Check that lora_A is [r, in_features] and lora_B is [out_features, r], then re-save the config with fan_in_fan_out=false.',
+  layer_replication: `layer_replication builds extra decoder layers the served model does not have: ${MERGE}.`,
+  trainable_tokens: `trainable_token_indices changes rows of the embedding matrix: ${MERGE}, or retrain without trainable_token_indices.`,
+  alora: 'Activated LoRA (alora_invocation_tokens) only applies after its invocation tokens, which the engine does not track; retrain as plain LoRA.',
+  qalora: `QA-LoRA pools its input for a quantised base: ${MERGE}, or retrain with use_qalora=False.`,
+};
+
+class FeatureBag {
+  private readonly seen = new Map<Feature, Problem>();
+  add(f: Feature, p: Omit<Problem, 'severity' | 'code' | 'hint'>): void {
+    if (!this.seen.has(f)) this.seen.set(f, error({ code: 'unsupported_feature', hint: FEATURE_HINTS[f], ...p }));
+  }
+  has(f: Feature): boolean {
+    return this.seen.has(f);
+  }
+  problems(): Problem[] {
+    return [...this.seen.values()];
+  }
+}
+
+function configFeatures(c: PeftConfig, bag: FeatureBag): void {
+  const cfg = (key: string, actual: unknown, message: string) => ({ file: CONFIG_FILE, key, actual, message });
+  if (c.peftType.toUpperCase() !== 'LORA') bag.add('peft_type', cfg('peft_type', c.peftType, `peft_type is ${c.peftType}; only LORA adapters are served${c.peftType.toUpperCase() === 'ADALORA' ? ' (AdaLoRA stores an SVD-form lora_E and reallocates ranks during training)' : ''}.`));
+  if (c.useDora) bag.add('dora', cfg('use_dora', true, 'The adapter uses DoRA (use_dora=true), which the engine cannot apply as a low-rank delta.'));
+  if (c.modulesToSave && c.modulesToSave.length > 0) bag.add('modules_to_save', cfg('modules_to_save', c.modulesToSave, `modules_to_save is ${JSON.stringify(c.modulesToSave)}: the adapter replaces whole base modules.`));
+  if (c.bias !== 'none') bag.add('bias', cfg('bias', c.bias, `bias is "${c.bias}": the adapter trained bias terms of the base model.`));
+  if (c.loraBias) bag.add('lora_bias', cfg('lora_bias', true, 'lora_bias is true: lora_B carries a bias vector.'));
+  if (c.targetParameters && c.targetParameters.length > 0) bag.add('target_parameters', cfg('target_parameters', c.targetParameters, `target_parameters is ${JSON.stringify(c.targetParameters)}: LoRA on raw parameters.`));
+  if (c.fanInFanOut) bag.add('fan_in_fan_out', cfg('fan_in_fan_out', true, 'fan_in_fan_out is true, which describes Conv1D (transposed) weights, not the nn.Linear projections of this model.'));
+  const r = c.raw;
+  if (Array.isArray(r.layer_replication) && r.layer_replication.length > 0) bag.add('layer_replication', cfg('layer_replication', r.layer_replication, 'layer_replication is set: the adapter was trained on a model with duplicated layers.'));
+  if (r.trainable_token_indices !== null && r.trainable_token_indices !== undefined) bag.add('trainable_tokens', cfg('trainable_token_indices', r.trainable_token_indices, 'trainable_token_indices is set: the adapter retrains embedding rows.'));
+  if (r.alora_invocation_tokens !== null && r.alora_invocation_tokens !== undefined) bag.add('alora', cfg('alora_invocation_tokens', r.alora_invocation_tokens, 'alora_invocation_tokens is set: this is an activated LoRA.'));
+  if (r.use_qalora === true) bag.add('qalora', cfg('use_qalora', true, 'use_qalora is true: QA-LoRA, trained against a quantised base.'));
+}
+
+/**
+ * init_lora_weights values whose initialisation rewrote the base weights (peft/tuners/lora/layer.py,
+ * `LoraLayer.update_layer`: pissa*, corda*, olora and lora_ga subtract B·A from the base; loftq
+ * replaces it with a quantised copy).
+ */
+export function baseModifyingInit(init: boolean | string): string | null {
+  if (typeof init !== 'string') return null;
+  const l = init.toLowerCase();
+  if (l.startsWith('pissa')) return 'PiSSA';
+  if (l.startsWith('corda')) return 'CorDA';
+  if (l === 'olora') return 'OLoRA';
+  if (l === 'lora_ga') return 'LoRA-GA';
+  if (l === 'loftq') return 'LoftQ';
+  return null;
+}
+
+function initProblem(c: PeftConfig): Problem | null {
+  const name = baseModifyingInit(c.initLoraWeights);
+  if (name === null) return null;
+  if (name === 'LoftQ') {
+    return error({
+      code: 'base_modifying_init',
+      file: CONFIG_FILE,
+      key: 'init_lora_weights',
+      actual: c.initLoraWeights,
+      message: 'init_lora_weights is "loftq": the adapter was trained on a quantised copy of the base model that LoftQ initialised together with it, so on the original base weights it is not the model that was trained.',
+      hint: 'Serve the LoftQ backbone the adapter was trained with (merge_and_unload into it and serve the merged model), or retrain with init_lora_weights=true.',
+    });
+  }
+  return error({
+    code: 'base_modifying_init',
+    file: CONFIG_FILE,
+    key: 'init_lora_weights',
+    actual: c.initLoraWeights,
+    message: `init_lora_weights is "${c.initLoraWeights}": ${name} initialisation subtracted the initial adapter from the base weights before training, so on the original base this adapter is not the model that was trained.`,
+    hint: `Convert it to plain LoRA when saving: save the adapter once before training, then call model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=<that folder>) (for PiSSA, see convert_pissa_to_lora in the PEFT docs). PEFT then writes an adapter of rank 2r with init_lora_weights=true that applies to the original base.`,
+  });
+}
+
+function basename(p: string): string {
+  const parts = p.replace(/[\\/]+$/, '').split(/[\\/]/);
+  return parts[parts.length - 1] ?? p;
+}
+
+const loose = (s: string) => basename(s).toLowerCase().replace(/[^a-z0-9]/g, '');
+
+/** base_model_name_or_path vs the served model's id, by basename, ignoring case and punctuation. */
+export function sameBaseModel(declared: string, modelId: string): boolean {
+  const a = loose(declared);
+  const b = loose(modelId);
+  if (a === '' || b === '') return true;
+  return a === b || a.includes(b) || b.includes(a);
+}
+
+interface ModuleTensors {
+  A: { parsed: ParsedKey; header: TensorHeader } | null;
+  B: { parsed: ParsedKey; header: TensorHeader } | null;
+}
+
+function emptySummary(): ValidationReport['summary'] {
+  return { peftType: null, baseModel: null, r: null, loraAlpha: null, useRslora: null, targetedModules: 0, tensors: 0, parameters: 0 };
+}
+
+/** Pure: config × tensor headers × model facts × limits → every problem, plus the per-module resolution. */
+export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: ValidationLimits): ValidationReport {
+  const problems: Problem[] = [];
+  const bag = new FeatureBag();
+  const file = input.weightsFile;
+  const summary = emptySummary();
+
+  // ---- files
+  let config: PeftConfig | null = null;
+  if (input.configText === null) {
+    problems.push(error({ code: 'missing_file', file: CONFIG_FILE, message: `${CONFIG_FILE} is missing; it says which modules the adapter targets and with which rank and alpha.`, hint: 'Upload the adapter_config.json written by PEFT save_pretrained next to the weights.' }));
+  } else {
+    const parsed = parsePeftConfig(input.configText);
+    problems.push(...parsed.problems);
+    config = parsed.config;
+  }
+  const header = input.header;
+  if (header === null && input.headerProblems.length === 0) {
+    const pickle = (input.otherFiles ?? []).some((f) => basename(f) === PICKLE_FILE);
+    problems.push(
+      pickle
+        ? error({
+            code: 'missing_file',
+            file,
+            actual: PICKLE_FILE,
+            message: `Only ${PICKLE_FILE} was given: it is a Python pickle, and pickles can run arbitrary code when loaded, so it is never loaded here; ${file} is required.`,
+            hint: 'Re-save with model.save_pretrained(out_dir, safe_serialization=True) (the default in current PEFT), or convert: safetensors.torch.save_file(torch.load("adapter_model.bin"), "adapter_model.safetensors", metadata={"format": "pt"}).',
+          })
+        : error({ code: 'missing_file', file, message: `${file} is missing.`, hint: 'Upload the adapter_model.safetensors written by PEFT save_pretrained.' }),
+    );
+  }
+  problems.push(...input.headerProblems);
+
+  // ---- config-level facts
+  let resolved: ResolvedModule[] = [];
+  let otherTargeted: string[] = [];
+  if (config) {
+    summary.peftType = config.peftType;
+    summary.baseModel = config.baseModel;
+    summary.r = config.r;
+    summary.loraAlpha = config.loraAlpha;
+    summary.useRslora = config.useRslora;
+    configFeatures(config, bag);
+    const init = initProblem(config);
+    if (init) problems.push(init);
+    if (config.baseModel && model.modelId && !sameBaseModel(config.baseModel, model.modelId)) {
+      const p = {
+        code: 'base_model_mismatch' as const,
+        file: CONFIG_FILE,
+        key: 'base_model_name_or_path',
+        expected: model.modelId,
+        actual: config.baseModel,
+        message: `The adapter was trained on ${config.baseModel}, but the served model is ${model.modelId}.${limits.strictBaseModel ? '' : ' Its tensor shapes are checked below; if they fit, it is accepted, but its output may still be poor.'}`,
+        hint: limits.strictBaseModel ? 'Serve the base model the adapter was trained on, or turn off STRICT_BASE_MODEL.' : undefined,
+      };
+      problems.push(limits.strictBaseModel ? error(p) : warning(p));
+    }
+    if (!bag.has('peft_type')) {
+      const res = resolveModules(config, model.loraTargets);
+      problems.push(...res.problems);
+      resolved = res.modules;
+      otherTargeted = res.otherTargeted;
+    }
+  }
+  const targeted = resolved.filter((m) => m.targeted);
+  summary.targetedModules = targeted.length;
+
+  const otherFeature = (n: string): Feature => (n === 'lm_head' ? 'lm_head' : n === 'model.embed_tokens' ? 'embedding' : 'non_linear');
+  for (const feature of new Set(otherTargeted.map(otherFeature))) {
+    const names = otherTargeted.filter((n) => otherFeature(n) === feature);
+    const first = names[0]!;
+    bag.add(feature, { file: CONFIG_FILE, key: 'target_modules', module: first, actual: names.slice(0, 8), message: `target_modules selects ${names.length === 1 ? first : `${names.length} modules such as ${first}`}, which ${feature === 'non_linear' ? 'are not Linear layers' : 'is not an attention or MLP projection'}.` });
+  }
+
+  if (config && resolved.length > 0 && targeted.length === 0 && !bag.has('peft_type')) {
+    const tm = config.targetModules;
+    problems.push(
+      error({
+        code: 'no_modules_matched',
+        file: CONFIG_FILE,
+        key: 'target_modules',
+        actual: tm,
+        expected: `names such as ${model.loraTargets[0]?.name ?? 'model.layers.0.self_attn.q_proj'}`,
+        message: `target_modules ${JSON.stringify(tm)} selects no projection of this model (its modules are named model.layers.{0..${model.architecture.numLayers - 1}}.self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj), so the adapter would change nothing.`,
+        hint: 'The adapter was probably trained for another architecture or a model whose modules are named differently.',
+      }),
+    );
+  }
+
+  // rank_too_large: one problem per key that decided a too-large rank
+  const tooLarge = new Map<string, ResolvedModule[]>();
+  for (const m of targeted) if (m.rank > limits.maxLoraRank) tooLarge.set(m.rankKey, [...(tooLarge.get(m.rankKey) ?? []), m]);
+  for (const [key, ms] of tooLarge) {
+    const first = ms[0]!;
+    problems.push(
+      error({
+        code: 'rank_too_large',
+        file: CONFIG_FILE,
+        key,
+        module: first.target.name,
+        expected: `<= ${limits.maxLoraRank}`,
+        actual: first.rank,
+        message: `${key === 'r' ? `r = ${first.rank}` : `rank_pattern key "${key}" gives rank ${first.rank}`} for ${ms.length} module${ms.length === 1 ? '' : 's'} (e.g. ${first.target.name}), over this server's MAX_LORA_RANK of ${limits.maxLoraRank}.`,
+        hint: 'Retrain with a smaller rank, or raise MAX_LORA_RANK (memory and compute per request grow with the rank).',
+      }),
+    );
+  }
+
+  // ---- tensors
+  const byModule = new Map<string, ModuleTensors>();
+  const tableByName = new Map(model.loraTargets.map((t) => [t.name, t]));
+  const resolvedByName = new Map(resolved.map((m) => [m.target.name, m]));
+  const unmatched: ParsedKey[] = [];
+  const corruptTensors = new Set(input.headerProblems.map((p) => p.tensor).filter((t): t is string => t !== undefined));
+  let loraTensors = 0;
+  const tensorProblems: Problem[] = [];
+  const nonLinear = new Set(['model.embed_tokens', 'lm_head']);
+
+  for (const t of header?.tensors ?? []) {
+    summary.tensors++;
+    summary.parameters += countOf(t.shape);
+    if (!isFloatDtype(t.dtype)) {
+      tensorProblems.push(error({ code: 'bad_dtype', file, tensor: t.name, expected: ['F32', 'F16', 'BF16'], actual: t.dtype, message: `${t.name} is ${t.dtype}; adapter weights must be F32, F16 or BF16.`, hint: 'Save the adapter from an unquantised model in float32, float16 or bfloat16.' }));
+    }
+    const pk = parseTensorKey(t.name);
+    const where = { file, tensor: t.name, module: pk.module ?? undefined };
+    switch (pk.kind) {
+      case 'dora_magnitude':
+        bag.add('dora', { ...where, message: `${pk.normalized} is a DoRA magnitude vector.` });
+        continue;
+      case 'lora_embedding':
+        bag.add('embedding', { ...where, message: `${pk.normalized} is LoRA on an embedding layer.` });
+        continue;
+      case 'full_weight':
+        bag.add('modules_to_save', { ...where, message: `${pk.normalized} is a full copy of a base weight (modules_to_save or saved embedding layers).` });
+        continue;
+      case 'trainable_tokens':
+        bag.add('trainable_tokens', { ...where, message: `${pk.normalized} holds trained embedding rows (trainable_token_indices).` });
+        continue;
+      case 'bias':
+        bag.add(pk.part ? 'lora_bias' : 'bias', { ...where, message: `${pk.normalized} is a trained bias.` });
+        continue;
+      case 'other':
+        tensorProblems.push(error({ code: 'unexpected_tensor', ...where, message: `${t.name} is not a LoRA tensor (expected keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight).` }));
+        continue;
+      case 'lora':
+        break;
+    }
+    loraTensors++;
+    const mod = pk.module!;
+    if (nonLinear.has(mod)) {
+      bag.add(mod === 'lm_head' ? 'lm_head' : 'embedding', { ...where, message: `${pk.normalized} is LoRA on ${mod}.` });
+      continue;
+    }
+    const target = tableByName.get(mod);
+    if (!target) {
+      unmatched.push(pk);
+      continue;
+    }
+    const res = resolvedByName.get(mod);
+    if (res && !res.targeted) {
+      tensorProblems.push(error({ code: 'unexpected_tensor', ...where, message: `${pk.normalized} is for ${mod}, which adapter_config.json does not target (target_modules ${JSON.stringify(config?.targetModules)}); PEFT would ignore it.`, hint: 'Add the module to target_modules, or drop the tensor.' }));
+      continue;
+    }
+    const slot = byModule.get(mod) ?? { A: null, B: null };
+    const part = pk.part!;
+    const prev = slot[part];
+    if (prev) {
+      tensorProblems.push(error({ code: 'unexpected_tensor', ...where, message: `${t.name} is a second lora_${part} for ${mod} (also ${prev.parsed.key}); the file holds more than one adapter.`, hint: 'Save one adapter per folder (save_pretrained(selected_adapters=[name])).' }));
+      continue;
+    }
+    slot[part] = { parsed: pk, header: t };
+    byModule.set(mod, slot);
+  }
+
+  // adapter keys that name no module of this model: a different layout, or a different model
+  const matchedAny = byModule.size > 0;
+  if (unmatched.length > 0 && !matchedAny) {
+    const seen = [...new Set(unmatched.map((u) => layerPrefix(u.module!)))];
+    const have = [...new Set(model.loraTargets.map((t) => layerPrefix(t.name)))];
+    tensorProblems.push(
+      error({
+        code: 'no_modules_matched',
+        file,
+        tensor: unmatched[0]!.key,
+        module: unmatched[0]!.module!,
+        expected: have,
+        actual: seen,
+        message: `None of the ${unmatched.length} LoRA tensors names a module of this model: the adapter's modules live under ${seen.map((s) => `"${s}"`).join(', ')} (e.g. ${unmatched[0]!.module}), this model's under ${have.map((s) => `"${s}"`).join(', ')}; loaded as-is the adapter would change nothing.`,
+        hint: 'The adapter was trained on a differently wrapped model (e.g. the language model inside a vision-language model); rename the keys to the plain model layout, or serve the model it was trained on.',
+      }),
+    );
+  } else {
+    for (const u of unmatched) {
+      tensorProblems.push(error({ code: 'unexpected_tensor', file, tensor: u.key, module: u.module!, message: `${u.normalized} is for ${u.module}, which this model does not have (it has ${model.architecture.numLayers} layers with q/k/v/o_proj and gate/up/down_proj).`, hint: 'The adapter was probably trained on a model with more layers or other module names.' }));
+    }
+  }
+  if (header && loraTensors === 0 && input.headerProblems.length === 0) {
+    tensorProblems.push(error({ code: 'no_modules_matched', file, message: `${file} holds no LoRA tensors (lora_A / lora_B), so the adapter would change nothing.` }));
+  }
+
+  // per targeted module: shapes, ranks, presence
+  const modules: ModuleReport[] = [];
+  const checkPresence = header !== null && (matchedAny || unmatched.length === 0) && loraTensors > 0;
+  for (const m of targeted) {
+    const slot = byModule.get(m.target.name) ?? { A: null, B: null };
+    const { inFeatures, outFeatures, module: proj, name } = m.target;
+    const decided = m.rankKey === 'r' ? `r = ${m.rank}` : `rank_pattern key "${m.rankKey}" = ${m.rank}`;
+    const expectA = [m.rank, inFeatures];
+    const expectB = [outFeatures, m.rank];
+    const isCorrupt = (part: 'A' | 'B') => corruptTensors.has(`base_model.model.${name}.lora_${part}.weight`) || corruptTensors.has(`${name}.lora_${part}.weight`);
+    if (checkPresence && !slot.A && !slot.B && !isCorrupt('A') && !isCorrupt('B')) {
+      tensorProblems.push(error({ code: 'missing_tensor', file, module: name, expected: { lora_A: expectA, lora_B: expectB }, message: `${name} has no tensors: adapter_config.json targets it, so ${name}.lora_A.weight ${fmt(expectA)} and ${name}.lora_B.weight ${fmt(expectB)} were expected.`, hint: 'Save the adapter again from the trained model, or narrow target_modules / layers_to_transform to the modules that were trained.' }));
+    }
+    for (const part of ['A', 'B'] as const) {
+      const got = slot[part];
+      const expected = part === 'A' ? expectA : expectB;
+      const keyName = `${name}.lora_${part}.weight`;
+      if (!got) {
+        if (checkPresence && (slot.A || slot.B) && !isCorrupt(part)) {
+          tensorProblems.push(error({ code: 'missing_tensor', file, module: name, tensor: keyName, expected, message: `${keyName} is missing while its lora_${part === 'A' ? 'B' : 'A'} is present; ${fmt(expected)} was expected.`, hint: 'A LoRA module needs both lora_A and lora_B.' }));
+        }
+        continue;
+      }
+      const shape = got.header.shape;
+      const tensor = got.parsed.key;
+      const shown = got.parsed.normalized;
+      if (shape.length !== 2) {
+        tensorProblems.push(error({ code: 'shape_mismatch', file, tensor, module: name, expected, actual: shape, message: `${shown} has shape ${fmt(shape)}; a LoRA ${part} matrix is 2-D, and for this model's ${proj} ${fmt(expected)} was expected.` }));
+        continue;
+      }
+      const [d0, d1] = shape as [number, number];
+      const feat = part === 'A' ? d1 : d0;
+      const rank = part === 'A' ? d0 : d1;
+      const want = part === 'A' ? inFeatures : outFeatures;
+      if (feat !== want) {
+        const which = part === 'A' ? 'in_features' : 'out_features';
+        tensorProblems.push(
+          error({
+            code: 'shape_mismatch',
+            file,
+            tensor,
+            module: name,
+            expected,
+            actual: shape,
+            message: `${shown} has shape ${fmt(shape)}; this model's ${proj} has ${which} ${want}, so ${fmt(expected)} was expected. The adapter was probably trained on a model of another size or a pruned variant.`,
+          }),
+        );
+      }
+      if (rank !== m.rank) {
+        tensorProblems.push(
+          error({
+            code: 'rank_mismatch',
+            file,
+            tensor,
+            module: name,
+            key: m.rankKey,
+            expected: m.rank,
+            actual: rank,
+            message: `${shown} has rank ${rank} (shape ${fmt(shape)}), but adapter_config.json gives ${name} rank ${m.rank} (${decided}).`,
+            hint: m.rankKey === 'r' ? 'Fix r (or add a rank_pattern entry for this module) to match the tensors that were trained.' : `Fix rank_pattern["${m.rankKey}"] to match the tensors that were trained.`,
+          }),
+        );
+      }
+    }
+    modules.push({
+      module: name,
+      layer: m.target.layer,
+      projection: proj,
+      rank: m.rank,
+      alpha: m.alpha,
+      scale: m.scale,
+      rankKey: m.rankKey,
+      alphaKey: m.alphaKey,
+      tensorA: slot.A?.parsed.key ?? null,
+      tensorB: slot.B?.parsed.key ?? null,
+    });
+  }
+
+  // Without a usable config nothing is targeted, but the feature dimensions can still be checked:
+  // the report should say at once whether the weights fit, not only that the config is broken.
+  if (!config) {
+    for (const [name, slot] of byModule) {
+      const t = tableByName.get(name)!;
+      for (const part of ['A', 'B'] as const) {
+        const got = slot[part];
+        if (!got || got.header.shape.length !== 2) continue;
+        const [d0, d1] = got.header.shape as [number, number];
+        const feat = part === 'A' ? d1 : d0;
+        const want = part === 'A' ? t.inFeatures : t.outFeatures;
+        if (feat === want) continue;
+        const expected = part === 'A' ? [d0, want] : [want, d1];
+        tensorProblems.push(error({ code: 'shape_mismatch', file, tensor: got.parsed.key, module: name, expected, actual: got.header.shape, message: `${got.parsed.normalized} has shape ${fmt(got.header.shape)}; this model's ${t.module} has ${part === 'A' ? 'in_features' : 'out_features'} ${want}, so ${fmt(expected)} was expected. The adapter was probably trained on a model of another size or a pruned variant.` }));
+      }
+    }
+  }
+
+  // NaN / Inf, when the values were read
+  if (input.values) {
+    for (const [key, v] of input.values) {
+      let nan = 0;
+      let inf = 0;
+      for (let i = 0; i < v.length; i++) {
+        const x = v[i]!;
+        if (x !== x) nan++;
+        else if (x === Infinity || x === -Infinity) inf++;
+      }
+      if (nan + inf > 0) {
+        tensorProblems.push(error({ code: 'non_finite', file, tensor: key, module: parseTensorKey(key).module ?? undefined, expected: 0, actual: nan + inf, message: `${key} holds ${nan + inf} non-finite value${nan + inf === 1 ? '' : 's'} (${nan} NaN, ${inf} ±Inf) of ${v.length}; training diverged or the file was written from a broken state.`, hint: 'Retrain (lower the learning rate, or use bf16 instead of fp16) and save again.' }));
+      }
+    }
+  }
+
+  problems.push(...bag.problems(), ...tensorProblems);
+  const errors = problems.filter((p) => p.severity === 'error');
+  const warnings = problems.filter((p) => p.severity === 'warning');
+  return { ok: errors.length === 0, errors, warnings, modules, summary };
+}

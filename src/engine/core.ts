@@ -1,0 +1,364 @@
+import type { InferenceSession, Tensor } from 'onnxruntime-node';
+import { presentKeyName, presentValueName, type Manifest } from '../model/manifest.js';
+import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
+import { toModelArray, type ModelArray } from './dtype.js';
+import { BatchKv, emptySeqKv, type KvShape, type LayerKv, type SeqKv } from './kv.js';
+import type { DoneWire, EngineLimits, EngineStats, FinishReason, FromWorker, LoraModuleWire, TokenWire, WorkerRequest } from './protocol.js';
+import { sample, seededRng, type Rng, type Sampled } from './sampler.js';
+import { Scheduler, type StepPlan } from './scheduler.js';
+
+/**
+ * The decode loop's state and one step of it, apart from the worker plumbing: it owns the
+ * session's feeds and outputs, the scheduler, the KV caches and the resident adapters, and reports
+ * through `sink` (tokens, finished requests, stats, logs). Run only inside the worker: a step
+ * blocks its thread for the whole forward pass.
+ */
+export type Sink = (msg: FromWorker) => void;
+export type RunSession = Pick<InferenceSession, 'run'>;
+
+interface AdapterEntry extends ResidentAdapter {
+  /** requests holding this version (queued or running) */
+  refs: number;
+  /** unloaded: no new request may take it; freed when refs reaches 0 */
+  unloaded: boolean;
+}
+
+interface Row {
+  readonly id: number;
+  readonly promptIds: number[];
+  readonly promptLength: number;
+  prefilled: number;
+  readonly adapter: AdapterEntry | null;
+  readonly req: WorkerRequest;
+  readonly maxTokens: number;
+  readonly eos: ReadonlySet<number>;
+  readonly rng: Rng;
+  /** 0 → none */
+  readonly deadline: number;
+  /** own cache while prefilling and until the row joins the decode batch */
+  seq: SeqKv | null;
+  kvLen: number;
+  generated: number;
+  lastToken: number;
+  cancelled: boolean;
+}
+
+export class EngineCore {
+  private readonly sched: Scheduler<Row>;
+  private readonly feeds: FeedBuilder;
+  private readonly kvShape: KvShape;
+  private readonly targetIndex: Map<string, number>;
+  /** findable versions: loaded and not unloaded */
+  private readonly adapters = new Map<string, AdapterEntry>();
+  /** every version still in memory, unloaded ones included until their last request ends */
+  private readonly resident = new Set<AdapterEntry>();
+  private batch: BatchKv | null = null;
+  private batchIds: number[] = [];
+  private lastBatchSize = 0;
+  private tokensGenerated = 0;
+  private cancelledCount = 0;
+  private pendingTokens: TokenWire[] = [];
+  private pendingDone: DoneWire[] = [];
+  private dirty = false;
+
+  constructor(
+    private readonly session: RunSession,
+    private readonly manifest: Manifest,
+    private readonly limits: EngineLimits,
+    private readonly sink: Sink,
+  ) {
+    this.sched = new Scheduler<Row>(limits);
+    this.feeds = new FeedBuilder(manifest);
+    this.kvShape = kvShapeOf(manifest);
+    this.targetIndex = new Map(manifest.loraTargets.map((t, i) => [t.name, i]));
+  }
+
+  hasWork(): boolean {
+    return this.sched.size > 0;
+  }
+
+  // ── requests ────────────────────────────────────────────────────────────────────────────────
+
+  submit(id: number, req: WorkerRequest): void {
+    const reject = (kind: 'queue_full' | 'context_length' | 'unknown_adapter' | 'bad_request', message: string) =>
+      this.sink({ type: 'rejected', id, kind, message });
+    const vocab = this.manifest.architecture.vocabSize;
+    if (req.promptIds.length === 0) return reject('bad_request', 'the prompt has no tokens');
+    const bad = req.promptIds.find((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
+    if (bad !== undefined) return reject('bad_request', `token id ${bad} is outside the vocabulary [0, ${vocab})`);
+    if (req.promptIds.length + 1 > this.limits.contextLength) {
+      return reject('context_length', `the prompt has ${req.promptIds.length} tokens; the context holds ${this.limits.contextLength}, including at least one generated token`);
+    }
+    let adapter: AdapterEntry | null = null;
+    if (req.adapterVersion !== null) {
+      adapter = this.adapters.get(req.adapterVersion) ?? null;
+      if (!adapter) return reject('unknown_adapter', `adapter version ${req.adapterVersion} is not loaded`);
+    }
+    if (this.sched.full) return reject('queue_full', `${this.sched.running} requests running and ${this.sched.waiting.length} waiting`);
+    const row: Row = {
+      id,
+      promptIds: req.promptIds,
+      promptLength: req.promptIds.length,
+      prefilled: 0,
+      adapter,
+      req,
+      maxTokens: Math.max(1, Math.min(req.maxTokens, this.limits.contextLength - req.promptIds.length)),
+      eos: new Set(req.eosIds),
+      rng: seededRng(req.seed),
+      deadline: this.limits.requestTimeoutMs > 0 ? Date.now() + this.limits.requestTimeoutMs : 0,
+      seq: null,
+      kvLen: 0,
+      generated: 0,
+      lastToken: -1,
+      cancelled: false,
+    };
+    // a request holds the version it was given from now on, whatever unload happens meanwhile
+    if (adapter) adapter.refs++;
+    this.sched.enqueue(row);
+    this.dirty = true;
+  }
+
+  /** A waiting request ends at once; a running one at the next step boundary. */
+  cancel(id: number): void {
+    const row = this.sched.find(id);
+    if (!row) return;
+    if (this.sched.waiting.includes(row)) this.finish(row, 'cancelled');
+    else row.cancelled = true;
+  }
+
+  /** Cancels everything (shutdown). Call only between steps. */
+  cancelAll(): void {
+    for (const row of [...this.sched.waiting, ...this.sched.prefilling, ...this.sched.decoding]) this.finish(row, 'cancelled');
+  }
+
+  // ── adapters ────────────────────────────────────────────────────────────────────────────────
+
+  loadAdapter(versionId: string, wire: readonly LoraModuleWire[]): void {
+    if (!this.manifest.lora) throw new Error('this model graph was built without LoRA inputs');
+    if (this.adapters.has(versionId) || [...this.resident].some((a) => a.versionId === versionId)) {
+      throw new Error(`adapter version ${versionId} is already loaded`);
+    }
+    const modules: (LoraModule | null)[] = this.manifest.loraTargets.map(() => null);
+    for (const m of wire) {
+      const i = this.targetIndex.get(m.name);
+      if (i === undefined) throw new Error(`adapter version ${versionId}: the model has no LoRA target ${m.name}`);
+      const t = this.manifest.loraTargets[i];
+      if (!Number.isInteger(m.rank) || m.rank < 0) throw new Error(`adapter version ${versionId}: ${m.name} has rank ${m.rank}`);
+      if (m.A.length !== t.inFeatures * m.rank || m.B.length !== m.rank * t.outFeatures) {
+        throw new Error(
+          `adapter version ${versionId}: ${m.name} with rank ${m.rank} needs A [${t.inFeatures}, ${m.rank}] and B [${m.rank}, ${t.outFeatures}], got ${m.A.length} and ${m.B.length} values`,
+        );
+      }
+      if (m.rank === 0) continue;
+      const { rank, A, B } = m.rank === 1 ? widenRankOne(m.A, m.B) : m;
+      modules[i] = { rank, A: toModelArray(this.manifest.dtype, A), B: toModelArray(this.manifest.dtype, B) };
+    }
+    const entry: AdapterEntry = { versionId, modules, refs: 0, unloaded: false };
+    this.adapters.set(versionId, entry);
+    this.resident.add(entry);
+    this.dirty = true;
+  }
+
+  unloadAdapter(versionId: string): void {
+    const entry = this.adapters.get(versionId);
+    if (!entry) throw new Error(`adapter version ${versionId} is not loaded`);
+    this.adapters.delete(versionId);
+    entry.unloaded = true;
+    this.release(entry);
+    this.dirty = true;
+  }
+
+  private release(entry: AdapterEntry): void {
+    if (entry.unloaded && entry.refs === 0) this.resident.delete(entry);
+  }
+
+  // ── the loop ────────────────────────────────────────────────────────────────────────────────
+
+  /** Runs one step (a prefill chunk or a decode step); a failed run ends only the rows in it. */
+  async step(): Promise<void> {
+    this.sweep();
+    const plan = this.sched.next();
+    if (!plan) return;
+    try {
+      if (plan.kind === 'prefill') await this.prefill(plan.row, plan.start, plan.end);
+      else await this.decode(plan.rows);
+    } catch (e) {
+      const message = e instanceof Error ? e.message : String(e);
+      this.sink({ type: 'log', level: 'error', msg: 'inference step failed', data: { error: message, plan: plan.kind } });
+      for (const row of rowsOf(plan)) if (this.sched.find(row.id)) this.finish(row, 'cancelled', { error: message });
+      if (plan.kind === 'decode') this.dropBatch();
+    }
+  }
+
+  /** Ends cancelled and timed-out requests before the next step takes them. */
+  private sweep(): void {
+    const now = Date.now();
+    for (const row of [...this.sched.waiting, ...this.sched.prefilling, ...this.sched.decoding]) {
+      if (row.cancelled) this.finish(row, 'cancelled');
+      else if (row.deadline > 0 && now >= row.deadline) this.finish(row, 'cancelled', { timedOut: true });
+    }
+  }
+
+  private async prefill(row: Row, start: number, end: number): Promise<void> {
+    const seq = row.seq ?? emptySeqKv(this.kvShape);
+    const out = await this.session.run(this.feeds.prefill(row.promptIds.slice(start, end), seq, row.adapter));
+    row.seq = { len: end, layers: this.presents(out) };
+    row.prefilled = end;
+    row.kvLen = end;
+    this.dirty = true;
+    if (row.cancelled) return this.finish(row, 'cancelled');
+    if (end < row.promptLength) return;
+    this.sched.promote(row);
+    const { data: logits, vocab } = logitsOf(out);
+    this.emit(row, this.pick(logits.subarray(logits.length - vocab), row));
+  }
+
+  private async decode(rows: readonly Row[]): Promise<void> {
+    const ids = rows.map((r) => r.id);
+    if (!this.batch || !sameIds(ids, this.batchIds)) {
+      const at = new Map(this.batchIds.map((id, j) => [id, j]));
+      this.batch = BatchKv.compose(
+        this.kvShape,
+        this.batch,
+        rows.map((r) => (at.has(r.id) ? { batchRow: at.get(r.id)! } : { seq: r.seq! })),
+      );
+      this.batchIds = ids;
+      for (const r of rows) r.seq = null;
+    }
+    const feeds: Feeds = this.feeds.decode(
+      rows.map((r) => r.lastToken),
+      this.batch,
+      rows.map((r) => r.adapter),
+    );
+    const out = await this.session.run(feeds);
+    this.batch = this.batch.advance(this.presents(out));
+    this.lastBatchSize = rows.length;
+    const { data: logits, vocab } = logitsOf(out);
+    const perRow = logits.length / rows.length;
+    rows.forEach((row, b) => {
+      row.kvLen++;
+      if (row.cancelled) return this.finish(row, 'cancelled');
+      // [rows, 1 | seq, vocab]: the last position of each row
+      const end = (b + 1) * perRow;
+      this.emit(row, this.pick(logits.subarray(end - vocab, end), row));
+    });
+    this.dirty = true;
+  }
+
+  private pick(logits: Float32Array, row: Row): Sampled {
+    return sample(logits, row.req.sampling, row.rng);
+  }
+
+  private emit(row: Row, s: Sampled): void {
+    row.generated++;
+    this.tokensGenerated++;
+    if (row.eos.has(s.token)) return this.finish(row, 'stop');
+    row.lastToken = s.token;
+    this.pendingTokens.push([row.id, s.token, s.logprob, s.top ?? null]);
+    if (row.generated >= row.maxTokens) this.finish(row, 'length');
+  }
+
+  private finish(row: Row, reason: FinishReason, extra: { timedOut?: boolean; error?: string } = {}): void {
+    if (!this.sched.remove(row.id)) return;
+    row.seq = null;
+    if (row.adapter) {
+      row.adapter.refs--;
+      this.release(row.adapter);
+    }
+    if (reason === 'cancelled') this.cancelledCount++;
+    this.pendingDone.push({
+      id: row.id,
+      finishReason: reason,
+      promptTokens: row.promptLength,
+      completionTokens: row.generated,
+      timedOut: extra.timedOut ?? false,
+      error: extra.error ?? null,
+    });
+    if (this.sched.decoding.length === 0) this.dropBatch();
+    this.dirty = true;
+  }
+
+  private dropBatch(): void {
+    this.batch = null;
+    this.batchIds = [];
+    this.feeds.resetRows();
+  }
+
+  private presents(out: InferenceSession.ReturnType): LayerKv[] {
+    const layers: LayerKv[] = [];
+    for (let l = 0; l < this.kvShape.layers; l++) {
+      layers.push({ key: modelData(out, presentKeyName(l)), value: modelData(out, presentValueName(l)) });
+    }
+    return layers;
+  }
+
+  // ── reporting ───────────────────────────────────────────────────────────────────────────────
+
+  stats(): EngineStats {
+    const running = [...this.sched.prefilling, ...this.sched.decoding];
+    const waiting = this.sched.waiting;
+    const names = (rows: readonly Row[]) => rows.flatMap((r) => (r.adapter ? [r.adapter.versionId] : []));
+    return {
+      running: running.length,
+      waiting: waiting.length,
+      runningAdapters: names(running),
+      waitingAdapters: names(waiting),
+      batchSize: this.sched.decoding.length > 0 ? this.lastBatchSize : 0,
+      kvTokens: running.reduce((n, r) => n + r.kvLen, 0),
+      kvCapacity: this.limits.maxBatch * this.limits.contextLength,
+      tokensGenerated: this.tokensGenerated,
+      cancelled: this.cancelledCount,
+      adaptersResident: this.resident.size,
+    };
+  }
+
+  /** Sends what happened since the last flush, as one message. */
+  flush(): void {
+    if (!this.dirty && this.pendingTokens.length === 0 && this.pendingDone.length === 0) return;
+    this.sink({ type: 'step', tokens: this.pendingTokens, done: this.pendingDone, stats: this.stats() });
+    this.pendingTokens = [];
+    this.pendingDone = [];
+    this.dirty = false;
+  }
+}
+
+/**
+ * onnxruntime's CPU MatMul takes another path for a one-column matrix than for a wider one, so a
+ * rank-1 module fed alone and the same module zero-padded to a larger rank in a mixed step differ
+ * in the last float bits (measured by the graph tests, ~1e-7). Storing rank 1 as rank 2 with a
+ * zero column keeps a row's result the same whatever shares its step.
+ */
+function widenRankOne(A: Float32Array, B: Float32Array): { rank: number; A: Float32Array; B: Float32Array } {
+  const A2 = new Float32Array(A.length * 2);
+  for (let k = 0; k < A.length; k++) A2[k * 2] = A[k];
+  const B2 = new Float32Array(B.length * 2);
+  B2.set(B);
+  return { rank: 2, A: A2, B: B2 };
+}
+
+function rowsOf<R>(plan: StepPlan<R>): readonly R[] {
+  return plan.kind === 'prefill' ? [plan.row] : plan.rows;
+}
+
+function sameIds(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+function output(out: InferenceSession.ReturnType, name: string): Tensor {
+  const t = out[name];
+  if (!t) throw new Error(`the graph returned no output ${name}`);
+  return t;
+}
+
+/** logits [batch, 1 | seq, vocab], float32 whatever the model dtype */
+function logitsOf(out: InferenceSession.ReturnType): { data: Float32Array; vocab: number } {
+  const t = output(out, 'logits');
+  if (!(t.data instanceof Float32Array)) throw new Error('output logits is not float32');
+  return { data: t.data, vocab: t.dims[t.dims.length - 1] };
+}
+
+function modelData(out: InferenceSession.ReturnType, name: string): ModelArray {
+  const d = output(out, name).data;
+  if (!(d instanceof Float32Array) && !(d instanceof Uint16Array)) throw new Error(`output ${name} is neither float32 nor float16`);
+  return d;
+}

@@ -1,0 +1,85 @@
+import { parentPort, workerData } from 'node:worker_threads';
+import { createSession, type SessionLog } from '../model/session.js';
+import { EngineCore } from './core.js';
+import type { FromWorker, LogLevel, ToWorker, WorkerData } from './protocol.js';
+
+/**
+ * The inference worker: owns the onnxruntime session and the decode loop. `session.run()` blocks
+ * its thread for a whole forward pass, so it lives here, never on the HTTP thread. Between steps
+ * the loop yields once to the event loop so that new requests, cancellations and adapter loads
+ * are taken in before the next step.
+ */
+const port = parentPort;
+if (!port) throw new Error('worker.ts runs only as a worker thread (see engine.ts)');
+const data = workerData as WorkerData;
+const post = (msg: FromWorker) => port.postMessage(msg);
+
+const log = (level: LogLevel) => (msg: string) => post({ type: 'log', level, msg, data: null });
+const sessionLog: SessionLog = { info: log('info'), warn: log('warn') };
+
+const errorMessage = (e: unknown) => (e instanceof Error ? e.message : String(e));
+
+async function main(): Promise<void> {
+  let created;
+  try {
+    created = await createSession(data.modelDir, data.manifest, data.device, sessionLog);
+  } catch (e) {
+    post({ type: 'startupError', message: errorMessage(e) });
+    port!.close();
+    return;
+  }
+  const { session } = created;
+  const core = new EngineCore(session, data.manifest, data.limits, post);
+  let closing = false;
+  let wake: (() => void) | null = null;
+
+  port!.on('message', (msg: ToWorker) => {
+    switch (msg.type) {
+      case 'generate':
+        core.submit(msg.id, msg.req);
+        break;
+      case 'cancel':
+        core.cancel(msg.id);
+        break;
+      case 'loadAdapter':
+      case 'unloadAdapter': {
+        let error: string | null = null;
+        try {
+          if (msg.type === 'loadAdapter') core.loadAdapter(msg.versionId, msg.modules);
+          else core.unloadAdapter(msg.versionId);
+        } catch (e) {
+          error = errorMessage(e);
+        }
+        post({ type: 'reply', callId: msg.callId, error });
+        break;
+      }
+      case 'close':
+        closing = true;
+        break;
+    }
+    core.flush();
+    wake?.();
+  });
+  post({ type: 'ready', provider: created.provider, reason: created.reason });
+
+  while (!closing) {
+    if (!core.hasWork()) {
+      await new Promise<void>((resolve) => (wake = resolve));
+      wake = null;
+      continue;
+    }
+    await core.step();
+    core.flush();
+    // let queued messages (new requests, cancellations, adapters) in before the next step
+    await new Promise<void>((resolve) => setImmediate(resolve));
+  }
+  core.cancelAll();
+  core.flush();
+  await session.release();
+  port!.close();
+}
+
+main().catch((e: unknown) => {
+  post({ type: 'fatal', message: errorMessage(e) });
+  port.close();
+});

@@ -1,0 +1,160 @@
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Runtime } from '../runtime.js';
+import { generateText, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
+import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
+import { HttpProblem, badRequest, notFound } from './problem.js';
+
+/** What the three generation routes (native, OpenAI completions, OpenAI chat) have in common. */
+export interface GenerationCall {
+  /** adapter name, or null for the base model */
+  adapter: string | null;
+  text: Omit<TextRequest, 'adapterVersion'>;
+}
+
+/** Optional observers (metrics); the routes work without them. */
+export interface GenerationObserver {
+  firstToken?(adapter: string | null, seconds: number): void;
+  finished?(adapter: string | null, tokens: number, seconds: number, result: TextResult): void;
+}
+
+export function engineProblem(e: unknown): HttpProblem | null {
+  if (e instanceof HttpProblem) return e;
+  if (e instanceof QueueFullError) {
+    return new HttpProblem(429, 'Too Many Requests', e.message, { retry_after: e.retryAfterSeconds }, { 'retry-after': String(e.retryAfterSeconds) });
+  }
+  if (e instanceof ContextLengthError) {
+    return badRequest(e.message, { prompt_tokens: e.promptTokens, context_length: e.contextLength });
+  }
+  if (e instanceof UnknownAdapterError) return notFound('the adapter was deleted or replaced while this request was submitted; retry');
+  if (e instanceof InvalidRequestError) return badRequest(e.message);
+  if (e instanceof EngineClosedError) return new HttpProblem(503, 'Service Unavailable', e.message, {}, { 'retry-after': '1' });
+  return null;
+}
+
+/**
+ * Resolves the adapter and submits to the engine in one synchronous turn, so a concurrent
+ * replace/delete cannot unload the version in between (see AdapterRegistry.resolveForGeneration).
+ */
+export function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): TextGeneration {
+  if (runtime.draining) throw new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': '1' });
+  const adapterVersion = call.adapter === null ? null : runtime.registry.resolveForGeneration(call.adapter);
+  try {
+    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion }, signal);
+  } catch (e) {
+    throw engineProblem(e) ?? e;
+  }
+}
+
+/** OpenAI's usage object, which the native API shares. */
+export const usage = (u: { promptTokens: number; completionTokens: number }) => ({
+  prompt_tokens: u.promptTokens,
+  completion_tokens: u.completionTokens,
+  total_tokens: u.promptTokens + u.completionTokens,
+});
+
+/** An AbortController that fires when the client goes away before the response is complete. */
+export function disconnectSignal(request: FastifyRequest, reply: FastifyReply): AbortController {
+  const ac = new AbortController();
+  const onClose = () => {
+    if (!reply.raw.writableFinished) ac.abort();
+  };
+  reply.raw.on('close', onClose);
+  request.raw.on('aborted', () => ac.abort());
+  return ac;
+}
+
+export interface Collected {
+  text: string;
+  tokens: TokenEvent[];
+  result: TextResult;
+}
+
+/** Runs a generation to its end, keeping every token (for non-streamed responses). */
+export async function collect(gen: TextGeneration, adapter: string | null, observer?: GenerationObserver): Promise<Collected> {
+  const started = performance.now();
+  const tokens: TokenEvent[] = [];
+  let first = true;
+  try {
+    for await (const d of gen) {
+      if (first && d.tokens.length) {
+        observer?.firstToken?.(adapter, (performance.now() - started) / 1000);
+        first = false;
+      }
+      tokens.push(...d.tokens);
+    }
+  } catch (e) {
+    throw engineProblem(e) ?? e;
+  }
+  const result = await gen.result;
+  observer?.finished?.(adapter, result.usage.completionTokens, (performance.now() - started) / 1000, result);
+  return { text: result.text, tokens, result };
+}
+
+/**
+ * Server-sent events over the raw response. Fastify's reply is hijacked: from here on the
+ * route writes the stream itself, and errors after the headers become a final `error` event.
+ */
+export class EventStream {
+  constructor(private readonly reply: FastifyReply) {
+    reply.hijack();
+    reply.raw.writeHead(200, {
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no',
+      'x-request-id': String(reply.request.id),
+    });
+  }
+
+  send(data: unknown, event?: string): void {
+    if (this.reply.raw.destroyed) return;
+    const payload = typeof data === 'string' ? data : JSON.stringify(data);
+    this.reply.raw.write(`${event ? `event: ${event}\n` : ''}data: ${payload}\n\n`);
+  }
+
+  end(): void {
+    if (!this.reply.raw.destroyed) this.reply.raw.end();
+  }
+}
+
+/**
+ * Streams a generation: `onDelta` turns each delta into events, `onEnd` writes the closing ones.
+ * Errors that happen after the stream started are sent as an `error` event carrying the
+ * problem+json body.
+ */
+export async function stream(
+  reply: FastifyReply,
+  gen: TextGeneration,
+  adapter: string | null,
+  handlers: { onDelta(d: TextDelta, es: EventStream): void; onEnd(r: TextResult, es: EventStream): void },
+  observer?: GenerationObserver,
+): Promise<void> {
+  const es = new EventStream(reply);
+  const started = performance.now();
+  let first = true;
+  try {
+    for await (const d of gen) {
+      if (first && d.tokens.length) {
+        observer?.firstToken?.(adapter, (performance.now() - started) / 1000);
+        first = false;
+      }
+      handlers.onDelta(d, es);
+    }
+    const result = await gen.result;
+    observer?.finished?.(adapter, result.usage.completionTokens, (performance.now() - started) / 1000, result);
+    handlers.onEnd(result, es);
+  } catch (e) {
+    const p = engineProblem(e) ?? new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
+    if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
+    es.send(p.body(), 'error');
+  } finally {
+    es.end();
+  }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** set by the metrics plugin when registered */
+    generationObserver: GenerationObserver;
+  }
+}

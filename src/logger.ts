@@ -1,0 +1,10 @@
+import { pino, type Logger } from 'pino';
+import type { Config } from './config.js';
+
+/** Bearer tokens never reach the log, whatever level. */
+export function createLogger(config: Pick<Config, 'LOG_LEVEL'>): Logger {
+  return pino({
+    level: config.LOG_LEVEL,
+    redact: { paths: ['req.headers.authorization', 'headers.authorization', 'authorization'], censor: '[redacted]' },
+  });
+}

@@ -1,0 +1,263 @@
+import type { Architecture, Projection } from '../architecture.js';
+import { projectionBlock, projectionDims } from '../architecture.js';
+import type { Checkpoint } from '../checkpoint/types.js';
+import { ModelInputError } from '../checkpoint/types.js';
+import {
+  loraTargetsFor,
+  pastKeyName,
+  pastValueName,
+  presentKeyName,
+  presentValueName,
+  type LoraTarget,
+  type ModelDtype,
+} from '../manifest.js';
+import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
+
+/** Bump whenever the emitted graph changes: it is part of the build cache key. */
+export const BUILDER_VERSION = '1';
+
+export interface GraphOptions {
+  dtype: ModelDtype;
+  logits: 'all' | 'last';
+  /** emit the per-row LoRA inputs of every projection */
+  lora: boolean;
+  /**
+   * with `lora: false`: emit the plain Optimum-style export (attention_mask int64 [batch, total]
+   * instead of attention_bias), for comparison with @huggingface/transformers
+   */
+  peer: boolean;
+}
+
+/**
+ * Added to a score to mask it. Finite on purpose: a query row with every key masked (a left-pad
+ * position) must give a harmless uniform softmax, not NaN. -1e4 still fits float16.
+ */
+export const maskValueFor = (dtype: ModelDtype): number => (dtype === 'fp16' ? -1e4 : -1e9);
+
+export interface BuiltGraph {
+  model: Uint8Array;
+  maskValue: number;
+  loraTargets: LoraTarget[];
+}
+
+/** symbolic dims of a target's LoRA inputs: a rank per target, and a batch that may be 1 (broadcast) */
+export const loraRankDim = (t: LoraTarget) => `lora_rank.${t.layer}.${t.module}`;
+export const loraBatchDim = (t: LoraTarget) => `lora_batch.${t.layer}.${t.module}`;
+
+const OPSETS = { '': 17, 'com.microsoft': 1 };
+
+/**
+ * RoPE for either layout as rot(x) = x·cos + (x·R)·sin, where R is the constant [hd, hd] matrix that
+ * maps x to its signed pair partner (rotate_half: pairs i, i + hd/2; interleaved: pairs 2i, 2i + 1)
+ * and the cos/sin tables repeat each frequency over its pair. So checkpoint rows are never permuted.
+ * Angles are rounded to float32 at each step as HF (`inv_freq` float32 @ positions) and llama2.c
+ * (`powf`, `pos * freq`) do, so long positions agree with them rather than with exact math.
+ */
+export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Array; rotation: Float32Array } {
+  const hd = a.headDim;
+  const half = hd / 2;
+  const invFreq = new Float32Array(half);
+  for (let i = 0; i < half; i++) invFreq[i] = Math.fround(1 / Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / hd))));
+  const freqIndex = (j: number) => (a.ropeLayout === 'rotate_half' ? j % half : j >> 1);
+  const cos = new Float32Array(a.maxPositions * hd);
+  const sin = new Float32Array(a.maxPositions * hd);
+  for (let p = 0; p < a.maxPositions; p++) {
+    for (let j = 0; j < hd; j++) {
+      const angle = Math.fround(p * invFreq[freqIndex(j)]);
+      cos[p * hd + j] = Math.cos(angle);
+      sin[p * hd + j] = Math.sin(angle);
+    }
+  }
+  const rotation = new Float32Array(hd * hd);
+  const set = (from: number, to: number, v: number) => (rotation[from * hd + to] = v);
+  for (let i = 0; i < half; i++) {
+    if (a.ropeLayout === 'rotate_half') {
+      set(i + half, i, -1); // out[i] = -x[i + hd/2]
+      set(i, i + half, 1); // out[i + hd/2] = x[i]
+    } else {
+      set(2 * i + 1, 2 * i, -1); // out[2i] = -x[2i+1]
+      set(2 * i, 2 * i + 1, 1); // out[2i+1] = x[2i]
+    }
+  }
+  return { cos, sin, rotation };
+}
+
+function checkArchitecture(a: Architecture, modelId: string): void {
+  const bad = (d: string) => new ModelInputError(modelId, d);
+  if (a.headDim % 2 !== 0) throw bad(`headDim ${a.headDim} is odd; RoPE needs pairs`);
+  if (a.numHeads % a.numKvHeads !== 0) throw bad(`numHeads ${a.numHeads} is not a multiple of numKvHeads ${a.numKvHeads}`);
+}
+
+/** reads a checkpoint tensor and checks its shape, so a wrong file fails here with its name, not inside onnxruntime */
+function readTensor(ck: Checkpoint, name: string, shape: readonly number[]): Float32Array {
+  const t = ck.tensor(name);
+  if (!t) throw new ModelInputError(ck.modelId, `tensor ${name} is missing`);
+  if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+    throw new ModelInputError(ck.modelId, `tensor ${name} has shape [${t.shape.join(', ')}], expected [${shape.join(', ')}]`);
+  }
+  const v = t.read();
+  if (v.length !== shape.reduce((x, y) => x * y, 1)) throw new ModelInputError(ck.modelId, `tensor ${name} holds ${v.length} values`);
+  return v;
+}
+
+/** [rows, cols] row-major → [cols, rows]: PyTorch Linear [out, in] to MatMul [in, out] */
+function transpose(src: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(src.length);
+  for (let r = 0; r < rows; r++) {
+    const base = r * cols;
+    for (let c = 0; c < cols; c++) out[c * rows + r] = src[base + c];
+  }
+  return out;
+}
+
+/**
+ * Emits the decoder graph (DESIGN.md "The model graph contract"), writing weights to `data` one
+ * tensor at a time. Attention is plain ops: scores + attention_bias → Softmax, so the caller
+ * expresses causality and padding in one tensor; GQA reshapes the query heads of a KV group into
+ * the sequence axis ([B, H, S, hd] → [B, KVH, G·S, hd]) so K/V are never repeated.
+ */
+export async function buildLlamaGraph(
+  ck: Checkpoint,
+  opts: GraphOptions,
+  data: ExternalDataWriter,
+  onProgress: (line: string) => void = () => {},
+): Promise<BuiltGraph> {
+  const a = ck.architecture;
+  checkArchitecture(a, ck.modelId);
+  if (opts.peer && opts.lora) throw new Error('the peer (Optimum-style) export has no LoRA inputs: use lora: false with peer: true');
+  const T = opts.dtype === 'fp16' ? 'float16' : 'float32';
+  const maskValue = maskValueFor(opts.dtype);
+  const H = a.numHeads;
+  const KVH = a.numKvHeads;
+  const hd = a.headDim;
+  const g = new GraphBuilder(data);
+  const targets = opts.lora ? loraTargetsFor(a) : [];
+  const targetOf = new Map(targets.map((t) => [`${t.layer}.${t.module}`, t]));
+  const scalar = (v: number) => g.constFloat(new Float32Array([v]), [], T);
+
+  // ---- inputs
+  const inputIds = g.input('input_ids', 'int64', ['batch', 'seq']);
+  const attnMask = opts.peer ? g.input('attention_mask', 'int64', ['batch', 'total']) : null;
+  const positionIds = g.input('position_ids', 'int64', ['batch', 'seq']);
+  const attnBias = attnMask === null ? g.input('attention_bias', T, ['batch', 1, 'seq', 'total']) : biasFromMask(g, inputIds, attnMask, maskValue, T);
+  for (let i = 0; i < a.numLayers; i++) {
+    g.input(pastKeyName(i), T, ['batch', KVH, 'past', hd]);
+    g.input(pastValueName(i), T, ['batch', KVH, 'past', hd]);
+  }
+  for (const t of targets) {
+    g.input(t.inputA, T, [loraBatchDim(t), t.inFeatures, loraRankDim(t)]);
+    g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
+  }
+
+  // ---- shared pieces
+  onProgress('writing embeddings');
+  const embedName = 'model.embed_tokens.weight';
+  const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], readTensor(ck, embedName, [a.vocabSize, a.hiddenSize]));
+  g.scope = '/model/rope';
+  const rope = ropeTables(a);
+  const cosTable = await g.weight('rope.cos', T, [a.maxPositions, hd], rope.cos);
+  const sinTable = await g.weight('rope.sin', T, [a.maxPositions, hd], rope.sin);
+  const rotation = g.constFloat(rope.rotation, [hd, hd], T);
+  const axis2 = g.constInt64([2]);
+  // [B, S, 1, hd]: broadcast over heads of q [B, S, H, hd] and k [B, S, KVH, hd]
+  const cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
+  const sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
+  const applyRope = (x: string) => g.op('Add', [g.op('Mul', [x, cos]), g.op('Mul', [g.op('MatMul', [x, rotation]), sin])]);
+
+  const qScale = scalar(1 / Math.sqrt(hd));
+  const shape = (dims: number[]) => g.constInt64(dims);
+  const toHeads = shape([0, 0, H, hd]);
+  const toKvHeads = shape([0, 0, KVH, hd]);
+  const toGroups = shape([0, KVH, -1, hd]); // [B, H, S, hd] → [B, KVH, G·S, hd]
+  const scoresToHeads = shape([0, H, -1, 0]); // [B, KVH, G·S, T] → [B, H, S, T]
+  const probsToGroups = shape([0, KVH, -1, 0]); // [B, H, S, T] → [B, KVH, G·S, T]
+  const ctxToHeads = shape([0, H, -1, hd]);
+  const mergeHeads = shape([0, 0, H * hd]);
+
+  const rmsNorm = (x: string, weight: string) =>
+    g.op('SimplifiedLayerNormalization', [x, weight], { axis: int(-1), epsilon: float(a.rmsNormEps), stash_type: int(1) });
+
+  const projection = async (layer: number, p: Projection, x: string): Promise<string> => {
+    const { inFeatures, outFeatures } = projectionDims(a, p);
+    const base = `model.layers.${layer}.${projectionBlock(p)}.${p}`;
+    const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(readTensor(ck, `${base}.weight`, [outFeatures, inFeatures]), outFeatures, inFeatures));
+    let y = g.op('MatMul', [x, w]);
+    if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) {
+      y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], readTensor(ck, `${base}.bias`, [outFeatures]))]);
+    }
+    const t = targetOf.get(`${layer}.${p}`);
+    if (t) y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, t.inputA]), t.inputB])]);
+    return y;
+  };
+
+  // ---- layers
+  let h = g.op('Gather', [embed, inputIds], { axis: int(0) });
+  for (let i = 0; i < a.numLayers; i++) {
+    onProgress(`building layer ${i + 1}/${a.numLayers}…`);
+    g.scope = `/model/layers.${i}`;
+    const pre = `model.layers.${i}`;
+    const inNorm = await g.weight(`${pre}.input_layernorm.weight`, T, [a.hiddenSize], readTensor(ck, `${pre}.input_layernorm.weight`, [a.hiddenSize]));
+    const x = rmsNorm(h, inNorm);
+    const q = applyRope(g.op('Reshape', [await projection(i, 'q_proj', x), toHeads]));
+    const k = applyRope(g.op('Reshape', [await projection(i, 'k_proj', x), toKvHeads]));
+    const v = g.op('Reshape', [await projection(i, 'v_proj', x), toKvHeads]);
+    const perm = { perm: ints([0, 2, 1, 3]) };
+    const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
+    const [presentK] = g.node('Concat', [pastKeyName(i), g.op('Transpose', [k], perm)], { attrs: { axis: int(2) }, outputs: [presentKeyName(i)] });
+    const [presentV] = g.node('Concat', [pastValueName(i), g.op('Transpose', [v], perm)], { attrs: { axis: int(2) }, outputs: [presentValueName(i)] });
+    const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
+    const biased = g.op('Add', [g.op('Reshape', [scores, scoresToHeads]), attnBias]);
+    const probs = g.op('Softmax', [biased], { axis: int(-1) });
+    const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups]), presentV]);
+    const merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads])], perm), mergeHeads]);
+    h = g.op('Add', [h, await projection(i, 'o_proj', merged)]);
+
+    const postNorm = await g.weight(`${pre}.post_attention_layernorm.weight`, T, [a.hiddenSize], readTensor(ck, `${pre}.post_attention_layernorm.weight`, [a.hiddenSize]));
+    const y = rmsNorm(h, postNorm);
+    const gate = await projection(i, 'gate_proj', y);
+    const up = await projection(i, 'up_proj', y);
+    const act = g.op('Mul', [g.op('Mul', [gate, g.op('Sigmoid', [gate])]), up]);
+    h = g.op('Add', [h, await projection(i, 'down_proj', act)]);
+  }
+
+  // ---- head
+  onProgress('writing lm_head');
+  g.scope = '/model/head';
+  const finalNorm = await g.weight('model.norm.weight', T, [a.hiddenSize], readTensor(ck, 'model.norm.weight', [a.hiddenSize]));
+  let hn = rmsNorm(h, finalNorm);
+  if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
+  // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
+  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], readTensor(ck, 'lm_head.weight', [a.vocabSize, a.hiddenSize]));
+  const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
+  const rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
+  const outShape = g.op('Concat', [g.op('Shape', [hn], { start: int(0), end: int(2) }), shape([a.vocabSize])], { axis: int(0) });
+  const logits3 = g.op('Reshape', [rows, outShape]);
+  g.node(T === 'float16' ? 'Cast' : 'Identity', [logits3], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: ['logits'] });
+
+  g.output('logits', 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.vocabSize]);
+  for (let i = 0; i < a.numLayers; i++) {
+    g.output(presentKeyName(i), T, ['batch', KVH, 'total', hd]);
+    g.output(presentValueName(i), T, ['batch', KVH, 'total', hd]);
+  }
+  onProgress('encoding graph');
+  return { model: g.encode(`loraserve-${a.family}`, OPSETS, BUILDER_VERSION), maskValue, loraTargets: targets };
+}
+
+/**
+ * Optimum-style export: the bias is derived in the graph from attention_mask [B, total] and
+ * causality (query s sits at absolute position past + s; it may see keys 0..past + s).
+ */
+function biasFromMask(g: GraphBuilder, inputIds: string, mask: string, maskValue: number, T: 'float32' | 'float16'): string {
+  g.scope = '/model/mask';
+  const zero = g.constInt64([0], []);
+  const one = g.constInt64([1], []);
+  const seq = g.op('Squeeze', [g.op('Shape', [inputIds], { start: int(1), end: int(2) })]);
+  const total = g.op('Squeeze', [g.op('Shape', [mask], { start: int(1), end: int(2) })]);
+  const past = g.op('Sub', [total, seq]);
+  const keyPos = g.op('Range', [zero, total, one]); // [T]
+  const queryPos = g.op('Unsqueeze', [g.op('Range', [past, total, one]), g.constInt64([1])]); // [S, 1]
+  const future = g.op('Greater', [keyPos, queryPos]); // [S, T]
+  const padded = g.op('Unsqueeze', [g.op('Equal', [mask, g.constInt64([0], [])]), g.constInt64([1, 2])]); // [B, 1, 1, T]
+  const masked = g.op('Or', [future, padded]); // [B, 1, S, T]
+  return g.op('Where', [masked, g.constFloat(new Float32Array([maskValue]), [], T), g.constFloat(new Float32Array([0]), [], T)]);
+}

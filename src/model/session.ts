@@ -1,0 +1,91 @@
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import ort from 'onnxruntime-node';
+import { pastKeyName, pastValueName, type Manifest } from './manifest.js';
+
+export type Device = 'auto' | 'cpu' | 'cuda';
+export type Provider = 'cuda' | 'cpu';
+
+export interface SessionLog {
+  info(msg: string): void;
+  warn(msg: string): void;
+}
+
+export interface CreatedSession {
+  session: ort.InferenceSession;
+  provider: Provider;
+  /** one sentence saying why this provider is the one in use */
+  reason: string;
+}
+
+function cpuOptions(): ort.InferenceSession.SessionOptions {
+  return { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() };
+}
+
+/** CPU stays in the list behind CUDA so nodes that CUDA lacks still run */
+function cudaOptions(): ort.InferenceSession.SessionOptions {
+  return { executionProviders: ['cuda', 'cpu'], graphOptimizationLevel: 'all' };
+}
+
+const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
+
+/**
+ * Opens the built graph. onnxruntime-node treats a CUDA provider it cannot load as a hard error
+ * at creation (not a silent fallback), so `auto` tries CUDA, logs why it failed, and opens a CPU
+ * session; `cuda` lets the original error through.
+ */
+export async function createSession(modelDir: string, manifest: Manifest, device: Device, log: SessionLog): Promise<CreatedSession> {
+  const path = join(modelDir, manifest.files.graph);
+  if (device === 'cpu') {
+    const session = await ort.InferenceSession.create(path, cpuOptions());
+    const reason = 'DEVICE=cpu';
+    log.info(`onnxruntime session on cpu (${reason}, ${availableParallelism()} threads, ${manifest.dtype})`);
+    return { session, provider: 'cpu', reason };
+  }
+  if (device === 'cuda') {
+    const session = await ort.InferenceSession.create(path, cudaOptions());
+    const reason = 'DEVICE=cuda';
+    log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype})`);
+    return { session, provider: 'cuda', reason };
+  }
+  try {
+    const session = await ort.InferenceSession.create(path, cudaOptions());
+    const reason = 'DEVICE=auto and the CUDA execution provider loaded';
+    log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype})`);
+    return { session, provider: 'cuda', reason };
+  } catch (err) {
+    const reason = `DEVICE=auto and CUDA is unavailable: ${message(err)}`;
+    log.warn(`${reason}; using cpu`);
+    const session = await ort.InferenceSession.create(path, cpuOptions());
+    log.info(`onnxruntime session on cpu (${availableParallelism()} threads, ${manifest.dtype})`);
+    return { session, provider: 'cpu', reason };
+  }
+}
+
+/** the graph's float element type */
+export const floatType = (manifest: Manifest): 'float32' | 'float16' => (manifest.dtype === 'fp16' ? 'float16' : 'float32');
+
+function emptyFloat(manifest: Manifest, dims: readonly number[]): ort.Tensor {
+  return manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(0), dims) : new ort.Tensor('float32', new Float32Array(0), dims);
+}
+
+/** rank-0 LoRA inputs (A [batch, in, 0], B [batch, 0, out]): the graph then adds exactly zero */
+export function emptyLoraFeeds(manifest: Manifest, batch: number): Record<string, ort.Tensor> {
+  const feeds: Record<string, ort.Tensor> = {};
+  for (const t of manifest.loraTargets) {
+    feeds[t.inputA] = emptyFloat(manifest, [batch, t.inFeatures, 0]);
+    feeds[t.inputB] = emptyFloat(manifest, [batch, 0, t.outFeatures]);
+  }
+  return feeds;
+}
+
+/** an empty KV cache (past = 0) for the first step */
+export function zeroPast(manifest: Manifest, batch: number): Record<string, ort.Tensor> {
+  const a = manifest.architecture;
+  const feeds: Record<string, ort.Tensor> = {};
+  for (let i = 0; i < a.numLayers; i++) {
+    feeds[pastKeyName(i)] = emptyFloat(manifest, [batch, a.numKvHeads, 0, a.headDim]);
+    feeds[pastValueName(i)] = emptyFloat(manifest, [batch, a.numKvHeads, 0, a.headDim]);
+  }
+  return feeds;
+}

@@ -1,0 +1,74 @@
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { Config } from './config.js';
+import type { Manifest } from './model/manifest.js';
+import { openCheckpoint } from './model/checkpoint/index.js';
+import { ensureEmbeddedModel } from './model/embedded.js';
+import { buildModel } from './model/build.js';
+import { loadTokenizer } from './tokenizer/index.js';
+import type { Tokenizer } from './tokenizer/types.js';
+import { Engine } from './engine/engine.js';
+import { AdapterRegistry } from './adapters/registry.js';
+
+/**
+ * Everything the routes need, started once: the model (built or taken from the cache), its
+ * tokenizer, the inference worker and the adapter registry. Routes receive it through the Fastify
+ * instance (`app.runtime`), so they hold HTTP concerns only.
+ */
+export interface Runtime {
+  readonly config: Config;
+  readonly manifest: Manifest;
+  readonly modelDir: string;
+  readonly tokenizer: Tokenizer;
+  readonly engine: Engine;
+  readonly registry: AdapterRegistry;
+  readonly provider: 'cpu' | 'cuda';
+  /** set on SIGTERM: readiness fails and new work is refused while running streams finish */
+  draining: boolean;
+  close(): Promise<void>;
+}
+
+
+export async function resolveModelPath(config: Config, log: Pick<Logger, 'info'>): Promise<string> {
+  if (config.MODEL_PATH) return path.resolve(config.MODEL_PATH);
+  const dir = path.resolve(config.DEFAULT_MODEL_DIR);
+  log.info({ dir }, 'MODEL_PATH is unset: serving the embedded default model');
+  return ensureEmbeddedModel(dir);
+}
+
+export async function startRuntime(config: Config, log: Logger): Promise<Runtime> {
+  const modelPath = await resolveModelPath(config, log);
+  const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
+  const dtype = config.DTYPE === 'auto' ? (config.DEVICE === 'cuda' ? 'fp16' : 'fp32') : config.DTYPE;
+  const built = await buildModel(checkpoint, {
+    outDir: path.resolve(config.CACHE_DIR),
+    dtype,
+    logits: 'last',
+    onProgress: (line) => log.info(line),
+  });
+  log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
+  if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
+  const tokenizer = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
+  const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config, log });
+  let registry: AdapterRegistry;
+  try {
+    registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log });
+  } catch (e) {
+    await engine.close();
+    throw e;
+  }
+  const runtime: Runtime = {
+    config,
+    manifest: built.manifest,
+    modelDir: built.dir,
+    tokenizer,
+    engine,
+    registry,
+    provider: engine.provider,
+    draining: false,
+    async close() {
+      await engine.close();
+    },
+  };
+  return runtime;
+}

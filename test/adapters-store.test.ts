@@ -1,0 +1,232 @@
+import { createHash } from 'node:crypto';
+import { cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { AdapterStore, adapterNameProblem, pauseHookFromEnv, type AdapterMeta, type PausePoint } from '../src/adapters/store.js';
+
+/**
+ * The on-disk store alone: atomic create/replace/delete and recovery. Each crash point is
+ * simulated by copying ADAPTER_DIR while a write is held at that point (what a SIGKILL there
+ * would leave), then opening a store on the copy. test/adapters-crash.test.ts does the same with
+ * a real server process and SIGKILL.
+ */
+
+let root: string;
+beforeAll(async () => {
+  root = await mkdtemp(path.join(os.tmpdir(), 'loraserve-store-'));
+});
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+let n = 0;
+const fresh = async (label: string) => {
+  const d = path.join(root, `${label}-${n++}`);
+  await mkdir(d, { recursive: true });
+  return d;
+};
+
+const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
+
+interface Version {
+  config: string;
+  weights: Buffer;
+}
+const versionA: Version = { config: '{"r": 4, "v": "A"}', weights: Buffer.from('AAAA-weights-'.repeat(1000)) };
+const versionB: Version = { config: '{"r": 8, "v": "B"}', weights: Buffer.from('BBBB-other-weights-'.repeat(3000)) };
+
+async function stage(v: Version): Promise<string> {
+  const d = await fresh('staged');
+  await writeFile(path.join(d, 'adapter_config.json'), v.config);
+  await writeFile(path.join(d, 'adapter_model.safetensors'), v.weights);
+  return d;
+}
+
+function metaFor(name: string, version: number, v: Version): AdapterMeta {
+  return {
+    metaVersion: 1,
+    name,
+    version,
+    created: new Date().toISOString(),
+    files: {
+      'adapter_config.json': { bytes: Buffer.byteLength(v.config), sha256: sha(v.config) },
+      'adapter_model.safetensors': { bytes: v.weights.byteLength, sha256: sha(v.weights) },
+    },
+    report: { note: `version ${version}` },
+  };
+}
+
+/** What the store holds under `name`: 'A', 'B', 'absent', or a description of a mix. */
+async function holds(dir: string, name: string): Promise<string> {
+  const entries = await readdir(dir);
+  if (!entries.includes(name)) return 'absent';
+  const config = await readFile(path.join(dir, name, 'adapter_config.json'), 'utf8').catch(() => null);
+  const weights = await readFile(path.join(dir, name, 'adapter_model.safetensors')).catch(() => null);
+  const meta = JSON.parse(await readFile(path.join(dir, name, 'meta.json'), 'utf8').catch(() => 'null')) as AdapterMeta | null;
+  for (const [label, v, ver] of [['A', versionA, 1], ['B', versionB, 2]] as const) {
+    if (config === v.config && weights?.equals(v.weights) && meta?.version === ver && meta.files['adapter_model.safetensors'].sha256 === sha(v.weights)) return label;
+  }
+  return `mix: config=${config}, weights=${weights?.byteLength}, meta=${meta?.version}`;
+}
+
+const hidden = async (dir: string) => (await readdir(dir)).filter((e) => e.startsWith('.'));
+
+describe('adapter names', () => {
+  it('accepts [a-zA-Z0-9._-]{1,64} without a leading dot', () => {
+    for (const ok of ['a', 'my-adapter_v1.2', 'A'.repeat(64), 'x..y', '0']) expect(adapterNameProblem(ok), ok).toBeNull();
+  });
+  it('refuses traversal, absolute, empty, long and odd names, each with a reason', () => {
+    for (const bad of ['', '.', '..', '../x', '/etc', 'a/b', 'a\\b', '.hidden', 'A'.repeat(65), 'sp ace', 'ü', 'a\0b', '.tmp-x', '.old-a']) {
+      expect(adapterNameProblem(bad), JSON.stringify(bad)).toMatch(/adapter name/);
+    }
+  });
+});
+
+describe('AdapterStore', () => {
+  it('creates a version whole: the two files, meta.json with their sha256 and sizes, no temp left', async () => {
+    const dir = await fresh('store');
+    const { store, recovered } = await AdapterStore.open(dir);
+    expect(recovered).toEqual([]);
+    await store.create(metaFor('alpha', 1, versionA), await stage(versionA));
+    expect(await holds(dir, 'alpha')).toBe('A');
+    expect(await readdir(dir)).toEqual(['alpha']);
+    const [entry] = await store.list();
+    expect(entry!.meta!.files['adapter_model.safetensors']).toEqual({ bytes: versionA.weights.byteLength, sha256: sha(versionA.weights) });
+    expect(await store.verify(entry!)).toEqual([]);
+    await expect(store.create(metaFor('alpha', 1, versionB), await stage(versionB))).rejects.toThrow(/exists/);
+    expect(await holds(dir, 'alpha')).toBe('A');
+    expect(await hidden(dir)).toEqual([]);
+  });
+
+  it('digest() computes what an independent sha256 of the bytes gives', async () => {
+    const { store } = await AdapterStore.open(await fresh('store'));
+    const d = await stage(versionB);
+    expect(await store.digest(d)).toEqual(metaFor('x', 1, versionB).files);
+  });
+
+  it('replaces and deletes atomically, leaving no temp entries', async () => {
+    const dir = await fresh('store');
+    const { store } = await AdapterStore.open(dir);
+    await store.create(metaFor('alpha', 1, versionA), await stage(versionA));
+    await store.replace(metaFor('alpha', 2, versionB), await stage(versionB));
+    expect(await holds(dir, 'alpha')).toBe('B');
+    expect(await readdir(dir)).toEqual(['alpha']);
+    await store.delete('alpha');
+    expect(await readdir(dir)).toEqual([]);
+    // replace of an absent name creates it
+    await store.replace(metaFor('beta', 2, versionB), await stage(versionB));
+    expect(await holds(dir, 'beta')).toBe('B');
+  });
+
+  it('a replace that fails while writing leaves the old version and no temp folder', async () => {
+    const dir = await fresh('store');
+    const { store } = await AdapterStore.open(dir);
+    await store.create(metaFor('alpha', 1, versionA), await stage(versionA));
+    const broken = await stage(versionB);
+    await rm(path.join(broken, 'adapter_model.safetensors'));
+    await expect(store.replace(metaFor('alpha', 2, versionB), broken)).rejects.toThrow();
+    expect(await holds(dir, 'alpha')).toBe('A');
+    expect(await hidden(dir)).toEqual([]);
+  });
+
+  it('verify() names a file whose bytes no longer match meta.json, and a folder without meta.json', async () => {
+    const dir = await fresh('store');
+    const { store } = await AdapterStore.open(dir);
+    await store.create(metaFor('alpha', 1, versionA), await stage(versionA));
+    await writeFile(path.join(dir, 'alpha', 'adapter_model.safetensors'), Buffer.from('tampered'));
+    const diffs = await store.verify(await store.read('alpha'));
+    expect(diffs).toHaveLength(1);
+    expect(diffs[0]).toMatch(/adapter_model\.safetensors is 8 bytes/);
+    await mkdir(path.join(dir, 'copied-in'));
+    const copied = await store.read('copied-in');
+    expect(copied.meta).toBeNull();
+    expect(copied.metaError).toMatch(/meta\.json is missing/);
+  });
+
+  it('recovery: removes temp, upload and deleted folders; completes a finished swap; rolls back a half swap', async () => {
+    const dir = await fresh('store');
+    const { store } = await AdapterStore.open(dir);
+    await store.create(metaFor('done', 1, versionA), await stage(versionA));
+    await store.create(metaFor('half', 1, versionA), await stage(versionA));
+    // a finished swap: `.old-done` (version A) beside the new `done`
+    await cp(path.join(dir, 'done'), path.join(dir, '.old-done'), { recursive: true });
+    await rm(path.join(dir, 'done'), { recursive: true });
+    await store.create(metaFor('done', 2, versionB), await stage(versionB));
+    // a half swap: `half` moved aside, its replacement never renamed in
+    await cp(path.join(dir, 'half'), path.join(dir, '.old-half'), { recursive: true });
+    await rm(path.join(dir, 'half'), { recursive: true });
+    await mkdir(path.join(dir, '.tmp-1234'));
+    await writeFile(path.join(dir, '.tmp-1234', 'adapter_config.json'), versionB.config);
+    await mkdir(path.join(dir, '.upload-5678'));
+    await mkdir(path.join(dir, '.del-9'));
+    await writeFile(path.join(dir, '.DS_Store'), 'not ours');
+    await writeFile(path.join(dir, 'README.txt'), 'not an adapter');
+
+    const { store: reopened, recovered } = await AdapterStore.open(dir);
+    expect(recovered.map((r) => `${r.entry}: ${r.action}`).sort()).toEqual(
+      ['.del-9: removed deleted', '.old-done: completed swap', '.old-half: rolled back swap', '.tmp-1234: removed temp', '.upload-5678: removed temp'].sort(),
+    );
+    expect(await holds(dir, 'done')).toBe('B');
+    expect(await holds(dir, 'half')).toBe('A');
+    expect((await readdir(dir)).sort()).toEqual(['.DS_Store', 'README.txt', 'done', 'half']);
+    expect((await reopened.list()).map((e) => e.name)).toEqual(['done', 'half']);
+  });
+
+  describe('a crash at each point of a write leaves the old or the new version whole', () => {
+    /**
+     * Holds the write at `point`, copies ADAPTER_DIR there (the state a SIGKILL would leave),
+     * lets the write finish, then recovers the copy.
+     */
+    async function crashAt(point: PausePoint, op: 'create' | 'replace'): Promise<{ snapshotHolds: string; leftovers: string[]; liveHolds: string }> {
+      const dir = await fresh('live');
+      const snapshot = path.join(await fresh('snap'), 'adapters');
+      let reached = false;
+      const { store } = await AdapterStore.open(dir, {
+        pause: async (at) => {
+          if (at !== point) return;
+          reached = true;
+          await cp(dir, snapshot, { recursive: true });
+        },
+      });
+      if (op === 'replace') {
+        const { store: plain } = await AdapterStore.open(dir);
+        await plain.create(metaFor('alpha', 1, versionA), await stage(versionA));
+        await store.replace(metaFor('alpha', 2, versionB), await stage(versionB));
+      } else {
+        await store.create(metaFor('alpha', 2, versionB), await stage(versionB));
+      }
+      expect(reached, `the write passed ${point}`).toBe(true);
+      await AdapterStore.open(snapshot);
+      return { snapshotHolds: await holds(snapshot, 'alpha'), leftovers: await hidden(snapshot), liveHolds: await holds(dir, 'alpha') };
+    }
+
+    const expectations: [PausePoint, 'create' | 'replace', string][] = [
+      ['mid-write', 'create', 'absent'],
+      ['before-swap', 'create', 'absent'],
+      ['mid-write', 'replace', 'A'],
+      ['before-swap', 'replace', 'A'],
+      ['mid-swap', 'replace', 'A'],
+      ['after-swap', 'replace', 'B'],
+    ];
+    for (const [point, op, want] of expectations) {
+      it(`${op}, crash at ${point} → ${want}`, async () => {
+        const r = await crashAt(point, op);
+        expect(r.snapshotHolds).toBe(want);
+        expect(r.leftovers).toEqual([]);
+        expect(r.liveHolds).toBe('B');
+      });
+    }
+  });
+
+  it('the test-only pause hook reads LORASERVE_TEST_PAUSE=<point>:<ms> and nothing else', async () => {
+    expect(pauseHookFromEnv({}).pause).toBeUndefined();
+    expect(pauseHookFromEnv({ LORASERVE_TEST_PAUSE: 'nonsense' }).pause).toBeUndefined();
+    const hook = pauseHookFromEnv({ LORASERVE_TEST_PAUSE: 'mid-swap:30' });
+    const t0 = Date.now();
+    await hook.pause!('before-swap', 'x');
+    expect(Date.now() - t0).toBeLessThan(25);
+    await hook.pause!('mid-swap', 'x');
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(28);
+  });
+});

@@ -1,0 +1,108 @@
+import type { Architecture } from '../../src/model/architecture.js';
+import { PROJECTIONS, projectionBlock, projectionDims } from '../../src/model/architecture.js';
+import type { Checkpoint, CheckpointTensor } from '../../src/model/checkpoint/types.js';
+
+/** mulberry32: a tiny seeded generator, so every test model is the same on every run */
+export class Rng {
+  private state: number;
+  constructor(seed: number) {
+    this.state = seed >>> 0;
+  }
+  next(): number {
+    let t = (this.state = (this.state + 0x6d2b79f5) >>> 0);
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+  /** uniform in [-1, 1) scaled so the standard deviation is `std` */
+  uniform(std: number): number {
+    return (this.next() * 2 - 1) * std * Math.sqrt(3);
+  }
+  array(n: number, std: number, mean = 0): Float32Array {
+    const out = new Float32Array(n);
+    for (let i = 0; i < n; i++) out[i] = mean + this.uniform(std);
+    return out;
+  }
+  int(maxExclusive: number): number {
+    return Math.floor(this.next() * maxExclusive);
+  }
+}
+
+export function tinyArchitecture(overrides: Partial<Architecture> = {}): Architecture {
+  return {
+    family: 'llama',
+    hiddenSize: 64,
+    intermediateSize: 96,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 16,
+    vocabSize: 128,
+    maxPositions: 64,
+    rmsNormEps: 1e-5,
+    ropeTheta: 10000,
+    ropeLayout: 'rotate_half',
+    tieWordEmbeddings: true,
+    attentionBias: false,
+    bosTokenId: 1,
+    eosTokenIds: [2],
+    ...overrides,
+  };
+}
+
+export interface MemoryTensor {
+  shape: number[];
+  data: Float32Array;
+}
+
+/** A `Checkpoint` held in memory, with HF tensor names. */
+export class MemoryCheckpoint implements Checkpoint {
+  readonly tokenizer = null;
+  constructor(
+    readonly architecture: Architecture,
+    readonly tensors: ReadonlyMap<string, MemoryTensor>,
+    readonly modelId = 'random-test-model',
+    /** normally none (the build then hashes the tensors); tests of the file-based cache key set some */
+    readonly sourceFiles: readonly string[] = [],
+  ) {}
+  names(): string[] {
+    return [...this.tensors.keys()];
+  }
+  tensor(name: string): CheckpointTensor | undefined {
+    const t = this.tensors.get(name);
+    if (!t) return undefined;
+    return { shape: t.shape, dtype: 'F32', read: () => t.data.slice() };
+  }
+  /** a copy with some tensors replaced */
+  with(replaced: ReadonlyMap<string, MemoryTensor>, modelId = this.modelId): MemoryCheckpoint {
+    return new MemoryCheckpoint(this.architecture, new Map([...this.tensors, ...replaced]), modelId, this.sourceFiles);
+  }
+}
+
+/**
+ * Random weights scaled so activations stay O(1) through the layers and attention scores spread
+ * by about 1: then masking, RoPE and GQA mistakes all move the logits visibly.
+ */
+export function randomCheckpoint(a: Architecture, seed: number, modelId = `random-${a.family}-${seed}`): MemoryCheckpoint {
+  const rng = new Rng(seed);
+  const t = new Map<string, MemoryTensor>();
+  const put = (name: string, shape: number[], std: number, mean = 0) => t.set(name, { shape, data: rng.array(shape.reduce((x, y) => x * y, 1), std, mean) });
+  put('model.embed_tokens.weight', [a.vocabSize, a.hiddenSize], 1);
+  for (let i = 0; i < a.numLayers; i++) {
+    put(`model.layers.${i}.input_layernorm.weight`, [a.hiddenSize], 0.2, 1);
+    put(`model.layers.${i}.post_attention_layernorm.weight`, [a.hiddenSize], 0.2, 1);
+    for (const p of PROJECTIONS) {
+      const { inFeatures, outFeatures } = projectionDims(a, p);
+      const base = `model.layers.${i}.${projectionBlock(p)}.${p}`;
+      put(`${base}.weight`, [outFeatures, inFeatures], 1 / Math.sqrt(inFeatures));
+      if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) put(`${base}.bias`, [outFeatures], 0.5);
+    }
+  }
+  put('model.norm.weight', [a.hiddenSize], 0.2, 1);
+  if (!a.tieWordEmbeddings) put('lm_head.weight', [a.vocabSize, a.hiddenSize], 0.5);
+  return new MemoryCheckpoint(a, t, modelId);
+}
+
+export function randomTokens(rng: Rng, n: number, vocab: number): number[] {
+  return Array.from({ length: n }, () => rng.int(vocab));
+}

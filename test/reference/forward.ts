@@ -1,0 +1,169 @@
+import type { Architecture } from '../../src/model/architecture.js';
+import type { Checkpoint } from '../../src/model/checkpoint/types.js';
+
+/**
+ * An independent Llama-family forward pass in plain TypeScript, token by token with a KV cache,
+ * written after llama2.c `run.c` (`forward()`) and Hugging Face `modeling_llama.py` /
+ * `modeling_qwen2.py`. It deliberately shares nothing with the graph builder: weights are read in
+ * checkpoint layout ([out, in]) and used as `W·x`, GQA maps head h to KV head h / (H / KVH),
+ * and each RoPE layout is written out as its original program writes it. Sums run in float64.
+ */
+
+interface Weights {
+  get(name: string): Float32Array;
+}
+
+function loadWeights(ck: Checkpoint): Weights {
+  const cache = new Map<string, Float32Array>();
+  return {
+    get(name) {
+      let v = cache.get(name);
+      if (!v) {
+        const t = ck.tensor(name);
+        if (!t) throw new Error(`reference: missing tensor ${name}`);
+        v = t.read();
+        cache.set(name, v);
+      }
+      return v;
+    },
+  };
+}
+
+/** out[o] = Σ_i w[o, i] · x[i] (+ bias[o]); w is [out, in] row-major as PyTorch stores it */
+function linear(w: Float32Array, x: Float64Array, outDim: number, bias?: Float32Array): Float64Array {
+  const inDim = x.length;
+  const out = new Float64Array(outDim);
+  for (let o = 0; o < outDim; o++) {
+    let s = 0;
+    const row = o * inDim;
+    for (let i = 0; i < inDim; i++) s += w[row + i] * x[i];
+    out[o] = s + (bias ? bias[o] : 0);
+  }
+  return out;
+}
+
+/** RMSNorm: x / sqrt(mean(x²) + eps) · weight */
+function rmsnorm(x: Float64Array, weight: Float32Array, eps: number): Float64Array {
+  let ss = 0;
+  for (let i = 0; i < x.length; i++) ss += x[i] * x[i];
+  const inv = 1 / Math.sqrt(ss / x.length + eps);
+  const out = new Float64Array(x.length);
+  for (let i = 0; i < x.length; i++) out[i] = x[i] * inv * weight[i];
+  return out;
+}
+
+/** the angle of frequency pair i at position pos, rounded to float32 as run.c (powf, pos * freq) and HF (float32 inv_freq) do */
+function ropeAngle(a: Architecture, pairIndex: number, pos: number): number {
+  const freq = Math.fround(1 / Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * pairIndex) / a.headDim))));
+  return Math.fround(pos * freq);
+}
+
+/** run.c: rotate adjacent pairs (2i, 2i+1) of each head in place */
+function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: number): void {
+  const hd = a.headDim;
+  for (let h = 0; h < heads; h++) {
+    for (let i = 0; i < hd; i += 2) {
+      const val = ropeAngle(a, i / 2, pos);
+      const fcr = Math.fround(Math.cos(val));
+      const fci = Math.fround(Math.sin(val));
+      const v0 = v[h * hd + i];
+      const v1 = v[h * hd + i + 1];
+      v[h * hd + i] = v0 * fcr - v1 * fci;
+      v[h * hd + i + 1] = v0 * fci + v1 * fcr;
+    }
+  }
+}
+
+/** HF apply_rotary_pos_emb: q·cos + rotate_half(q)·sin, rotate_half(x) = cat(-x[hd/2:], x[:hd/2]) */
+function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: number): void {
+  const hd = a.headDim;
+  const half = hd / 2;
+  const cos = new Float64Array(hd);
+  const sin = new Float64Array(hd);
+  for (let j = 0; j < hd; j++) {
+    // HF: emb = cat(freqs, freqs), so entry j uses frequency j mod hd/2
+    const ang = ropeAngle(a, j % half, pos);
+    cos[j] = Math.fround(Math.cos(ang));
+    sin[j] = Math.fround(Math.sin(ang));
+  }
+  for (let h = 0; h < heads; h++) {
+    const x = v.slice(h * hd, (h + 1) * hd);
+    for (let j = 0; j < hd; j++) {
+      const rotated = j < half ? -x[j + half] : x[j - half];
+      v[h * hd + j] = x[j] * cos[j] + rotated * sin[j];
+    }
+  }
+}
+
+export interface ReferenceOptions {
+  /** position of each token (default 0, 1, 2, …) */
+  positions?: number[];
+}
+
+/** logits [vocab] for every position of `tokens`, each seeing tokens 0..itself */
+export function referenceForward(ck: Checkpoint, tokens: readonly number[], options: ReferenceOptions = {}): Float32Array[] {
+  const a = ck.architecture;
+  const w = loadWeights(ck);
+  const hd = a.headDim;
+  const dim = a.hiddenSize;
+  const qDim = a.numHeads * hd;
+  const kvDim = a.numKvHeads * hd;
+  const kvMul = a.numHeads / a.numKvHeads;
+  const keyCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
+  const valueCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
+  const embed = w.get('model.embed_tokens.weight');
+  const out: Float32Array[] = [];
+
+  for (let t = 0; t < tokens.length; t++) {
+    const pos = options.positions ? options.positions[t] : t;
+    const x = Float64Array.from(embed.subarray(tokens[t] * dim, (tokens[t] + 1) * dim));
+    for (let l = 0; l < a.numLayers; l++) {
+      const p = `model.layers.${l}`;
+      const bias = (name: string) => (a.attentionBias ? w.get(`${p}.self_attn.${name}.bias`) : undefined);
+      const xb = rmsnorm(x, w.get(`${p}.input_layernorm.weight`), a.rmsNormEps);
+      const q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
+      const k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
+      const v = linear(w.get(`${p}.self_attn.v_proj.weight`), xb, kvDim, bias('v_proj'));
+      const rope = a.ropeLayout === 'interleaved' ? ropeInterleaved : ropeRotateHalf;
+      rope(a, q, a.numHeads, pos);
+      rope(a, k, a.numKvHeads, pos);
+      keyCache[l].push(k);
+      valueCache[l].push(v);
+
+      const att = new Float64Array(qDim);
+      const steps = keyCache[l].length;
+      for (let h = 0; h < a.numHeads; h++) {
+        const kvh = Math.floor(h / kvMul);
+        const scores = new Float64Array(steps);
+        let max = -Infinity;
+        for (let s = 0; s < steps; s++) {
+          let dot = 0;
+          const key = keyCache[l][s];
+          for (let i = 0; i < hd; i++) dot += q[h * hd + i] * key[kvh * hd + i];
+          scores[s] = dot / Math.sqrt(hd);
+          max = Math.max(max, scores[s]);
+        }
+        let sum = 0;
+        for (let s = 0; s < steps; s++) sum += scores[s] = Math.exp(scores[s] - max);
+        for (let s = 0; s < steps; s++) {
+          const weight = scores[s] / sum;
+          const value = valueCache[l][s];
+          for (let i = 0; i < hd; i++) att[h * hd + i] += weight * value[kvh * hd + i];
+        }
+      }
+      const o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim);
+      for (let i = 0; i < dim; i++) x[i] += o[i];
+
+      const xb2 = rmsnorm(x, w.get(`${p}.post_attention_layernorm.weight`), a.rmsNormEps);
+      const gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize);
+      const up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize);
+      for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
+      const down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim);
+      for (let i = 0; i < dim; i++) x[i] += down[i];
+    }
+    const xf = rmsnorm(x, w.get('model.norm.weight'), a.rmsNormEps);
+    const head = a.tieWordEmbeddings ? embed : w.get('lm_head.weight');
+    out.push(Float32Array.from(linear(head, xf, a.vocabSize)));
+  }
+  return out;
+}

@@ -1,0 +1,491 @@
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { toEngineWeights, transpose } from '../src/adapters/convert.js';
+import { readAdapterFolder } from '../src/adapters/folder.js';
+import type { Problem, ValidationReport } from '../src/adapters/report.js';
+import { encodeSafetensors, parseHeader, type TensorToWrite } from '../src/adapters/safetensors.js';
+import { sameBaseModel, validateAdapter, type AdapterInput, type ModelFacts } from '../src/adapters/validate.js';
+import type { Architecture, Projection } from '../src/model/architecture.js';
+import { PROJECTIONS, projectionDims } from '../src/model/architecture.js';
+import { loraTargetsFor } from '../src/model/manifest.js';
+import { encodeValues, FIXTURE_CONFIGS, makePeftTensors, peftConfig, peftFixturesExist, readFixtureConfig, smallArch, writeAdapterFolder, type PeftTensor } from './helpers/adapter-fixtures.js';
+
+const ARCH = smallArch();
+const MODEL: ModelFacts = { architecture: ARCH, loraTargets: loraTargetsFor(ARCH), modelId: 'small-llama' };
+const LIMITS = { maxLoraRank: 64, strictBaseModel: false };
+
+/** Real safetensors bytes → the header the validator sees (the same path readHeader takes). */
+function input(config: Record<string, unknown> | string | null, tensors: PeftTensor[] | null, opts: { values?: boolean; dtype?: TensorToWrite['dtype'] } = {}): AdapterInput {
+  let header = null;
+  let headerProblems: Problem[] = [];
+  if (tensors) {
+    const dtype = opts.dtype ?? 'F32';
+    const bytes = encodeSafetensors(tensors.map((t) => ({ name: t.name, dtype, shape: t.shape, data: dtype === 'F32' ? t.data : dtype === 'F16' || dtype === 'BF16' ? encodeValues(t.data, dtype) : new Uint8Array(t.data.length * 4) })));
+    const n = Number(bytes.readBigUInt64LE(0));
+    const parsed = parseHeader('adapter_model.safetensors', bytes.subarray(8, 8 + n), bytes.byteLength);
+    header = parsed.header;
+    headerProblems = parsed.problems;
+  }
+  return {
+    configText: config === null ? null : typeof config === 'string' ? config : JSON.stringify(config),
+    weightsFile: 'adapter_model.safetensors',
+    header,
+    headerProblems,
+    values: opts.values && tensors ? new Map(tensors.map((t) => [t.name, t.data])) : undefined,
+  };
+}
+
+const codes = (r: ValidationReport) => r.errors.map((p) => p.code);
+const only = (r: ValidationReport, code: string) => [...r.errors, ...r.warnings].filter((p) => p.code === code);
+const QV: Projection[] = ['q_proj', 'v_proj'];
+
+describe('an adapter that fits', () => {
+  const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 1 });
+  const report = validateAdapter(input(peftConfig(), tensors, { values: true }), MODEL, LIMITS);
+
+  it('passes with no problems', () => {
+    expect(report.errors).toEqual([]);
+    expect(report.warnings).toEqual([]);
+    expect(report.ok).toBe(true);
+  });
+
+  it('lists every targeted module with its rank, alpha, scale and tensors', () => {
+    expect(report.modules).toHaveLength(ARCH.numLayers * 2);
+    const m = report.modules.find((x) => x.module === 'model.layers.2.self_attn.v_proj')!;
+    expect(m).toEqual({
+      module: 'model.layers.2.self_attn.v_proj',
+      layer: 2,
+      projection: 'v_proj',
+      rank: 8,
+      alpha: 16,
+      scale: 2,
+      rankKey: 'r',
+      alphaKey: 'lora_alpha',
+      tensorA: 'base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight',
+      tensorB: 'base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight',
+    });
+  });
+
+  it('summarises config and file', () => {
+    // q: A [8, 24] + B [24, 8]; v: A [8, 24] + B [12, 8] (2 kv heads × 6)
+    const perLayer = 8 * 24 + 24 * 8 + 8 * 24 + 12 * 8;
+    expect(report.summary).toEqual({ peftType: 'LORA', baseModel: 'test/small-llama', r: 8, loraAlpha: 16, useRslora: false, targetedModules: 6, tensors: 12, parameters: 3 * perLayer });
+  });
+
+  it('accepts adapter-name segments and F16 / BF16 files', () => {
+    const named = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 1, adapterName: 'default' });
+    expect(validateAdapter(input(peftConfig(), named), MODEL, LIMITS).ok).toBe(true);
+    expect(validateAdapter(input(peftConfig(), tensors, { dtype: 'F16' }), MODEL, LIMITS).ok).toBe(true);
+    expect(validateAdapter(input(peftConfig(), tensors, { dtype: 'BF16' }), MODEL, LIMITS).ok).toBe(true);
+  });
+});
+
+describe('shape and rank problems', () => {
+  it('shape_mismatch: the seed’s sentence, with tensor, module, expected and actual', () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 2, shapeOverride: ({ part, projection, layer }) => (part === 'B' && projection === 'q_proj' && layer === 0 ? [16, 8] : undefined) });
+    const report = validateAdapter(input(peftConfig(), tensors), MODEL, LIMITS);
+    expect(report.ok).toBe(false);
+    expect(report.errors).toHaveLength(1);
+    expect(report.errors[0]).toEqual({
+      code: 'shape_mismatch',
+      severity: 'error',
+      file: 'adapter_model.safetensors',
+      tensor: 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight',
+      module: 'model.layers.0.self_attn.q_proj',
+      expected: [24, 8],
+      actual: [16, 8],
+      message: "model.layers.0.self_attn.q_proj.lora_B.weight has shape [16, 8]; this model's q_proj has out_features 24, so [24, 8] was expected. The adapter was probably trained on a model of another size or a pruned variant.",
+    });
+  });
+
+  it('a model of another size fails on every tensor whose features differ', () => {
+    const bigger = smallArch({ hiddenSize: 32 });
+    const tensors = makePeftTensors(bigger, { r: 8, targets: ['q_proj', 'down_proj'], seed: 3 });
+    const report = validateAdapter(input(peftConfig({ target_modules: ['q_proj', 'down_proj'] }), tensors), MODEL, LIMITS);
+    // q_proj: A in 32≠24 (out 24 = 4 heads × 6 is unchanged); down_proj: B out 32≠24. One per layer each.
+    const sm = only(report, 'shape_mismatch');
+    expect(sm.map((p) => p.tensor).sort()).toEqual(
+      [0, 1, 2].flatMap((l) => [`base_model.model.model.layers.${l}.self_attn.q_proj.lora_A.weight`, `base_model.model.model.layers.${l}.mlp.down_proj.lora_B.weight`]).sort(),
+    );
+    expect(sm.find((p) => p.tensor!.includes('q_proj'))!.message).toContain('in_features 24, so [8, 24] was expected');
+  });
+
+  it('rank_mismatch names the rank_pattern key or r that decided', () => {
+    const config = peftConfig({ r: 8, rank_pattern: { 'layers.1.self_attn.q_proj': 4 } });
+    // tensors trained with rank 8 everywhere: layer 1 q_proj disagrees with the pattern
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 4 });
+    const report = validateAdapter(input(config, tensors), MODEL, LIMITS);
+    const rm = only(report, 'rank_mismatch');
+    expect(rm.map((p) => p.tensor)).toEqual(['base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight', 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight']);
+    expect(rm[0]).toMatchObject({ key: 'layers.1.self_attn.q_proj', expected: 4, actual: 8, module: 'model.layers.1.self_attn.q_proj' });
+    expect(rm[0]!.message).toContain('rank_pattern key "layers.1.self_attn.q_proj" = 4');
+    expect(codes(report)).toEqual(['rank_mismatch', 'rank_mismatch']);
+
+    const wrongR = validateAdapter(input(peftConfig({ r: 16 }), makePeftTensors(ARCH, { r: 8, targets: ['q_proj'], seed: 4, layers: [0] })), MODEL, LIMITS);
+    expect(only(wrongR, 'rank_mismatch')[0]).toMatchObject({ key: 'r', expected: 16, actual: 8 });
+  });
+
+  it('tensors following rank_pattern / alpha_pattern pass and carry their scales', () => {
+    const config = peftConfig({ r: 8, lora_alpha: 16, use_rslora: true, rank_pattern: { 'layers.1.self_attn.q_proj': 4 }, alpha_pattern: { v_proj: 32 } });
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 5, rankFor: (m) => (m === 'model.layers.1.self_attn.q_proj' ? 4 : 8) });
+    const report = validateAdapter(input(config, tensors), MODEL, LIMITS);
+    expect(report.ok).toBe(true);
+    const get = (n: string) => report.modules.find((m) => m.module === n)!;
+    expect(get('model.layers.1.self_attn.q_proj')).toMatchObject({ rank: 4, scale: 8, rankKey: 'layers.1.self_attn.q_proj' });
+    expect(get('model.layers.0.self_attn.q_proj').scale).toBeCloseTo(16 / Math.sqrt(8), 12);
+    expect(get('model.layers.0.self_attn.v_proj')).toMatchObject({ alpha: 32, alphaKey: 'v_proj' });
+  });
+
+  it('an unmatched rank_pattern key is a warning; the adapter still passes', () => {
+    const report = validateAdapter(input(peftConfig({ rank_pattern: { 'layers.7.self_attn.q_proj': 4 } }), makePeftTensors(ARCH, { r: 8, targets: QV, seed: 6 })), MODEL, LIMITS);
+    expect(report.ok).toBe(true);
+    expect(report.warnings.map((w) => [w.code, w.key])).toEqual([['rank_pattern_unmatched', 'layers.7.self_attn.q_proj']]);
+  });
+
+  it('rank_too_large against MAX_LORA_RANK, once per deciding key', () => {
+    const report = validateAdapter(input(peftConfig({ r: 8 }), makePeftTensors(ARCH, { r: 8, targets: QV, seed: 7 })), MODEL, { maxLoraRank: 4, strictBaseModel: false });
+    expect(codes(report)).toEqual(['rank_too_large']);
+    expect(report.errors[0]).toMatchObject({ key: 'r', actual: 8, expected: '<= 4' });
+    expect(report.errors[0]!.message).toContain('6 modules');
+  });
+});
+
+describe('presence problems', () => {
+  it('model.language_model.* keys → no_modules_matched naming both prefixes, not a flood', () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 8, modulePrefix: 'model.language_model.' });
+    const report = validateAdapter(input(peftConfig(), tensors), MODEL, LIMITS);
+    expect(codes(report)).toEqual(['no_modules_matched']);
+    const p = report.errors[0]!;
+    expect(p.actual).toEqual(['model.language_model.layers']);
+    expect(p.expected).toEqual(['model.layers']);
+    expect(p.message).toContain('"model.language_model.layers"');
+    expect(p.message).toContain('"model.layers"');
+  });
+
+  it('a config that targets nothing in the model → no_modules_matched', () => {
+    const report = validateAdapter(input(peftConfig({ target_modules: ['W_pack'] }), makePeftTensors(ARCH, { r: 8, targets: QV, seed: 9 })), MODEL, LIMITS);
+    expect(codes(report)).toContain('no_modules_matched');
+    expect(report.ok).toBe(false);
+  });
+
+  it('a file with no LoRA tensors → no_modules_matched', () => {
+    const report = validateAdapter(input(peftConfig(), []), MODEL, LIMITS);
+    expect(codes(report)).toEqual(['no_modules_matched']);
+  });
+
+  it('A without B, and a targeted module with no tensors → missing_tensor each', () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 10 }).filter((t) => t.name !== 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' && !t.name.includes('layers.2.self_attn.v_proj'));
+    const report = validateAdapter(input(peftConfig(), tensors), MODEL, LIMITS);
+    expect(codes(report)).toEqual(['missing_tensor', 'missing_tensor']);
+    expect(report.errors.map((p) => [p.module, p.tensor])).toEqual([
+      ['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.q_proj.lora_B.weight'],
+      ['model.layers.2.self_attn.v_proj', undefined],
+    ]);
+    expect(report.errors[0]!.expected).toEqual([24, 8]);
+    expect(report.errors[1]!.expected).toEqual({ lora_A: [8, 24], lora_B: [12, 8] });
+  });
+
+  it('tensors for untargeted or absent modules → unexpected_tensor; duplicates too', () => {
+    const extra = makePeftTensors(smallArch({ numLayers: 5 }), { r: 8, targets: ['q_proj', 'v_proj', 'up_proj'], seed: 11, layers: [0, 4] });
+    const base = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 11 }).filter((t) => !t.name.includes('layers.0.'));
+    const dup = makePeftTensors(ARCH, { r: 8, targets: ['q_proj'], seed: 12, layers: [1], adapterName: 'other' }).slice(0, 1);
+    const report = validateAdapter(input(peftConfig(), [...extra, ...base, ...dup]), MODEL, LIMITS);
+    const ut = only(report, 'unexpected_tensor');
+    expect(ut.map((p) => p.module).sort()).toEqual(
+      [
+        'model.layers.0.mlp.up_proj',
+        'model.layers.0.mlp.up_proj',
+        'model.layers.4.self_attn.q_proj',
+        'model.layers.4.self_attn.q_proj',
+        'model.layers.4.self_attn.v_proj',
+        'model.layers.4.self_attn.v_proj',
+        'model.layers.4.mlp.up_proj',
+        'model.layers.4.mlp.up_proj',
+        'model.layers.1.self_attn.q_proj',
+      ].sort(),
+    );
+    expect(ut.find((p) => p.module === 'model.layers.0.mlp.up_proj')!.message).toContain('does not target');
+    expect(ut.find((p) => p.module === 'model.layers.4.mlp.up_proj')!.message).toContain('does not have');
+    expect(ut.find((p) => p.module === 'model.layers.1.self_attn.q_proj')!.message).toContain('second lora_A');
+    expect(codes(report).every((c) => c === 'unexpected_tensor')).toBe(true);
+  });
+
+  it('missing files: config, weights, and a pickle-only folder', () => {
+    const noConfig = validateAdapter(input(null, makePeftTensors(ARCH, { r: 8, targets: QV, seed: 13 })), MODEL, LIMITS);
+    expect(noConfig.errors.map((p) => [p.code, p.file])).toEqual([['missing_file', 'adapter_config.json']]);
+    const noWeights = validateAdapter(input(peftConfig(), null), MODEL, LIMITS);
+    expect(noWeights.errors.map((p) => [p.code, p.file])).toEqual([['missing_file', 'adapter_model.safetensors']]);
+    const pickle = validateAdapter({ ...input(peftConfig(), null), otherFiles: ['adapter_model.bin', 'README.md'] }, MODEL, LIMITS);
+    expect(pickle.errors).toHaveLength(1);
+    expect(pickle.errors[0]!.message).toMatch(/pickle.*never loaded/);
+    expect(pickle.errors[0]!.hint).toContain('safe_serialization=True');
+  });
+
+  it('invalid config: reported, and the tensors are still checked against the model', () => {
+    const tensors = makePeftTensors(smallArch({ hiddenSize: 32 }), { r: 8, targets: ['q_proj'], seed: 14, layers: [0] });
+    const report = validateAdapter(input('{"r": 8,', tensors), MODEL, LIMITS);
+    expect(codes(report)).toEqual(['invalid_config', 'shape_mismatch']);
+    expect(report.errors[1]).toMatchObject({ expected: [8, 24], actual: [8, 32] });
+  });
+});
+
+describe('features that cannot be served', () => {
+  const ok = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 15 });
+  const unsupported = (overrides: Record<string, unknown>, tensors = ok) => {
+    const r = validateAdapter(input(peftConfig(overrides), tensors), MODEL, LIMITS);
+    expect(r.ok).toBe(false);
+    return only(r, 'unsupported_feature');
+  };
+
+  it('DoRA (config and magnitude tensors) → one unsupported_feature with a merge hint', () => {
+    const mags = [0, 1, 2].map((l) => ({ name: `base_model.model.model.layers.${l}.self_attn.q_proj.lora_magnitude_vector`, shape: [24], data: new Float32Array(24).fill(1) }));
+    const p = unsupported({ use_dora: true }, [...ok, ...mags]);
+    expect(p).toHaveLength(1);
+    expect(p[0]).toMatchObject({ key: 'use_dora' });
+    expect(p[0]!.hint).toContain('merge_and_unload');
+    // magnitude vectors alone, config silent: still found
+    const q = unsupported({}, [...ok, ...mags]);
+    expect(q[0]!.tensor).toBe(mags[0]!.name);
+  });
+
+  it('modules_to_save, AdaLoRA, bias, lora_bias, target_parameters, fan_in_fan_out', () => {
+    expect(unsupported({ modules_to_save: ['lm_head'] })[0]!.hint).toContain('modules_to_save');
+    const ada = unsupported({ peft_type: 'ADALORA' });
+    expect(ada[0]!.message).toContain('AdaLoRA');
+    expect(ada[0]!.hint).toContain('merge_and_unload');
+    expect(unsupported({ bias: 'all' })[0]!.key).toBe('bias');
+    expect(unsupported({ lora_bias: true })[0]!.key).toBe('lora_bias');
+    expect(unsupported({ target_parameters: ['experts.gate_up_proj'] })[0]!.key).toBe('target_parameters');
+    expect(unsupported({ fan_in_fan_out: true })[0]!.hint).toContain('fan_in_fan_out=false');
+  });
+
+  it('embedding and lm_head LoRA, from config and from tensors', () => {
+    expect(unsupported({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'] })[0]!.module).toBe('model.embed_tokens');
+    expect(unsupported({ target_modules: ['q_proj', 'v_proj', 'lm_head'] })[0]!.module).toBe('lm_head');
+    const emb = [{ name: 'base_model.model.model.embed_tokens.lora_embedding_A', shape: [8, 64], data: new Float32Array(512) }];
+    expect(unsupported({}, [...ok, ...emb])[0]!.tensor).toBe(emb[0]!.name);
+  });
+
+  it.each([
+    ['pissa', 'PiSSA'],
+    ['pissa_niter_16', 'PiSSA'],
+    ['olora', 'OLoRA'],
+    ['corda', 'CorDA'],
+    ['loftq', 'LoftQ'],
+  ])('init_lora_weights %s → base_modifying_init', (init, name) => {
+    const r = validateAdapter(input(peftConfig({ init_lora_weights: init }), ok), MODEL, LIMITS);
+    expect(codes(r)).toEqual(['base_modifying_init']);
+    const p = r.errors[0]!;
+    expect(p.actual).toBe(init);
+    if (name === 'LoftQ') expect(p.message).toContain('quantised');
+    else {
+      expect(p.message).toContain(name);
+      expect(p.hint).toContain('path_initial_model_for_weight_conversion');
+    }
+  });
+
+  it.each([true, false, 'gaussian', 'eva', 'orthogonal'])('init_lora_weights %s is fine', (init) => {
+    expect(validateAdapter(input(peftConfig({ init_lora_weights: init }), ok), MODEL, LIMITS).ok).toBe(true);
+  });
+});
+
+describe('values, dtypes, base model', () => {
+  it('NaN / Inf → non_finite naming the tensor and the count', () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 16 });
+    const t = tensors[3]!;
+    t.data[0] = NaN;
+    t.data[5] = Infinity;
+    t.data[7] = -Infinity;
+    const r = validateAdapter(input(peftConfig(), tensors, { values: true }), MODEL, LIMITS);
+    expect(codes(r)).toEqual(['non_finite']);
+    expect(r.errors[0]).toMatchObject({ tensor: t.name, actual: 3, expected: 0 });
+    expect(r.errors[0]!.message).toContain('1 NaN, 2 ±Inf');
+  });
+
+  it('integer tensors → bad_dtype', () => {
+    const r = validateAdapter(input(peftConfig(), makePeftTensors(ARCH, { r: 8, targets: ['q_proj'], seed: 17, layers: [0] }), { dtype: 'I32' }), MODEL, LIMITS);
+    expect(only(r, 'bad_dtype')).toHaveLength(2);
+  });
+
+  it('base_model_mismatch: a warning, or an error when strict', () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 18 });
+    const cfg = peftConfig({ base_model_name_or_path: 'mistralai/Mistral-7B-v0.1' });
+    const lax = validateAdapter(input(cfg, tensors), MODEL, LIMITS);
+    expect(lax.ok).toBe(true);
+    expect(lax.warnings.map((w) => w.code)).toEqual(['base_model_mismatch']);
+    const strict = validateAdapter(input(cfg, tensors), MODEL, { maxLoraRank: 64, strictBaseModel: true });
+    expect(codes(strict)).toEqual(['base_model_mismatch']);
+    expect(sameBaseModel('meta-llama/Llama-2-13b-hf', 'Llama-2-13b-hf')).toBe(true);
+    expect(sameBaseModel('/data/models/TinyLlama-1.1B-Chat-v1.0/', 'tinyllama-1.1b-chat-v1.0')).toBe(true);
+    expect(sameBaseModel('meta-llama/Llama-2-13b-hf', 'Llama-2-7b-hf')).toBe(false);
+  });
+
+  it('collects every problem at once', () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 19, shapeOverride: ({ part, layer, projection }) => (layer === 0 && part === 'B' && projection === 'v_proj' ? [99, 8] : undefined) }).filter((t) => !t.name.includes('layers.2.self_attn.q_proj.lora_A'));
+    tensors[0]!.data[0] = NaN;
+    const r = validateAdapter(input(peftConfig({ use_dora: true, init_lora_weights: 'olora', rank_pattern: { nothing: 2 }, base_model_name_or_path: 'other/model' }), tensors, { values: true }), MODEL, { maxLoraRank: 4, strictBaseModel: false });
+    expect(new Set(codes(r))).toEqual(new Set(['unsupported_feature', 'base_modifying_init', 'rank_too_large', 'shape_mismatch', 'missing_tensor', 'non_finite']));
+    expect(new Set(r.warnings.map((w) => w.code))).toEqual(new Set(['rank_pattern_unmatched', 'base_model_mismatch']));
+  });
+});
+
+describe.skipIf(!peftFixturesExist)('real PEFT configs with made-up tensors', () => {
+  // per config: a small architecture of the config's family and the projections it targets
+  const cases: Record<(typeof FIXTURE_CONFIGS)[number], { arch: Architecture; targets: Projection[] }> = {
+    'tinyllama-1.1b-chat.adapter_config.json': { arch: smallArch(), targets: [...PROJECTIONS] },
+    'llama-3.2-1b.adapter_config.json': { arch: smallArch({ numKvHeads: 1 }), targets: [...PROJECTIONS] },
+    'qwen2.5-vl-regex-targets.adapter_config.json': { arch: smallArch({ family: 'qwen2', attentionBias: true }), targets: [...PROJECTIONS] },
+    'mistral-7b-old-nulls.adapter_config.json': { arch: smallArch({ family: 'mistral' }), targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] },
+  };
+
+  it.each(FIXTURE_CONFIGS)('%s: fitting tensors pass, a wider model’s tensors fail', async (name) => {
+    const { text, json } = await readFixtureConfig(name);
+    const { arch, targets } = cases[name];
+    const model: ModelFacts = { architecture: arch, loraTargets: loraTargetsFor(arch), modelId: String(json.base_model_name_or_path) };
+    const r = json.r as number;
+    const fit = validateAdapter(input(text, makePeftTensors(arch, { r, targets, seed: 20 })), model, LIMITS);
+    expect(fit.errors).toEqual([]);
+    expect(fit.ok).toBe(true);
+    expect(fit.modules).toHaveLength(arch.numLayers * targets.length);
+    expect(fit.modules.every((m) => m.scale === (json.lora_alpha as number) / r)).toBe(true);
+
+    const wide = { ...arch, hiddenSize: arch.hiddenSize + 8 };
+    const bad = validateAdapter(input(text, makePeftTensors(wide, { r, targets, seed: 20 })), model, LIMITS);
+    expect(bad.ok).toBe(false);
+    // every targeted projection reads or writes the hidden size: one mismatch per module
+    expect(only(bad, 'shape_mismatch')).toHaveLength(arch.numLayers * targets.length);
+  });
+});
+
+describe('conversion to the engine layout', () => {
+  it('A = A_peftᵀ, B = scale·B_peftᵀ, and x·A·B equals x·(scale·B_peft·A_peft)ᵀ', () => {
+    const config = peftConfig({ r: 4, lora_alpha: 12, target_modules: ['k_proj'] });
+    const tensors = makePeftTensors(ARCH, { r: 4, targets: ['k_proj'], seed: 21 });
+    const report = validateAdapter(input(config, tensors), MODEL, LIMITS);
+    expect(report.ok).toBe(true);
+    const values = new Map(tensors.map((t) => [t.name, t.data]));
+    const w = toEngineWeights(report, values, MODEL);
+    expect(w.modules.size).toBe(3);
+    const { inFeatures: inF, outFeatures: outF } = projectionDims(ARCH, 'k_proj');
+    const m = w.modules.get('model.layers.1.self_attn.k_proj')!;
+    const Ap = values.get('base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight')!;
+    const Bp = values.get('base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight')!;
+    expect(m.rank).toBe(4);
+    expect(m.A.length).toBe(inF * 4);
+    expect(m.B.length).toBe(4 * outF);
+    // element checks: A[i][j] = Ap[j][i]; B[j][o] = 3 · Bp[o][j]
+    expect(m.A[5 * 4 + 2]).toBe(Ap[2 * inF + 5]);
+    expect(m.B[1 * outF + 7]).toBeCloseTo(3 * Bp[7 * 4 + 1]!, 6);
+    // the delta through the engine layout vs the merged PEFT delta ΔW = scale · B·A ([out, in])
+    const x = Array.from({ length: inF }, (_, i) => Math.sin(i + 1));
+    for (let o = 0; o < outF; o++) {
+      let engine = 0;
+      for (let j = 0; j < 4; j++) {
+        let xa = 0;
+        for (let i = 0; i < inF; i++) xa += x[i]! * m.A[i * 4 + j]!;
+        engine += xa * m.B[j * outF + o]!;
+      }
+      let merged = 0;
+      for (let i = 0; i < inF; i++) {
+        let dw = 0;
+        for (let j = 0; j < 4; j++) dw += Bp[o * 4 + j]! * Ap[j * inF + i]!;
+        merged += x[i]! * 3 * dw;
+      }
+      expect(engine).toBeCloseTo(merged, 5);
+    }
+    expect(w.bytes).toBe(3 * 4 * (inF * 4 + 4 * outF));
+  });
+
+  it('transpose of a known matrix', () => {
+    expect([...transpose(new Float32Array([1, 2, 3, 4, 5, 6]), 2, 3)]).toEqual([1, 4, 2, 5, 3, 6]);
+    expect([...transpose(new Float32Array([1, 2, 3, 4, 5, 6]), 3, 2, 2)]).toEqual([2, 6, 10, 4, 8, 12]);
+  });
+
+  it('refuses a failing report', () => {
+    const report = validateAdapter(input(peftConfig(), null), MODEL, LIMITS);
+    expect(() => toEngineWeights(report, new Map(), MODEL)).toThrow(/did not pass/);
+  });
+});
+
+describe('readAdapterFolder (files on disk)', () => {
+  let root: string;
+  beforeAll(async () => {
+    root = await mkdtemp(join(tmpdir(), 'loraserve-validate-'));
+  });
+  afterAll(async () => {
+    await rm(root, { recursive: true, force: true });
+  });
+
+  it('reads, validates and converts an F16 adapter', async () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 22 });
+    const { dir } = await writeAdapterFolder(join(root, 'f16'), { config: peftConfig(), tensors, dtype: 'F16' });
+    const { report, weights } = await readAdapterFolder(dir, MODEL, LIMITS);
+    expect(report.ok).toBe(true);
+    expect(weights!.modules.size).toBe(6);
+    const m = weights!.modules.get('model.layers.0.self_attn.q_proj')!;
+    const Ap = tensors.find((t) => t.name.endsWith('layers.0.self_attn.q_proj.lora_A.weight'))!.data;
+    // fp16 keeps ~3 decimal digits of values in [-0.5, 0.5)
+    expect(m.A[3 * 8 + 1]).toBeCloseTo(Ap[1 * 24 + 3]!, 3);
+  });
+
+  it('NaN in a file on disk → non_finite, no weights', async () => {
+    const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 23 });
+    tensors[1]!.data[2] = NaN;
+    const { dir } = await writeAdapterFolder(join(root, 'nan'), { config: peftConfig(), tensors, dtype: 'BF16' });
+    const { report, weights } = await readAdapterFolder(dir, MODEL, LIMITS);
+    expect(codes(report)).toEqual(['non_finite']);
+    expect(report.errors[0]!.tensor).toBe(tensors[1]!.name);
+    expect(weights).toBeNull();
+  });
+
+  it('readValues: false skips values and conversion', async () => {
+    const { dir } = await writeAdapterFolder(join(root, 'novalues'), { config: peftConfig(), tensors: makePeftTensors(ARCH, { r: 8, targets: QV, seed: 24 }) });
+    const { report, weights } = await readAdapterFolder(dir, MODEL, LIMITS, { readValues: false });
+    expect(report.ok).toBe(true);
+    expect(weights).toBeNull();
+  });
+
+  describe('every header corruption surfaces as corrupt_file', () => {
+    const good = () => encodeSafetensors(makePeftTensors(ARCH, { r: 8, targets: ['q_proj'], seed: 25, layers: [0] }).map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data })));
+    /** rewrites the JSON header (same length, padded with spaces) */
+    const withHeader = (mutate: (h: Record<string, { dtype: string; shape: number[]; data_offsets: number[] }>) => void) => {
+      const bytes = good();
+      const n = Number(bytes.readBigUInt64LE(0));
+      const h = JSON.parse(bytes.subarray(8, 8 + n).toString('utf8'));
+      mutate(h);
+      let json = JSON.stringify(h);
+      expect(json.length).toBeLessThanOrEqual(n + 16);
+      const out = Buffer.alloc(8);
+      json = json.padEnd(Math.max(n, json.length), ' ');
+      out.writeBigUInt64LE(BigInt(Buffer.byteLength(json)));
+      return Buffer.concat([out, Buffer.from(json), bytes.subarray(8 + n)]);
+    };
+    const A = 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight';
+    const B = 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight';
+    const cases: [string, () => Buffer][] = [
+      ['a file shorter than 8 bytes', () => Buffer.from([1, 2, 3])],
+      ['a header length beyond the file', () => { const b = good(); b.writeBigUInt64LE(BigInt(b.length)); return b; }],
+      ['a header length over the cap', () => { const b = good(); b.writeBigUInt64LE(2n ** 40n); return b; }],
+      ['a header that is not JSON', () => { const b = good(); b.write('!', 8); return b; }],
+      ['a header that is a JSON array', () => { const j = '[1]     '; const p = Buffer.alloc(8); p.writeBigUInt64LE(8n); return Buffer.concat([p, Buffer.from(j)]); }],
+      ['dtype × shape ≠ byte length', () => withHeader((h) => { h[A]!.shape = [8, 25]; })],
+      ['offsets beyond the data', () => withHeader((h) => { const [s, e] = h[B]!.data_offsets as [number, number]; h[B]!.data_offsets = [s + 1000, e + 1000]; })],
+      ['overlapping tensors', () => withHeader((h) => { const len = h[B]!.data_offsets[1]! - h[B]!.data_offsets[0]!; h[B]!.data_offsets = [0, len]; })],
+      ['a negative shape', () => withHeader((h) => { h[A]!.shape = [-8, 24]; })],
+      ['reversed offsets', () => withHeader((h) => { h[A]!.data_offsets = [10, 0]; })],
+    ];
+    it.each(cases)('%s', async (label, make) => {
+      const dir = join(root, `corrupt-${label.replace(/[^a-z0-9]+/gi, '-')}`);
+      await writeAdapterFolder(dir, { config: peftConfig({ target_modules: ['q_proj'], layers_to_transform: [0] }), tensors: null });
+      await writeFile(join(dir, 'adapter_model.safetensors'), make());
+      const { report, weights } = await readAdapterFolder(dir, MODEL, LIMITS);
+      expect(report.ok).toBe(false);
+      expect(codes(report)).toContain('corrupt_file');
+      // nothing else is blamed on the corrupt tensor itself
+      expect(codes(report).filter((c) => c !== 'corrupt_file' && c !== 'missing_tensor')).toEqual([]);
+      expect(weights).toBeNull();
+    });
+  });
+});
