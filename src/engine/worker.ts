@@ -50,6 +50,8 @@ async function main(): Promise<void> {
         } catch (e) {
           error = errorMessage(e);
         }
+        // stats first: when the caller's promise settles, engine.stats() already shows the change
+        core.flush();
         post({ type: 'reply', callId: msg.callId, error });
         break;
       }

@@ -1,6 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { GenerationObserver } from './generation.js';
 
 /**
  * Prometheus metrics, one Registry per app (tests build several apps in one process).
@@ -9,8 +10,8 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
  * - HTTP: request count and latency by method, route pattern and status (a stream is timed until
  *   its last byte; a client that went away before the end is counted with status 499);
  * - generation: time to first token, time per output token, tokens and requests per adapter —
- *   recorded by the generate routes through `app.metrics.startGeneration(adapter)` (or the
- *   lower-level observe* methods);
+ *   recorded through `app.generationObserver` (which the generation routes call), or
+ *   `app.metrics.startGeneration(adapter)`, or the observe* methods;
  * - engine state, read on each scrape from the runtime (engine.stats(), the adapter registry),
  *   under the names vLLM uses, because inference gateways (Gateway API Inference Extension,
  *   llm-d, KServe) route on exactly these: `vllm:num_requests_running`,
@@ -76,8 +77,7 @@ export class Metrics {
   private readonly ttft: Histogram<'adapter'>;
   private readonly tpot: Histogram<'adapter'>;
   private readonly generatedTokens: Counter<'adapter'>;
-  private readonly generationRequests: Counter<'adapter'>;
-  private readonly generationFinished: Counter<'adapter' | 'finish_reason'>;
+  private readonly generationRequests: Counter<'adapter' | 'finish_reason'>;
   private readonly generationDuration: Histogram<'adapter'>;
   private snapshot: { stats: EngineStatsLike; adapters: readonly AdapterStateLike[] } | null = null;
 
@@ -90,8 +90,7 @@ export class Metrics {
     this.ttft = new Histogram({ name: 'loraserve_time_to_first_token_seconds', help: 'time from accepting a generation request to its first output token', labelNames: ['adapter'], buckets: TTFT_BUCKETS, registers });
     this.tpot = new Histogram({ name: 'loraserve_time_per_output_token_seconds', help: 'mean time between output tokens of one request, after the first', labelNames: ['adapter'], buckets: TPOT_BUCKETS, registers });
     this.generatedTokens = new Counter({ name: 'loraserve_generation_tokens_total', help: 'output tokens sent to clients, by adapter', labelNames: ['adapter'], registers });
-    this.generationRequests = new Counter({ name: 'loraserve_generation_requests_total', help: 'generation requests accepted, by adapter', labelNames: ['adapter'], registers });
-    this.generationFinished = new Counter({ name: 'loraserve_generation_finished_total', help: 'generation requests ended, by adapter and finish reason', labelNames: ['adapter', 'finish_reason'], registers });
+    this.generationRequests = new Counter({ name: 'loraserve_generation_requests_total', help: 'generation requests completed, by adapter and finish reason', labelNames: ['adapter', 'finish_reason'], registers });
     this.generationDuration = new Histogram({ name: 'loraserve_generation_duration_seconds', help: 'generation request duration, accept to last token', labelNames: ['adapter'], buckets: HTTP_BUCKETS, registers });
 
     const self = this;
@@ -207,11 +206,7 @@ export class Metrics {
     this.httpDuration.observe(labels, seconds);
   }
 
-  /** A generation request was accepted for `adapter` (null: the base model). Use resolved names only: labels must stay few. */
-  requestStarted(adapter: string | null): void {
-    this.generationRequests.inc({ adapter: adapterLabel(adapter) });
-  }
-
+  /** `adapter`: a resolved adapter name, null for the base model (labels must stay few: never a name a client made up). */
   observeFirstToken(adapter: string | null, seconds: number): void {
     this.ttft.observe({ adapter: adapterLabel(adapter) }, seconds);
   }
@@ -228,7 +223,7 @@ export class Metrics {
   }
 
   requestFinished(adapter: string | null, finishReason: string, seconds?: number): void {
-    this.generationFinished.inc({ adapter: adapterLabel(adapter), finish_reason: finishReason });
+    this.generationRequests.inc({ adapter: adapterLabel(adapter), finish_reason: finishReason });
     if (seconds !== undefined) this.generationDuration.observe({ adapter: adapterLabel(adapter) }, seconds);
   }
 
@@ -237,7 +232,6 @@ export class Metrics {
    * the client, `finish(reason)` once at the end (a second call is ignored).
    */
   startGeneration(adapter: string | null): GenerationTimer {
-    this.requestStarted(adapter);
     const t0 = performance.now();
     let first = 0;
     let last = 0;
@@ -260,6 +254,22 @@ export class Metrics {
         done = true;
         if (count > 1) this.tpot.observe({ adapter: adapterLabel(adapter) }, (last - first) / 1000 / (count - 1));
         this.requestFinished(adapter, reason, (performance.now() - t0) / 1000);
+      },
+    };
+  }
+
+  /**
+   * The observer the generation routes call (src/http/generation.ts): first token, then the end
+   * with the completion token count and the whole duration. `firstTokenSeconds` (optional, from
+   * the same clock) gives the time per output token: (seconds − firstTokenSeconds) / (tokens − 1).
+   */
+  observer(): GenerationObserver {
+    return {
+      firstToken: (adapter, seconds) => this.observeFirstToken(adapter, seconds),
+      finished: (adapter, tokens, seconds, result, firstTokenSeconds?: number) => {
+        if (tokens > 0) this.generatedTokens.inc({ adapter: adapterLabel(adapter) }, tokens);
+        if (tokens > 1 && firstTokenSeconds !== undefined) this.tpot.observe({ adapter: adapterLabel(adapter) }, Math.max(0, seconds - firstTokenSeconds) / (tokens - 1));
+        this.requestFinished(adapter, result.finishReason, seconds);
       },
     };
   }
@@ -306,6 +316,7 @@ export function runtimeSource(app: FastifyInstance): () => MetricsSource | null 
 async function metricsPlugin(app: FastifyInstance, opts: MetricsOptions): Promise<void> {
   const metrics = new Metrics(opts.source ?? runtimeSource(app));
   app.decorate('metrics', metrics);
+  app.decorate('generationObserver', metrics.observer());
 
   app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
     const t0 = performance.now();

@@ -3,7 +3,7 @@ import { createReadStream } from 'node:fs';
 import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Checkpoint } from './checkpoint/types.js';
-import { BUILDER_VERSION, buildLlamaGraph, type GraphOptions } from './graph/llama.js';
+import { BUILDER_VERSION, buildLlamaGraph, type BuiltGraph, type GraphOptions } from './graph/llama.js';
 import { ExternalDataWriter } from './graph/onnx-builder.js';
 import { ManifestSchema, type Manifest, type ModelDtype } from './manifest.js';
 
@@ -99,6 +99,18 @@ async function writeDurably(path: string, bytes: Uint8Array | string): Promise<v
   }
 }
 
+/** streams the weights into `weightsPath` while the graph is built; returns the encoded graph */
+async function writeWeightsAndGraph(ck: Checkpoint, options: GraphOptions, weightsPath: string, progress: (line: string) => void): Promise<BuiltGraph> {
+  const fh = await open(weightsPath, 'w');
+  try {
+    const built = await buildLlamaGraph(ck, options, new ExternalDataWriter(fh, WEIGHTS_FILE), progress);
+    await fh.sync();
+    return built;
+  } finally {
+    await fh.close();
+  }
+}
+
 /** makes the rename itself durable; best effort, as not every filesystem lets a directory be fsynced */
 async function syncDir(path: string): Promise<void> {
   try {
@@ -132,14 +144,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
   await mkdir(tmp);
   try {
     progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}) into ${dir}`);
-    const fh = await open(join(tmp, WEIGHTS_FILE), 'w');
-    let built;
-    try {
-      built = await buildLlamaGraph(ck, options, new ExternalDataWriter(fh, WEIGHTS_FILE), progress);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
+    const built = await writeWeightsAndGraph(ck, options, join(tmp, WEIGHTS_FILE), progress);
     await writeDurably(join(tmp, GRAPH_FILE), built.model);
     const manifest: Manifest = {
       manifestVersion: 1,

@@ -44,7 +44,8 @@ export interface BuiltGraph {
 export const loraRankDim = (t: LoraTarget) => `lora_rank.${t.layer}.${t.module}`;
 export const loraBatchDim = (t: LoraTarget) => `lora_batch.${t.layer}.${t.module}`;
 
-const OPSETS = { '': 17, 'com.microsoft': 1 };
+/** SimplifiedLayerNormalization is onnxruntime's, registered in the default domain (as onnxruntime-genai emits it) */
+const OPSETS = { '': 17 };
 
 /**
  * RoPE for either layout as rot(x) = x·cos + (x·R)·sin, where R is the constant [hd, hd] matrix that

@@ -1,0 +1,313 @@
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildApp } from '../src/app.js';
+import { makeConfig } from '../src/config.js';
+import { ensureEmbeddedModel } from '../src/model/embedded.js';
+import type { Architecture } from '../src/model/architecture.js';
+import { entrySegments, sniffArchive } from '../src/adapters/archive.js';
+import { classifyPart } from '../src/adapters/upload.js';
+import { adapterBytes, adapterEntries, filesForm, form, gzip, listing, packTar, packZip, type AdapterBytes, type FormPart } from './helpers/adapter-uploads.js';
+
+/**
+ * The hostile corpus over a real listening server: every upload gets a clean 4xx
+ * application/problem+json, the server stays alive (/healthz), and ADAPTER_DIR is byte-for-byte
+ * what it was before (no stored adapter, no temp folder left).
+ */
+
+const MAX_UPLOAD = 256 * 1024;
+let tmp: string;
+let adapterDir: string;
+let app: FastifyInstance;
+let url: string;
+let arch: Architecture;
+let modelId: string;
+let good: AdapterBytes;
+
+beforeAll(async () => {
+  tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-adapters-hostile-'));
+  const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
+  adapterDir = path.join(tmp, 'adapters');
+  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, DEVICE: 'cpu', LOG_LEVEL: 'silent', MAX_UPLOAD_BYTES: MAX_UPLOAD }));
+  url = await app.listen({ port: 0, host: '127.0.0.1' });
+  arch = app.runtime.manifest.architecture;
+  modelId = app.runtime.manifest.modelId;
+  good = adapterBytes(arch, { modelId, seed: 7 });
+  // one adapter already stored, so "unchanged" covers an existing adapter as well as the absence of new ones
+  const res = await fetch(`${url}/v1/adapters`, { method: 'POST', body: filesForm('resident', good) });
+  expect(res.status).toBe(201);
+});
+
+afterAll(async () => {
+  await app?.close();
+  await rm(tmp, { recursive: true, force: true });
+});
+
+// ---- safetensors surgery ----
+
+interface Header {
+  [name: string]: { dtype: string; shape: number[]; data_offsets: [number, number] } | Record<string, string>;
+}
+
+function splitSafetensors(file: Buffer): { header: Header; data: Buffer } {
+  const n = Number(file.readBigUInt64LE(0));
+  return { header: JSON.parse(file.subarray(8, 8 + n).toString()) as Header, data: file.subarray(8 + n) };
+}
+
+function joinSafetensors(header: Header | string, data: Buffer, declaredLength?: bigint): Buffer {
+  const json = Buffer.from(typeof header === 'string' ? header : JSON.stringify(header));
+  const prefix = Buffer.alloc(8);
+  prefix.writeBigUInt64LE(declaredLength ?? BigInt(json.byteLength));
+  return Buffer.concat([prefix, json, data]);
+}
+
+type TensorEntry = { dtype: string; shape: number[]; data_offsets: [number, number] };
+const tensorsOf = (h: Header) => Object.entries(h).filter(([k]) => k !== '__metadata__') as [string, TensorEntry][];
+
+function editWeights(edit: (h: Header, data: Buffer) => { header: Header | string; data: Buffer; declared?: bigint }): Buffer {
+  const { header, data } = splitSafetensors(good.weights);
+  const out = edit(header, Buffer.from(data));
+  return joinSafetensors(out.header, out.data, out.declared);
+}
+
+const withWeights = (weights: Uint8Array): FormPart[] => [
+  ['name', 'hostile'],
+  ['config', good.config, 'adapter_config.json'],
+  ['weights', weights, 'adapter_model.safetensors'],
+];
+
+/** Patches a zip's declared uncompressed size (central directory and local header) of one entry: a lying zip bomb. */
+function lieAboutSize(zip: Buffer, entry: string, size: number): Buffer {
+  const out = Buffer.from(zip);
+  for (let i = 0; i + 46 < out.length; i++) {
+    if (out.readUInt32LE(i) === 0x02014b50 && out.subarray(i + 46, i + 46 + out.readUInt16LE(i + 28)).toString() === entry) {
+      out.writeUInt32LE(size, i + 24);
+      out.writeUInt32LE(size, out.readUInt32LE(i + 42) + 22);
+    }
+  }
+  return out;
+}
+
+// ---- the corpus: [label, parts or raw request, expected status, expected problem code (422) or detail pattern] ----
+
+type Case = {
+  label: string;
+  parts: () => Promise<FormPart[]> | FormPart[];
+  status: number;
+  code?: string;
+  detail?: RegExp;
+  method?: 'POST' | 'PUT';
+  path?: string;
+};
+
+const cases: Case[] = [
+  { label: 'truncated safetensors', parts: () => withWeights(good.weights.subarray(0, good.weights.length - 100)), status: 422, code: 'corrupt_file' },
+  { label: 'header length larger than the file', parts: () => withWeights(editWeights((h, d) => ({ header: h, data: d, declared: BigInt(good.weights.length + 100) }))), status: 422, code: 'corrupt_file' },
+  { label: 'header claiming 10 GB', parts: () => withWeights(editWeights((h, d) => ({ header: h, data: d, declared: 10_000_000_000n }))), status: 422, code: 'corrupt_file' },
+  {
+    label: 'overlapping offsets',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          const [[, a], [, b]] = tensorsOf(h).filter(([k]) => /layers\.0\..*lora_A/.test(k)) as [string, TensorEntry][];
+          b!.data_offsets = [...a!.data_offsets];
+          return { header: h, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'corrupt_file',
+  },
+  {
+    label: 'out-of-range offsets',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          const last = tensorsOf(h).at(-1)![1];
+          last.data_offsets = [d.length + 16, d.length + 16 + (last.data_offsets[1] - last.data_offsets[0])];
+          return { header: h, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'corrupt_file',
+  },
+  {
+    label: 'dtype × shape ≠ byte count',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          const t = tensorsOf(h)[0]![1];
+          t.shape = [t.shape[0]!, t.shape[1]! + 1];
+          return { header: h, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'corrupt_file',
+  },
+  { label: 'invalid JSON config', parts: () => [['name', 'hostile'], ['config', Buffer.from('{"r": 8, "lora_alpha":'), 'adapter_config.json'], ['weights', good.weights, 'adapter_model.safetensors']], status: 422, code: 'invalid_config' },
+  { label: 'invalid JSON header', parts: () => withWeights(editWeights((_h, d) => ({ header: '{"tensor": {"dtype": "F32", ', data: d }))), status: 422, code: 'corrupt_file' },
+  { label: 'zero-byte weights file', parts: () => withWeights(new Uint8Array(0)), status: 422, code: 'corrupt_file' },
+  { label: 'zero-byte config file', parts: () => [['name', 'hostile'], ['config', new Uint8Array(0), 'adapter_config.json'], ['weights', good.weights, 'adapter_model.safetensors']], status: 422, code: 'invalid_config' },
+  {
+    label: 'NaN weights',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          const t = tensorsOf(h)[0]![1];
+          d.writeFloatLE(Number.NaN, t.data_offsets[0] + 4);
+          return { header: h, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'non_finite',
+  },
+  {
+    label: 'unknown dtype',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          tensorsOf(h)[0]![1].dtype = 'Q4_K';
+          return { header: h, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'bad_dtype',
+  },
+  { label: 'pickle adapter_model.bin', parts: () => [['name', 'hostile'], ['config', good.config, 'adapter_config.json'], ['weights', Buffer.from('\x80\x02}q\x00.'), 'adapter_model.bin']], status: 422, code: 'missing_file', detail: /pickle/ },
+  { label: 'name with ../', parts: () => parts('../escape'), status: 400, detail: /adapter name/ },
+  { label: 'absolute name', parts: () => parts('/etc/passwd'), status: 400, detail: /adapter name/ },
+  { label: 'name over 64 characters', parts: () => parts('a'.repeat(65)), status: 400, detail: /65 characters/ },
+  { label: 'name with a leading dot', parts: () => parts('.tmp-x'), status: 400, detail: /dot/ },
+  { label: 'missing weights part', parts: () => [['name', 'hostile'], ['config', good.config, 'adapter_config.json']], status: 400, detail: /missing part.*adapter_model\.safetensors/ },
+  { label: 'missing both files', parts: () => [['name', 'hostile']], status: 400, detail: /missing part.*adapter_config\.json.*adapter_model\.safetensors/ },
+  { label: 'extra unknown parts', parts: () => [...parts('hostile'), ['comment', 'hi'], ['notes', Buffer.from('x'), 'notes.txt']], status: 400, detail: /unexpected part.*`comment`.*`notes`/ },
+  { label: 'a file part sent twice', parts: () => [...parts('hostile'), ['weights', good.weights, 'adapter_model.safetensors']], status: 400, detail: /more than once/ },
+  { label: 'files and an archive together', parts: async () => [...parts('hostile'), ['archive', await packTar(adapterEntries(good)), 'a.tar']], status: 400, detail: /not both/ },
+  { label: 'zip with ../ entries', parts: () => [['name', 'hostile'], ['archive', packZip([...adapterEntries(good), { name: '../../evil.sh', data: Buffer.from('rm -rf /') }]), 'a.zip']], status: 400, detail: /evil\.sh.*\.\./ },
+  { label: 'zip with a ../ adapter file', parts: () => [['name', 'hostile'], ['archive', packZip(adapterEntries(good, '..')), 'a.zip']], status: 400, detail: /\.\./ },
+  { label: 'zip with a symlink entry', parts: () => [['name', 'hostile'], ['archive', packZip([{ name: 'adapter_config.json', data: good.config }, { name: 'adapter_model.safetensors', data: Buffer.from('/etc/shadow'), mode: 0o120777 }]), 'a.zip']], status: 400, detail: /symlink/ },
+  { label: 'tar with ../ entries', parts: async () => [['name', 'hostile'], ['archive', await packTar([...adapterEntries(good), { name: '../outside', data: Buffer.from('x') }]), 'a.tar']], status: 400, detail: /outside.*\.\./ },
+  { label: 'tar with an absolute entry', parts: async () => [['name', 'hostile'], ['archive', await packTar([...adapterEntries(good), { name: '/etc/cron.d/x', data: Buffer.from('x') }]), 'a.tar']], status: 400, detail: /absolute/ },
+  { label: 'tar with a symlink entry', parts: async () => [['name', 'hostile'], ['archive', gzip(await packTar([{ name: 'adapter_config.json', data: good.config }, { name: 'adapter_model.safetensors', type: 'symlink', linkname: '/etc/passwd' }])), 'a.tgz']], status: 400, detail: /symlink/ },
+  { label: 'tar with a hard link entry', parts: async () => [['name', 'hostile'], ['archive', await packTar([...adapterEntries(good), { name: 'x', type: 'link', linkname: '/etc/passwd' }]), 'a.tar']], status: 400, detail: /link/ },
+  { label: 'tar with a device entry', parts: async () => [['name', 'hostile'], ['archive', await packTar([...adapterEntries(good), { name: 'null', type: 'character-device' }]), 'a.tar']], status: 400, detail: /character-device/ },
+  { label: 'an archive that is not one', parts: () => [['name', 'hostile'], ['archive', Buffer.from('this is not an archive at all'), 'a.tar.gz']], status: 400 },
+  { label: 'a gzip stream cut short', parts: async () => [['name', 'hostile'], ['archive', gzip(await packTar(adapterEntries(good))).subarray(0, 200), 'a.tgz']], status: 400 },
+  {
+    label: 'a zip whose CRC does not match',
+    parts: () => {
+      const z = packZip(adapterEntries(good));
+      // flip one byte of the CRC-32 that the central directory records for the first entry
+      const first = z.indexOf(Buffer.from([0x50, 0x4b, 0x01, 0x02]));
+      z[first + 16] ^= 0xff;
+      return [['name', 'hostile'], ['archive', z, 'a.zip']];
+    },
+    status: 400,
+    detail: /CRC/,
+  },
+  { label: 'upload over MAX_UPLOAD_BYTES, streamed (file.truncated)', parts: () => withWeights(new Uint8Array(MAX_UPLOAD + 40 * 1024)), status: 413 },
+  { label: 'upload over MAX_UPLOAD_BYTES, declared by Content-Length', parts: () => withWeights(new Uint8Array(4 * MAX_UPLOAD)), status: 413 },
+  { label: 'two files that together pass MAX_UPLOAD_BYTES', parts: () => [['name', 'hostile'], ['config', new Uint8Array(MAX_UPLOAD / 2 + 1024), 'adapter_config.json'], ['weights', new Uint8Array(MAX_UPLOAD / 2 + 1024), 'adapter_model.safetensors']], status: 413 },
+  { label: 'zip bomb (declared size over the cap)', parts: () => [['name', 'hostile'], ['archive', packZip([{ name: 'adapter_config.json', data: good.config }, { name: 'adapter_model.safetensors', data: new Uint8Array(8 * MAX_UPLOAD) }]), 'bomb.zip']], status: 413 },
+  {
+    label: 'zip bomb lying about its size',
+    parts: () => [['name', 'hostile'], ['archive', lieAboutSize(packZip([{ name: 'adapter_config.json', data: good.config }, { name: 'adapter_model.safetensors', data: new Uint8Array(64 * MAX_UPLOAD) }]), 'adapter_model.safetensors', 1000), 'bomb.zip']],
+    status: 400,
+    detail: /expands past/,
+  },
+  { label: 'gzip bomb (tar of a file over the cap)', parts: async () => [['name', 'hostile'], ['archive', gzip(await packTar([{ name: 'adapter_config.json', data: good.config }, { name: 'adapter_model.safetensors', data: new Uint8Array(8 * MAX_UPLOAD) }])), 'bomb.tgz']], status: 413 },
+  { label: 'PUT with a name of ..', parts: () => filesFormParts(), status: 400, method: 'PUT', path: '/v1/adapters/..%2F..%2Fetc' },
+];
+
+function parts(name: string): FormPart[] {
+  return [
+    ['name', name],
+    ['config', good.config, 'adapter_config.json'],
+    ['weights', good.weights, 'adapter_model.safetensors'],
+  ];
+}
+function filesFormParts(): FormPart[] {
+  return parts('x').slice(1);
+}
+
+async function hidden(): Promise<string[]> {
+  return (await readdir(adapterDir)).filter((e) => e.startsWith('.'));
+}
+
+describe('hostile uploads: a clean 4xx problem, the server alive, the store unchanged', () => {
+  for (const c of cases) {
+    it(`${c.label} → ${c.status}${c.code ? ` ${c.code}` : ''}`, async () => {
+      const before = await listing(adapterDir);
+      const listBefore = await (await fetch(`${url}/v1/adapters`)).text();
+      const res = await fetch(url + (c.path ?? '/v1/adapters'), { method: c.method ?? 'POST', body: form(await c.parts()) });
+      const text = await res.text();
+      expect(res.status, text).toBe(c.status);
+      expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+      const body = JSON.parse(text) as { status: number; title: string; detail: string; errors?: { code: string; severity: string }[] };
+      expect(body.status).toBe(c.status);
+      expect(body.detail.length).toBeGreaterThan(10);
+      if (c.code) expect(body.errors?.map((e) => e.code)).toContain(c.code);
+      if (c.status === 422) expect(body).toHaveProperty('warnings');
+      if (c.detail) expect(body.detail).toMatch(c.detail);
+      expect((await fetch(`${url}/healthz`)).status).toBe(200);
+      expect(await listing(adapterDir)).toEqual(before);
+      expect(await hidden()).toEqual([]);
+      expect(await (await fetch(`${url}/v1/adapters`)).text()).toBe(listBefore);
+    });
+  }
+
+  it('a body that is not multipart → 415', async () => {
+    const res = await fetch(`${url}/v1/adapters`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ name: 'x' }) });
+    expect(res.status).toBe(415);
+    expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+  });
+
+  it('a client that disconnects mid-upload leaves no temp folder behind', async () => {
+    const big = new Uint8Array(MAX_UPLOAD - 8 * 1024);
+    const fd = form(withWeights(big));
+    const body = new Uint8Array(await new Response(fd).arrayBuffer());
+    const type = new Response(fd).headers.get('content-type')!;
+    const { request } = await import('node:http');
+    await new Promise<void>((resolve) => {
+      const req = request(`${url}/v1/adapters`, { method: 'POST', headers: { 'content-type': type, 'content-length': body.length } });
+      req.on('error', () => resolve());
+      req.write(body.subarray(0, body.length / 2), () => setTimeout(() => (req.destroy(), resolve()), 100));
+    });
+    for (let i = 0; i < 50 && (await hidden()).length; i++) await new Promise((r) => setTimeout(r, 20));
+    expect(await hidden()).toEqual([]);
+    expect((await fetch(`${url}/healthz`)).status).toBe(200);
+  });
+});
+
+describe('pure pieces of the upload path', () => {
+  it('entrySegments: safe names split, unsafe ones say why', () => {
+    expect(entrySegments('./a/adapter_config.json')).toEqual({ segments: ['a', 'adapter_config.json'] });
+    expect(entrySegments('a//b/')).toEqual({ segments: ['a', 'b'] });
+    for (const [n, why] of [['../x', /\.\./], ['a/../../x', /\.\./], ['/etc/x', /absolute/], ['C:\\x', /absolute/], ['a\\..\\x', /\.\./], ['a\0b', /NUL/]] as const) {
+      const r = entrySegments(n);
+      expect('unsafe' in r && r.unsafe, n).toMatch(why);
+    }
+  });
+
+  it('sniffArchive trusts magic bytes over the file name', () => {
+    expect(sniffArchive(Buffer.from([0x50, 0x4b, 3, 4]), 'x.tar')).toBe('zip');
+    expect(sniffArchive(Buffer.from([0x1f, 0x8b, 8, 0]), 'x.zip')).toBe('tgz');
+    const tarHead = Buffer.alloc(512);
+    tarHead.write('ustar', 257, 'latin1');
+    expect(sniffArchive(tarHead, 'x')).toBe('tar');
+    expect(sniffArchive(Buffer.from('hello'), 'x.bin')).toBeNull();
+  });
+
+  it('classifyPart: file names first, field names second, pickles recognised', () => {
+    expect(classifyPart('file', 'adapter_config.json')).toBe('config');
+    expect(classifyPart('weights', 'adapter_config.json')).toBe('config');
+    expect(classifyPart('weights', 'w.safetensors')).toBe('weights');
+    expect(classifyPart('x', 'C:\\Users\\me\\adapter_model.safetensors')).toBe('weights');
+    expect(classifyPart('upload', 'adapter.tar.gz')).toBe('archive');
+    expect(classifyPart('archive', 'blob')).toBe('archive');
+    expect(classifyPart('weights', 'adapter_model.bin')).toBe('pickle');
+    expect(classifyPart('weights', 'model.pt')).toBe('pickle');
+    expect(classifyPart('notes', 'notes.txt')).toBeNull();
+  });
+});
