@@ -3,7 +3,7 @@ import type { Engine, GenerateRequest } from '../src/engine/engine.js';
 import { mergeAdapter, randomAdapter, type Adapter } from './helpers/lora-feeds.js';
 import { Rng, randomTokens, tinyArchitecture, type MemoryCheckpoint } from './helpers/random-checkpoint.js';
 import { referenceForward } from './reference/forward.js';
-import { attentionOnly, buildRandomModel, collect, engineWeights, mixedRanks, mlpOnly, startEngine, tempRoot, type TestModel } from './engine-setup.js';
+import { attentionOnly, buildRandomModel, collect, engineWeights, mixedRanks, mlpOnly, startEngine, tempRoot, type Collected, type TestModel } from './engine-setup.js';
 
 /**
  * Continuous batching on a real onnxruntime session (tiny random Llama, untied head so greedy
@@ -76,7 +76,7 @@ describe('engine: continuous batching across adapters', () => {
         }),
       ),
     );
-    const alone = [];
+    const alone: Collected[] = [];
     for (const r of reqs) alone.push(await collect(engine.generate(r)));
     console.info(`[engine] 12 requests: largest decode batch seen ${maxBatch}, most distinct adapters running at once ${maxDistinct}, queueing seen: ${sawWaiting}`);
     expect(maxBatch).toBeGreaterThanOrEqual(4);

@@ -308,23 +308,19 @@ describe('the real app', () => {
     const res = await fetch(`${url}/v1/generate`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ prompt: 'Once upon a time', adapter: 'metrics-probe', max_tokens: 2000, seed: 5, stop: [] }),
+      // as long as the context allows: it must still run while we look
+      body: JSON.stringify({ prompt: 'Once upon a time', adapter: 'metrics-probe', max_tokens: 100_000, seed: 5, stream: true }),
       signal: ac.signal,
-    }).catch(() => null);
-    // (non-streamed: the request runs in the engine until it ends or the client leaves)
-    void res;
-    let running = 0;
-    let info: Sample | undefined;
-    for (let i = 0; i < 100 && running === 0; i++) {
-      await sleep(20);
-      s = await scrape();
-      running = value(s, 'vllm:num_requests_running') ?? 0;
-      info = s.find((x) => x.name === 'vllm:lora_requests_info');
-    }
-    expect(running).toBe(1);
-    expect(info!.labels.running_lora_adapters).toBe('metrics-probe');
+    });
+    expect(res.status).toBe(200);
+    const reader = res.body!.getReader();
+    await reader.read(); // the first token has been generated
+    s = await scrape();
+    expect(value(s, 'vllm:num_requests_running')).toBe(1);
+    expect(s.find((x) => x.name === 'vllm:lora_requests_info')!.labels.running_lora_adapters).toBe('metrics-probe');
     expect(value(s, 'vllm:gpu_cache_usage_perc')).toBeGreaterThan(0);
     ac.abort();
+    await reader.cancel().catch(() => undefined);
     for (let i = 0; i < 100 && (value(s, 'vllm:num_requests_running') ?? 0) > 0; i++) {
       await sleep(20);
       s = await scrape();

@@ -253,6 +253,7 @@ export class Engine {
   /** Spawns the worker and waits until its session is open. */
   static async start(opts: EngineOptions): Promise<Engine> {
     const { config, manifest } = opts;
+    if (manifest.peer) throw new EngineError('this graph is the Optimum-style peer export (attention_mask, no LoRA inputs); the engine serves graphs built with attention_bias');
     const maxPositions = manifest.architecture.maxPositions;
     const limits: EngineLimits = {
       maxBatch: config.MAX_BATCH,

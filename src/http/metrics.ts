@@ -322,10 +322,12 @@ async function metricsPlugin(app: FastifyInstance, opts: MetricsOptions): Promis
     const t0 = performance.now();
     const route = request.routeOptions.url ?? 'unmatched';
     const res = reply.raw;
-    // 'close' fires for every response, streamed (hijacked) ones and broken-off ones included
+    // 'close' fires for every response, streamed (hijacked) ones and broken-off ones included;
+    // without a 'finish' before it the client left first (nginx's 499)
+    let finished = false;
+    res.once('finish', () => (finished = true));
     res.once('close', () => {
-      const status = res.writableFinished ? res.statusCode : 499;
-      metrics.observeHttp(request.method, route, status, (performance.now() - t0) / 1000);
+      metrics.observeHttp(request.method, route, finished ? res.statusCode : 499, (performance.now() - t0) / 1000);
     });
   });
 

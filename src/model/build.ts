@@ -155,6 +155,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
       dtype: opts.dtype,
       logits: options.logits,
       lora: options.lora,
+      peer: options.peer,
       maskValue: built.maskValue,
       files: { graph: GRAPH_FILE, weights: WEIGHTS_FILE },
       loraTargets: built.loraTargets,

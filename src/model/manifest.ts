@@ -42,6 +42,8 @@ export const ManifestSchema = z.object({
   logits: z.enum(['all', 'last']),
   /** when false the graph has no LoRA inputs (the benchmark's peer export uses Optimum's names instead). */
   lora: z.boolean(),
+  /** the Optimum-style export (attention_mask instead of attention_bias, no LoRA inputs) */
+  peer: z.boolean().optional(),
   maskValue: z.number(),
   files: z.object({ graph: z.string(), weights: z.string() }),
   loraTargets: z.array(LoraTargetSchema),
