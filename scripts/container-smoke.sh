@@ -270,6 +270,7 @@ LOG="$WORK/server.log"
 log "CMD ${CMD_WORDS[*]} (in $APP_DIR, port $PORT)"
 (cd "$APP_DIR" && exec env -i "${runenv[@]}" "${CMD_WORDS[@]}") >"$LOG" 2>&1 &
 SERVER_PID=$!
+started=$SECONDS
 
 deadline=$((SECONDS + READY_TIMEOUT))
 ready=0
@@ -287,8 +288,12 @@ if [[ $ready != 1 ]]; then
   tail -n 40 "$LOG" >&2
   fail "HEALTHCHECK did not pass within ${READY_TIMEOUT}s"
 fi
-log "ready after ${SECONDS}s: $(curl -fsS "http://127.0.0.1:$PORT/readyz")"
+log "ready $((SECONDS - started))s after start: $(curl -fsS "http://127.0.0.1:$PORT/readyz")"
+# which execution provider the service chose, and why (DEVICE=auto without a GPU: the CPU)
+grep -o 'onnxruntime session on [a-z]* ([^"]*' "$LOG" | head -n 1 | sed 's/^/[smoke] /' || true
 curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null || fail "/healthz"
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/docs")
+[[ "$code" == 200 ]] || fail "/docs answered $code (is openapi.yaml in the image?)"
 
 # --- 5. stop ---------------------------------------------------------------------------------------
 kill -TERM "$SERVER_PID"

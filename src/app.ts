@@ -58,10 +58,11 @@ export async function buildApp(config: Config, opts: BuildOptions = {}): Promise
   await app.register(metricsPlugin);
   await app.register(drainGuard);
   await app.register(authPlugin, { apiKeys: config.API_KEYS, adminKeys: config.ADMIN_API_KEYS });
+  // /openapi.yaml and /docs; records the routes below and warns at start about undocumented ones
+  await app.register(openApiPlugin);
 
   // routes
   await app.register(healthRoutes);
-  await app.register(openApiPlugin);
   await app.register(generateRoutes);
   await app.register(adapterRoutes);
   await app.register(openaiRoutes);

@@ -1,4 +1,6 @@
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { buildModel } from '../src/model/build.js';
 import type { Engine, GenerateRequest } from '../src/engine/engine.js';
 import { mergeAdapter, randomAdapter, type Adapter } from './helpers/lora-feeds.js';
 import { Rng, randomTokens, tinyArchitecture, type MemoryCheckpoint } from './helpers/random-checkpoint.js';
@@ -138,5 +140,44 @@ describe('engine: continuous batching across adapters', () => {
     expect(mid.tokens).toEqual(first.tokens);
     const others = await Promise.all([1, 2, 3].map((d) => collect(engine.generate({ ...req, seed: 1234 + d }))));
     expect(others.some((o) => o.tokens.join() !== first.tokens.join()), 'another seed draws other tokens').toBe(true);
+  });
+});
+
+describe('engine: vocabulary limit', () => {
+  it('samples only ids below vocabLimit (a padded embedding never yields ids the tokenizer lacks)', async () => {
+    const prompt = randomTokens(new Rng(2), 5, arch.vocabSize);
+    const sampled = await collect(engine.generate({ promptIds: prompt, maxTokens: 30, temperature: 1.5, seed: 4, vocabLimit: 10 }));
+    const greedy = await collect(engine.generate({ promptIds: prompt, maxTokens: 10, temperature: 0, vocabLimit: 10 }));
+    for (const t of [...sampled.tokens, ...greedy.tokens]) expect(t).toBeLessThan(10);
+    const unrestricted = await collect(engine.generate({ promptIds: prompt, maxTokens: 10, temperature: 0 }));
+    expect(unrestricted.tokens.some((t) => t >= 10)).toBe(true);
+  });
+});
+
+describe('engine: fp16 graph (float16 feeds and caches as raw Uint16Array bits)', () => {
+  it('batched rows over mixed adapters equal their runs alone, and track the fp32 engine', async () => {
+    const built = await buildModel(model.ck, { outDir: join(root.dir, 'fp16'), dtype: 'fp16', logits: 'last' });
+    const half = await startEngine({ ck: model.ck, dir: built.dir, manifest: built.manifest }, { MAX_BATCH: 8, PREFILL_CHUNK: 4 });
+    try {
+      for (const v of VERSIONS) await half.loadAdapter(v, engineWeights(built.manifest.loraTargets, adapters[v]));
+      const rng = new Rng(3);
+      const reqs: GenerateRequest[] = Array.from({ length: 8 }, (_, i) => ({
+        promptIds: randomTokens(rng, 3 + i, arch.vocabSize),
+        adapterVersion: [null, ...VERSIONS][i % 4],
+        maxTokens: 8,
+        temperature: 0,
+      }));
+      const together = await Promise.all(reqs.map((r) => collect(half.generate(r))));
+      const alone: Collected[] = [];
+      for (const r of reqs) alone.push(await collect(half.generate(r)));
+      together.forEach((t, i) => expect(t.tokens, `request ${i}`).toEqual(alone[i].tokens));
+      // fp16 rounding may flip a near tie late in a sequence; the first tokens agree with fp32
+      const full = await Promise.all(reqs.map((r) => collect(engine.generate(r))));
+      const firstAgree = together.filter((t, i) => t.tokens[0] === full[i].tokens[0]).length;
+      console.info(`[engine] fp16 vs fp32: first token agrees in ${firstAgree}/8 requests, whole sequence in ${together.filter((t, i) => t.tokens.join() === full[i].tokens.join()).length}/8`);
+      expect(firstAgree).toBeGreaterThanOrEqual(7);
+    } finally {
+      await half.close();
+    }
   });
 });

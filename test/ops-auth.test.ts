@@ -2,7 +2,7 @@ import { Writable } from 'node:stream';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import authPlugin, { KeySet, bearerToken, decide, scopeOf } from '../src/http/auth.js';
@@ -96,7 +96,7 @@ async function guardedApp(apiKeys: string[], adminKeys: string[]): Promise<{ app
       cb();
     },
   });
-  const app = Fastify({ loggerInstance: pino({ level: 'trace' }, sink) });
+  const app = Fastify({ loggerInstance: pino({ level: 'trace' }, sink) as FastifyBaseLogger });
   installErrorHandler(app);
   await app.register(authPlugin, { apiKeys, adminKeys });
   const ok = async () => ({ ok: true });

@@ -191,7 +191,14 @@ async function extractTar(file: string, gz: boolean, collector: FolderCollector,
         continue;
       }
       await collector.dirFor(dest);
-      await pipeline(entry, createWriteStream(dest, { flags: 'wx' }));
+      // streamx's own iterator, not stream.pipeline: an entry destroyed while we awaited above
+      // (the gzip stream failed) then rejects here instead of never settling
+      const fh = await open(dest, 'wx');
+      try {
+        for await (const chunk of entry as AsyncIterable<Buffer>) await fh.write(chunk);
+      } finally {
+        await fh.close();
+      }
     }
     await feeding;
   } catch (e) {

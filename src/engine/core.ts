@@ -246,7 +246,7 @@ export class EngineCore {
   }
 
   private pick(logits: Float32Array, row: Row): Sampled {
-    return sample(logits, row.req.sampling, row.rng);
+    return sample(row.req.vocabLimit < logits.length ? logits.subarray(0, row.req.vocabLimit) : logits, row.req.sampling, row.rng);
   }
 
   private emit(row: Row, s: Sampled): void {

@@ -92,6 +92,11 @@ export interface GenerateRequest {
   logprobs?: number;
   /** tokens that end the request with finish `stop` (not emitted); default the model's EOS ids */
   eosIds?: readonly number[];
+  /**
+   * only ids below this are sampled; generateText passes the tokenizer's vocabSize, since a
+   * model's embedding may be padded past the ids its tokenizer can decode. Default: all.
+   */
+  vocabLimit?: number;
 }
 
 export interface TokenEvent {
@@ -357,6 +362,8 @@ export class Engine {
     }
     const seed = req.seed ?? randomSeed();
     if (!Number.isSafeInteger(seed)) throw new InvalidRequestError(`seed must be an integer, got ${seed}`);
+    const vocabLimit = req.vocabLimit ?? vocab;
+    if (!Number.isInteger(vocabLimit) || vocabLimit < 1) throw new InvalidRequestError(`vocabLimit must be a positive integer, got ${vocabLimit}`);
     const adapterVersion = req.adapterVersion ?? null;
     if (adapterVersion !== null && !this.loaded.has(adapterVersion)) throw new UnknownAdapterError(adapterVersion);
     const sampling: SamplingParams = { temperature, topK, topP, topLogprobs };
@@ -367,6 +374,7 @@ export class Engine {
       sampling,
       seed,
       eosIds: [...(req.eosIds ?? this.manifest.architecture.eosTokenIds)],
+      vocabLimit: Math.min(vocabLimit, vocab),
     };
   }
 

@@ -86,6 +86,7 @@ export function generateText(deps: TextDeps, req: TextRequest, signal?: AbortSig
       seed: req.seed,
       logprobs: req.logprobs,
       eosIds: req.eosIds ?? tokenizer.eosIds,
+      vocabLimit: req.vocabLimit ?? tokenizer.vocabSize,
     },
     signal,
   );

@@ -38,6 +38,8 @@ export interface WorkerRequest {
   seed: number;
   /** generating one of these ends the request with finish reason `stop` */
   eosIds: number[];
+  /** only ids below this are sampled (a model's embedding may be padded past its tokenizer) */
+  vocabLimit: number;
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled';

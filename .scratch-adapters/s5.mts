@@ -1,0 +1,23 @@
+import { mkdtemp } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { buildApp } from '../src/app.js';
+import { makeConfig } from '../src/config.js';
+import { ensureEmbeddedModel } from '../src/model/embedded.js';
+import { adapterBytes, adapterEntries, form, gzip, listing, packTar } from '../test/helpers/adapter-uploads.js';
+
+const tmp = await mkdtemp(path.join(os.tmpdir(), 'scratch-'));
+const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
+const adir = path.join(tmp, 'adapters');
+const config = makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adir, LOG_LEVEL: process.env.LL as 'debug' ?? 'warn', DEVICE: 'cpu', MAX_UPLOAD_BYTES: 256 * 1024 });
+const app = await buildApp(config);
+const url = await app.listen({ port: 0, host: '127.0.0.1' });
+const a = adapterBytes(app.runtime.manifest.architecture, { modelId: app.runtime.manifest.modelId });
+const t = setTimeout(() => { console.log('HUNG'); process.exit(1); }, 8000);
+const r0 = await fetch(url + '/v1/adapters', { method: 'POST', body: form([['name', 'hostile'], ['archive', Buffer.from('this is not an archive at all'), 'a.tar.gz']]) });
+console.log(r0.status, await r0.text());
+const r = await fetch(url + '/v1/adapters', { method: 'POST', body: form([['name', 'hostile'], ['archive', gzip(await packTar(adapterEntries(a))).subarray(0, 200), 'a.tgz']]) });
+console.log(r.status, await r.text());
+console.log(await listing(adir));
+clearTimeout(t);
+await app.close();
