@@ -21,10 +21,8 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
   // scoped to these routes: nowhere else accepts multipart
   await app.register(multipart, { limits: { fileSize: maxBytes }, throwFileSizeLimit: true });
 
-  const upload = (request: FastifyRequest) => receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes, fields: ['name'] });
-
-  async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload) => Promise<T>): Promise<T> {
-    const u = await upload(request);
+  async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload) => Promise<T>, onField?: (name: string, value: string) => void): Promise<T> {
+    const u = await receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes, fields: ['name'], onField });
     try {
       return await fn(u);
     } finally {
@@ -41,7 +39,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
       const name = u.fields.name;
       if (name === undefined) throw badRequest('missing field `name`: the name requests will use to select this adapter', { missing: ['name'] });
       return registry.create(name, u.dir);
-    });
+    }, (field, value) => field === 'name' && registry.assertCreatable(value));
     return reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`).send(adapter);
   });
 

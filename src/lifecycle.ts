@@ -110,9 +110,15 @@ export function installShutdown(app: FastifyInstance, config: Config, log: Logge
     if (stopping) return;
     stopping = true;
     log.info({ signal, drainTimeoutMs: config.DRAIN_TIMEOUT_MS }, 'draining');
-    const clean = await drain(app, { timeoutMs: config.DRAIN_TIMEOUT_MS, log });
-    log.info({ clean }, 'stopped');
-    process.exit(0);
+    try {
+      const clean = await drain(app, { timeoutMs: config.DRAIN_TIMEOUT_MS, log });
+      log.info({ clean }, 'stopped');
+      process.exit(0);
+    } catch (err) {
+      // the drain itself failed (e.g. the engine died): say so, and let the supervisor see it
+      log.error({ err }, 'shutdown failed');
+      process.exit(1);
+    }
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));

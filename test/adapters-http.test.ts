@@ -28,7 +28,7 @@ beforeAll(async () => {
   tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-adapters-http-'));
   const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
   adapterDir = path.join(tmp, 'adapters');
-  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, DEVICE: 'cpu', LOG_LEVEL: 'silent' }));
+  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent' }));
   url = await app.listen({ port: 0, host: '127.0.0.1' });
   arch = app.runtime.manifest.architecture;
   modelId = app.runtime.manifest.modelId;
@@ -126,6 +126,10 @@ describe('upload as PEFT files', () => {
     expect(res.status).toBe(409);
     expect(res.type).toMatch(/^application\/problem\+json/);
     expect(res.body.title).toBe('Adapter Exists');
+    // `name` after the files: refused after the upload instead of before it, same answer
+    const b = make({ seed: 15 });
+    const nameLast = await upload(form([['config', b.config, 'adapter_config.json'], ['weights', b.weights, 'adapter_model.safetensors'], ['name', 'taken']]));
+    expect(nameLast.status).toBe(409);
     expect(await listing(adapterDir)).toEqual(before);
   });
 
@@ -307,7 +311,7 @@ describe('replace, generate, delete', () => {
 describe('MAX_ADAPTERS', () => {
   it('one more than the limit → 409 "Adapter Limit Reached"; a replace still works; after a delete there is room', async () => {
     const dir = path.join(tmp, 'limited');
-    const limited = await buildApp(makeConfig({ MODEL_PATH: path.join(tmp, 'model'), ADAPTER_DIR: dir, DEVICE: 'cpu', LOG_LEVEL: 'silent', MAX_ADAPTERS: 2 }));
+    const limited = await buildApp(makeConfig({ MODEL_PATH: path.join(tmp, 'model'), ADAPTER_DIR: dir, CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent', MAX_ADAPTERS: 2 }));
     try {
       const post = async (name: string, seed: number, method: 'POST' | 'PUT' = 'POST') => {
         const res = await limited.inject({ method, url: method === 'POST' ? '/v1/adapters' : `/v1/adapters/${name}`, payload: filesForm(method === 'POST' ? name : null, make({ seed })) });

@@ -4,6 +4,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AdapterStore, adapterNameProblem, pauseHookFromEnv, type AdapterMeta, type PausePoint } from '../src/adapters/store.js';
+import { AdapterRegistry, type AdapterEngine } from '../src/adapters/registry.js';
+import type { AdapterWeights } from '../src/adapters/convert.js';
+import { HttpProblem } from '../src/http/problem.js';
+import { makeConfig } from '../src/config.js';
+import { createLogger } from '../src/logger.js';
+import { ensureEmbeddedModel } from '../src/model/embedded.js';
+import { startRuntime, type Runtime } from '../src/runtime.js';
+import { adapterBytes, type AdapterBytes } from './helpers/adapter-uploads.js';
 
 /**
  * The on-disk store alone: atomic create/replace/delete and recovery. Each crash point is
@@ -228,5 +236,139 @@ describe('AdapterStore', () => {
     expect(Date.now() - t0).toBeLessThan(25);
     await hook.pause!('mid-swap', 'x');
     expect(Date.now() - t0).toBeGreaterThanOrEqual(28);
+  });
+});
+
+describe('AdapterRegistry with the real engine', () => {
+  let runtime: Runtime;
+  let good: AdapterBytes;
+  const loads: string[] = [];
+  const unloads: string[] = [];
+  /** the real engine, with a record of what the registry asked of it */
+  let engine: AdapterEngine;
+
+  beforeAll(async () => {
+    const model = await ensureEmbeddedModel(path.join(root, 'model'));
+    const config = makeConfig({ MODEL_PATH: model, CACHE_DIR: path.join(root, 'cache'), ADAPTER_DIR: path.join(root, 'runtime-adapters'), DEVICE: 'cpu', LOG_LEVEL: 'silent' });
+    runtime = await startRuntime(config, createLogger(config));
+    good = adapterBytes(runtime.manifest.architecture, { modelId: runtime.manifest.modelId, seed: 5 });
+    engine = {
+      loadAdapter: (id: string, w: AdapterWeights) => {
+        loads.push(id);
+        return runtime.engine.loadAdapter(id, w);
+      },
+      unloadAdapter: (id: string) => {
+        unloads.push(id);
+        return runtime.engine.unloadAdapter(id);
+      },
+    };
+  });
+  afterAll(async () => {
+    await runtime?.close();
+  });
+
+  async function stageGood(): Promise<string> {
+    return stage({ config: good.config.toString(), weights: good.weights });
+  }
+
+  async function open(dir: string, failAt?: PausePoint): Promise<AdapterRegistry> {
+    return AdapterRegistry.open({
+      config: { ...runtime.config, ADAPTER_DIR: dir },
+      manifest: runtime.manifest,
+      engine,
+      log: createLogger({ LOG_LEVEL: 'silent' }),
+      hooks: failAt
+        ? {
+            pause: async (at) => {
+              if (at === failAt) throw new Error('injected disk failure (ENOSPC)');
+            },
+          }
+        : {},
+    });
+  }
+
+  it('a create that fails after loading into the engine leaves nothing: no folder, no entry, nothing in the engine', async () => {
+    const dir = await fresh('reg');
+    const registry = await open(dir, 'before-swap');
+    loads.length = unloads.length = 0;
+    await expect(registry.create('doomed', await stageGood())).rejects.toThrow(/injected/);
+    expect(loads).toHaveLength(1);
+    expect(unloads).toEqual(loads);
+    expect(runtime.engine.hasAdapter(loads[0]!)).toBe(false);
+    expect(registry.list()).toEqual([]);
+    expect(await readdir(dir)).toEqual([]);
+    expect(() => registry.resolveForGeneration('doomed')).toThrow(HttpProblem);
+  });
+
+  it('a replace that fails keeps the old version served and unloads only the new one', async () => {
+    const dir = await fresh('reg');
+    const ok = await open(dir);
+    await ok.create('kept', await stageGood());
+    const oldId = ok.resolveForGeneration('kept');
+    const failing = await open(dir, 'mid-swap');
+    const reopenedId = failing.resolveForGeneration('kept');
+    loads.length = unloads.length = 0;
+    await expect(failing.replace('kept', await stageGood())).rejects.toThrow(/injected/);
+    expect(unloads).toEqual(loads);
+    expect(failing.resolveForGeneration('kept')).toBe(reopenedId);
+    expect(runtime.engine.hasAdapter(reopenedId)).toBe(true);
+    expect(failing.get('kept').version).toBe(1);
+    expect(await readdir(dir)).toEqual(['kept']);
+    expect(oldId).not.toBe(reopenedId);
+  });
+
+  it('validate() loads and stores nothing; create() loads one version; delete() unloads it', async () => {
+    const dir = await fresh('reg');
+    const registry = await open(dir);
+    loads.length = unloads.length = 0;
+    const report = await registry.validate(await stageGood());
+    expect(report.ok).toBe(true);
+    expect(loads).toEqual([]);
+    expect(await readdir(dir)).toEqual([]);
+    await registry.create('a', await stageGood());
+    const id = registry.resolveForGeneration('a');
+    expect(loads).toEqual([id]);
+    expect(runtime.engine.hasAdapter(id)).toBe(true);
+    await registry.delete('a');
+    expect(unloads).toEqual([id]);
+    expect(runtime.engine.hasAdapter(id)).toBe(false);
+    expect(await readdir(dir)).toEqual([]);
+  });
+
+  it('at startup, damaged files and foreign folders are listed incompatible (never served); intact ones are loaded', async () => {
+    const dir = await fresh('reg');
+    const first = await open(dir);
+    await first.create('intact', await stageGood());
+    await first.create('tampered', await stageGood());
+    const w = path.join(dir, 'tampered', 'adapter_model.safetensors');
+    const bytes = await readFile(w);
+    bytes[bytes.length - 1] ^= 0x01;
+    await writeFile(w, bytes);
+    await mkdir(path.join(dir, 'copied-in'));
+    await writeFile(path.join(dir, 'copied-in', 'adapter_config.json'), good.config);
+
+    const reopened = await open(dir);
+    expect(reopened.list().map((a) => [a.name, a.state])).toEqual([
+      ['copied-in', 'incompatible'],
+      ['intact', 'ready'],
+      ['tampered', 'incompatible'],
+    ]);
+    expect(reopened.get('tampered').errors.map((e) => e.code)).toEqual(['corrupt_file']);
+    expect(reopened.get('tampered').errors[0]!.message).toMatch(/adapter_model\.safetensors/);
+    expect(reopened.get('copied-in').errors[0]!.message).toMatch(/meta\.json is missing/);
+    let thrown: unknown;
+    try {
+      reopened.resolveForGeneration('tampered');
+    } catch (e) {
+      thrown = e;
+    }
+    expect(thrown).toBeInstanceOf(HttpProblem);
+    expect((thrown as HttpProblem).status).toBe(409);
+    expect(runtime.engine.hasAdapter(reopened.resolveForGeneration('intact'))).toBe(true);
+    // an incompatible adapter can be replaced by a good upload, or deleted
+    await reopened.replace('tampered', await stageGood());
+    expect(reopened.get('tampered').state).toBe('ready');
+    await reopened.delete('copied-in');
+    expect((await readdir(dir)).sort()).toEqual(['intact', 'tampered']);
   });
 });

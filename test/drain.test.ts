@@ -87,14 +87,51 @@ const env = (extra: Record<string, string>) => ({
 // so the drain has to wait for both
 const LONG = { prompt: 'Once upon a time', max_tokens: 100_000, temperature: 0 };
 
-describe('SIGTERM while streaming', () => {
+describe('one server: request ids, then SIGTERM while streaming', () => {
   let server: ServerProcess;
+  beforeAll(async () => {
+    server = await startServer(env({ MAX_BATCH: '1', DRAIN_TIMEOUT_MS: '60000' }));
+  });
   afterAll(async () => {
     await server?.stop('SIGKILL');
   });
 
+  it('echoes x-request-id and tags the log lines of the request, adapter included', async () => {
+    const configFile = path.join(modelDir, 'config.json');
+    const arch = architectureFromHfConfig(JSON.parse(await readFile(configFile, 'utf8')), configFile);
+    const modelId = ((await (await fetch(`${server.url}/readyz`)).json()) as { model: string }).model;
+    const up = await fetch(`${server.url}/v1/adapters`, { method: 'POST', body: filesForm('rid-probe', adapterBytes(arch, { modelId, r: 4 })) });
+    expect(up.status).toBe(201);
+
+    const plain = await fetch(`${server.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-request-id': 'ops-rid-plain-1' },
+      body: JSON.stringify({ prompt: 'Once', max_tokens: 3, adapter: 'rid-probe', seed: 1 }),
+    });
+    expect(plain.status).toBe(200);
+    expect(plain.headers.get('x-request-id')).toBe('ops-rid-plain-1');
+    const streamed = await openStream(server.url, { prompt: 'Once', max_tokens: 3, adapter: 'rid-probe', seed: 2 }, { 'x-request-id': 'ops-rid-stream-2' });
+    expect(streamed.res.headers.get('x-request-id')).toBe('ops-rid-stream-2');
+    await streamed.rest;
+    // an id that is not a safe token is replaced, not logged verbatim
+    const bad = await fetch(`${server.url}/healthz`, { headers: { 'x-request-id': 'evil id with spaces <and> "quotes"' } });
+    expect(bad.headers.get('x-request-id')).toMatch(/^[0-9a-f-]{36}$/);
+
+    // the log is flushed line by line (pino writes synchronously)
+    const lines = server
+      .output()
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    for (const id of ['ops-rid-plain-1', 'ops-rid-stream-2']) {
+      const mine = lines.filter((l) => l.reqId === id);
+      expect(mine.length, id).toBeGreaterThanOrEqual(2);
+      expect(mine.some((l) => l.adapter === 'rid-probe'), `${id}: a log line naming the adapter`).toBe(true);
+    }
+    expect(server.output()).not.toContain('evil id');
+  });
+
   it('refuses new work, finishes the accepted streams, exits 0', async () => {
-    server = await startServer(env({ MAX_BATCH: '1', DRAIN_TIMEOUT_MS: '60000' }));
     const a = await openStream(server.url, LONG);
     const b = await openStream(server.url, { ...LONG, prompt: 'The little dog' });
 
@@ -155,44 +192,3 @@ describe('drain deadline', () => {
   });
 });
 
-describe('request ids', () => {
-  let server: ServerProcess;
-  afterAll(async () => {
-    await server?.stop('SIGKILL');
-  });
-
-  it('echoes x-request-id and tags the log lines of the request, adapter included', async () => {
-    server = await startServer(env({}));
-    const configFile = path.join(modelDir, 'config.json');
-    const arch = architectureFromHfConfig(JSON.parse(await readFile(configFile, 'utf8')), configFile);
-    const modelId = ((await (await fetch(`${server.url}/readyz`)).json()) as { model: string }).model;
-    const up = await fetch(`${server.url}/v1/adapters`, { method: 'POST', body: filesForm('rid-probe', adapterBytes(arch, { modelId, r: 4 })) });
-    expect(up.status).toBe(201);
-
-    const plain = await fetch(`${server.url}/v1/generate`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json', 'x-request-id': 'ops-rid-plain-1' },
-      body: JSON.stringify({ prompt: 'Once', max_tokens: 3, adapter: 'rid-probe', seed: 1 }),
-    });
-    expect(plain.status).toBe(200);
-    expect(plain.headers.get('x-request-id')).toBe('ops-rid-plain-1');
-    const streamed = await openStream(server.url, { prompt: 'Once', max_tokens: 3, adapter: 'rid-probe', seed: 2 }, { 'x-request-id': 'ops-rid-stream-2' });
-    expect(streamed.res.headers.get('x-request-id')).toBe('ops-rid-stream-2');
-    await streamed.rest;
-    // an id that is not a safe token is replaced, not logged verbatim
-    const bad = await fetch(`${server.url}/healthz`, { headers: { 'x-request-id': 'evil id with spaces <and> "quotes"' } });
-    expect(bad.headers.get('x-request-id')).toMatch(/^[0-9a-f-]{36}$/);
-
-    expect(await server.stop('SIGTERM')).toBe(0);
-    const lines = server
-      .output()
-      .split('\n')
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
-    for (const id of ['ops-rid-plain-1', 'ops-rid-stream-2']) {
-      const mine = lines.filter((l) => l.reqId === id);
-      expect(mine.length, id).toBeGreaterThanOrEqual(2);
-      expect(mine.some((l) => l.adapter === 'rid-probe'), `${id}: a log line naming the adapter`).toBe(true);
-    }
-  });
-});

@@ -6,7 +6,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { makeConfig } from '../src/config.js';
 import { ensureEmbeddedModel } from '../src/model/embedded.js';
-import { YamlError, parseYaml } from '../src/http/yaml.js';
 import {
   ANNOTATIONS,
   HTTP_METHODS,
@@ -22,91 +21,11 @@ import {
 import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
 
 /**
- * openapi.yaml is the contract: it parses (with the subset reader in src/http/yaml.ts), its refs
+ * openapi.yaml is the contract: it parses, its refs
  * resolve, its schemas use only keywords the checker enforces, every route the app registers is
  * in it and every operation in it exists, and real responses of every operation — success and
  * error — validate against the documented status, content type and schema.
  */
-
-describe('YAML subset reader', () => {
-  it('reads mappings, sequences, scalars, flow collections and block scalars', () => {
-    const text = [
-      '# a comment',
-      'name: loraserve   # trailing comment',
-      "quoted: 'it''s: fine'",
-      'dq: "tab\\tand \\u00e9"',
-      'int: 42',
-      'neg: -7',
-      'float: 2.5e-3',
-      'yes: true',
-      'nothing: null',
-      'tilde: ~',
-      'empty:',
-      "'200': ok",
-      '/v1/adapters/{name}: path-like key',
-      'url: http://example.com/a#frag',
-      'flow: [a, 1, "x, y", [b]]',
-      "map: { $ref: '#/components/x', n: 2 }",
-      'list:',
-      '  - one',
-      '  - key: v',
-      '    other: w',
-      '  -',
-      '    nested: true',
-      'same_indent_list:',
-      '- x',
-      '- y',
-      'literal: |',
-      '  line one',
-      '    indented',
-      '',
-      '  after blank # not a comment',
-      'folded: >-',
-      '  a b',
-      '  c',
-      '',
-      '  d',
-      'last: end',
-    ].join('\n');
-    expect(parseYaml(text)).toEqual({
-      name: 'loraserve',
-      quoted: "it's: fine",
-      dq: 'tab\tand é',
-      int: 42,
-      neg: -7,
-      float: 0.0025,
-      yes: true,
-      nothing: null,
-      tilde: null,
-      empty: null,
-      '200': 'ok',
-      '/v1/adapters/{name}': 'path-like key',
-      url: 'http://example.com/a#frag',
-      flow: ['a', 1, 'x, y', ['b']],
-      map: { $ref: '#/components/x', n: 2 },
-      list: ['one', { key: 'v', other: 'w' }, { nested: true }],
-      same_indent_list: ['x', 'y'],
-      literal: 'line one\n  indented\n\nafter blank # not a comment\n',
-      folded: 'a b c\nd',
-      last: 'end',
-    });
-  });
-
-  it.each([
-    ['anchors', 'a: &x 1\nb: *x'],
-    ['tags', 'a: !!str 1'],
-    ['multi-line plain scalars', 'a: one\n  two'],
-    ['duplicate keys', 'a: 1\na: 2'],
-    ['tabs in indentation', 'a:\n\tb: 1'],
-    ['several documents', 'a: 1\n---\nb: 2'],
-    ['plain scalars with ": "', 'a: b: c'],
-    ['unterminated quotes', "a: 'open"],
-    ['bad indentation', 'a:\n    b: 1\n  c: 2'],
-  ])('refuses %s with the line number', (_what, text) => {
-    expect(() => parseYaml(text)).toThrow(YamlError);
-    expect(() => parseYaml(text)).toThrow(/^line \d+: /);
-  });
-});
 
 describe('validateSchema', () => {
   const doc = {

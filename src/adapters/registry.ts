@@ -89,6 +89,9 @@ export interface RegistryOptions {
   hooks?: StoreHooks;
 }
 
+/** process-wide, so version ids never repeat, even across registries sharing one engine (tests) */
+let versionSeq = 0;
+
 const distinct = (xs: number[]) => [...new Set(xs)].sort((a, b) => a - b);
 
 function summarize(v: AdapterVersion): AdapterSummary {
@@ -150,7 +153,6 @@ export class AdapterRegistry {
   /** creates under way, so concurrent uploads cannot overshoot MAX_ADAPTERS */
   private reserved = 0;
   private readonly locks = new Map<string, Promise<unknown>>();
-  private seq = 0;
 
   private constructor(
     readonly store: AdapterStore,
@@ -185,7 +187,7 @@ export class AdapterRegistry {
   }
 
   private nextVersionId(name: string, version: number): string {
-    return `${name}@${version}#${++this.seq}`;
+    return `${name}@${version}#${++versionSeq}`;
   }
 
   private async reopen(entry: StoredEntry): Promise<void> {
@@ -199,7 +201,12 @@ export class AdapterRegistry {
     };
     const diffs = await this.store.verify(entry);
     if (diffs.length) {
-      incompatible(failedReport(diffs.map((d) => error({ code: meta ? 'corrupt_file' : 'missing_file', file: meta ? undefined : 'meta.json', message: `the stored files of ${name} are damaged: ${d}`, hint: `delete the adapter and upload it again` }))));
+      const problems = diffs.map((d) =>
+        meta
+          ? error({ code: 'corrupt_file', message: `the stored files of ${name} changed after upload: ${d}`, hint: 'delete the adapter and upload it again' })
+          : error({ code: 'missing_file', file: 'meta.json', message: `${name}: ${d}`, hint: 'delete this folder and upload the adapter through the API' }),
+      );
+      incompatible(failedReport(problems));
       return;
     }
     const { report, weights } = await readAdapterFolder(entry.dir, this.model, this.limits, { readValues: true });
@@ -250,11 +257,27 @@ export class AdapterRegistry {
     if (name === this.model.modelId) throw new HttpProblem(409, 'Adapter Exists', `${JSON.stringify(name)} is the base model's name; choose another adapter name`);
   }
 
-  /** Throws 409 when one more adapter would pass MAX_ADAPTERS; returns the release function of the reservation. */
-  private reserveSlot(): () => void {
+  /**
+   * The checks create() makes before reading the upload (name, taken, MAX_ADAPTERS), for routes
+   * that learn the name before the files arrive. create() repeats them under its lock.
+   */
+  assertCreatable(name: string): void {
+    this.checkName(name);
+    if (this.versions.has(name)) {
+      throw new HttpProblem(409, 'Adapter Exists', `an adapter named ${JSON.stringify(name)} exists; PUT /v1/adapters/${name} replaces it`);
+    }
+    this.checkLimit();
+  }
+
+  private checkLimit(): void {
     if (this.maxAdapters > 0 && this.versions.size + this.reserved >= this.maxAdapters) {
       throw new HttpProblem(409, 'Adapter Limit Reached', `this server holds at most ${this.maxAdapters} adapters (MAX_ADAPTERS); delete one first`, { limit: this.maxAdapters, count: this.versions.size });
     }
+  }
+
+  /** Throws 409 when one more adapter would pass MAX_ADAPTERS; returns the release function of the reservation. */
+  private reserveSlot(): () => void {
+    this.checkLimit();
     this.reserved++;
     let released = false;
     return () => {

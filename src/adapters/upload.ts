@@ -30,6 +30,11 @@ export interface UploadOptions {
   maxBytes: number;
   /** text fields this route accepts */
   fields: readonly string[];
+  /**
+   * Called as each accepted field arrives; may throw (e.g. a taken or invalid name) so that a
+   * client which sends `name` first is refused before its files are received.
+   */
+  onField?: (name: string, value: string) => void;
 }
 
 export interface ReceivedUpload {
@@ -153,7 +158,10 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
       if (!opts.fields.includes(part.fieldname)) unknown.push(`field \`${part.fieldname}\``);
       else if (part.fieldname in fields) duplicate.push(`field \`${part.fieldname}\``);
       else if (part.valueTruncated) throw badRequest(`field \`${part.fieldname}\` is longer than 4096 bytes`);
-      else fields[part.fieldname] = String(part.value);
+      else {
+        fields[part.fieldname] = String(part.value);
+        opts.onField?.(part.fieldname, fields[part.fieldname]!);
+      }
       continue;
     }
     const role = classifyPart(part.fieldname, part.filename ?? '');

@@ -14,7 +14,8 @@ export interface GenerationCall {
 /** Optional observers (metrics); the routes work without them. */
 export interface GenerationObserver {
   firstToken?(adapter: string | null, seconds: number): void;
-  finished?(adapter: string | null, tokens: number, seconds: number, result: TextResult): void;
+  /** `firstTokenSeconds` is on the same clock as `seconds` (absent when no token came) */
+  finished?(adapter: string | null, tokens: number, seconds: number, result: TextResult, firstTokenSeconds?: number): void;
 }
 
 export function engineProblem(e: unknown): HttpProblem | null {
@@ -69,24 +70,34 @@ export interface Collected {
   result: TextResult;
 }
 
-/** Runs a generation to its end, keeping every token (for non-streamed responses). */
-export async function collect(gen: TextGeneration, adapter: string | null, observer?: GenerationObserver): Promise<Collected> {
+/**
+ * Runs a generation to its end, handing each delta to `onDelta` and telling the observer when the
+ * first token came and how it ended. Engine errors come out as HttpProblems.
+ */
+async function drive(gen: TextGeneration, adapter: string | null, onDelta: (d: TextDelta) => void, observer?: GenerationObserver): Promise<TextResult> {
   const started = performance.now();
-  const tokens: TokenEvent[] = [];
-  let first = true;
+  const elapsed = () => (performance.now() - started) / 1000;
+  let firstToken: number | undefined;
   try {
     for await (const d of gen) {
-      if (first && d.tokens.length) {
-        observer?.firstToken?.(adapter, (performance.now() - started) / 1000);
-        first = false;
+      if (firstToken === undefined && d.tokens.length) {
+        firstToken = elapsed();
+        observer?.firstToken?.(adapter, firstToken);
       }
-      tokens.push(...d.tokens);
+      onDelta(d);
     }
+    const result = await gen.result;
+    observer?.finished?.(adapter, result.usage.completionTokens, elapsed(), result, firstToken);
+    return result;
   } catch (e) {
     throw engineProblem(e) ?? e;
   }
-  const result = await gen.result;
-  observer?.finished?.(adapter, result.usage.completionTokens, (performance.now() - started) / 1000, result);
+}
+
+/** Runs a generation to its end, keeping every token (for non-streamed responses). */
+export async function collect(gen: TextGeneration, adapter: string | null, observer?: GenerationObserver): Promise<Collected> {
+  const tokens: TokenEvent[] = [];
+  const result = await drive(gen, adapter, (d) => tokens.push(...d.tokens), observer);
   return { text: result.text, tokens, result };
 }
 
@@ -130,21 +141,11 @@ export async function stream(
   observer?: GenerationObserver,
 ): Promise<void> {
   const es = new EventStream(reply);
-  const started = performance.now();
-  let first = true;
   try {
-    for await (const d of gen) {
-      if (first && d.tokens.length) {
-        observer?.firstToken?.(adapter, (performance.now() - started) / 1000);
-        first = false;
-      }
-      handlers.onDelta(d, es);
-    }
-    const result = await gen.result;
-    observer?.finished?.(adapter, result.usage.completionTokens, (performance.now() - started) / 1000, result);
+    const result = await drive(gen, adapter, (d) => handlers.onDelta(d, es), observer);
     handlers.onEnd(result, es);
   } catch (e) {
-    const p = engineProblem(e) ?? new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
+    const p = e instanceof HttpProblem ? e : new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
     if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
     es.send(p.body(), 'error');
   } finally {

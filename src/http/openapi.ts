@@ -1,7 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import type { FastifyInstance } from 'fastify';
-import { parseYaml } from './yaml.js';
+import { parse as parseYaml } from 'yaml';
 
 /**
  * The API contract, openapi.yaml at the repository root: served verbatim at /openapi.yaml,
@@ -331,7 +331,11 @@ export function renderDocsHtml(doc: OpenApiDoc): string {
           return `<tr><td><code>${esc(status)}</code></td><td>${esc(desc)}${isObject(res) ? contentList(doc, res.content) : ''}</td></tr>`;
         })
         .join('');
-      const auth = o.op.security === undefined ? '' : o.op.security.length === 0 ? '<p class="auth">no key needed</p>' : `<p class="auth">key: ${o.op.security.map((s) => Object.keys(s).map(esc).join(' + ')).join(' or ')}</p>`;
+      const scheme = (name: string) => {
+        const d = deref(doc, doc.components?.securitySchemes?.[name]);
+        return isObject(d) && typeof d.description === 'string' ? `${esc(name)} (${esc(d.description)})` : esc(name);
+      };
+      const auth = o.op.security === undefined ? '' : o.op.security.length === 0 ? '<p class="auth">no key needed</p>' : `<p class="auth">Authorization: Bearer — ${o.op.security.map((s) => Object.keys(s).map(scheme).join(' + ')).join(' or ')}</p>`;
       return `<section id="${opId(o)}"><h3><span class="m m-${o.method}">${o.method.toUpperCase()}</span> <code>${esc(o.path)}</code></h3><p><strong>${esc(o.op.summary ?? '')}</strong></p>${auth}${prose(o.op.description)}${paramTable}${reqBody}<h4>responses</h4><table><tbody>${responses}</tbody></table></section>`;
     })
     .join('');

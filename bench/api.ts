@@ -1,0 +1,129 @@
+import http from 'node:http';
+import type { FastifyInstance } from 'fastify';
+import multipart from '@fastify/multipart';
+import { pino } from 'pino';
+import { buildApp } from '../src/app.js';
+import { makeConfig } from '../src/config.js';
+import { receiveAdapterUpload } from '../src/adapters/upload.js';
+import { now, throughput, type StreamTrace, type Throughput } from './timing.js';
+
+/**
+ * The service as clients see it: buildApp listening on 127.0.0.1 (port 0), requests over real
+ * sockets from this process. Logging stays at `info` as in production, written to /dev/null.
+ *
+ * One route is added for the benchmark only: POST /bench/receive runs the real multipart
+ * receiver (receiveAdapterUpload: multipart → files in ADAPTER_DIR) and then discards the files,
+ * which prices "reading the upload" apart from validation, conversion, loading and storing.
+ */
+
+export interface Server {
+  app: FastifyInstance;
+  base: string;
+  close(): Promise<void>;
+}
+
+export interface ServerOptions {
+  modelPath: string;
+  cacheDir: string;
+  adapterDir: string;
+  maxBatch: number;
+}
+
+export async function startServer(o: ServerOptions): Promise<Server> {
+  const config = makeConfig({
+    MODEL_PATH: o.modelPath,
+    CACHE_DIR: o.cacheDir,
+    ADAPTER_DIR: o.adapterDir,
+    DEVICE: 'cpu',
+    HOST: '127.0.0.1',
+    PORT: 0,
+    MAX_BATCH: o.maxBatch,
+    MAX_ADAPTERS: 64,
+    LOG_LEVEL: 'info',
+  });
+  const logger = pino({ level: 'info' }, pino.destination({ dest: '/dev/null', sync: false }));
+  const app = await buildApp(config, { logger });
+  const { registry } = app.runtime;
+  await app.register(async (scope) => {
+    await scope.register(multipart, { limits: { fileSize: config.MAX_UPLOAD_BYTES }, throwFileSizeLimit: true });
+    scope.post('/bench/receive', async (request) => {
+      const u = await receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes: config.MAX_UPLOAD_BYTES, fields: ['name'] });
+      await u.cleanup();
+      return { received: true };
+    });
+  });
+  await app.listen({ host: '127.0.0.1', port: 0 });
+  const addr = app.server.address();
+  if (!addr || typeof addr === 'string') throw new Error('the server has no TCP address');
+  return { app, base: `http://127.0.0.1:${addr.port}`, close: () => app.close() };
+}
+
+export interface StreamRequest {
+  prompt: string;
+  maxTokens: number;
+  adapter: string | null;
+}
+
+const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
+
+/** POST /v1/generate with stream: true; one timestamp per `token` event. */
+export function streamGenerate(base: string, r: StreamRequest, start = now()): Promise<StreamTrace> {
+  const body = JSON.stringify({ prompt: r.prompt, max_tokens: r.maxTokens, temperature: 0, stream: true, ...(r.adapter ? { adapter: r.adapter } : {}) });
+  return new Promise((resolve, reject) => {
+    const trace: StreamTrace = { start, tokens: [] };
+    const req = http.request(`${base}/v1/generate`, { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      res.setEncoding('utf8');
+      let buf = '';
+      let done = false;
+      let failure: string | null = null;
+      res.on('data', (chunk: string) => {
+        if (res.statusCode !== 200) {
+          buf += chunk;
+          return;
+        }
+        const t = now();
+        buf += chunk;
+        let cut: number;
+        while ((cut = buf.indexOf('\n\n')) >= 0) {
+          const block = buf.slice(0, cut);
+          buf = buf.slice(cut + 2);
+          const event = /^event: (.*)$/m.exec(block)?.[1] ?? 'message';
+          const data = /^data: (.*)$/m.exec(block)?.[1];
+          if (event === 'done') done = true;
+          else if (event === 'error') failure = data ?? 'error event';
+          else if (data && data.includes('"token":') && typeof (JSON.parse(data) as { token?: unknown }).token === 'number') trace.tokens.push(t);
+        }
+      });
+      res.on('end', () => {
+        if (res.statusCode !== 200) reject(new Error(`POST /v1/generate → ${res.statusCode}: ${buf.slice(0, 300)}`));
+        else if (failure) reject(new Error(`the stream failed: ${failure}`));
+        else if (!done) reject(new Error('the stream ended without its done event'));
+        else resolve(trace);
+      });
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+/** `n` concurrent streams, stream i on adapters[i] (null → base). */
+export async function concurrentStreams(base: string, prompt: string, maxTokens: number, adapters: readonly (string | null)[]): Promise<Throughput> {
+  const start = now();
+  const traces = await Promise.all(adapters.map((adapter) => streamGenerate(base, { prompt, maxTokens, adapter }, start)));
+  return throughput(traces);
+}
+
+/** multipart with the two PEFT files, as `curl -F` sends them */
+export function adapterForm(name: string, config: Uint8Array, weights: Uint8Array): FormData {
+  const fd = new FormData();
+  fd.append('name', name);
+  fd.append('config', new Blob([config]), 'adapter_config.json');
+  fd.append('weights', new Blob([weights]), 'adapter_model.safetensors');
+  return fd;
+}
+
+export async function postForm(url: string, form: FormData): Promise<{ status: number; body: string }> {
+  const res = await fetch(url, { method: 'POST', body: form });
+  return { status: res.status, body: await res.text() };
+}

@@ -1,0 +1,298 @@
+import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
+import { availableParallelism, cpus, tmpdir, totalmem } from 'node:os';
+import { join, resolve } from 'node:path';
+import { openCheckpoint } from '../src/model/checkpoint/index.js';
+import { buildModel, type BuildResult } from '../src/model/build.js';
+import { loadTokenizer } from '../src/tokenizer/index.js';
+import { ensurePreset, fileBytes, isPresetName, parameterCount, PRESET_NAMES, streamedWeightBytes, type PresetName } from './presets.js';
+import { measureLimit } from './limit.js';
+import { openCore, runCore, runEngine, runMinimal, type GenSpec } from './raw.js';
+import { concurrentStreams, startServer, streamGenerate } from './api.js';
+import { peftAdapter } from './adapters.js';
+import { measureUploads } from './upload.js';
+import { peerFolder, runPeer } from './peer.js';
+import { formatReport, target, type BenchReport } from './report.js';
+import { now, throughput } from './timing.js';
+
+/**
+ * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b | --model <dir>] [--quick] [--json]
+ *   [--tokens N] [--adapters N] [--rank N] [--cache <dir>]`
+ * Prints a table and then the JSON report (with --json: the JSON only). Progress goes to stderr.
+ * Sessions are opened one at a time (limit, raw, minimal, server, peer) so the 0.5B preset fits.
+ */
+
+interface Options {
+  preset: PresetName | null;
+  model: string | null;
+  quick: boolean;
+  json: boolean;
+  tokens: number | null;
+  adapters: number;
+  rank: number;
+  cache: string;
+}
+
+const USAGE = `usage: loraserve-bench [--preset ${PRESET_NAMES.join('|')} | --model <model dir>] [--quick] [--json] [--tokens N] [--adapters N] [--rank N] [--cache <dir>]`;
+
+function parseArgs(argv: readonly string[]): Options {
+  const o: Options = { preset: null, model: null, quick: false, json: false, tokens: null, adapters: 8, rank: 16, cache: './data/bench-models' };
+  const value = (i: number, flag: string) => {
+    const v = argv[i + 1];
+    if (v === undefined || v.startsWith('--')) throw new Error(`${flag} needs a value\n${USAGE}`);
+    return v;
+  };
+  const int = (s: string, flag: string) => {
+    const n = Number(s);
+    if (!Number.isInteger(n) || n < 1) throw new Error(`${flag} must be a positive integer, got ${s}`);
+    return n;
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    switch (a) {
+      case '--quick':
+        o.quick = true;
+        break;
+      case '--json':
+        o.json = true;
+        break;
+      case '--preset': {
+        const v = value(i++, a);
+        if (!isPresetName(v)) throw new Error(`unknown preset ${v}; presets: ${PRESET_NAMES.join(', ')}`);
+        o.preset = v;
+        break;
+      }
+      case '--model':
+        o.model = value(i++, a);
+        break;
+      case '--tokens':
+        o.tokens = int(value(i++, a), a);
+        break;
+      case '--adapters':
+        o.adapters = int(value(i++, a), a);
+        break;
+      case '--rank':
+        o.rank = int(value(i++, a), a);
+        break;
+      case '--cache':
+        o.cache = value(i++, a);
+        break;
+      case '--help':
+      case '-h':
+        throw new Error(USAGE);
+      default:
+        throw new Error(`unknown argument ${a}\n${USAGE}`);
+    }
+  }
+  if (o.preset && o.model) throw new Error('give --preset or --model, not both');
+  if (o.quick) o.adapters = Math.min(o.adapters, 2);
+  return o;
+}
+
+const PROMPT = 'Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog.';
+
+async function packageVersion(name: string): Promise<string | null> {
+  try {
+    const text = await readFile(new URL(`../node_modules/${name}/package.json`, import.meta.url), 'utf8');
+    return (JSON.parse(text) as { version?: string }).version ?? null;
+  } catch {
+    return null;
+  }
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  let o: Options;
+  try {
+    o = parseArgs(argv);
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n`);
+    return 2;
+  }
+  const t0 = now();
+  const progress = (line: string) => process.stderr.write(`[bench] ${line}\n`);
+  if (typeof (globalThis as { gc?: unknown }).gc !== 'function') progress('warning: no global gc (run through bin/loraserve-bench.js): memory numbers include garbage');
+  const cache = resolve(o.cache);
+  const presetName: PresetName = o.preset ?? 'tiny';
+  const modelPath = o.model ? resolve(o.model) : await ensurePreset(presetName, cache, progress);
+  const modelName = o.model ? modelPath : presetName;
+  const buildDir = join(cache, 'built');
+
+  // ── model, graphs, tokenizer ──────────────────────────────────────────────────────────────
+  const ck = await openCheckpoint(modelPath);
+  const a = ck.architecture;
+  const big = streamedWeightBytes(a) > 1e9;
+  const maxTokens = o.tokens ?? (o.quick ? 24 : big ? 32 : 64);
+  progress(`model ${modelName}: building graphs (cached after the first run)`);
+  const built = await buildModel(ck, { outDir: buildDir, dtype: 'fp32', logits: 'last', onProgress: progress });
+  let peerBuilt: BuildResult | null = null;
+  let peerMissing: string | null = null;
+  try {
+    peerBuilt = await buildModel(ck, { outDir: buildDir, dtype: 'fp32', logits: 'last', lora: false, peer: true, onProgress: progress });
+  } catch (e) {
+    peerMissing = `buildModel({ lora: false, peer: true }) failed: ${(e as Error).message}`;
+  }
+  if (!ck.tokenizer) throw new Error(`${modelPath} has no tokenizer.json`);
+  const tokenizer = await loadTokenizer(ck.tokenizer, a);
+  const promptIds = tokenizer.encode(PROMPT);
+  const spec: GenSpec = { promptIds, maxTokens, vocabLimit: tokenizer.vocabSize, eosIds: tokenizer.eosIds };
+  const weightBytes = streamedWeightBytes(a);
+
+  // ── limit ─────────────────────────────────────────────────────────────────────────────────
+  const limit = await measureLimit(cache, weightBytes, { runs: o.quick ? 5 : 15, progress });
+  progress(`limit: ${limit.bandwidthGBs.toFixed(1)} GB/s → ${limit.limitTokPerS.toFixed(1)} tokens/s`);
+
+  // ── raw: the worker's loop on this thread ─────────────────────────────────────────────────
+  progress('raw: EngineCore loop, batch 1 and 8');
+  const core = await openCore(built.dir, built.manifest);
+  let raw1;
+  let raw8;
+  let agreementTokens: number[];
+  try {
+    await runCore(core.session, built.manifest, { ...spec, maxTokens: 2 }, 1);
+    raw1 = await runCore(core.session, built.manifest, spec, 1);
+    raw8 = await runCore(core.session, built.manifest, spec, 8);
+    // greedy over the whole vocabulary without EOS, as the peer decodes
+    const agreeSpec = { ...spec, maxTokens: Math.min(16, maxTokens), vocabLimit: a.vocabSize, eosIds: [] };
+    agreementTokens = (await runCore(core.session, built.manifest, agreeSpec, 1)).tokens;
+  } finally {
+    await core.close();
+  }
+
+  let minimal: BenchReport['minimal'] = null;
+  if (peerBuilt) {
+    progress('minimal: hand-written loop over the peer graph, batch 1 and 8');
+    await runMinimal(peerBuilt.dir, peerBuilt.manifest, { ...spec, maxTokens: 2 }, 1);
+    const m1 = await runMinimal(peerBuilt.dir, peerBuilt.manifest, spec, 1);
+    const m8 = await runMinimal(peerBuilt.dir, peerBuilt.manifest, spec, 8);
+    minimal = { what: 'hand-written decode loop over the peer export (no LoRA inputs), prefill as one batch', b1: m1.throughput, b8: m8.throughput, runMs1: m1.runMs, runMs8: m8.runMs };
+  }
+
+  // ── the service: engine without HTTP, then over HTTP, uploads ──────────────────────────────
+  const adapterDir = await mkdtemp(join(tmpdir(), 'loraserve-bench-adapters-'));
+  let engine1;
+  let engine8;
+  let api: BenchReport['api'];
+  let upload;
+  try {
+    progress('server: starting on 127.0.0.1');
+    const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8 });
+    try {
+      const runtime = server.app.runtime;
+      await runEngine(runtime.engine, { ...spec, maxTokens: 2 }, 1);
+      progress('engine: Engine.generate, batch 1 and 8');
+      engine1 = await runEngine(runtime.engine, spec, 1);
+      engine8 = await runEngine(runtime.engine, spec, 8);
+
+      progress('api: 1 stream, 8 streams on the base model');
+      await streamGenerate(server.base, { prompt: PROMPT, maxTokens: 2, adapter: null });
+      const api1 = throughput([await streamGenerate(server.base, { prompt: PROMPT, maxTokens, adapter: null })]);
+      const base8 = await concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => null));
+
+      progress(`upload: rank ${o.rank}, all projections, ${o.adapters} adapters`);
+      const names = Array.from({ length: o.adapters }, (_, i) => `bench-${i}`);
+      const adapters = names.map((name, i) => ({ name, files: peftAdapter(a, { modelId: ck.modelId, rank: o.rank, seed: 1000 + i }) }));
+      const warm = peftAdapter(a, { modelId: ck.modelId, rank: o.rank, seed: 999 });
+      upload = await measureUploads(runtime, server.base, adapters, { prompt: PROMPT, warm, receiveRuns: o.quick ? 1 : 3, progress });
+      upload.rank = o.rank;
+
+      progress('api: 8 streams on one adapter, on 8 different adapters');
+      const mixedNames = Array.from({ length: 8 }, (_, i) => names[i % names.length]);
+      await concurrentStreams(server.base, PROMPT, 2, mixedNames);
+      const same8 = await concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => names[0]));
+      const mixed8 = await concurrentStreams(server.base, PROMPT, maxTokens, mixedNames);
+      api = { api1, same8, mixed8, base8 };
+    } finally {
+      await server.close();
+    }
+  } finally {
+    await rm(adapterDir, { recursive: true, force: true });
+  }
+
+  // ── peer ──────────────────────────────────────────────────────────────────────────────────
+  let peer: BenchReport['peer'];
+  if (!peerBuilt) peer = { available: false, missing: peerMissing ?? 'no peer build' };
+  else {
+    progress('peer: @huggingface/transformers generate, batch 1 and 8');
+    try {
+      await stat(join(modelPath, 'config.json'));
+      const folder = await peerFolder(cache, modelPath, peerBuilt);
+      const [p1, p8] = await runPeer(folder, promptIds, maxTokens, [1, 8]);
+      const compared = Math.min(agreementTokens.length, p1.tokens.length);
+      let equal = 0;
+      while (equal < compared && agreementTokens[equal] === p1.tokens[equal]) equal++;
+      peer = { available: true, b1: p1.throughput, b8: p8.throughput, agreement: { compared, equal } };
+    } catch (e) {
+      peer = { available: false, missing: `transformers.js could not run the peer export: ${(e as Error).message}` };
+    }
+  }
+
+  // ── ratios and targets ────────────────────────────────────────────────────────────────────
+  const d = (t: { decodeTokPerS: number }) => t.decodeTokPerS;
+  const ratios: Record<string, number> = {
+    rawB1OverLimit: d(raw1.throughput) / limit.limitTokPerS,
+    rawB8OverB1: d(raw8.throughput) / d(raw1.throughput),
+    engineB1OverRaw: d(engine1) / d(raw1.throughput),
+    engineB8OverRawB8: d(engine8) / d(raw8.throughput),
+    api1OverRaw: d(api.api1) / d(raw1.throughput),
+    api1OverEngine: d(api.api1) / d(engine1),
+    base8OverApi1: d(api.base8) / d(api.api1),
+    same8OverApi1: d(api.same8) / d(api.api1),
+    mixed8OverApi1: d(api.mixed8) / d(api.api1),
+    mixedOverSame: d(api.mixed8) / d(api.same8),
+    sameOverBase8: d(api.same8) / d(api.base8),
+  };
+  if (minimal) {
+    ratios.rawB1OverMinimal = d(raw1.throughput) / d(minimal.b1);
+    ratios.rawB8OverMinimal = d(raw8.throughput) / d(minimal.b8);
+  }
+  if (peer.available) {
+    ratios.engineB1OverPeer = d(engine1) / d(peer.b1);
+    ratios.engineB8OverPeer = d(engine8) / d(peer.b8);
+    ratios.api1OverPeer = d(api.api1) / d(peer.b1);
+    ratios.api8BaseOverPeer = d(api.base8) / d(peer.b8);
+  }
+  const targets = [
+    target('raw decode vs bandwidth', 'raw b1 tok/s ÷ limit tok/s', ratios.rawB1OverLimit, 0.7, 'min'),
+    target('HTTP overhead', 'api-1 ÷ raw b1', ratios.api1OverRaw, 0.95, 'min'),
+    target('mixed adapters', 'api-8-mixed ÷ api-8-same', ratios.mixedOverSame, 0.9, 'min'),
+    target('batching', 'api-8-same aggregate ÷ api-1', ratios.same8OverApi1, 3, 'min'),
+    target('peer batch 1', 'engine b1 ÷ peer b1', ratios.engineB1OverPeer ?? Number.NaN, 1, 'min'),
+    target('peer batch 8', 'engine b8 ÷ peer b8', ratios.engineB8OverPeer ?? Number.NaN, 2, 'min'),
+    target('upload to ready', 'ms beyond receiving the upload', upload.beyondReadMs, 50, 'max'),
+    target('memory per adapter', 'RSS per adapter ÷ tensor bytes', upload.memory.ratioToTensorBytes, 1.2, 'max'),
+  ];
+
+  const report: BenchReport = {
+    machine: {
+      cpus: availableParallelism(),
+      cpuModel: cpus()[0]?.model ?? 'unknown',
+      memoryGB: totalmem() / 2 ** 30,
+      node: process.versions.node,
+      onnxruntime: (await packageVersion('onnxruntime-node')) ?? 'unknown',
+      transformersJs: await packageVersion('@huggingface/transformers'),
+    },
+    model: {
+      name: modelName,
+      path: modelPath,
+      parameters: parameterCount(a),
+      streamedWeightBytes: weightBytes,
+      fileBytes: await fileBytes(join(built.dir, built.manifest.files.weights)),
+      dims: `${a.family} hidden ${a.hiddenSize}, ${a.numLayers} layers, ${a.numHeads}/${a.numKvHeads} heads, ffn ${a.intermediateSize}, vocab ${a.vocabSize}`,
+      promptTokens: promptIds.length,
+      maxTokens,
+    },
+    limit,
+    raw: { what: 'EngineCore (the worker loop: scheduler, FeedBuilder, KV, sampler) on the main thread over createSession; no worker, no HTTP', b1: raw1.throughput, b8: raw8.throughput, profile1: raw1.profile, profile8: raw8.profile },
+    engine: { what: 'Engine.generate (worker thread), no HTTP, no detokenizer', b1: engine1, b8: engine8 },
+    minimal,
+    api,
+    upload,
+    peer,
+    ratios,
+    targets,
+    seconds: (now() - t0) / 1000,
+  };
+  const json = JSON.stringify(report, null, 2);
+  if (o.json) process.stdout.write(`${json}\n`);
+  else process.stdout.write(`${formatReport(report)}\n\n${json}\n`);
+  return 0;
+}

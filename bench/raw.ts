@@ -1,0 +1,237 @@
+import type { InferenceSession, Tensor } from 'onnxruntime-node';
+import ort from 'onnxruntime-node';
+import { createSession } from '../src/model/session.js';
+import { pastKeyName, pastValueName, presentKeyName, presentValueName, type Manifest } from '../src/model/manifest.js';
+import { EngineCore, type RunSession } from '../src/engine/core.js';
+import { FeedBuilder, kvShapeOf } from '../src/engine/batch.js';
+import { BatchKv, type SeqKv } from '../src/engine/kv.js';
+import type { Engine } from '../src/engine/engine.js';
+import type { EngineLimits, FromWorker, WorkerRequest } from '../src/engine/protocol.js';
+import { sample } from '../src/engine/sampler.js';
+import { median, now, throughput, type StreamTrace, type Throughput } from './timing.js';
+
+/**
+ * Decode without HTTP, three ways:
+ *   core    — the worker's decode loop (EngineCore: scheduler, feeds, KV, sampler) driven on this
+ *             thread over a session from createSession, with session.run timed from outside;
+ *             the engine's own code minus the worker messaging. This is "raw".
+ *   engine  — Engine.generate: the same loop in its worker thread, tokens posted back.
+ *   minimal — a hand-written loop over the peer export (no LoRA inputs, attention_mask): the
+ *             least work onnxruntime can be given per token, to price the LoRA inputs.
+ */
+
+export interface GenSpec {
+  promptIds: number[];
+  maxTokens: number;
+  /** only ids below this are sampled (the tokenizer's size, as the HTTP routes do) */
+  vocabLimit: number;
+  eosIds: number[];
+}
+
+export interface CoreProfile {
+  decodeSteps: number;
+  /** mean per decode step at full batch: the whole EngineCore.step, and session.run inside it */
+  stepMs: number;
+  runMs: number;
+  /** step − run: feed assembly, KV composition, sampling, bookkeeping */
+  outsideRunMs: number;
+  /** measured apart on the same shapes: FeedBuilder.decode, and sample() for every row */
+  feedsMs: number;
+  sampleMs: number;
+  prefillRunMs: number;
+}
+
+export interface CoreResult {
+  throughput: Throughput;
+  profile: CoreProfile;
+  /** greedy tokens of the first stream */
+  tokens: number[];
+}
+
+const greedy = { temperature: 0, topK: 0, topP: 1, topLogprobs: 0 };
+
+function limitsFor(manifest: Manifest, batch: number): EngineLimits {
+  return { maxBatch: Math.max(8, batch), maxQueue: 64, prefillChunk: 64, requestTimeoutMs: 0, contextLength: Math.min(manifest.architecture.maxPositions, 4096) };
+}
+
+function workerRequest(spec: GenSpec): WorkerRequest {
+  return { promptIds: [...spec.promptIds], adapterVersion: null, maxTokens: spec.maxTokens, sampling: greedy, seed: 1, eosIds: [...spec.eosIds], vocabLimit: spec.vocabLimit };
+}
+
+const quiet = { info: () => {}, warn: () => {} };
+
+/** Opens the session once; `run` may be called for several batch sizes. */
+export async function openCore(modelDir: string, manifest: Manifest): Promise<{ session: InferenceSession; close: () => Promise<void> }> {
+  const { session } = await createSession(modelDir, manifest, 'cpu', quiet);
+  return { session, close: () => session.release() };
+}
+
+export async function runCore(session: InferenceSession, manifest: Manifest, spec: GenSpec, batch: number): Promise<CoreResult> {
+  // what the last session.run was: a decode step has one token per row
+  const last = { kind: 'prefill' as 'prefill' | 'decode', rows: 0, runMs: 0 };
+  const timing: RunSession = {
+    run: async (feeds: InferenceSession.FeedsType) => {
+      const ids = feeds.input_ids as Tensor;
+      last.kind = ids.dims[1] === 1 ? 'decode' : 'prefill';
+      last.rows = Number(ids.dims[0]);
+      const t0 = now();
+      const out = await session.run(feeds);
+      last.runMs = now() - t0;
+      return out;
+    },
+  } as RunSession;
+  const traces = new Map<number, StreamTrace>();
+  const failures: string[] = [];
+  const sink = (m: FromWorker) => {
+    if (m.type === 'step') {
+      const t = now();
+      for (const [id] of m.tokens) traces.get(id)?.tokens.push(t);
+      for (const d of m.done) if (d.error) failures.push(d.error);
+    } else if (m.type === 'rejected') failures.push(m.message);
+  };
+  const tokens: number[] = [];
+  const firstSink = (m: FromWorker) => {
+    if (m.type === 'step') for (const [id, tok] of m.tokens) if (id === 1) tokens.push(tok);
+    sink(m);
+  };
+  const core = new EngineCore(timing, manifest, limitsFor(manifest, batch), firstSink);
+  const start = now();
+  for (let id = 1; id <= batch; id++) {
+    traces.set(id, { start, tokens: [] });
+    core.submit(id, workerRequest(spec));
+  }
+  const steps: { step: number; run: number }[] = [];
+  const prefills: number[] = [];
+  while (core.hasWork()) {
+    const t0 = now();
+    await core.step();
+    const stepMs = now() - t0;
+    core.flush();
+    if (last.kind === 'decode' && last.rows === batch) steps.push({ step: stepMs, run: last.runMs });
+    else if (last.kind === 'prefill') prefills.push(last.runMs);
+    await new Promise<void>((r) => setImmediate(r));
+  }
+  if (failures.length) throw new Error(`core loop failed: ${failures[0]}`);
+  const stepMs = median(steps.map((s) => s.step));
+  const runMedian = median(steps.map((s) => s.run));
+  const micro = microProfile(manifest, batch, spec.promptIds.length + spec.maxTokens / 2, spec.vocabLimit);
+  return {
+    throughput: throughput([...traces.values()]),
+    profile: { decodeSteps: steps.length, stepMs, runMs: runMedian, outsideRunMs: stepMs - runMedian, feedsMs: micro.feedsMs, sampleMs: micro.sampleMs, prefillRunMs: median(prefills) },
+    tokens,
+  };
+}
+
+/** FeedBuilder.decode and sample() alone, on the shapes of a mid-run decode step. */
+function microProfile(manifest: Manifest, batch: number, past: number, vocabLimit: number): { feedsMs: number; sampleMs: number } {
+  const shape = kvShapeOf(manifest);
+  const len = Math.max(1, Math.round(past));
+  const seq: SeqKv = {
+    len,
+    layers: Array.from({ length: shape.layers }, () => ({ key: new Float32Array(shape.kvHeads * len * shape.headDim), value: new Float32Array(shape.kvHeads * len * shape.headDim) })),
+  };
+  const kv = BatchKv.compose(shape, null, Array.from({ length: batch }, () => ({ seq })));
+  const fb = new FeedBuilder(manifest);
+  const rows = Array.from({ length: batch }, () => null);
+  const tokens = Array.from({ length: batch }, (_, i) => i + 1);
+  const feedTimes: number[] = [];
+  for (let i = 0; i < 20; i++) {
+    const t0 = now();
+    fb.decode(tokens, kv, rows);
+    feedTimes.push(now() - t0);
+  }
+  const vocab = manifest.architecture.vocabSize;
+  const logits = new Float32Array(vocab);
+  for (let i = 0; i < vocab; i++) logits[i] = Math.sin(i);
+  const rng = () => 0.5;
+  const sampleTimes: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    const t0 = now();
+    for (let b = 0; b < batch; b++) sample(logits.subarray(0, Math.min(vocabLimit, vocab)), greedy, rng);
+    sampleTimes.push(now() - t0);
+  }
+  return { feedsMs: median(feedTimes), sampleMs: median(sampleTimes) };
+}
+
+/** Engine.generate: the worker loop, no HTTP, no detokenizer. */
+export async function runEngine(engine: Engine, spec: GenSpec, batch: number, adapters: (string | null)[] = []): Promise<Throughput> {
+  const start = now();
+  const traces = await Promise.all(
+    Array.from({ length: batch }, async (_, i): Promise<StreamTrace> => {
+      const gen = engine.generate({ promptIds: spec.promptIds, adapterVersion: adapters[i] ?? null, maxTokens: spec.maxTokens, temperature: 0, eosIds: spec.eosIds, vocabLimit: spec.vocabLimit });
+      const trace: StreamTrace = { start, tokens: [] };
+      for await (const _ of gen) trace.tokens.push(now());
+      await gen.result;
+      return trace;
+    }),
+  );
+  return throughput(traces);
+}
+
+export interface MinimalResult {
+  throughput: Throughput;
+  runMs: number;
+  tokens: number[];
+}
+
+/**
+ * Decode over the peer export by hand: every row has the same prompt, so prefill is one [batch, s]
+ * run, then one run per token. Greedy over `vocabLimit`, no EOS. Only what the graph needs.
+ */
+export async function runMinimal(modelDir: string, manifest: Manifest, spec: GenSpec, batch: number): Promise<MinimalResult> {
+  const { session } = await createSession(modelDir, manifest, 'cpu', quiet);
+  try {
+    const a = manifest.architecture;
+    const H = a.numKvHeads;
+    const D = a.headDim;
+    const s = spec.promptIds.length;
+    const start = now();
+    const traces: StreamTrace[] = Array.from({ length: batch }, () => ({ start, tokens: [] }));
+    const ids = new BigInt64Array(batch * s);
+    const pos = new BigInt64Array(batch * s);
+    for (let b = 0; b < batch; b++) for (let i = 0; i < s; i++) [ids[b * s + i], pos[b * s + i]] = [BigInt(spec.promptIds[i]), BigInt(i)];
+    let feeds: Record<string, Tensor> = {
+      input_ids: new ort.Tensor('int64', ids, [batch, s]),
+      position_ids: new ort.Tensor('int64', pos, [batch, s]),
+      attention_mask: new ort.Tensor('int64', new BigInt64Array(batch * s).fill(1n), [batch, s]),
+    };
+    for (let l = 0; l < a.numLayers; l++) {
+      feeds[pastKeyName(l)] = new ort.Tensor('float32', new Float32Array(0), [batch, H, 0, D]);
+      feeds[pastValueName(l)] = new ort.Tensor('float32', new Float32Array(0), [batch, H, 0, D]);
+    }
+    const runTimes: number[] = [];
+    const tokens: number[] = [];
+    let total = s;
+    const vocab = a.vocabSize;
+    for (let step = 0; step < spec.maxTokens; step++) {
+      const t0 = now();
+      const out = await session.run(feeds);
+      if (step > 0) runTimes.push(now() - t0);
+      const logits = out.logits.data as Float32Array;
+      const per = logits.length / batch;
+      const next = new BigInt64Array(batch);
+      const t = now();
+      for (let b = 0; b < batch; b++) {
+        const row = logits.subarray((b + 1) * per - vocab, (b + 1) * per);
+        const tok = sample(row.subarray(0, Math.min(spec.vocabLimit, vocab)), greedy, () => 0.5).token;
+        next[b] = BigInt(tok);
+        traces[b].tokens.push(t);
+        if (b === 0) tokens.push(tok);
+      }
+      total++;
+      const nextFeeds: Record<string, Tensor> = {
+        input_ids: new ort.Tensor('int64', next, [batch, 1]),
+        position_ids: new ort.Tensor('int64', new BigInt64Array(batch).fill(BigInt(total - 1)), [batch, 1]),
+        attention_mask: new ort.Tensor('int64', new BigInt64Array(batch * total).fill(1n), [batch, total]),
+      };
+      for (let l = 0; l < a.numLayers; l++) {
+        nextFeeds[pastKeyName(l)] = out[presentKeyName(l)];
+        nextFeeds[pastValueName(l)] = out[presentValueName(l)];
+      }
+      feeds = nextFeeds;
+    }
+    return { throughput: throughput(traces), runMs: median(runTimes), tokens };
+  } finally {
+    await session.release();
+  }
+}

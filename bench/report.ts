@@ -1,0 +1,114 @@
+import type { LimitResult } from './limit.js';
+import type { CoreProfile } from './raw.js';
+import type { Throughput } from './timing.js';
+import type { UploadResult } from './upload.js';
+
+/** Everything one run measured; every comparison is between numbers of this same run. */
+export interface BenchReport {
+  machine: { cpus: number; cpuModel: string; memoryGB: number; node: string; onnxruntime: string; transformersJs: string | null };
+  model: { name: string; path: string; parameters: number; streamedWeightBytes: number; fileBytes: number; dims: string; promptTokens: number; maxTokens: number };
+  limit: LimitResult;
+  raw: {
+    what: string;
+    b1: Throughput;
+    b8: Throughput;
+    profile1: CoreProfile;
+    profile8: CoreProfile;
+  };
+  engine: { what: string; b1: Throughput; b8: Throughput };
+  minimal: { what: string; b1: Throughput; b8: Throughput; runMs1: number; runMs8: number } | null;
+  api: { api1: Throughput; same8: Throughput; mixed8: Throughput; base8: Throughput };
+  upload: UploadResult;
+  peer: { available: true; b1: Throughput; b8: Throughput; agreement: { compared: number; equal: number } } | { available: false; missing: string };
+  ratios: Record<string, number>;
+  targets: Target[];
+  seconds: number;
+}
+
+export interface Target {
+  name: string;
+  /** the comparison, in words */
+  rule: string;
+  value: number;
+  threshold: number;
+  /** `min`: value must be ≥ threshold; `max`: ≤ */
+  kind: 'min' | 'max';
+  met: boolean;
+}
+
+export function target(name: string, rule: string, value: number, threshold: number, kind: 'min' | 'max'): Target {
+  const met = Number.isFinite(value) && (kind === 'min' ? value >= threshold : value <= threshold);
+  return { name, rule, value, threshold, kind, met };
+}
+
+const f = (x: number, digits = 1) => (Number.isFinite(x) ? x.toFixed(digits) : 'n/a');
+const pad = (s: string, n: number) => (s.length >= n ? s : s + ' '.repeat(n - s.length));
+const lpad = (s: string, n: number) => (s.length >= n ? s : ' '.repeat(n - s.length) + s);
+
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? pad(c, widths[i]) : lpad(c, widths[i]))).join('  ');
+  return [line(header), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line)].join('\n');
+}
+
+export function formatReport(r: BenchReport): string {
+  const out: string[] = [];
+  const m = r.machine;
+  out.push(`loraserve bench — ${r.model.name} (${r.model.dims}; ${(r.model.parameters / 1e6).toFixed(1)}M params, ${(r.model.streamedWeightBytes / 1e9).toFixed(3)} GB streamed per token)`);
+  out.push(`machine: ${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGB.toFixed(0)} GB RAM, node ${m.node}, onnxruntime-node ${m.onnxruntime}${m.transformersJs ? `, transformers.js ${m.transformersJs}` : ''}`);
+  out.push(`prompt ${r.model.promptTokens} tokens, ${r.model.maxTokens} generated per stream, greedy; tokens/s: decode = steady state with all streams running, e2e = all tokens / wall time`);
+  out.push('');
+  const tp = (name: string, t: Throughput, ratio = '') => [name, String(t.streams), String(t.tokens), f(t.decodeTokPerS), f(t.e2eTokPerS), f(t.ttftMs), ratio];
+  const rows: string[][] = [
+    ['limit (bandwidth)', '1', '', f(r.limit.limitTokPerS), '', '', `${f(r.limit.bandwidthGBs)} GB/s`],
+    tp('raw b1 (core loop)', r.raw.b1, `${f(r.ratios.rawB1OverLimit, 2)}× limit`),
+    tp('raw b8 (core loop)', r.raw.b8, `${f(r.ratios.rawB8OverB1, 2)}× raw b1`),
+    tp('engine b1 (worker)', r.engine.b1, `${f(r.ratios.engineB1OverRaw, 2)}× raw`),
+    tp('engine b8 (worker)', r.engine.b8, `${f(r.ratios.engineB8OverRawB8, 2)}× raw b8`),
+  ];
+  if (r.minimal) {
+    rows.push(tp('minimal b1 (peer graph)', r.minimal.b1, `raw/this ${f(r.ratios.rawB1OverMinimal, 2)}`));
+    rows.push(tp('minimal b8 (peer graph)', r.minimal.b8, `raw/this ${f(r.ratios.rawB8OverMinimal, 2)}`));
+  }
+  rows.push(
+    tp('api-1 (HTTP SSE)', r.api.api1, `${f(r.ratios.api1OverRaw, 2)}× raw`),
+    tp('api-8-base', r.api.base8, `${f(r.ratios.base8OverApi1, 2)}× api-1`),
+    tp('api-8-same', r.api.same8, `${f(r.ratios.same8OverApi1, 2)}× api-1`),
+    tp('api-8-mixed', r.api.mixed8, `${f(r.ratios.mixedOverSame, 2)}× same`),
+  );
+  if (r.peer.available) {
+    rows.push(tp('peer b1 (transformers.js)', r.peer.b1, `engine ${f(r.ratios.engineB1OverPeer, 2)}×`));
+    rows.push(tp('peer b8 (transformers.js)', r.peer.b8, `engine ${f(r.ratios.engineB8OverPeer, 2)}×`));
+  }
+  out.push(table(['section', 'streams', 'tokens', 'decode tok/s', 'e2e tok/s', 'ttft ms', 'ratio'], rows));
+  if (!r.peer.available) out.push(`peer: not measured — ${r.peer.missing}`);
+  else out.push(`peer agreement (greedy, full vocabulary): ${r.peer.agreement.equal}/${r.peer.agreement.compared} tokens equal to ours`);
+  out.push('');
+  const p1 = r.raw.profile1;
+  const p8 = r.raw.profile8;
+  out.push(
+    table(
+      ['decode step profile (ms)', 'step', 'session.run', 'outside run', 'feeds', 'sample', 'prefill run'],
+      [
+        ['batch 1', f(p1.stepMs, 2), f(p1.runMs, 2), f(p1.outsideRunMs, 2), f(p1.feedsMs, 3), f(p1.sampleMs, 3), f(p1.prefillRunMs, 2)],
+        ['batch 8', f(p8.stepMs, 2), f(p8.runMs, 2), f(p8.outsideRunMs, 2), f(p8.feedsMs, 3), f(p8.sampleMs, 3), f(p8.prefillRunMs, 2)],
+      ],
+    ),
+  );
+  if (r.minimal) out.push(`minimal loop session.run: ${f(r.minimal.runMs1, 2)} ms at batch 1, ${f(r.minimal.runMs8, 2)} ms at batch 8 (same weights, no LoRA inputs)`);
+  out.push('');
+  const u = r.upload;
+  const ph = u.phases;
+  out.push(`upload (rank ${u.rank}, all projections, ${(u.fileBytes / 1e6).toFixed(1)} MB): receive ${f(u.receiveMs)} ms, ready ${f(u.readyMs)} ms (+${f(u.beyondReadMs)} beyond receive), first token ${f(u.firstTokenAfterReadyMs)} ms after ready, upload→first token ${f(u.uploadToFirstTokenMs)} ms`);
+  out.push(`  parts (direct calls): read ${f(ph.readMs)} · validate ${f(ph.validateMs)} · convert ${f(ph.convertMs)} · engine load ${f(ph.engineLoadMs)} · sha256 ${f(ph.digestMs)} · store ${f(ph.storeMs)} ms`);
+  out.push(`  memory: ${u.memory.adapters} adapters, RSS +${f(u.memory.perAdapterBytes / 1e6)} MB each vs ${f(u.tensorBytes / 1e6)} MB of tensors (${f(u.memory.ratioToTensorBytes, 2)}×)`);
+  out.push('');
+  out.push(
+    table(
+      ['target', 'rule', 'value', 'needs', 'result'],
+      r.targets.map((t) => [t.name, t.rule, f(t.value, 2), `${t.kind === 'min' ? '≥' : '≤'} ${t.threshold}`, t.met ? 'met' : 'MISSED']),
+    ),
+  );
+  out.push(`(${f(r.seconds, 0)} s)`);
+  return out.join('\n');
+}

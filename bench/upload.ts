@@ -1,0 +1,154 @@
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Runtime } from '../src/runtime.js';
+import { toEngineWeights } from '../src/adapters/convert.js';
+import { CONFIG_FILE } from '../src/adapters/peft-config.js';
+import { DEFAULT_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32 } from '../src/adapters/safetensors.js';
+import { validateAdapter, WEIGHTS_FILE, type ModelFacts, type ValidationLimits } from '../src/adapters/validate.js';
+import type { AdapterMeta } from '../src/adapters/store.js';
+import { adapterForm, postForm, streamGenerate } from './api.js';
+import type { AdapterFiles } from './adapters.js';
+import { median, now, settledRss } from './timing.js';
+
+/**
+ * Adapter upload, end to end and in parts.
+ *
+ * End to end (over HTTP): POST /v1/adapters → 201, then a one-token stream with the new adapter;
+ * "receive" is the same multipart body sent to /bench/receive (multipart → files, then dropped).
+ * The registry runs read+validate+convert+load+store in one call and exposes no split, so the
+ * parts are timed by calling the same functions readAdapterFolder and the registry call, in the
+ * same order, on a staged copy of the files: read (header + tensor values from disk), validate
+ * (validateAdapter), convert (toEngineWeights), engine load (Engine.loadAdapter: transfer to the
+ * worker), digest (sha256 of both files, AdapterStore.digest) and store (AdapterStore.create:
+ * move, meta.json, fsync, rename).
+ */
+
+export interface UploadPhases {
+  readMs: number;
+  validateMs: number;
+  convertMs: number;
+  engineLoadMs: number;
+  digestMs: number;
+  storeMs: number;
+}
+
+export interface UploadResult {
+  rank: number;
+  fileBytes: number;
+  tensorBytes: number;
+  /** multipart → disk only */
+  receiveMs: number;
+  /** POST /v1/adapters until its 201 */
+  readyMs: number;
+  /** readyMs − receiveMs */
+  beyondReadMs: number;
+  /** from the 201 to the first token of a stream on the new adapter */
+  firstTokenAfterReadyMs: number;
+  /** from the start of the upload to that first token */
+  uploadToFirstTokenMs: number;
+  phases: UploadPhases;
+  memory: { adapters: number; rssBeforeBytes: number; rssAfterBytes: number; perAdapterBytes: number; ratioToTensorBytes: number };
+}
+
+export async function measureUploads(runtime: Runtime, base: string, adapters: readonly { name: string; files: AdapterFiles }[], opts: { prompt: string; warm: AdapterFiles; receiveRuns: number; progress: (l: string) => void }): Promise<UploadResult> {
+  const first = adapters[0]!.files;
+  // LoRA-shaped runs allocate onnxruntime scratch memory once; do it before the RSS baseline
+  const warm = await postForm(`${base}/v1/adapters`, adapterForm('bench-warm', opts.warm.config, opts.warm.weights));
+  if (warm.status !== 201) throw new Error(`upload of the warm-up adapter → ${warm.status}: ${warm.body.slice(0, 300)}`);
+  await streamGenerate(base, { prompt: opts.prompt, maxTokens: 2, adapter: 'bench-warm' });
+
+  const receives: number[] = [];
+  for (let i = 0; i < opts.receiveRuns; i++) {
+    const t0 = now();
+    const r = await postForm(`${base}/bench/receive`, adapterForm(`bench-recv-${i}`, first.config, first.weights));
+    receives.push(now() - t0);
+    if (r.status !== 200) throw new Error(`POST /bench/receive → ${r.status}: ${r.body.slice(0, 300)}`);
+  }
+
+  const rssBefore = await settledRss();
+  const ready: number[] = [];
+  const firstToken: number[] = [];
+  const total: number[] = [];
+  for (const a of adapters) {
+    const t0 = now();
+    const r = await postForm(`${base}/v1/adapters`, adapterForm(a.name, a.files.config, a.files.weights));
+    const t1 = now();
+    if (r.status !== 201) throw new Error(`upload of ${a.name} → ${r.status}: ${r.body.slice(0, 300)}`);
+    const trace = await streamGenerate(base, { prompt: opts.prompt, maxTokens: 1, adapter: a.name }, t1);
+    const t2 = trace.tokens[0];
+    if (t2 === undefined) throw new Error(`no token from ${a.name}`);
+    ready.push(t1 - t0);
+    firstToken.push(t2 - t1);
+    total.push(t2 - t0);
+  }
+  const rssAfter = await settledRss();
+  const perAdapter = (rssAfter - rssBefore) / adapters.length;
+  opts.progress(`upload: ${adapters.length} adapters, RSS +${((rssAfter - rssBefore) / 1e6).toFixed(1)} MB`);
+
+  const phases = await measurePhases(runtime, first, 3);
+  const receiveMs = median(receives);
+  const readyMs = median(ready);
+  return {
+    rank: 0,
+    fileBytes: first.config.byteLength + first.weights.byteLength,
+    tensorBytes: first.tensorBytes,
+    receiveMs,
+    readyMs,
+    beyondReadMs: readyMs - receiveMs,
+    firstTokenAfterReadyMs: median(firstToken),
+    uploadToFirstTokenMs: median(total),
+    phases,
+    memory: { adapters: adapters.length, rssBeforeBytes: rssBefore, rssAfterBytes: rssAfter, perAdapterBytes: perAdapter, ratioToTensorBytes: perAdapter / first.tensorBytes },
+  };
+}
+
+async function measurePhases(runtime: Runtime, files: AdapterFiles, runs: number): Promise<UploadPhases> {
+  const { manifest, config, engine, registry } = runtime;
+  const model: ModelFacts = { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId };
+  const limits: ValidationLimits = { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL };
+  const samples: UploadPhases[] = [];
+  for (let run = 0; run < runs; run++) {
+    const dir = await mkdtemp(join(registry.store.dir, '.upload-bench-'));
+    try {
+      await writeFile(join(dir, CONFIG_FILE), files.config);
+      await writeFile(join(dir, WEIGHTS_FILE), files.weights);
+      // the steps of readAdapterFolder (src/adapters/folder.ts), timed one by one
+      let t = now();
+      const names = await readdir(dir);
+      const configText = await readFile(join(dir, CONFIG_FILE), 'utf8');
+      const weightsPath = join(dir, WEIGHTS_FILE);
+      const head = await readHeader(weightsPath, DEFAULT_SAFETENSORS_LIMITS, WEIGHTS_FILE);
+      if (!head.header) throw new Error('the benchmark adapter has no readable header');
+      const values = new Map<string, Float32Array>();
+      for (const h of head.header.tensors) if (isFloatDtype(h.dtype)) values.set(h.name, toFloat32(h.dtype, await readTensorBytes(weightsPath, head.header, h)));
+      const readMs = now() - t;
+      t = now();
+      const otherFiles = names.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
+      const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, otherFiles }, model, limits);
+      const validateMs = now() - t;
+      if (!report.ok) throw new Error(`the benchmark adapter does not validate: ${report.errors[0]?.message}`);
+      t = now();
+      const weights = toEngineWeights(report, values, model);
+      const convertMs = now() - t;
+      t = now();
+      const versionId = `bench-phases@${run}#${process.pid}`;
+      await engine.loadAdapter(versionId, weights);
+      const engineLoadMs = now() - t;
+      await engine.unloadAdapter(versionId);
+      t = now();
+      const digest = await registry.store.digest(dir);
+      const digestMs = now() - t;
+      const name = `bench-phases-${run}`;
+      const meta: AdapterMeta = { metaVersion: 1, name, version: 1, created: new Date().toISOString(), files: digest, report };
+      t = now();
+      await registry.store.create(meta, dir);
+      const storeMs = now() - t;
+      await registry.store.delete(name);
+      samples.push({ readMs, validateMs, convertMs, engineLoadMs, digestMs, storeMs });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+  const pick = (k: keyof UploadPhases) => median(samples.map((s) => s[k]));
+  return { readMs: pick('readMs'), validateMs: pick('validateMs'), convertMs: pick('convertMs'), engineLoadMs: pick('engineLoadMs'), digestMs: pick('digestMs'), storeMs: pick('storeMs') };
+}
