@@ -5,7 +5,18 @@ import type { UploadResult } from './upload.js';
 
 /** Everything one run measured; every comparison is between numbers of this same run. */
 export interface BenchReport {
-  machine: { cpus: number; cpuModel: string; memoryGB: number; node: string; onnxruntime: string; transformersJs: string | null };
+  machine: {
+    cpus: number;
+    cpuModel: string;
+    memoryGB: number;
+    node: string;
+    onnxruntime: string;
+    transformersJs: string | null;
+    /** 1-minute load average at the start and the end: above `cpus`, other work shared the cores */
+    loadAverage: { before: number; after: number };
+    /** runs per throughput number (the best is kept) */
+    reps: number;
+  };
   model: { name: string; path: string; parameters: number; streamedWeightBytes: number; fileBytes: number; dims: string; promptTokens: number; maxTokens: number };
   limit: LimitResult;
   raw: {
@@ -56,6 +67,8 @@ export function formatReport(r: BenchReport): string {
   const m = r.machine;
   out.push(`loraserve bench — ${r.model.name} (${r.model.dims}; ${(r.model.parameters / 1e6).toFixed(1)}M params, ${(r.model.streamedWeightBytes / 1e9).toFixed(3)} GB streamed per token)`);
   out.push(`machine: ${m.cpus} CPUs (${m.cpuModel}), ${m.memoryGB.toFixed(0)} GB RAM, node ${m.node}, onnxruntime-node ${m.onnxruntime}${m.transformersJs ? `, transformers.js ${m.transformersJs}` : ''}`);
+  const load = Math.max(m.loadAverage.before, m.loadAverage.after);
+  out.push(`load average ${m.loadAverage.before.toFixed(2)} → ${m.loadAverage.after.toFixed(2)}${load > m.cpus * 0.75 ? ' — WARNING: other work shared the CPUs; the numbers are not trustworthy' : ''}; best of ${m.reps} run(s) per number`);
   out.push(`prompt ${r.model.promptTokens} tokens, ${r.model.maxTokens} generated per stream, greedy; tokens/s: decode = steady state with all streams running, e2e = all tokens / wall time`);
   out.push('');
   const tp = (name: string, t: Throughput, ratio = '') => [name, String(t.streams), String(t.tokens), f(t.decodeTokPerS), f(t.e2eTokPerS), f(t.ttftMs), ratio];

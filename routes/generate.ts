@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { z } from 'zod';
 import { collect, disconnectSignal, startGeneration, stream, usage } from '../src/http/generation.js';
 import { zodProblem } from '../src/http/problem.js';
-import { samplingFields } from '../src/http/sampling.js';
+import { samplingFields, textOptions } from '../src/http/sampling.js';
 import { MAX_TOP_LOGPROBS } from '../src/engine/engine.js';
 
 const GenerateBody = z.object({
@@ -27,16 +27,7 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
       runtime,
       {
         adapter,
-        text: {
-          prompt: body.prompt,
-          maxTokens: body.max_tokens,
-          temperature: body.temperature,
-          topP: body.top_p,
-          topK: body.top_k,
-          seed: body.seed,
-          stop: body.stop,
-          logprobs: body.logprobs,
-        },
+        text: { prompt: body.prompt, ...textOptions(body, body.logprobs) },
       },
       ac.signal,
     );

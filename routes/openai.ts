@@ -1,9 +1,9 @@
 import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
-import { collect, disconnectSignal, startGeneration, stream, usage, type GenerationCall } from '../src/http/generation.js';
+import { collect, disconnectSignal, startGeneration, stream, usage } from '../src/http/generation.js';
 import { badRequest, zodProblem } from '../src/http/problem.js';
-import { samplingFields } from '../src/http/sampling.js';
+import { samplingFields, textOptions } from '../src/http/sampling.js';
 import { ChatMessageSchema, NoChatTemplateError, renderChat } from '../src/tokenizer/chat-template.js';
 import type { Runtime } from '../src/runtime.js';
 import type { TokenEvent } from '../src/engine/engine.js';
@@ -38,22 +38,8 @@ const ChatBody = z.object({
   user: z.string().optional(),
 });
 
-type Sampling = { max_tokens?: number; temperature?: number; top_p?: number; top_k?: number; seed?: number; stop: string[] };
-
 function adapterFor(runtime: Runtime, model: string): string | null {
   return model === runtime.manifest.modelId ? null : model;
-}
-
-function textOptions(body: Sampling, logprobs: number | undefined): GenerationCall['text'] {
-  return {
-    maxTokens: body.max_tokens,
-    temperature: body.temperature,
-    topP: body.top_p,
-    topK: body.top_k,
-    seed: body.seed,
-    stop: body.stop,
-    logprobs,
-  };
 }
 
 const finish = (r: TextResult) => (r.finishReason === 'cancelled' ? 'length' : r.finishReason);

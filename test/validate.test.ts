@@ -475,6 +475,21 @@ describe('readAdapterFolder (files on disk)', () => {
       ['overlapping tensors', () => withHeader((h) => { const len = h[B]!.data_offsets[1]! - h[B]!.data_offsets[0]!; h[B]!.data_offsets = [0, len]; })],
       ['a negative shape', () => withHeader((h) => { h[A]!.shape = [-8, 24]; })],
       ['reversed offsets', () => withHeader((h) => { h[A]!.data_offsets = [10, 0]; })],
+      ['bytes after the last tensor', () => Buffer.concat([good(), Buffer.alloc(4096, 7)])],
+      ['a gap between tensors', () => {
+        // the same tensors with 8 unclaimed bytes inserted before the second one
+        const bytes = good();
+        const n = Number(bytes.readBigUInt64LE(0));
+        const h = JSON.parse(bytes.subarray(8, 8 + n).toString('utf8')) as Record<string, { data_offsets: number[] }>;
+        const [first, second] = [A, B].sort((x, y) => h[x]!.data_offsets[0]! - h[y]!.data_offsets[0]!) as [string, string];
+        const split = h[first]!.data_offsets[1]!;
+        h[second]!.data_offsets = h[second]!.data_offsets.map((o) => o + 8);
+        const json = Buffer.from(JSON.stringify(h));
+        const prefix = Buffer.alloc(8);
+        prefix.writeBigUInt64LE(BigInt(json.length));
+        const data = bytes.subarray(8 + n);
+        return Buffer.concat([prefix, json, data.subarray(0, split), Buffer.alloc(8), data.subarray(split)]);
+      }],
     ];
     it.each(cases)('%s', async (label, make) => {
       const dir = join(root, `corrupt-${label.replace(/[^a-z0-9]+/gi, '-')}`);

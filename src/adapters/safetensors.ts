@@ -137,12 +137,21 @@ export function parseHeader(file: string, headerBytes: Uint8Array, fileSize: num
     tensors.push({ name, dtype, shape: shape as number[], begin, end });
   }
   const sorted = [...tensors].filter((t) => t.end > t.begin).sort((a, b) => a.begin - b.begin);
-  for (let i = 1; i < sorted.length; i++) {
-    const prev = sorted[i - 1]!;
+  // as in the reference implementation, the tensors must cover the data section exactly: bytes
+  // that no tensor claims (a gap, or a tail after the last tensor) are where a lying file hides data
+  let covered = 0;
+  for (let i = 0; i < sorted.length; i++) {
     const cur = sorted[i]!;
-    if (cur.begin < prev.end) {
+    const prev = sorted[i - 1];
+    if (prev && cur.begin < prev.end) {
       problems.push(corrupt(file, `${cur.name} (bytes ${cur.begin}-${cur.end}) overlaps ${prev.name} (bytes ${prev.begin}-${prev.end}).`, { tensor: cur.name, actual: [cur.begin, cur.end] }));
+    } else if (cur.begin > covered) {
+      problems.push(corrupt(file, `${file} has ${cur.begin - covered} bytes that no tensor claims before ${cur.name} (data bytes ${covered}-${cur.begin}).`, { tensor: cur.name, expected: covered, actual: cur.begin }));
     }
+    covered = Math.max(covered, cur.end);
+  }
+  if (problems.length === 0 && dataSize > covered) {
+    problems.push(corrupt(file, `${file} has ${dataSize - covered} bytes after the last tensor that no tensor claims: the file was appended to, or its header lies.`, { expected: covered, actual: dataSize }));
   }
   return { header: { headerLength, dataStart, fileSize, tensors, metadata }, problems };
 }

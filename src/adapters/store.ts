@@ -1,10 +1,11 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { copyFile, lstat, mkdir, open, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { copyFile, lstat, mkdir, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { CONFIG_FILE } from './peft-config.js';
 import { WEIGHTS_FILE } from './validate.js';
+import { fsyncPath } from '../durable-fs.js';
 
 /**
  * The adapters on disk. Layout:
@@ -108,15 +109,6 @@ export async function sha256File(file: string): Promise<FileDigest> {
     }
   });
   return { bytes, sha256: hash.digest('hex') };
-}
-
-async function fsyncPath(p: string): Promise<void> {
-  const fh = await open(p, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 async function exists(p: string): Promise<boolean> {

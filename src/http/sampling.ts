@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import type { TextRequest } from '../engine/generation.js';
 
 /** Sampling fields shared by the native and OpenAI-style bodies (snake_case, as on the wire). */
 export const stopField = z
@@ -15,3 +16,25 @@ export const samplingFields = {
   stop: stopField,
   stream: z.boolean().optional(),
 };
+
+export interface SamplingBody {
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  seed?: number;
+  stop: string[];
+}
+
+/** wire (snake_case) sampling fields → the engine's text request options */
+export function textOptions(body: SamplingBody, logprobs: number | undefined): Omit<TextRequest, 'adapterVersion' | 'prompt'> {
+  return {
+    maxTokens: body.max_tokens,
+    temperature: body.temperature,
+    topP: body.top_p,
+    topK: body.top_k,
+    seed: body.seed,
+    stop: body.stop,
+    logprobs,
+  };
+}

@@ -6,6 +6,7 @@ import type { Checkpoint } from './checkpoint/types.js';
 import { BUILDER_VERSION, buildLlamaGraph, type BuiltGraph, type GraphOptions } from './graph/llama.js';
 import { ExternalDataWriter } from './graph/onnx-builder.js';
 import { ManifestSchema, type Manifest, type ModelDtype } from './manifest.js';
+import { fsyncPath, writeFileDurably } from '../durable-fs.js';
 
 export { BUILDER_VERSION } from './graph/llama.js';
 
@@ -89,16 +90,6 @@ async function reusable(dir: string, hash: string): Promise<Manifest | null> {
   }
 }
 
-async function writeDurably(path: string, bytes: Uint8Array | string): Promise<void> {
-  const fh = await open(path, 'w');
-  try {
-    await fh.writeFile(bytes);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 /** streams the weights into `weightsPath` while the graph is built; returns the encoded graph */
 async function writeWeightsAndGraph(ck: Checkpoint, options: GraphOptions, weightsPath: string, progress: (line: string) => void): Promise<BuiltGraph> {
   const fh = await open(weightsPath, 'w');
@@ -113,16 +104,8 @@ async function writeWeightsAndGraph(ck: Checkpoint, options: GraphOptions, weigh
 
 /** makes the rename itself durable; best effort, as not every filesystem lets a directory be fsynced */
 async function syncDir(path: string): Promise<void> {
-  try {
-    const fh = await open(path, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    // a build that is not yet durable is still correct: at worst it is rebuilt after a crash
-  }
+  // a build that is not yet durable is still correct: at worst it is rebuilt after a crash
+  await fsyncPath(path).catch(() => undefined);
 }
 
 /**
@@ -145,7 +128,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
   try {
     progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}) into ${dir}`);
     const built = await writeWeightsAndGraph(ck, options, join(tmp, WEIGHTS_FILE), progress);
-    await writeDurably(join(tmp, GRAPH_FILE), built.model);
+    await writeFileDurably(join(tmp, GRAPH_FILE), built.model);
     const manifest: Manifest = {
       manifestVersion: 1,
       builderVersion: BUILDER_VERSION,
@@ -160,7 +143,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
       files: { graph: GRAPH_FILE, weights: WEIGHTS_FILE },
       loraTargets: built.loraTargets,
     };
-    await writeDurably(join(tmp, MANIFEST_FILE), JSON.stringify(ManifestSchema.parse(manifest), null, 2));
+    await writeFileDurably(join(tmp, MANIFEST_FILE), JSON.stringify(ManifestSchema.parse(manifest), null, 2));
     // a stale or broken folder under the final name would make rename fail: it is ours to replace
     await rm(dir, { recursive: true, force: true });
     try {

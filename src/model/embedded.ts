@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { encodeSafetensors, type TensorToWrite } from '../adapters/safetensors.js';
+import { writeFileDurably } from '../durable-fs.js';
 
 /**
  * The embedded default model: a small, deterministic-random Llama written as a Hugging Face
@@ -289,16 +290,6 @@ export function embeddedModelFiles(): Map<string, Buffer> {
   ]);
 }
 
-async function writeDurably(path: string, bytes: Buffer): Promise<void> {
-  const fh = await open(path, 'w');
-  try {
-    await fh.writeFile(bytes);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
 /**
  * Writes (or overwrites) the embedded model's files in `dir`, each through a temp file and a
  * rename, so a reader never sees half a file. Other files in `dir` (e.g. a graph cache) are kept.
@@ -307,7 +298,7 @@ export async function writeEmbeddedModel(dir: string): Promise<void> {
   await mkdir(dir, { recursive: true });
   for (const [name, bytes] of embeddedModelFiles()) {
     const tmp = join(dir, `.${name}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`);
-    await writeDurably(tmp, bytes);
+    await writeFileDurably(tmp, bytes);
     await rename(tmp, join(dir, name));
   }
 }

@@ -1,0 +1,79 @@
+import { execFile } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+/**
+ * `npm run bench -- --quick --json` on the tiny preset, as a child process: every section is
+ * present and every number in it is finite (NaN and ±Infinity become null in JSON). No timing is
+ * asserted: the numbers of a loaded 2-core CI machine mean nothing; the benchmark itself is run by
+ * hand (bench/RESULTS.md).
+ */
+
+const run = promisify(execFile);
+const root = resolve(import.meta.dirname, '..');
+
+type Json = null | boolean | number | string | Json[] | { [k: string]: Json };
+
+/** paths of every leaf that is not a finite number, a string or a boolean */
+function nonFinite(v: Json, path: string, out: string[]): string[] {
+  if (v === null) out.push(path);
+  else if (typeof v === 'number') {
+    if (!Number.isFinite(v)) out.push(path);
+  } else if (Array.isArray(v)) v.forEach((x, i) => nonFinite(x, `${path}[${i}]`, out));
+  else if (typeof v === 'object') for (const [k, x] of Object.entries(v)) nonFinite(x, `${path}.${k}`, out);
+  return out;
+}
+
+describe('bench --quick --json', () => {
+  let cache: string;
+  let report: Record<string, Json>;
+  let stderr: string;
+
+  beforeAll(async () => {
+    cache = await mkdtemp(join(tmpdir(), 'loraserve-bench-smoke-'));
+    const out = await run(process.execPath, ['bin/loraserve-bench.js', '--quick', '--json', '--cache', cache], { cwd: root, maxBuffer: 16 * 1024 * 1024, timeout: 110_000 });
+    stderr = out.stderr;
+    report = JSON.parse(out.stdout) as Record<string, Json>;
+  }, 120_000);
+
+  afterAll(async () => {
+    if (cache) await rm(cache, { recursive: true, force: true });
+  });
+
+  it('reports every section', () => {
+    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'upload', 'peer', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
+    expect(report.model).toMatchObject({ name: 'tiny', maxTokens: 24 });
+    for (const k of ['api1', 'same8', 'mixed8', 'base8']) expect(report.api).toHaveProperty(k);
+    for (const k of ['b1', 'b8', 'profile1', 'profile8']) expect(report.raw).toHaveProperty(k);
+    // the peer ran (transformers.js on the peer export), unless it says exactly what is missing
+    expect(report.peer, stderr).toMatchObject({ available: true });
+  });
+
+  it('has only finite numbers in the measured sections', () => {
+    const bad: string[] = [];
+    for (const k of ['limit', 'raw', 'engine', 'minimal', 'api', 'upload', 'peer', 'ratios', 'targets']) nonFinite(report[k] ?? null, k, bad);
+    expect(bad).toEqual([]);
+  });
+
+  it('counts the tokens it asked for', () => {
+    // every stream runs its full length: the presets' EOS lies outside what the sampler may pick
+    const api = report.api as Record<string, { streams: number; tokens: number }>;
+    expect(api.api1).toMatchObject({ streams: 1, tokens: 24 });
+    for (const k of ['same8', 'mixed8', 'base8']) expect(api[k], k).toMatchObject({ streams: 8, tokens: 8 * 24 });
+    const peer = report.peer as { b8: { tokens: number } };
+    expect(peer.b8.tokens).toBe(8 * 24);
+    const upload = report.upload as { memory: { adapters: number }; rank: number; tensorBytes: number };
+    expect(upload.memory.adapters).toBe(2);
+    expect(upload.rank).toBe(16);
+    expect(upload.tensorBytes).toBeGreaterThan(0);
+  });
+
+  it('agrees with the peer on the greedy tokens of the same weights', () => {
+    const agreement = (report.peer as { agreement: { compared: number; equal: number } }).agreement;
+    expect(agreement.compared).toBeGreaterThan(0);
+    expect(agreement.equal).toBe(agreement.compared);
+  });
+});
