@@ -11,9 +11,10 @@ import { now, throughput, type StreamTrace, type Throughput } from './timing.js'
  * The service as clients see it: buildApp listening on 127.0.0.1 (port 0), requests over real
  * sockets from this process. Logging stays at `info` as in production, written to /dev/null.
  *
- * One route is added for the benchmark only: POST /bench/receive runs the real multipart
+ * Two routes are added for the benchmark only: POST /bench/receive runs the real multipart
  * receiver (receiveAdapterUpload: multipart → files in ADAPTER_DIR) and then discards the files,
- * which prices "reading the upload" apart from validation, conversion, loading and storing.
+ * which prices "reading the upload" apart from validation, conversion, loading and storing;
+ * POST /bench/drain reads the same body and drops it, which prices the HTTP transfer alone.
  */
 
 export interface Server {
@@ -51,6 +52,15 @@ export async function startServer(o: ServerOptions): Promise<Server> {
       await u.cleanup();
       return { received: true };
     });
+  });
+  // the bytes alone: the same multipart body read off the socket and dropped (no parsing, no disk)
+  await app.register(async (scope) => {
+    scope.addContentTypeParser('multipart/form-data', (_req, payload, done) => {
+      payload.resume();
+      payload.on('end', () => done(null, null));
+      payload.on('error', (e: Error) => done(e, undefined));
+    });
+    scope.post('/bench/drain', async () => ({ drained: true }));
   });
   await app.listen({ host: '127.0.0.1', port: 0 });
   const addr = app.server.address();

@@ -1,24 +1,27 @@
+import { spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm, stat } from 'node:fs/promises';
 import { availableParallelism, cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { openCheckpoint } from '../src/model/checkpoint/index.js';
 import { buildModel, type BuildResult } from '../src/model/build.js';
 import { loadTokenizer } from '../src/tokenizer/index.js';
 import { ensurePreset, fileBytes, isPresetName, parameterCount, PRESET_NAMES, streamedWeightBytes, type PresetName } from './presets.js';
 import { measureLimit } from './limit.js';
 import { openCore, runCore, runEngine, runMinimal, type GenSpec } from './raw.js';
-import { concurrentStreams, startServer, streamGenerate } from './api.js';
+import { adapterForm, concurrentStreams, postForm, startServer, streamGenerate } from './api.js';
 import { peftAdapter } from './adapters.js';
-import { measureUploads } from './upload.js';
+import { measureUploads, type UploadResult } from './upload.js';
 import { peerFolder, runPeer } from './peer.js';
 import { formatReport, target, type BenchReport } from './report.js';
 import { now, throughput } from './timing.js';
 
 /**
  * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b | --model <dir>] [--quick] [--json]
- *   [--tokens N] [--adapters N] [--rank N] [--cache <dir>]`
+ *   [--tokens N] [--adapters N] [--rank N] [--reps N] [--cache <dir>]`
  * Prints a table and then the JSON report (with --json: the JSON only). Progress goes to stderr.
- * Sessions are opened one at a time (limit, raw, minimal, server, peer) so the 0.5B preset fits.
+ * Sections run in this order, one session at a time so the 0.5B preset fits: upload (a child
+ * process), limit, raw, minimal, the server (engine, api), peer.
  */
 
 interface Options {
@@ -32,12 +35,14 @@ interface Options {
   /** each throughput is measured this many times and the best kept (noise on a shared machine only slows) */
   reps: number | null;
   cache: string;
+  /** internal: run only the upload/memory section and print its JSON (a fresh process, see runUploadProbe) */
+  probeUpload: boolean;
 }
 
 const USAGE = `usage: loraserve-bench [--preset ${PRESET_NAMES.join('|')} | --model <model dir>] [--quick] [--json] [--tokens N] [--adapters N] [--rank N] [--reps N] [--cache <dir>]`;
 
 function parseArgs(argv: readonly string[]): Options {
-  const o: Options = { preset: null, model: null, quick: false, json: false, tokens: null, adapters: 8, rank: 16, reps: null, cache: './data/bench-models' };
+  const o: Options = { preset: null, model: null, quick: false, json: false, tokens: null, adapters: 8, rank: 16, reps: null, cache: './data/bench-models', probeUpload: false };
   const value = (i: number, flag: string) => {
     const v = argv[i + 1];
     if (v === undefined || v.startsWith('--')) throw new Error(`${flag} needs a value\n${USAGE}`);
@@ -81,6 +86,9 @@ function parseArgs(argv: readonly string[]): Options {
       case '--cache':
         o.cache = value(i++, a);
         break;
+      case '--probe-upload':
+        o.probeUpload = true;
+        break;
       case '--help':
       case '-h':
         throw new Error(USAGE);
@@ -114,6 +122,43 @@ async function packageVersion(name: string): Promise<string | null> {
   }
 }
 
+/**
+ * The upload section in a fresh process: the RSS added per adapter is only visible when the
+ * allocator holds no memory freed by earlier sections (a process that has opened and released a
+ * 2 GB session keeps freed pages that new adapters would silently reuse).
+ */
+async function runUploadProbe(o: Options, modelPath: string, cache: string, progress: (l: string) => void): Promise<UploadResult> {
+  const args = ['--expose-gc', fileURLToPath(new URL('../bin/loraserve-bench.js', import.meta.url)), '--probe-upload', '--model', modelPath, '--cache', cache, '--adapters', String(o.adapters), '--rank', String(o.rank)];
+  if (o.quick) args.push('--quick');
+  progress(`upload: rank ${o.rank}, all projections, ${o.adapters} adapters, in a fresh process`);
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.setEncoding('utf8');
+  child.stdout.on('data', (c: string) => (out += c));
+  const code = await new Promise<number | null>((res) => child.on('close', res));
+  if (code !== 0) throw new Error(`the upload probe exited with code ${code}`);
+  return JSON.parse(out) as UploadResult;
+}
+
+async function uploadProbe(o: Options, modelPath: string, cache: string, progress: (l: string) => void): Promise<number> {
+  const ck = await openCheckpoint(modelPath);
+  const adapterDir = await mkdtemp(join(tmpdir(), 'loraserve-bench-upload-'));
+  try {
+    const server = await startServer({ modelPath, cacheDir: join(cache, 'built'), adapterDir, maxBatch: 8 });
+    try {
+      const adapters = Array.from({ length: o.adapters }, (_, i) => ({ name: `bench-${i}`, files: peftAdapter(ck.architecture, { modelId: ck.modelId, rank: o.rank, seed: 1000 + i }) }));
+      const warm = peftAdapter(ck.architecture, { modelId: ck.modelId, rank: o.rank, seed: 999 });
+      const result = await measureUploads(server.app.runtime, server.base, adapters, { prompt: PROMPT, warm, rank: o.rank, receiveRuns: o.quick ? 1 : 3, progress });
+      process.stdout.write(`${JSON.stringify(result)}\n`);
+    } finally {
+      await server.close();
+    }
+  } finally {
+    await rm(adapterDir, { recursive: true, force: true });
+  }
+  return 0;
+}
+
 export async function main(argv: readonly string[]): Promise<number> {
   let o: Options;
   try {
@@ -129,6 +174,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   const cache = resolve(o.cache);
   const presetName: PresetName = o.preset ?? 'tiny';
   const modelPath = o.model ? resolve(o.model) : await ensurePreset(presetName, cache, progress);
+  if (o.probeUpload) return uploadProbe(o, modelPath, cache, progress);
   const modelName = o.model ? modelPath : presetName;
   const buildDir = join(cache, 'built');
 
@@ -137,7 +183,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   const a = ck.architecture;
   const big = streamedWeightBytes(a) > 1e9;
   const maxTokens = o.tokens ?? (o.quick ? 24 : big ? 32 : 64);
-  const reps = o.reps ?? (o.quick ? 1 : 2);
+  const reps = o.reps ?? (o.quick ? 1 : big ? 2 : 3);
   const tp = (t: { decodeTokPerS: number }) => t.decodeTokPerS;
   const coreTp = (t: { throughput: { decodeTokPerS: number } }) => t.throughput.decodeTokPerS;
   progress(`model ${modelName}: building graphs (cached after the first run)`);
@@ -154,6 +200,9 @@ export async function main(argv: readonly string[]): Promise<number> {
   const promptIds = tokenizer.encode(PROMPT);
   const spec: GenSpec = { promptIds, maxTokens, vocabLimit: tokenizer.vocabSize, eosIds: tokenizer.eosIds };
   const weightBytes = streamedWeightBytes(a);
+
+  // ── upload and memory per adapter (first, in a fresh process) ─────────────────────────────
+  const upload = await runUploadProbe(o, modelPath, cache, progress);
 
   // ── limit ─────────────────────────────────────────────────────────────────────────────────
   const limit = await measureLimit(cache, weightBytes, { runs: o.quick ? 5 : 15, progress });
@@ -179,18 +228,18 @@ export async function main(argv: readonly string[]): Promise<number> {
   let minimal: BenchReport['minimal'] = null;
   if (peerBuilt) {
     progress('minimal: hand-written loop over the peer graph, batch 1 and 8');
-    await runMinimal(peerBuilt.dir, peerBuilt.manifest, { ...spec, maxTokens: 2 }, 1);
-    const m1 = await best(reps, () => runMinimal(peerBuilt.dir, peerBuilt.manifest, spec, 1), coreTp);
-    const m8 = await best(reps, () => runMinimal(peerBuilt.dir, peerBuilt.manifest, spec, 8), coreTp);
+    const pb = peerBuilt;
+    await runMinimal(pb.dir, pb.manifest, { ...spec, maxTokens: 2 }, 1);
+    const m1 = await best(reps, () => runMinimal(pb.dir, pb.manifest, spec, 1), coreTp);
+    const m8 = await best(reps, () => runMinimal(pb.dir, pb.manifest, spec, 8), coreTp);
     minimal = { what: 'hand-written decode loop over the peer export (no LoRA inputs), prefill as one batch', b1: m1.throughput, b8: m8.throughput, runMs1: m1.runMs, runMs8: m8.runMs };
   }
 
-  // ── the service: engine without HTTP, then over HTTP, uploads ──────────────────────────────
+  // ── the service: engine without HTTP, then over HTTP ───────────────────────────────────────
   const adapterDir = await mkdtemp(join(tmpdir(), 'loraserve-bench-adapters-'));
   let engine1;
   let engine8;
   let api: BenchReport['api'];
-  let upload;
   try {
     progress('server: starting on 127.0.0.1');
     const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8 });
@@ -206,18 +255,16 @@ export async function main(argv: readonly string[]): Promise<number> {
       const api1 = await best(reps, async () => throughput([await streamGenerate(server.base, { prompt: PROMPT, maxTokens, adapter: null })]), tp);
       const base8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => null)), tp);
 
-      progress(`upload: rank ${o.rank}, all projections, ${o.adapters} adapters`);
-      const names = Array.from({ length: o.adapters }, (_, i) => `bench-${i}`);
-      const adapters = names.map((name, i) => ({ name, files: peftAdapter(a, { modelId: ck.modelId, rank: o.rank, seed: 1000 + i }) }));
-      const warm = peftAdapter(a, { modelId: ck.modelId, rank: o.rank, seed: 999 });
-      upload = await measureUploads(runtime, server.base, adapters, { prompt: PROMPT, warm, receiveRuns: o.quick ? 1 : 3, progress });
-      upload.rank = o.rank;
-
+      const names = Array.from({ length: 8 }, (_, i) => `bench-${i}`);
+      for (const [i, name] of names.entries()) {
+        const files = peftAdapter(a, { modelId: ck.modelId, rank: o.rank, seed: 1000 + i });
+        const r = await postForm(`${server.base}/v1/adapters`, adapterForm(name, files.config, files.weights));
+        if (r.status !== 201) throw new Error(`upload of ${name} → ${r.status}: ${r.body.slice(0, 300)}`);
+      }
       progress('api: 8 streams on one adapter, on 8 different adapters');
-      const mixedNames = Array.from({ length: 8 }, (_, i) => names[i % names.length]);
-      await concurrentStreams(server.base, PROMPT, 2, mixedNames);
+      await concurrentStreams(server.base, PROMPT, 2, names);
       const same8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => names[0])), tp);
-      const mixed8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, mixedNames), tp);
+      const mixed8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, names), tp);
       api = { api1, same8, mixed8, base8 };
     } finally {
       await server.close();

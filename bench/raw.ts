@@ -30,8 +30,12 @@ export interface GenSpec {
 
 export interface CoreProfile {
   decodeSteps: number;
-  /** mean per decode step at full batch: the whole EngineCore.step, and session.run inside it */
+  /** median per decode step at full batch: the whole EngineCore.step, and session.run inside it */
   stepMs: number;
+  /** mean of the same steps: above the median when some steps stall (GC, page faults, a busy CPU) */
+  meanStepMs: number;
+  /** mean time per loop turn outside step(): flush (posting tokens) and the yield to the event loop */
+  betweenStepsMs: number;
   runMs: number;
   /** step − run: feed assembly, KV composition, sampling, bookkeeping */
   outsideRunMs: number;
@@ -102,14 +106,19 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
   }
   const steps: { step: number; run: number }[] = [];
   const prefills: number[] = [];
+  let between = 0;
+  let turns = 0;
   while (core.hasWork()) {
     const t0 = now();
     await core.step();
-    const stepMs = now() - t0;
+    const t1 = now();
+    const stepMs = t1 - t0;
     core.flush();
     if (last.kind === 'decode' && last.rows === batch) steps.push({ step: stepMs, run: last.runMs });
     else if (last.kind === 'prefill') prefills.push(last.runMs);
     await new Promise<void>((r) => setImmediate(r));
+    between += now() - t1;
+    turns++;
   }
   if (failures.length) throw new Error(`core loop failed: ${failures[0]}`);
   const stepMs = median(steps.map((s) => s.step));
@@ -117,7 +126,7 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
   const micro = microProfile(manifest, batch, spec.promptIds.length + spec.maxTokens / 2, spec.vocabLimit);
   return {
     throughput: throughput([...traces.values()]),
-    profile: { decodeSteps: steps.length, stepMs, runMs: runMedian, outsideRunMs: stepMs - runMedian, feedsMs: micro.feedsMs, sampleMs: micro.sampleMs, prefillRunMs: median(prefills) },
+    profile: { decodeSteps: steps.length, stepMs, meanStepMs: steps.reduce((x, y) => x + y.step, 0) / Math.max(1, steps.length), betweenStepsMs: between / Math.max(1, turns), runMs: runMedian, outsideRunMs: stepMs - runMedian, feedsMs: micro.feedsMs, sampleMs: micro.sampleMs, prefillRunMs: median(prefills) },
     tokens,
   };
 }

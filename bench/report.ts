@@ -101,20 +101,29 @@ export function formatReport(r: BenchReport): string {
   const p8 = r.raw.profile8;
   out.push(
     table(
-      ['decode step profile (ms)', 'step', 'session.run', 'outside run', 'feeds', 'sample', 'prefill run'],
-      [
-        ['batch 1', f(p1.stepMs, 2), f(p1.runMs, 2), f(p1.outsideRunMs, 2), f(p1.feedsMs, 3), f(p1.sampleMs, 3), f(p1.prefillRunMs, 2)],
-        ['batch 8', f(p8.stepMs, 2), f(p8.runMs, 2), f(p8.outsideRunMs, 2), f(p8.feedsMs, 3), f(p8.sampleMs, 3), f(p8.prefillRunMs, 2)],
-      ],
+      ['decode step profile (ms)', 'step', 'mean step', 'session.run', 'outside run', 'feeds', 'sample', 'between steps', 'prefill run'],
+      [p1, p8].map((p, i) => [
+        `batch ${i === 0 ? 1 : 8}`,
+        f(p.stepMs, 2),
+        f(p.meanStepMs, 2),
+        f(p.runMs, 2),
+        f(p.outsideRunMs, 2),
+        f(p.feedsMs, 3),
+        f(p.sampleMs, 3),
+        f(p.betweenStepsMs, 2),
+        f(p.prefillRunMs, 2),
+      ]),
     ),
   );
   if (r.minimal) out.push(`minimal loop session.run: ${f(r.minimal.runMs1, 2)} ms at batch 1, ${f(r.minimal.runMs8, 2)} ms at batch 8 (same weights, no LoRA inputs)`);
   out.push('');
   const u = r.upload;
   const ph = u.phases;
-  out.push(`upload (rank ${u.rank}, all projections, ${(u.fileBytes / 1e6).toFixed(1)} MB): receive ${f(u.receiveMs)} ms, ready ${f(u.readyMs)} ms (+${f(u.beyondReadMs)} beyond receive), first token ${f(u.firstTokenAfterReadyMs)} ms after ready, upload→first token ${f(u.uploadToFirstTokenMs)} ms`);
+  out.push(`upload (rank ${u.rank}, all projections, ${(u.fileBytes / 1e6).toFixed(1)} MB): transfer ${f(u.transferMs)} ms, receive (multipart → disk) ${f(u.receiveMs)} ms, ready ${f(u.readyMs)} ms (+${f(u.beyondReadMs)} beyond receive), first token ${f(u.firstTokenAfterReadyMs)} ms after ready, upload→first token ${f(u.uploadToFirstTokenMs)} ms`);
   out.push(`  parts (direct calls): read ${f(ph.readMs)} · validate ${f(ph.validateMs)} · convert ${f(ph.convertMs)} · engine load ${f(ph.engineLoadMs)} · sha256 ${f(ph.digestMs)} · store ${f(ph.storeMs)} ms`);
-  out.push(`  memory: ${u.memory.adapters} adapters, RSS +${f(u.memory.perAdapterBytes / 1e6)} MB each vs ${f(u.tensorBytes / 1e6)} MB of tensors (${f(u.memory.ratioToTensorBytes, 2)}×)`);
+  out.push(
+    `  memory (fresh process): ${u.memory.adapters} adapters, RSS +${f(u.memory.perAdapterBytes / 1e6)} MB each vs ${f(u.tensorBytes / 1e6)} MB of tensors (${f(u.memory.ratioToTensorBytes, 2)}×); slope through the per-adapter RSS ${f(u.memory.slopeBytes / 1e6)} MB`,
+  );
   out.push('');
   out.push(
     table(

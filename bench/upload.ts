@@ -36,6 +36,8 @@ export interface UploadResult {
   rank: number;
   fileBytes: number;
   tensorBytes: number;
+  /** the body over HTTP, read and dropped (client encoding + socket) */
+  transferMs: number;
   /** multipart → disk only */
   receiveMs: number;
   /** POST /v1/adapters until its 201 */
@@ -47,18 +49,33 @@ export interface UploadResult {
   /** from the start of the upload to that first token */
   uploadToFirstTokenMs: number;
   phases: UploadPhases;
-  memory: { adapters: number; rssBeforeBytes: number; rssAfterBytes: number; perAdapterBytes: number; ratioToTensorBytes: number };
+  memory: {
+    adapters: number;
+    rssBeforeBytes: number;
+    rssAfterBytes: number;
+    /** (after − before) / adapters */
+    perAdapterBytes: number;
+    ratioToTensorBytes: number;
+    /** RSS after each adapter, and the least-squares slope through them (first-use costs drop out) */
+    rssSeriesBytes: number[];
+    slopeBytes: number;
+  };
 }
 
-export async function measureUploads(runtime: Runtime, base: string, adapters: readonly { name: string; files: AdapterFiles }[], opts: { prompt: string; warm: AdapterFiles; receiveRuns: number; progress: (l: string) => void }): Promise<UploadResult> {
+export async function measureUploads(runtime: Runtime, base: string, adapters: readonly { name: string; files: AdapterFiles }[], opts: { prompt: string; warm: AdapterFiles; rank: number; receiveRuns: number; progress: (l: string) => void }): Promise<UploadResult> {
   const first = adapters[0]!.files;
   // LoRA-shaped runs allocate onnxruntime scratch memory once; do it before the RSS baseline
   const warm = await postForm(`${base}/v1/adapters`, adapterForm('bench-warm', opts.warm.config, opts.warm.weights));
   if (warm.status !== 201) throw new Error(`upload of the warm-up adapter → ${warm.status}: ${warm.body.slice(0, 300)}`);
   await streamGenerate(base, { prompt: opts.prompt, maxTokens: 2, adapter: 'bench-warm' });
 
+  const transfers: number[] = [];
   const receives: number[] = [];
   for (let i = 0; i < opts.receiveRuns; i++) {
+    const td = now();
+    const d = await postForm(`${base}/bench/drain`, adapterForm(`bench-drain-${i}`, first.config, first.weights));
+    transfers.push(now() - td);
+    if (d.status !== 200) throw new Error(`POST /bench/drain → ${d.status}: ${d.body.slice(0, 300)}`);
     const t0 = now();
     const r = await postForm(`${base}/bench/receive`, adapterForm(`bench-recv-${i}`, first.config, first.weights));
     receives.push(now() - t0);
@@ -69,6 +86,7 @@ export async function measureUploads(runtime: Runtime, base: string, adapters: r
   const ready: number[] = [];
   const firstToken: number[] = [];
   const total: number[] = [];
+  const series: number[] = [];
   for (const a of adapters) {
     const t0 = now();
     const r = await postForm(`${base}/v1/adapters`, adapterForm(a.name, a.files.config, a.files.weights));
@@ -80,6 +98,7 @@ export async function measureUploads(runtime: Runtime, base: string, adapters: r
     ready.push(t1 - t0);
     firstToken.push(t2 - t1);
     total.push(t2 - t0);
+    series.push(await settledRss());
   }
   const rssAfter = await settledRss();
   const perAdapter = (rssAfter - rssBefore) / adapters.length;
@@ -89,16 +108,25 @@ export async function measureUploads(runtime: Runtime, base: string, adapters: r
   const receiveMs = median(receives);
   const readyMs = median(ready);
   return {
-    rank: 0,
+    rank: opts.rank,
     fileBytes: first.config.byteLength + first.weights.byteLength,
     tensorBytes: first.tensorBytes,
+    transferMs: median(transfers),
     receiveMs,
     readyMs,
     beyondReadMs: readyMs - receiveMs,
     firstTokenAfterReadyMs: median(firstToken),
     uploadToFirstTokenMs: median(total),
     phases,
-    memory: { adapters: adapters.length, rssBeforeBytes: rssBefore, rssAfterBytes: rssAfter, perAdapterBytes: perAdapter, ratioToTensorBytes: perAdapter / first.tensorBytes },
+    memory: {
+      adapters: adapters.length,
+      rssBeforeBytes: rssBefore,
+      rssAfterBytes: rssAfter,
+      perAdapterBytes: perAdapter,
+      ratioToTensorBytes: perAdapter / first.tensorBytes,
+      rssSeriesBytes: series,
+      slopeBytes: slope([rssBefore, ...series]),
+    },
   };
 }
 
@@ -151,4 +179,19 @@ async function measurePhases(runtime: Runtime, files: AdapterFiles, runs: number
   }
   const pick = (k: keyof UploadPhases) => median(samples.map((s) => s[k]));
   return { readMs: pick('readMs'), validateMs: pick('validateMs'), convertMs: pick('convertMs'), engineLoadMs: pick('engineLoadMs'), digestMs: pick('digestMs'), storeMs: pick('storeMs') };
+}
+
+/** least-squares slope of ys over 0, 1, 2, … */
+function slope(ys: readonly number[]): number {
+  const n = ys.length;
+  if (n < 2) return Number.NaN;
+  const mx = (n - 1) / 2;
+  const my = ys.reduce((a, b) => a + b, 0) / n;
+  let num = 0;
+  let den = 0;
+  ys.forEach((y, x) => {
+    num += (x - mx) * (y - my);
+    den += (x - mx) ** 2;
+  });
+  return num / den;
 }
