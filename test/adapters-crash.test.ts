@@ -1,7 +1,6 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
-import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -10,6 +9,7 @@ import { encodeSafetensors, readHeader, readTensorBytes, toFloat32, type TensorT
 import type { PausePoint } from '../src/adapters/store.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { adapterBytes, filesForm, form, listing, sha256, type AdapterBytes } from './helpers/adapter-uploads.js';
+import { startServer as startServerProcess, type ServerProcess } from './helpers/serve-process.js';
 
 /**
  * Crash safety with the real server process (`node bin/loraserve.js serve`), killed with SIGKILL:
@@ -22,7 +22,6 @@ import { adapterBytes, filesForm, form, listing, sha256, type AdapterBytes } fro
  * disk (serving the first model again makes it ready).
  */
 
-const REPO = path.resolve(import.meta.dirname, '..');
 let tmp: string;
 let modelA: string;
 let modelB: string;
@@ -33,50 +32,15 @@ let v1: AdapterBytes;
 let v2: AdapterBytes;
 const children = new Set<ChildProcess>();
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as { port: number };
-      s.close(() => resolve(port));
-    });
-  });
+/** the real CLI on a free port (test/helpers/serve-process.ts), tracked so afterAll can kill leftovers */
+async function startServer(env: Record<string, string>): Promise<ServerProcess> {
+  const server = await startServerProcess({ ADAPTER_DIR: adapterDir, CACHE_DIR: cacheDir, DEVICE: 'cpu', LOG_LEVEL: 'warn', ...env });
+  children.add(server.child);
+  void server.exited.then(() => children.delete(server.child));
+  return server;
 }
 
-interface Server {
-  url: string;
-  child: ChildProcess;
-  stderr: () => string;
-}
-
-async function startServer(env: Record<string, string>): Promise<Server> {
-  const port = await freePort();
-  const child = spawn(process.execPath, ['bin/loraserve.js', 'serve'], {
-    cwd: REPO,
-    env: { ...process.env, PORT: String(port), HOST: '127.0.0.1', ADAPTER_DIR: adapterDir, CACHE_DIR: cacheDir, DEVICE: 'cpu', LOG_LEVEL: 'warn', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  children.add(child);
-  let err = '';
-  let out = '';
-  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  void exited.then(() => children.delete(child));
-  const url = `http://127.0.0.1:${port}`;
-  const deadline = Date.now() + 90_000;
-  for (;;) {
-    const gone = await Promise.race([exited.then(() => true), new Promise<false>((r) => setTimeout(() => r(false), 150))]);
-    if (gone) throw new Error(`the server exited while starting:\n${err}\n${out}`);
-    const ok = await fetch(`${url}/readyz`).then((r) => r.ok, () => false);
-    if (ok) break;
-    if (Date.now() > deadline) throw new Error(`the server did not become ready:\n${err}\n${out}`);
-  }
-  return { url, child, stderr: () => err };
-}
-
-async function kill(s: Server): Promise<void> {
+async function kill(s: ServerProcess): Promise<void> {
   if (s.child.exitCode !== null || s.child.signalCode !== null) return;
   const done = new Promise((r) => s.child.once('exit', r));
   s.child.kill('SIGKILL');
@@ -105,7 +69,7 @@ async function storedVersion(): Promise<string> {
 
 const hiddenEntries = async () => (await readdir(adapterDir)).filter((e) => e.startsWith('.'));
 
-async function generate(s: Server, adapter: string): Promise<{ status: number; body: Record<string, unknown> }> {
+async function generate(s: ServerProcess, adapter: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(`${s.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', adapter, max_tokens: 4, temperature: 0 }) });
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
 }
@@ -175,7 +139,7 @@ afterAll(async () => {
 });
 
 describe('SIGKILL during writes, then restart', () => {
-  let server: Server;
+  let server: ServerProcess;
 
   it('killed in the middle of an upload: after restart no temp folder is left and the stored adapter is intact', async () => {
     server = await startServer({ MODEL_PATH: modelA });
@@ -226,7 +190,7 @@ describe('SIGKILL during writes, then restart', () => {
       // `server` was started with LORASERVE_TEST_PAUSE=<point>:120000 by the previous step
       expect(await storedVersion()).toBe('v1');
       const put = fetch(`${server.url}/v1/adapters/keep`, { method: 'PUT', body: filesForm(null, v2) }).catch(() => null);
-      await waitFor(`the server to hold at ${point}`, () => server.stderr().includes(`holding at ${point}`));
+      await waitFor(`the server to hold at ${point}`, () => server.output().includes(`holding at ${point}`));
       await kill(server);
       await put;
       const next = points[i + 1];
