@@ -3,6 +3,7 @@ import { mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/prom
 import { join } from 'node:path';
 import { PROJECTIONS, projectionBlock, projectionDims, type Architecture } from '../src/model/architecture.js';
 import { embeddedModelFiles } from '../src/model/embedded.js';
+import { mulberry32 } from '../src/prng.js';
 
 /**
  * Benchmark models: real dimensions, deterministic random weights, written once as Hugging Face
@@ -106,18 +107,6 @@ function tensorPlans(p: PresetSpec): TensorPlan[] {
   add('model.norm.weight', [p.hidden], 0, 1);
   if (!p.tied) add('lm_head.weight', [p.vocab, p.hidden], 1 / Math.sqrt(p.hidden));
   return plans;
-}
-
-/** mulberry32: integer arithmetic only, so the weights are the same bytes on every machine */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** values written per piece: the 0.5B preset's 2 GB never sits in memory at once */

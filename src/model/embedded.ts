@@ -3,6 +3,7 @@ import { mkdir, readdir, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { encodeSafetensors, type TensorToWrite } from '../adapters/safetensors.js';
 import { writeFileDurably } from '../durable-fs.js';
+import { mulberry32 } from '../prng.js';
 
 /**
  * The embedded default model: a small, deterministic-random Llama written as a Hugging Face
@@ -228,17 +229,6 @@ function configJson(): string {
     loraserve_embedded: { version: EMBEDDED_MODEL_VERSION, seed: SEED, note: 'deterministic random weights; output is gibberish' },
   };
   return JSON.stringify(json, null, 2) + '\n';
-}
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /**

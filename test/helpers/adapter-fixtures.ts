@@ -5,6 +5,7 @@ import type { Architecture, Projection } from '../../src/model/architecture.js';
 import { PROJECTIONS, projectionDims } from '../../src/model/architecture.js';
 import { moduleName } from '../../src/model/manifest.js';
 import { encodeSafetensors, type TensorToWrite } from '../../src/adapters/safetensors.js';
+import { mulberry32 } from '../../src/prng.js';
 
 /**
  * Builders of PEFT adapter folders for tests: real adapter_config.json + adapter_model.safetensors
@@ -117,16 +118,8 @@ export function peftConfig(overrides: Record<string, unknown> = {}): Record<stri
   };
 }
 
-/** mulberry32, so every generated adapter is the same on every run */
-export function seededRandom(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    let t = (s = (s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** so every generated adapter is the same on every run */
+export const seededRandom = mulberry32;
 
 export interface PeftTensor {
   name: string;

@@ -1,18 +1,13 @@
 import type { Architecture } from '../../src/model/architecture.js';
 import { PROJECTIONS, projectionBlock, projectionDims } from '../../src/model/architecture.js';
 import type { Checkpoint, CheckpointTensor } from '../../src/model/checkpoint/types.js';
+import { mulberry32 } from '../../src/prng.js';
 
-/** mulberry32: a tiny seeded generator, so every test model is the same on every run */
+/** seeded (mulberry32), so every test model is the same on every run */
 export class Rng {
-  private state: number;
+  readonly next: () => number;
   constructor(seed: number) {
-    this.state = seed >>> 0;
-  }
-  next(): number {
-    let t = (this.state = (this.state + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    this.next = mulberry32(seed);
   }
   /** uniform in [-1, 1) scaled so the standard deviation is `std` */
   uniform(std: number): number {
