@@ -38,7 +38,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
     const adapter = await withUpload(request, async (u) => {
       const name = u.fields.name;
       if (name === undefined) throw badRequest('missing field `name`: the name requests will use to select this adapter', { missing: ['name'] });
-      return registry.create(name, u.dir);
+      return registry.create(name, u.dir, u.digests);
     }, (field, value) => field === 'name' && registry.assertCreatable(value));
     return reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`).send(adapter);
   });
@@ -49,7 +49,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
       if (u.fields.name !== undefined && u.fields.name !== name) {
         throw badRequest(`the \`name\` field (${JSON.stringify(u.fields.name)}) differs from the name in the URL (${JSON.stringify(name)})`);
       }
-      return registry.replace(name, u.dir);
+      return registry.replace(name, u.dir, u.digests);
     });
     if (created) reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`);
     return reply.send(adapter);

@@ -29,6 +29,9 @@ import type { ModelFacts, ValidationLimits } from './validate.js';
 
 export type AdapterState = 'ready' | 'incompatible';
 
+/** sha256 and size of a staged folder's two files (see ReceivedUpload.digests) */
+export type StagedDigests = Record<typeof CONFIG_FILE | typeof WEIGHTS_FILE, FileDigest>;
+
 /** The engine side of the registry (Engine implements it). */
 export interface AdapterEngine {
   loadAdapter(versionId: string, weights: AdapterWeights): Promise<void>;
@@ -338,9 +341,11 @@ export class AdapterRegistry {
   /**
    * Validates the staged folder, loads the new version into the engine and stores it. Either all
    * of that happens or none of it: a failure leaves no folder, no entry and nothing in the engine.
-   * The staged adapter files are moved into the store (the folder is consumed).
+   * The staged adapter files are moved into the store (the folder is consumed). `digests`: the
+   * files' sha256 and sizes when the caller computed them while writing the files (the upload
+   * does); otherwise they are read back and hashed here.
    */
-  async create(name: string, stagedDir: string): Promise<AdapterDetail> {
+  async create(name: string, stagedDir: string, digests: StagedDigests | null = null): Promise<AdapterDetail> {
     this.checkName(name);
     return this.exclusive(name, async () => {
       if (this.versions.has(name)) {
@@ -351,7 +356,7 @@ export class AdapterRegistry {
       }
       const release = this.reserveSlot();
       try {
-        const v = await this.install(name, stagedDir, 1, (meta) => this.store.create(meta, stagedDir));
+        const v = await this.install(name, stagedDir, digests, 1, (meta) => this.store.create(meta, stagedDir));
         this.versions.set(name, v);
         return detail(v);
       } finally {
@@ -364,7 +369,7 @@ export class AdapterRegistry {
    * Create-or-replace. The old version keeps serving the requests that started with it; it is
    * unloaded from the engine after the swap (the worker frees it when its last request ends).
    */
-  async replace(name: string, stagedDir: string): Promise<{ created: boolean; adapter: AdapterDetail }> {
+  async replace(name: string, stagedDir: string, digests: StagedDigests | null = null): Promise<{ created: boolean; adapter: AdapterDetail }> {
     this.checkName(name);
     return this.exclusive(name, async () => {
       const prev = this.versions.get(name);
@@ -373,7 +378,7 @@ export class AdapterRegistry {
       }
       const release = prev ? () => undefined : this.reserveSlot();
       try {
-        const v = await this.install(name, stagedDir, (prev?.version ?? 0) + 1, (meta) => this.store.replace(meta, stagedDir));
+        const v = await this.install(name, stagedDir, digests, (prev?.version ?? 0) + 1, (meta) => this.store.replace(meta, stagedDir));
         this.versions.set(name, v);
         if (prev?.state === 'ready') this.unload(prev.versionId);
         return { created: !prev, adapter: detail(v) };
@@ -383,10 +388,10 @@ export class AdapterRegistry {
     });
   }
 
-  private async install(name: string, stagedDir: string, version: number, write: (meta: AdapterMeta) => Promise<AdapterMeta>): Promise<AdapterVersion> {
+  private async install(name: string, stagedDir: string, digests: StagedDigests | null, version: number, write: (meta: AdapterMeta) => Promise<AdapterMeta>): Promise<AdapterVersion> {
     const { report, weights } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true });
     if (!report.ok || !weights) throw rejectedProblem(report, `adapter ${JSON.stringify(name)}`);
-    const files = await this.store.digest(stagedDir);
+    const files = digests ?? (await this.store.digest(stagedDir));
     const versionId = this.nextVersionId(name, version);
     const meta: AdapterMeta = { metaVersion: 1, name, version, created: new Date().toISOString(), files, report };
     await this.engine.loadAdapter(versionId, weights);

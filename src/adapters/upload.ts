@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
@@ -8,7 +9,7 @@ import type { Multipart } from '@fastify/multipart';
 import { HttpProblem, badRequest } from '../http/problem.js';
 import { error, type Problem } from './report.js';
 import { ArchiveError, extractAdapterArchive, sniffArchiveFile } from './archive.js';
-import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
+import { CONFIG_FILE, WEIGHTS_FILE, type AdapterFile, type FileDigest } from './store.js';
 
 /**
  * multipart/form-data → a staged folder holding adapter_config.json + adapter_model.safetensors.
@@ -43,6 +44,12 @@ export interface ReceivedUpload {
   fields: Record<string, string>;
   /** what the client sent, for logs: 'files' or the archive kind */
   source: 'files' | 'tar' | 'tgz' | 'zip';
+  /**
+   * sha256 and size of the two files, computed while they streamed to disk (hand them to the
+   * registry so it need not read the files again to hash them); null for archives, whose files
+   * come out of the extractor.
+   */
+  digests: Record<AdapterFile, FileDigest> | null;
   /** removes everything this upload wrote */
   cleanup(): Promise<void>;
 }
@@ -100,6 +107,23 @@ function totalBudget(state: { used: number }, max: number): Transform {
   });
 }
 
+/** Hashes and counts the bytes that pass through, on their way to disk. */
+function hashing(out: { digest: FileDigest | null }): Transform {
+  const hash = createHash('sha256');
+  let bytes = 0;
+  return new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      hash.update(chunk);
+      bytes += chunk.byteLength;
+      cb(null, chunk);
+    },
+    flush(cb) {
+      out.digest = { bytes, sha256: hash.digest('hex') };
+      cb();
+    },
+  });
+}
+
 const MULTIPART_LIMIT_CODES = new Set(['FST_PARTS_LIMIT', 'FST_FILES_LIMIT', 'FST_FIELDS_LIMIT']);
 
 /** Maps @fastify/multipart's errors onto our problems; anything else passes through. */
@@ -144,7 +168,7 @@ export async function receiveAdapterUpload(request: FastifyRequest, opts: Upload
 
 async function receive(request: FastifyRequest, opts: UploadOptions, work: string): Promise<Omit<ReceivedUpload, 'cleanup'>> {
   const fields: Record<string, string> = {};
-  const got = new Map<Role, { file: string; filename: string }>();
+  const got = new Map<Role, { file: string; filename: string; digest: FileDigest | null }>();
   const unknown: string[] = [];
   const duplicate: string[] = [];
   const budget = { used: 0 };
@@ -176,9 +200,10 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
       continue;
     }
     const dest = path.join(work, `part-${index++}`);
-    await pipeline(part.file, totalBudget(budget, opts.maxBytes), createWriteStream(dest, { flags: 'wx' }));
+    const hashed: { digest: FileDigest | null } = { digest: null };
+    await pipeline(part.file, totalBudget(budget, opts.maxBytes), hashing(hashed), createWriteStream(dest, { flags: 'wx' }));
     if (part.file.truncated) throw payloadTooLarge(`${label} is larger than MAX_UPLOAD_BYTES (${opts.maxBytes} bytes)`);
-    got.set(role, { file: dest, filename: part.filename ?? '' });
+    got.set(role, { file: dest, filename: part.filename ?? '', digest: hashed.digest });
   }
 
   if (unknown.length) {
@@ -201,7 +226,7 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
       if (found.files.includes('adapter_model.bin')) throw pickleProblem('adapter_model.bin');
       throw unprocessable(`adapter_model.safetensors is missing ${where}`, [missingFile(WEIGHTS_FILE, where)]);
     }
-    return { dir: found.dir, fields, source: kind };
+    return { dir: found.dir, fields, source: kind, digests: null };
   }
 
   const missing = [
@@ -215,5 +240,8 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
   await mkdir(dir);
   await rename(got.get('config')!.file, path.join(dir, CONFIG_FILE));
   await rename(got.get('weights')!.file, path.join(dir, WEIGHTS_FILE));
-  return { dir, fields, source: 'files' };
+  const config = got.get('config')!.digest;
+  const weights = got.get('weights')!.digest;
+  const digests = config && weights ? ({ [CONFIG_FILE]: config, [WEIGHTS_FILE]: weights } as Record<AdapterFile, FileDigest>) : null;
+  return { dir, fields, source: 'files', digests };
 }

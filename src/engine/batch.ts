@@ -28,6 +28,35 @@ export function kvShapeOf(manifest: Manifest): KvShape {
   return { layers: a.numLayers, kvHeads: a.numKvHeads, headDim: a.headDim, dtype: manifest.dtype };
 }
 
+/** One target's A/B for mixed decode steps: capRows × capRank allocated, rows × rank live. */
+interface SlotBuffers {
+  A: ModelArray;
+  B: ModelArray;
+  capRows: number;
+  capRank: number;
+  /** the rank the live rows are laid out with; 0 → the last step fed the base (nothing live) */
+  rank: number;
+}
+
+/** Row b of a [rows, in, r] / [rows, r, out] pair: the module zero-padded to r, or all zeros. */
+function writeSlot(s: SlotBuffers, b: number, r: number, inF: number, outF: number, m: LoraModule | null): void {
+  const a0 = b * inF * r;
+  const b0 = b * r * outF;
+  if (!m) {
+    s.A.fill(0, a0, a0 + inF * r);
+    s.B.fill(0, b0, b0 + r * outF);
+    return;
+  }
+  if (m.rank === r) {
+    s.A.set(m.A, a0);
+  } else {
+    s.A.fill(0, a0, a0 + inF * r);
+    for (let k = 0; k < inF; k++) s.A.set(m.A.subarray(k * m.rank, (k + 1) * m.rank), a0 + k * r);
+  }
+  s.B.set(m.B, b0);
+  if (m.rank < r) s.B.fill(0, b0 + m.rank * outF, b0 + r * outF);
+}
+
 export class FeedBuilder {
   private readonly dtype: ModelDtype;
   private readonly type: 'float32' | 'float16';
@@ -39,11 +68,19 @@ export class FeedBuilder {
   private readonly single = new WeakMap<ResidentAdapter, Feeds>();
   private lastRows: readonly (ResidentAdapter | null)[] = [];
   private lastLora: Feeds | null = null;
+  /** per target (indexed like targets): the mixed-step buffers, allocated on first use */
+  private readonly slots: (SlotBuffers | undefined)[] = [];
+  /** the adapter written into each live slot row (every target with rank > 0 agrees) */
+  private held: readonly (ResidentAdapter | null)[] = [];
 
   /** graphs built without LoRA inputs (manifest.lora false) get no LoRA feeds at all */
   private readonly targets: Manifest['loraTargets'];
 
-  constructor(manifest: Manifest) {
+  /** @param maxBatch rows the mixed-step buffers are sized for (they grow if a step has more) */
+  constructor(
+    manifest: Manifest,
+    private readonly maxBatch = 1,
+  ) {
     this.targets = manifest.lora ? manifest.loraTargets : [];
     this.dtype = manifest.dtype;
     this.type = tensorType(manifest.dtype);
@@ -92,33 +129,54 @@ export class FeedBuilder {
     return feeds;
   }
 
+  /**
+   * Mixed rows, assembled incrementally: each target keeps one A and one B buffer sized for
+   * maxBatch rows at its padded rank, laid out [rows, in, r] / [rows, r, out] so the live rows are
+   * a prefix and the tensors are views of it. A row is (re)written only when the adapter in its
+   * slot changes (it joined, or rows after a leaver shifted down: the scheduler compacts in
+   * order) or when the target's step rank changes (the layout changes: every row). Each write
+   * defines the whole slice, zeros included, so nothing depends on what a slot held before.
+   */
   private gather(rows: readonly (ResidentAdapter | null)[]): Feeds {
     const f: Feeds = {};
     const n = rows.length;
+    // what the slots hold is unknown until every target has been written (a throw midway)
+    const held = this.held;
+    this.held = [];
     this.targets.forEach((t, i) => {
-      const mods = rows.map((r) => r?.modules[i] ?? null);
-      const r = mods.reduce((m, x) => Math.max(m, x?.rank ?? 0), 0);
+      let r = 0;
+      for (const row of rows) r = Math.max(r, row?.modules[i]?.rank ?? 0);
+      let s = this.slots[i];
       if (r === 0) {
+        if (s) s.rank = 0;
         f[t.inputA] = this.baseLora[t.inputA];
         f[t.inputB] = this.baseLora[t.inputB];
         return;
       }
-      const inF = t.inFeatures;
-      const outF = t.outFeatures;
-      const A = allocModel(this.dtype, n * inF * r);
-      const B = allocModel(this.dtype, n * r * outF);
-      mods.forEach((m, b) => {
-        if (!m) return;
-        if (m.rank === r) {
-          A.set(m.A, b * inF * r);
-        } else {
-          for (let k = 0; k < inF; k++) A.set(m.A.subarray(k * m.rank, (k + 1) * m.rank), (b * inF + k) * r);
-        }
-        B.set(m.B, b * r * outF);
-      });
-      f[t.inputA] = this.tensor(A, [n, inF, r]);
-      f[t.inputB] = this.tensor(B, [n, r, outF]);
+      let all = !s || s.rank !== r;
+      if (!s || n > s.capRows || r > s.capRank) {
+        const capRows = Math.max(n, this.maxBatch, s?.capRows ?? 0);
+        // geometric, so a run of slightly larger ranks does not reallocate each time
+        const capRank = !s ? r : r > s.capRank ? Math.max(r, 2 * s.capRank) : s.capRank;
+        s = {
+          A: allocModel(this.dtype, capRows * t.inFeatures * capRank),
+          B: allocModel(this.dtype, capRows * capRank * t.outFeatures),
+          capRows,
+          capRank,
+          rank: r,
+        };
+        this.slots[i] = s;
+        all = true;
+      }
+      s.rank = r;
+      for (let b = 0; b < n; b++) {
+        if (all || held[b] !== rows[b]) writeSlot(s, b, r, t.inFeatures, t.outFeatures, rows[b]?.modules[i] ?? null);
+      }
+      f[t.inputA] = this.tensor(s.A.subarray(0, n * t.inFeatures * r), [n, t.inFeatures, r]);
+      f[t.inputB] = this.tensor(s.B.subarray(0, n * r * t.outFeatures), [n, r, t.outFeatures]);
     });
+    // only live rows are remembered: a freed adapter is never kept alive by a stale slot
+    this.held = [...rows];
     return f;
   }
 
@@ -126,6 +184,7 @@ export class FeedBuilder {
   resetRows(): void {
     this.lastRows = [];
     this.lastLora = null;
+    this.held = [];
   }
 
   /** A prefill chunk: tokens at positions [start, start + n) on top of `seq` (start tokens). */

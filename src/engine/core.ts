@@ -68,7 +68,7 @@ export class EngineCore {
     private readonly sink: Sink,
   ) {
     this.sched = new Scheduler<Row>(limits);
-    this.feeds = new FeedBuilder(manifest);
+    this.feeds = new FeedBuilder(manifest, limits.maxBatch);
     this.kvShape = kvShapeOf(manifest);
     this.targetIndex = new Map(manifest.loraTargets.map((t, i) => [t.name, i]));
   }
