@@ -1,15 +1,11 @@
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
+import { readdir } from 'node:fs/promises';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../src/app.js';
-import { makeConfig } from '../src/config.js';
-import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { entrySegments, sniffArchive } from '../src/adapters/archive.js';
 import { classifyPart } from '../src/adapters/upload.js';
 import { adapterBytes, adapterEntries, filesForm, form, gzip, listing, packTar, packZip, type AdapterBytes, type FormPart } from './helpers/adapter-uploads.js';
+import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 
 /**
  * The hostile corpus over a real listening server: every upload gets a clean 4xx
@@ -18,7 +14,7 @@ import { adapterBytes, adapterEntries, filesForm, form, gzip, listing, packTar, 
  */
 
 const MAX_UPLOAD = 256 * 1024;
-let tmp: string;
+let server: EmbeddedApp;
 let adapterDir: string;
 let app: FastifyInstance;
 let url: string;
@@ -27,11 +23,8 @@ let modelId: string;
 let good: AdapterBytes;
 
 beforeAll(async () => {
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-adapters-hostile-'));
-  const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
-  adapterDir = path.join(tmp, 'adapters');
-  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent', MAX_UPLOAD_BYTES: MAX_UPLOAD }));
-  url = await app.listen({ port: 0, host: '127.0.0.1' });
+  server = await startEmbeddedApp('adapters-hostile', { MAX_UPLOAD_BYTES: MAX_UPLOAD });
+  ({ app, url, adapterDir } = server);
   arch = app.runtime.manifest.architecture;
   modelId = app.runtime.manifest.modelId;
   good = adapterBytes(arch, { modelId, seed: 7 });
@@ -41,8 +34,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  await app?.close();
-  await rm(tmp, { recursive: true, force: true });
+  await server?.close();
 });
 
 // ---- safetensors surgery ----

@@ -1,15 +1,14 @@
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { makeConfig } from '../src/config.js';
-import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { adapterBytes, adapterEntries, filesForm, form, gzip, listing, packTar, packZip, sha256, type AdapterBytes } from './helpers/adapter-uploads.js';
+import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 
 /**
  * The adapter API over real HTTP against the embedded default model: upload as PEFT files, .tar,
@@ -17,6 +16,7 @@ import { adapterBytes, adapterEntries, filesForm, form, gzip, listing, packTar, 
  * inject() for plain requests, a listening server + fetch for archives and streams.
  */
 
+let server: EmbeddedApp;
 let tmp: string;
 let adapterDir: string;
 let app: FastifyInstance;
@@ -25,18 +25,14 @@ let arch: Architecture;
 let modelId: string;
 
 beforeAll(async () => {
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-adapters-http-'));
-  const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
-  adapterDir = path.join(tmp, 'adapters');
-  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent' }));
-  url = await app.listen({ port: 0, host: '127.0.0.1' });
+  server = await startEmbeddedApp('adapters-http');
+  ({ app, url, tmp, adapterDir } = server);
   arch = app.runtime.manifest.architecture;
   modelId = app.runtime.manifest.modelId;
 });
 
 afterAll(async () => {
-  await app?.close();
-  await rm(tmp, { recursive: true, force: true });
+  await server?.close();
 });
 
 const make = (spec: Omit<Parameters<typeof adapterBytes>[1], 'modelId'> = {}) => adapterBytes(arch, { modelId, ...spec });

@@ -1,12 +1,10 @@
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { makeConfig } from '../src/config.js';
-import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
+import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 
 /**
  * The native generation API over real HTTP against the embedded model, with adapters uploaded
@@ -14,6 +12,7 @@ import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
  * problem+json, no cross-talk between concurrent requests, cancellation on disconnect.
  */
 
+let server: EmbeddedApp;
 let tmp: string;
 let app: FastifyInstance;
 let url: string;
@@ -26,10 +25,8 @@ interface GenBody {
 }
 
 beforeAll(async () => {
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-generate-'));
-  const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
-  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: path.join(tmp, 'adapters'), CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent', MAX_BATCH: 8 }));
-  url = await app.listen({ port: 0, host: '127.0.0.1' });
+  server = await startEmbeddedApp('generate', { MAX_BATCH: 8 });
+  ({ app, url, tmp } = server);
   const arch = app.runtime.manifest.architecture;
   const modelId = app.runtime.manifest.modelId;
   // three adapters of different ranks and targets; large enough values to move greedy choices
@@ -46,8 +43,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  await app?.close();
-  await rm(tmp, { recursive: true, force: true });
+  await server?.close();
 });
 
 const gen = async (payload: Record<string, unknown>) => {

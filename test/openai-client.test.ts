@@ -1,30 +1,23 @@
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildApp } from '../src/app.js';
-import { makeConfig } from '../src/config.js';
-import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
+import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 
 /**
  * The official `openai` npm client, unchanged, against a real listening server: `model` picks
  * an adapter by name, as with vLLM. Results must equal the native API's for the same request.
  */
 
-let tmp: string;
+let server: EmbeddedApp;
 let app: FastifyInstance;
 let client: OpenAI;
 let baseId: string;
 
 beforeAll(async () => {
-  tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-openai-'));
-  const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
-  app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: path.join(tmp, 'adapters'), CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent' }));
-  const url = await app.listen({ port: 0, host: '127.0.0.1' });
-  client = new OpenAI({ baseURL: `${url}/v1`, apiKey: 'unused', maxRetries: 0 });
+  server = await startEmbeddedApp('openai');
+  app = server.app;
+  client = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: 'unused', maxRetries: 0 });
   baseId = app.runtime.manifest.modelId;
   const bytes = adapterBytes(app.runtime.manifest.architecture, { modelId: baseId, r: 8, alpha: 32, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], seed: 5 });
   const res = await app.inject({ method: 'POST', url: '/v1/adapters', payload: filesForm('poet', bytes) });
@@ -32,8 +25,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  await app?.close();
-  await rm(tmp, { recursive: true, force: true });
+  await server?.close();
 });
 
 const native = async (payload: Record<string, unknown>) =>
