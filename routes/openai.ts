@@ -1,7 +1,7 @@
 import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
-import { collect, disconnectSignal, startGeneration, stream, usage } from '../src/http/generation.js';
+import { collect, disconnectSignal, startGeneration, stream, usage, type EventStream } from '../src/http/generation.js';
 import { badRequest, zodProblem } from '../src/http/problem.js';
 import { samplingFields, textOptions } from '../src/http/sampling.js';
 import { ChatMessageSchema, NoChatTemplateError, renderChat } from '../src/tokenizer/chat-template.js';
@@ -40,6 +40,13 @@ const ChatBody = z.object({
 
 function adapterFor(runtime: Runtime, model: string): string | null {
   return model === runtime.manifest.modelId ? null : model;
+}
+
+/** OpenAI's stream ending: the choice with its finish_reason, the usage chunk when asked for, then [DONE] */
+function endStream(es: EventStream, head: object, finalChoice: object, withUsage: TextResult | null): void {
+  es.send({ ...head, choices: [finalChoice] });
+  if (withUsage) es.send({ ...head, choices: [], usage: usage(withUsage.usage) });
+  es.send('[DONE]');
 }
 
 const finish = (r: TextResult) => (r.finishReason === 'cancelled' ? 'length' : r.finishReason);
@@ -102,9 +109,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
             offset += d.text.length;
           },
           onEnd(r, es) {
-            es.send({ ...head, choices: [{ index: 0, text: '', finish_reason: finish(r), logprobs: null }] });
-            if (body.stream_options?.include_usage) es.send({ ...head, choices: [], usage: usage(r.usage) });
-            es.send('[DONE]');
+            endStream(es, head, { index: 0, text: '', finish_reason: finish(r), logprobs: null }, body.stream_options?.include_usage ? r : null);
           },
         },
         observer(),
@@ -161,9 +166,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
             es.send({ ...chunk, choices: [{ index: 0, delta, finish_reason: null, logprobs: wantLogprobs ? chatLogprobs(d.tokens) : null }] });
           },
           onEnd(r, es) {
-            es.send({ ...chunk, choices: [{ index: 0, delta: first ? { role: 'assistant', content: '' } : {}, finish_reason: finish(r), logprobs: null }] });
-            if (body.stream_options?.include_usage) es.send({ ...chunk, choices: [], usage: usage(r.usage) });
-            es.send('[DONE]');
+            endStream(es, chunk, { index: 0, delta: first ? { role: 'assistant', content: '' } : {}, finish_reason: finish(r), logprobs: null }, body.stream_options?.include_usage ? r : null);
           },
         },
         observer(),
