@@ -13,13 +13,20 @@ import { now, throughput, type StreamTrace, type Throughput } from './timing.js'
  *
  * Two routes are added for the benchmark only: POST /bench/receive runs the real multipart
  * receiver (receiveAdapterUpload: multipart → files in ADAPTER_DIR) and then discards the files,
- * which prices "reading the upload" apart from validation, conversion, loading and storing;
+ * which prices "reading the upload" apart from validation, conversion, loading and storing
+ * (POST /bench/receive-decoded: the same with the weights decoded in the stream, as the adapter
+ * routes do);
  * POST /bench/drain reads the same body and drops it, which prices the HTTP transfer alone.
  */
 
 export interface Server {
   app: FastifyInstance;
   base: string;
+  /**
+   * Per request path: ms from the moment the server had read the request body's last byte to the
+   * moment its response was handed to the socket (what the server did after reading the upload).
+   */
+  afterLastByte: Map<string, number[]>;
   close(): Promise<void>;
 }
 
@@ -52,6 +59,12 @@ export async function startServer(o: ServerOptions): Promise<Server> {
       await u.cleanup();
       return { received: true };
     });
+    // as the adapter routes receive: with the weights decoded while they stream in
+    scope.post('/bench/receive-decoded', async (request) => {
+      const u = await receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes: config.MAX_UPLOAD_BYTES, fields: ['name'], ingest: (configText) => registry.ingest(config.MAX_UPLOAD_BYTES, configText) });
+      await u.cleanup();
+      return { received: u.ingested !== null };
+    });
   });
   // the bytes alone: the same multipart body read off the socket and dropped (no parsing, no disk)
   await app.register(async (scope) => {
@@ -62,10 +75,22 @@ export async function startServer(o: ServerOptions): Promise<Server> {
     });
     scope.post('/bench/drain', async () => ({ drained: true }));
   });
+  const afterLastByte = new Map<string, number[]>();
+  app.server.on('request', (req: http.IncomingMessage, res: http.ServerResponse) => {
+    if (req.method !== 'POST' && req.method !== 'PUT') return;
+    let lastByte: number | null = null;
+    // an 'end' listener does not switch the stream to flowing mode: the route still reads the body
+    req.on('end', () => (lastByte = now()));
+    res.on('finish', () => {
+      if (lastByte === null) return;
+      const key = (req.url ?? '').split('?')[0]!;
+      afterLastByte.set(key, [...(afterLastByte.get(key) ?? []), now() - lastByte]);
+    });
+  });
   await app.listen({ host: '127.0.0.1', port: 0 });
   const addr = app.server.address();
   if (!addr || typeof addr === 'string') throw new Error('the server has no TCP address');
-  return { app, base: `http://127.0.0.1:${addr.port}`, close: () => app.close() };
+  return { app, base: `http://127.0.0.1:${addr.port}`, afterLastByte, close: () => app.close() };
 }
 
 export interface StreamRequest {

@@ -13,10 +13,20 @@ import { now, throughput, type StreamTrace, type Throughput } from './timing.js'
  */
 
 export interface PeerResult {
+  /** rows per generate call */
   batch: number;
+  /** generate calls started together on the one model */
+  calls: number;
   throughput: Throughput;
-  /** greedy tokens of row 0 */
-  tokens: number[];
+  /** greedy tokens of every stream (calls × batch of them), in stream order */
+  tokens: number[][];
+}
+
+export interface PeerRuns {
+  /** one generate call per entry of `batches`, every row the same prompt (a static batch) */
+  static: PeerResult[];
+  /** `concurrent` separate batch-1 generate calls started together; null when `concurrent` < 1 */
+  concurrent: PeerResult | null;
 }
 
 /** Hard links where possible (same filesystem, no copy of a 2 GB file), a copy otherwise. */
@@ -50,7 +60,16 @@ export async function peerFolder(root: string, sourceModelDir: string, built: { 
   return dir;
 }
 
-export async function runPeer(folder: string, promptIds: readonly number[], maxTokens: number, batches: readonly number[], reps = 1): Promise<PeerResult[]> {
+/**
+ * Two ways the peer can serve 8 requests. `static`: one generate call with a batch of 8 identical
+ * prompts: the library's best case, needing all requests to arrive together with the same
+ * length — its upper bound. `concurrent`: what a Node service on transformers.js does with 8
+ * concurrent requests, one batch-1 generate call each on the one loaded model (the library has no
+ * request scheduler or continuous batching). transformers.js does not queue session runs in Node
+ * (only in the browser), but onnxruntime-node's `run` executes synchronously on the JS thread, so
+ * the 8 calls' steps interleave one run at a time rather than overlap: that is what a user gets.
+ */
+export async function runPeer(folder: string, promptIds: readonly number[], maxTokens: number, modes: { batches: readonly number[]; concurrent: number }, reps = 1): Promise<PeerRuns> {
   const tf = await import('@huggingface/transformers');
   tf.env.allowRemoteModels = false;
   tf.env.allowLocalModels = true;
@@ -63,12 +82,10 @@ export async function runPeer(folder: string, promptIds: readonly number[], maxT
   });
   try {
     const s = promptIds.length;
-    const once = async (batch: number, n: number): Promise<PeerResult> => {
+    /** one generate call of `batch` identical rows; each row's token times go to its own trace */
+    const generate = async (batch: number, n: number, traces: readonly StreamTrace[], tokens: readonly number[][]): Promise<void> => {
       const ids = new BigInt64Array(batch * s);
       for (let b = 0; b < batch; b++) for (let i = 0; i < s; i++) ids[b * s + i] = BigInt(promptIds[i]);
-      const start = now();
-      const traces: StreamTrace[] = Array.from({ length: batch }, () => ({ start, tokens: [] }));
-      const tokens: number[] = [];
       let prompt = true;
       const streamer = new (class extends tf.BaseStreamer {
         override put(value: bigint[][]): void {
@@ -80,7 +97,7 @@ export async function runPeer(folder: string, promptIds: readonly number[], maxT
           const t = now();
           value.forEach((row, b) => {
             traces[b]?.tokens.push(t);
-            if (b === 0 && row[0] !== undefined) tokens.push(Number(row[0]));
+            if (row[0] !== undefined) tokens[b]?.push(Number(row[0]));
           });
         }
         override end(): void {}
@@ -94,19 +111,32 @@ export async function runPeer(folder: string, promptIds: readonly number[], maxT
         // the library types `streamer` as BaseStreamer & TextStreamer although generate() only calls put/end
         streamer: streamer as unknown as NonNullable<Parameters<typeof model.generate>[0]>['streamer'],
       });
-      return { batch, throughput: throughput(traces), tokens };
     };
-    await once(1, 2);
-    const results: PeerResult[] = [];
-    for (const batch of batches) {
-      let top = await once(batch, maxTokens);
+    /** `calls` generate calls of `batch` rows each, started together */
+    const once = async (batch: number, calls: number, n: number): Promise<PeerResult> => {
+      const start = now();
+      const streams = batch * calls;
+      const traces: StreamTrace[] = Array.from({ length: streams }, () => ({ start, tokens: [] }));
+      const tokens: number[][] = Array.from({ length: streams }, () => []);
+      await Promise.all(Array.from({ length: calls }, (_, c) => generate(batch, n, traces.slice(c * batch, (c + 1) * batch), tokens.slice(c * batch, (c + 1) * batch))));
+      // a short stream would overstate the rate; min_new_tokens should make this impossible
+      const short = traces.findIndex((t) => t.tokens.length !== n);
+      if (short >= 0) throw new Error(`peer stream ${short} of ${streams} (${calls} call(s) of batch ${batch}) produced ${traces[short].tokens.length} tokens, not ${n}`);
+      return { batch, calls, throughput: throughput(traces), tokens };
+    };
+    const bestOf = async (batch: number, calls: number): Promise<PeerResult> => {
+      let top = await once(batch, calls, maxTokens);
       for (let i = 1; i < reps; i++) {
-        const next = await once(batch, maxTokens);
+        const next = await once(batch, calls, maxTokens);
         if (next.throughput.decodeTokPerS > top.throughput.decodeTokPerS) top = next;
       }
-      results.push(top);
-    }
-    return results;
+      return top;
+    };
+    await once(1, 1, 2);
+    const results: PeerResult[] = [];
+    for (const batch of modes.batches) results.push(await bestOf(batch, 1));
+    const concurrent = modes.concurrent >= 1 ? await bestOf(1, modes.concurrent) : null;
+    return { static: results, concurrent };
   } finally {
     await model.dispose();
   }

@@ -30,7 +30,21 @@ export interface BenchReport {
   minimal: { what: string; b1: Throughput; b8: Throughput; runMs1: number; runMs8: number } | null;
   api: { api1: Throughput; same8: Throughput; mixed8: Throughput; base8: Throughput };
   upload: UploadResult;
-  peer: { available: true; b1: Throughput; b8: Throughput; agreement: { compared: number; equal: number } } | { available: false; missing: string };
+  peer:
+    | {
+        available: true;
+        what: string;
+        b1: Throughput;
+        /** one generate call with a static batch of 8 identical prompts: the peer's upper bound */
+        b8: Throughput;
+        /** 8 concurrent batch-1 generate calls on the one model: what 8 concurrent requests get */
+        c8: Throughput;
+        /** greedy tokens of b1 against ours */
+        agreement: { compared: number; equal: number };
+        /** concurrent streams whose greedy tokens equal b1's (the same prompt at batch 1) */
+        concurrentAgreement: { streams: number; equalToB1: number };
+      }
+    | { available: false; missing: string };
   ratios: Record<string, number>;
   targets: Target[];
   seconds: number;
@@ -90,12 +104,17 @@ export function formatReport(r: BenchReport): string {
     tp('api-8-mixed', r.api.mixed8, `${f(r.ratios.mixedOverSame, 2)}× same`),
   );
   if (r.peer.available) {
-    rows.push(tp('peer b1 (transformers.js)', r.peer.b1, `engine ${f(r.ratios.engineB1OverPeer, 2)}×`));
-    rows.push(tp('peer b8 (transformers.js)', r.peer.b8, `engine ${f(r.ratios.engineB8OverPeer, 2)}×`));
+    rows.push(tp('peer b1 (transformers.js)', r.peer.b1, `engine b1 ${f(r.ratios.engineB1OverPeer, 2)}×`));
+    rows.push(tp('peer b8 (static batch)', r.peer.b8, `engine b8 ${f(r.ratios.engineB8OverPeer, 2)}× (info)`));
+    rows.push(tp('peer 8 concurrent', r.peer.c8, `engine b8 ${f(r.ratios.engineB8OverPeerConcurrent, 2)}×`));
   }
   out.push(table(['section', 'streams', 'tokens', 'decode tok/s', 'e2e tok/s', 'ttft ms', 'ratio'], rows));
   if (!r.peer.available) out.push(`peer: not measured — ${r.peer.missing}`);
-  else out.push(`peer agreement (greedy, full vocabulary): ${r.peer.agreement.equal}/${r.peer.agreement.compared} tokens equal to ours`);
+  else {
+    const p = r.peer;
+    out.push(`peer agreement (greedy, full vocabulary): ${p.agreement.equal}/${p.agreement.compared} tokens equal to ours; ${p.concurrentAgreement.equalToB1}/${p.concurrentAgreement.streams} concurrent streams equal to peer b1`);
+    out.push(`peer b8 (static batch) = one generate call with 8 identical prompts, the peer's upper bound (needs all 8 to arrive together with the same length); peer 8 concurrent = 8 batch-1 generate calls started together on one model (${f(r.ratios.peerC8OverB1, 2)}× peer b1), what 8 concurrent requests get`);
+  }
   out.push('');
   const p1 = r.raw.profile1;
   const p8 = r.raw.profile8;
@@ -119,8 +138,10 @@ export function formatReport(r: BenchReport): string {
   out.push('');
   const u = r.upload;
   const ph = u.phases;
-  out.push(`upload (rank ${u.rank}, all projections, ${(u.fileBytes / 1e6).toFixed(1)} MB): transfer ${f(u.transferMs)} ms, receive (multipart → disk) ${f(u.receiveMs)} ms, ready ${f(u.readyMs)} ms (+${f(u.beyondReadMs)} beyond receive), first token ${f(u.firstTokenAfterReadyMs)} ms after ready, upload→first token ${f(u.uploadToFirstTokenMs)} ms`);
-  out.push(`  parts (direct calls): read ${f(ph.readMs)} · validate ${f(ph.validateMs)} · convert ${f(ph.convertMs)} · engine load ${f(ph.engineLoadMs)} · sha256 ${f(ph.digestMs)} · store ${f(ph.storeMs)} ms`);
+  out.push(`upload (rank ${u.rank}, all projections, ${(u.fileBytes / 1e6).toFixed(1)} MB), client side: transfer ${f(u.transferMs)} ms, receive (multipart → disk) ${f(u.receiveMs)} ms, the same with the stream decode ${f(u.receiveDecodedMs)} ms, ready ${f(u.readyMs)} ms (+${f(u.clientBeyondReadMs)} beyond receive), first token ${f(u.firstTokenAfterReadyMs)} ms after ready, upload→first token ${f(u.uploadToFirstTokenMs)} ms`);
+  out.push(`  server side, last byte of the body → response: POST /v1/adapters ${f(u.beyondReadMs)} ms; receive alone ${f(u.receiveAfterLastByteMs)} ms, with the stream decode ${f(u.receiveDecodedAfterLastByteMs)} ms`);
+  out.push(`  parts (direct calls): in the stream: decode ${f(ph.decodeInStreamMs)} ms; after it: validate ${f(ph.validateStreamedMs)} · scale ${f(ph.scaleMs)} · engine load ${f(ph.engineLoadMs)} · store ${f(ph.storeMs)} ms`);
+  out.push(`  without the stream decode (archives): read ${f(ph.readMs)} · validate ${f(ph.validateMs)} · convert ${f(ph.convertMs)} · sha256 ${f(ph.digestMs)} ms`);
   out.push(
     `  memory (fresh process): ${u.memory.adapters} adapters, RSS +${f(u.memory.perAdapterBytes / 1e6)} MB each vs ${f(u.tensorBytes / 1e6)} MB of tensors (${f(u.memory.ratioToTensorBytes, 2)}×); slope through the per-adapter RSS ${f(u.memory.slopeBytes / 1e6)} MB`,
   );
@@ -131,6 +152,9 @@ export function formatReport(r: BenchReport): string {
       r.targets.map((t) => [t.name, t.rule, f(t.value, 2), `${t.kind === 'min' ? '≥' : '≤'} ${t.threshold}`, t.met ? 'met' : 'MISSED']),
     ),
   );
+  if (r.peer.available) {
+    out.push(`informational (not a target): engine b8 ÷ peer b8 static batch = ${f(r.ratios.engineB8OverPeer, 2)}; api-8-base ÷ peer 8 concurrent = ${f(r.ratios.api8BaseOverPeerConcurrent, 2)}, ÷ peer b8 static batch = ${f(r.ratios.api8BaseOverPeer, 2)}`);
+  }
   out.push(`(${f(r.seconds, 0)} s)`);
   return out.join('\n');
 }

@@ -1,12 +1,12 @@
 import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Runtime } from '../src/runtime.js';
-import { toEngineWeights } from '../src/adapters/convert.js';
+import { fromIngested, toEngineWeights } from '../src/adapters/convert.js';
 import { CONFIG_FILE } from '../src/adapters/peft-config.js';
 import { DEFAULT_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32 } from '../src/adapters/safetensors.js';
 import { validateAdapter, WEIGHTS_FILE, type ModelFacts, type ValidationLimits } from '../src/adapters/validate.js';
 import type { AdapterMeta } from '../src/adapters/store.js';
-import { adapterForm, postForm, streamGenerate } from './api.js';
+import { adapterForm, postForm, streamGenerate, type Server } from './api.js';
 import type { AdapterFiles } from './adapters.js';
 import { median, now, settledRss } from './timing.js';
 
@@ -24,10 +24,20 @@ import { median, now, settledRss } from './timing.js';
  */
 
 export interface UploadPhases {
+  /** in the stream (ingest.ts): the file's bytes pushed through the decoder in 64 KiB chunks, as busboy hands them over */
+  decodeInStreamMs: number;
+  /** after the stream: header read back + validateAdapter with the streamed NaN/Inf counts */
+  validateStreamedMs: number;
+  /** after the stream: fromIngested (the scale folded into B, in place) */
+  scaleMs: number;
+  /** the path without the stream decode (archives, and files the decoder gave up on): read values back */
   readMs: number;
+  /** … validateAdapter scanning the values */
   validateMs: number;
+  /** … toEngineWeights (transpose + scale into new arrays) */
   convertMs: number;
   engineLoadMs: number;
+  /** sha256 of both files read back (archives only: file uploads hash in the stream) */
   digestMs: number;
   storeMs: number;
 }
@@ -40,10 +50,17 @@ export interface UploadResult {
   transferMs: number;
   /** multipart → disk only */
   receiveMs: number;
+  /** multipart → disk with the weights decoded in the stream, as POST /v1/adapters receives */
+  receiveDecodedMs: number;
   /** POST /v1/adapters until its 201 */
   readyMs: number;
-  /** readyMs − receiveMs */
+  /** readyMs − receiveMs, from the client: includes the cost of the stream decode where it does not overlap the transfer */
+  clientBeyondReadMs: number;
+  /** server side: from the last byte of POST /v1/adapters's body to its 201 (the target's number) */
   beyondReadMs: number;
+  /** server side, the same for /bench/receive and /bench/receive-decoded: closing the files */
+  receiveAfterLastByteMs: number;
+  receiveDecodedAfterLastByteMs: number;
   /** from the 201 to the first token of a stream on the new adapter */
   firstTokenAfterReadyMs: number;
   /** from the start of the upload to that first token */
@@ -62,7 +79,9 @@ export interface UploadResult {
   };
 }
 
-export async function measureUploads(runtime: Runtime, base: string, adapters: readonly { name: string; files: AdapterFiles }[], opts: { prompt: string; warm: AdapterFiles; rank: number; receiveRuns: number; progress: (l: string) => void }): Promise<UploadResult> {
+export async function measureUploads(server: Server, adapters: readonly { name: string; files: AdapterFiles }[], opts: { prompt: string; warm: AdapterFiles; rank: number; receiveRuns: number; progress: (l: string) => void }): Promise<UploadResult> {
+  const { base } = server;
+  const runtime = server.app.runtime;
   const first = adapters[0]!.files;
   // LoRA-shaped runs allocate onnxruntime scratch memory once; do it before the RSS baseline
   const warm = await postForm(`${base}/v1/adapters`, adapterForm('bench-warm', opts.warm.config, opts.warm.weights));
@@ -71,6 +90,7 @@ export async function measureUploads(runtime: Runtime, base: string, adapters: r
 
   const transfers: number[] = [];
   const receives: number[] = [];
+  const receivesDecoded: number[] = [];
   for (let i = 0; i < opts.receiveRuns; i++) {
     const td = now();
     const d = await postForm(`${base}/bench/drain`, adapterForm(`bench-drain-${i}`, first.config, first.weights));
@@ -80,6 +100,10 @@ export async function measureUploads(runtime: Runtime, base: string, adapters: r
     const r = await postForm(`${base}/bench/receive`, adapterForm(`bench-recv-${i}`, first.config, first.weights));
     receives.push(now() - t0);
     if (r.status !== 200) throw new Error(`POST /bench/receive → ${r.status}: ${r.body.slice(0, 300)}`);
+    const t1 = now();
+    const rd = await postForm(`${base}/bench/receive-decoded`, adapterForm(`bench-recvd-${i}`, first.config, first.weights));
+    receivesDecoded.push(now() - t1);
+    if (rd.status !== 200 || !rd.body.includes('true')) throw new Error(`POST /bench/receive-decoded → ${rd.status}: ${rd.body.slice(0, 300)}`);
   }
 
   const rssBefore = await settledRss();
@@ -107,14 +131,19 @@ export async function measureUploads(runtime: Runtime, base: string, adapters: r
   const phases = await measurePhases(runtime, first, 3);
   const receiveMs = median(receives);
   const readyMs = median(ready);
+  const serverSide = (path: string) => median(server.afterLastByte.get(path) ?? [Number.NaN]);
   return {
     rank: opts.rank,
     fileBytes: first.config.byteLength + first.weights.byteLength,
     tensorBytes: first.tensorBytes,
     transferMs: median(transfers),
     receiveMs,
+    receiveDecodedMs: median(receivesDecoded),
     readyMs,
-    beyondReadMs: readyMs - receiveMs,
+    clientBeyondReadMs: readyMs - receiveMs,
+    beyondReadMs: serverSide('/v1/adapters'),
+    receiveAfterLastByteMs: serverSide('/bench/receive'),
+    receiveDecodedAfterLastByteMs: serverSide('/bench/receive-decoded'),
     firstTokenAfterReadyMs: median(firstToken),
     uploadToFirstTokenMs: median(total),
     phases,
@@ -140,18 +169,34 @@ async function measurePhases(runtime: Runtime, files: AdapterFiles, runs: number
     try {
       await writeFile(join(dir, CONFIG_FILE), files.config);
       await writeFile(join(dir, WEIGHTS_FILE), files.weights);
-      // the steps of readAdapterFolder (src/adapters/folder.ts), timed one by one
+      // the steps of readAdapterFolder (src/adapters/folder.ts), timed one by one: first as an
+      // upload of files runs them (values decoded in the stream), then without the stream decode
       let t = now();
+      const ingest = registry.ingest(config.MAX_UPLOAD_BYTES, files.config.toString('utf8'));
+      for (let at = 0; at < files.weights.byteLength; at += 65536) ingest.push(files.weights.subarray(at, at + 65536));
+      const ingested = ingest.finish();
+      const decodeInStreamMs = now() - t;
+      if (!ingested) throw new Error(`the stream decoder gave up on the benchmark adapter: ${ingest.reason}`);
+      t = now();
       const names = await readdir(dir);
+      const otherFiles = names.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
       const configText = await readFile(join(dir, CONFIG_FILE), 'utf8');
       const weightsPath = join(dir, WEIGHTS_FILE);
       const head = await readHeader(weightsPath, DEFAULT_SAFETENSORS_LIMITS, WEIGHTS_FILE);
       if (!head.header) throw new Error('the benchmark adapter has no readable header');
+      const streamedReport = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, nonFinite: ingested.nonFinite, otherFiles }, model, limits);
+      const validateStreamedMs = now() - t;
+      if (!streamedReport.ok) throw new Error(`the benchmark adapter does not validate: ${streamedReport.errors[0]?.message}`);
+      t = now();
+      const streamedWeights = fromIngested(streamedReport, ingested, model);
+      const scaleMs = now() - t;
+      if (!streamedWeights) throw new Error('fromIngested found a tensor missing from the stream decode');
+
+      t = now();
       const values = new Map<string, Float32Array>();
       for (const h of head.header.tensors) if (isFloatDtype(h.dtype)) values.set(h.name, toFloat32(h.dtype, await readTensorBytes(weightsPath, head.header, h)));
       const readMs = now() - t;
       t = now();
-      const otherFiles = names.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
       const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, otherFiles }, model, limits);
       const validateMs = now() - t;
       if (!report.ok) throw new Error(`the benchmark adapter does not validate: ${report.errors[0]?.message}`);
@@ -172,13 +217,23 @@ async function measurePhases(runtime: Runtime, files: AdapterFiles, runs: number
       await registry.store.create(meta, dir);
       const storeMs = now() - t;
       await registry.store.delete(name);
-      samples.push({ readMs, validateMs, convertMs, engineLoadMs, digestMs, storeMs });
+      samples.push({ decodeInStreamMs, validateStreamedMs, scaleMs, readMs, validateMs, convertMs, engineLoadMs, digestMs, storeMs });
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
   }
   const pick = (k: keyof UploadPhases) => median(samples.map((s) => s[k]));
-  return { readMs: pick('readMs'), validateMs: pick('validateMs'), convertMs: pick('convertMs'), engineLoadMs: pick('engineLoadMs'), digestMs: pick('digestMs'), storeMs: pick('storeMs') };
+  return {
+    decodeInStreamMs: pick('decodeInStreamMs'),
+    validateStreamedMs: pick('validateStreamedMs'),
+    scaleMs: pick('scaleMs'),
+    readMs: pick('readMs'),
+    validateMs: pick('validateMs'),
+    convertMs: pick('convertMs'),
+    engineLoadMs: pick('engineLoadMs'),
+    digestMs: pick('digestMs'),
+    storeMs: pick('storeMs'),
+  };
 }
 
 /** least-squares slope of ys over 0, 1, 2, … */

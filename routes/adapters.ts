@@ -22,7 +22,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
   await app.register(multipart, { limits: { fileSize: maxBytes }, throwFileSizeLimit: true });
 
   async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload) => Promise<T>, onField?: (name: string, value: string) => void): Promise<T> {
-    const u = await receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes, fields: ['name'], onField });
+    const u = await receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes, fields: ['name'], onField, ingest: (configText) => registry.ingest(maxBytes, configText) });
     try {
       return await fn(u);
     } finally {
@@ -38,7 +38,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
     const adapter = await withUpload(request, async (u) => {
       const name = u.fields.name;
       if (name === undefined) throw badRequest('missing field `name`: the name requests will use to select this adapter', { missing: ['name'] });
-      return registry.create(name, u.dir, u.digests);
+      return registry.create(name, u.dir, u);
     }, (field, value) => field === 'name' && registry.assertCreatable(value));
     return reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`).send(adapter);
   });
@@ -49,7 +49,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
       if (u.fields.name !== undefined && u.fields.name !== name) {
         throw badRequest(`the \`name\` field (${JSON.stringify(u.fields.name)}) differs from the name in the URL (${JSON.stringify(name)})`);
       }
-      return registry.replace(name, u.dir, u.digests);
+      return registry.replace(name, u.dir, u);
     });
     if (created) reply.code(201).header('location', `/v1/adapters/${encodeURIComponent(adapter.name)}`);
     return reply.send(adapter);
@@ -64,7 +64,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
     const report = await withUpload(request, (u) => {
       const why = u.fields.name === undefined ? null : adapterNameProblem(u.fields.name);
       if (why) throw badRequest(why);
-      return registry.validate(u.dir);
+      return registry.validate(u.dir, u);
     });
     if (!report.ok) throw rejectedProblem(report, 'the adapter');
     return report;

@@ -63,10 +63,15 @@ describe('bench --quick --json', () => {
     const api = report.api as Record<string, { streams: number; tokens: number }>;
     expect(api.api1).toMatchObject({ streams: 1, tokens: 24 });
     for (const k of ['same8', 'mixed8', 'base8']) expect(api[k], k).toMatchObject({ streams: 8, tokens: 8 * 24 });
-    const peer = report.peer as { b8: { tokens: number } };
+    const peer = report.peer as { b8: { tokens: number }; c8: { streams: number; tokens: number }; concurrentAgreement: { streams: number; equalToB1: number } };
     expect(peer.b8.tokens).toBe(8 * 24);
-    const upload = report.upload as { memory: { adapters: number }; rank: number; tensorBytes: number };
+    // 8 concurrent generate calls, each its full length and each the same tokens as the peer alone
+    expect(peer.c8).toMatchObject({ streams: 8, tokens: 8 * 24 });
+    expect(peer.concurrentAgreement).toEqual({ streams: 8, equalToB1: 8 });
+    const upload = report.upload as { memory: { adapters: number }; rank: number; tensorBytes: number; beyondReadMs: number };
     expect(upload.memory.adapters).toBe(2);
+    // measured on the server, from the upload's last byte to its 201
+    expect(upload.beyondReadMs).toBeGreaterThan(0);
     expect(upload.rank).toBe(16);
     expect(upload.tensorBytes).toBeGreaterThan(0);
   });

@@ -2,6 +2,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
+import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { makeConfig } from '../src/config.js';
@@ -62,10 +63,14 @@ interface Served {
 describe.skipIf(!HAVE_STORIES)('an adapter on stories260K: served logits equal the merged model', () => {
   let tmp: string;
   let app: FastifyInstance;
+  const logLines: Record<string, unknown>[] = [];
   beforeAll(async () => {
     tmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-stories-lora-'));
+    // the log says where the served weights came from: the upload's stream decode or the file
+    const logger = pino({ level: 'info' }, { write: (line: string) => void logLines.push(JSON.parse(line) as Record<string, unknown>) });
     app = await buildApp(
-      makeConfig({ MODEL_PATH: STORIES_BIN, TOKENIZER_PATH: TOK512_BIN, CACHE_DIR: path.join(tmp, 'cache'), ADAPTER_DIR: path.join(tmp, 'adapters'), DEVICE: 'cpu', LOG_LEVEL: 'silent' }),
+      makeConfig({ MODEL_PATH: STORIES_BIN, TOKENIZER_PATH: TOK512_BIN, CACHE_DIR: path.join(tmp, 'cache'), ADAPTER_DIR: path.join(tmp, 'adapters'), DEVICE: 'cpu', LOG_LEVEL: 'info' }),
+      { logger },
     );
   });
   afterAll(async () => {
@@ -100,6 +105,8 @@ describe.skipIf(!HAVE_STORIES)('an adapter on stories260K: served logits equal t
       ]),
     });
     expect(up.statusCode, up.body).toBe(201);
+    // the weights checked below are the ones decoded while the upload streamed in (ingest.ts)
+    expect(logLines.find((l) => l.msg === 'adapter stored and loaded' && l.adapter === 'tale')?.weightsFrom).toBe('stream');
 
     const tuned = await generate('tale');
     expect(tuned.tokens).not.toEqual(base.tokens);

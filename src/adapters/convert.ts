@@ -58,3 +58,36 @@ export function toEngineWeights(report: ValidationReport, tensors: Map<string, F
   }
   return { modules, bytes };
 }
+
+/**
+ * The same result as toEngineWeights, from tensors that were transposed while the upload streamed
+ * in (ingest.ts): at most the scale is left to fold into B, in place. Returns null when a tensor the
+ * report uses was not kept in the engine's layout, or was scaled by another factor than the
+ * report's; the caller then reads the file instead. The
+ * arrays become the adapter's: the ingest result must not be used again.
+ */
+export function fromIngested(report: ValidationReport, ingested: { engineLayout: ReadonlyMap<string, Float32Array>; scaled: ReadonlyMap<string, number> }, manifest: { loraTargets: readonly LoraTarget[] }): AdapterWeights | null {
+  const { engineLayout, scaled } = ingested;
+  if (!report.ok) throw new Error('fromIngested: the adapter did not pass validation');
+  const targets = new Map(manifest.loraTargets.map((t) => [t.name, t]));
+  const picked: [string, number, number, Float32Array, Float32Array][] = [];
+  for (const m of report.modules) {
+    const t = targets.get(m.module);
+    const A = m.tensorA === null ? undefined : engineLayout.get(m.tensorA);
+    const B = m.tensorB === null ? undefined : engineLayout.get(m.tensorB);
+    if (!t || !A || !B || A.length !== m.rank * t.inFeatures || B.length !== m.rank * t.outFeatures) return null;
+    // B was scaled in the stream when the config came first; a different scale cannot be undone exactly
+    const applied = scaled.get(m.tensorB!) ?? 1;
+    if (applied !== 1 && applied !== m.scale) return null;
+    picked.push([m.module, m.rank, applied === 1 ? m.scale : 1, A, B]);
+  }
+  const modules = new Map<string, EngineModuleWeights>();
+  let bytes = 0;
+  for (const [module, rank, scale, A, B] of picked) {
+    // the same float32 rounding of value × scale as transpose() applies
+    if (scale !== 1) for (let i = 0; i < B.length; i++) B[i] = B[i]! * scale;
+    modules.set(module, { rank, A, B });
+    bytes += A.byteLength + B.byteLength;
+  }
+  return { modules, bytes };
+}

@@ -1,9 +1,10 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { toEngineWeights, type AdapterWeights } from './convert.js';
+import { fromIngested, toEngineWeights, type AdapterWeights } from './convert.js';
+import type { IngestedWeights } from './ingest.js';
 import { CONFIG_FILE } from './peft-config.js';
 import type { ValidationReport } from './report.js';
-import { DEFAULT_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult } from './safetensors.js';
+import { DEFAULT_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
 import { validateAdapter, WEIGHTS_FILE, type ModelFacts, type ValidationLimits } from './validate.js';
 
 /**
@@ -15,12 +16,37 @@ import { validateAdapter, WEIGHTS_FILE, type ModelFacts, type ValidationLimits }
 export interface ReadAdapterOptions {
   /** read tensor values: enables the NaN/Inf check and conversion (default true) */
   readValues: boolean;
+  /**
+   * The weights file as it was decoded while it streamed in (ingest.ts). Used in place of reading
+   * the values back when its header is the stored file's; consumed (its arrays become the result's).
+   */
+  ingested?: IngestedWeights | null;
+}
+
+/** Both parsed from the same bytes, unless the file changed after the upload wrote it. */
+function sameHeader(a: SafetensorsHeader, b: SafetensorsHeader): boolean {
+  if (a.fileSize !== b.fileSize || a.headerLength !== b.headerLength || a.tensors.length !== b.tensors.length) return false;
+  return a.tensors.every((t, i) => {
+    const u = b.tensors[i]!;
+    return t.name === u.name && t.dtype === u.dtype && t.begin === u.begin && t.end === u.end && t.shape.length === u.shape.length && t.shape.every((d, k) => d === u.shape[k]);
+  });
+}
+
+async function readValues(weightsPath: string, header: SafetensorsHeader): Promise<Map<string, Float32Array>> {
+  const values = new Map<string, Float32Array>();
+  for (const t of header.tensors) {
+    if (!isFloatDtype(t.dtype)) continue;
+    values.set(t.name, toFloat32(t.dtype, await readTensorBytes(weightsPath, header, t)));
+  }
+  return values;
 }
 
 export interface AdapterFolderResult {
   report: ValidationReport;
   /** engine-layout weights; null when the report has errors or values were not read */
   weights: AdapterWeights | null;
+  /** where `weights` came from: the stream decode, or the file read back */
+  source: 'stream' | 'file' | null;
 }
 
 export async function readAdapterFolder(dir: string, model: ModelFacts, limits: ValidationLimits, opts: ReadAdapterOptions = { readValues: true }): Promise<AdapterFolderResult> {
@@ -29,16 +55,17 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
   const weightsPath = join(dir, WEIGHTS_FILE);
   const head: HeaderResult = files.includes(WEIGHTS_FILE) ? await readHeader(weightsPath, DEFAULT_SAFETENSORS_LIMITS, WEIGHTS_FILE) : { header: null, problems: [] };
 
-  let values: Map<string, Float32Array> | undefined;
-  if (opts.readValues && head.header && head.problems.length === 0) {
-    values = new Map();
-    for (const t of head.header.tensors) {
-      if (!isFloatDtype(t.dtype)) continue;
-      values.set(t.name, toFloat32(t.dtype, await readTensorBytes(weightsPath, head.header, t)));
-    }
-  }
+  const readable = opts.readValues && head.header && head.problems.length === 0 ? head.header : null;
+  const ingested = readable && opts.ingested && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
+  const values = readable && !ingested ? await readValues(weightsPath, readable) : undefined;
   const otherFiles = files.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
-  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, otherFiles }, model, limits);
-  const weights = report.ok && values ? toEngineWeights(report, values, model) : null;
-  return { report, weights };
+  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, otherFiles }, model, limits);
+  if (!report.ok) return { report, weights: null, source: null };
+  if (values) return { report, weights: toEngineWeights(report, values, model), source: 'file' };
+  if (ingested && readable) {
+    const streamed = fromIngested(report, ingested, model);
+    if (streamed) return { report, weights: streamed, source: 'stream' };
+    return { report, weights: toEngineWeights(report, await readValues(weightsPath, readable), model), source: 'file' };
+  }
+  return { report, weights: null, source: null };
 }

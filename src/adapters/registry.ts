@@ -4,6 +4,7 @@ import type { Manifest } from '../model/manifest.js';
 import { HttpProblem, badRequest, notFound } from '../http/problem.js';
 import type { AdapterWeights } from './convert.js';
 import { readAdapterFolder } from './folder.js';
+import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
 import { error, type Problem, type ValidationReport } from './report.js';
 import { AdapterStore, adapterNameProblem, pauseHookFromEnv, type AdapterMeta, type FileDigest, type StoreHooks, type StoredEntry } from './store.js';
 import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
@@ -31,6 +32,14 @@ export type AdapterState = 'ready' | 'incompatible';
 
 /** sha256 and size of a staged folder's two files (see ReceivedUpload.digests) */
 export type StagedDigests = Record<typeof CONFIG_FILE | typeof WEIGHTS_FILE, FileDigest>;
+
+/** What the upload learned while writing the staged files, so that the registry need not read them again. */
+export interface StagedExtras {
+  /** sha256 and sizes of the two files; otherwise they are read back and hashed */
+  digests?: StagedDigests | null;
+  /** the weights decoded in the stream (ingest.ts); otherwise the values are read back */
+  ingested?: IngestedWeights | null;
+}
 
 /** The engine side of the registry (Engine implements it). */
 export interface AdapterEngine {
@@ -333,9 +342,17 @@ export class AdapterRegistry {
   }
 
   /** Dry run: the report for a staged folder. Stores and loads nothing. */
-  async validate(stagedDir: string): Promise<ValidationReport> {
-    const { report } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true });
+  async validate(stagedDir: string, staged: StagedExtras = {}): Promise<ValidationReport> {
+    const { report } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true, ingested: staged.ingested });
     return report;
+  }
+
+  /**
+   * A decoder for an upload's weights file, fitted to this model (see ingest.ts); with the text of
+   * an adapter_config.json that arrived first, it folds each module's scale in on the way.
+   */
+  ingest(maxBytes: number, configText: string | null = null): AdapterIngest {
+    return new AdapterIngest({ loraTargets: this.model.loraTargets, maxRank: this.limits.maxLoraRank, maxBytes, file: WEIGHTS_FILE, scales: configText === null ? undefined : moduleScales(configText, this.model.loraTargets) });
   }
 
   /**
@@ -345,7 +362,7 @@ export class AdapterRegistry {
    * files' sha256 and sizes when the caller computed them while writing the files (the upload
    * does); otherwise they are read back and hashed here.
    */
-  async create(name: string, stagedDir: string, digests: StagedDigests | null = null): Promise<AdapterDetail> {
+  async create(name: string, stagedDir: string, staged: StagedExtras = {}): Promise<AdapterDetail> {
     this.checkName(name);
     return this.exclusive(name, async () => {
       if (this.versions.has(name)) {
@@ -356,7 +373,7 @@ export class AdapterRegistry {
       }
       const release = this.reserveSlot();
       try {
-        const v = await this.install(name, stagedDir, digests, 1, (meta) => this.store.create(meta, stagedDir));
+        const v = await this.install(name, stagedDir, staged, 1, (meta) => this.store.create(meta, stagedDir));
         this.versions.set(name, v);
         return detail(v);
       } finally {
@@ -369,7 +386,7 @@ export class AdapterRegistry {
    * Create-or-replace. The old version keeps serving the requests that started with it; it is
    * unloaded from the engine after the swap (the worker frees it when its last request ends).
    */
-  async replace(name: string, stagedDir: string, digests: StagedDigests | null = null): Promise<{ created: boolean; adapter: AdapterDetail }> {
+  async replace(name: string, stagedDir: string, staged: StagedExtras = {}): Promise<{ created: boolean; adapter: AdapterDetail }> {
     this.checkName(name);
     return this.exclusive(name, async () => {
       const prev = this.versions.get(name);
@@ -378,7 +395,7 @@ export class AdapterRegistry {
       }
       const release = prev ? () => undefined : this.reserveSlot();
       try {
-        const v = await this.install(name, stagedDir, digests, (prev?.version ?? 0) + 1, (meta) => this.store.replace(meta, stagedDir));
+        const v = await this.install(name, stagedDir, staged, (prev?.version ?? 0) + 1, (meta) => this.store.replace(meta, stagedDir));
         this.versions.set(name, v);
         if (prev?.state === 'ready') this.unload(prev.versionId);
         return { created: !prev, adapter: detail(v) };
@@ -388,20 +405,22 @@ export class AdapterRegistry {
     });
   }
 
-  private async install(name: string, stagedDir: string, digests: StagedDigests | null, version: number, write: (meta: AdapterMeta) => Promise<AdapterMeta>): Promise<AdapterVersion> {
-    const { report, weights } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true });
+  private async install(name: string, stagedDir: string, staged: StagedExtras, version: number, write: (meta: AdapterMeta) => Promise<AdapterMeta>): Promise<AdapterVersion> {
+    const flushed = this.store.flushStaged(stagedDir);
+    const { report, weights, source } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true, ingested: staged.ingested });
     if (!report.ok || !weights) throw rejectedProblem(report, `adapter ${JSON.stringify(name)}`);
-    const files = digests ?? (await this.store.digest(stagedDir));
+    const files = staged.digests ?? (await this.store.digest(stagedDir));
     const versionId = this.nextVersionId(name, version);
     const meta: AdapterMeta = { metaVersion: 1, name, version, created: new Date().toISOString(), files, report };
     await this.engine.loadAdapter(versionId, weights);
     try {
+      await flushed;
       await write(meta);
     } catch (e) {
       this.unload(versionId);
       throw e;
     }
-    this.log.info({ adapter: name, version, versionId, modules: report.modules.length, bytes: files[WEIGHTS_FILE].bytes }, 'adapter stored and loaded');
+    this.log.info({ adapter: name, version, versionId, modules: report.modules.length, bytes: files[WEIGHTS_FILE].bytes, weightsFrom: source }, 'adapter stored and loaded');
     return { name, version, versionId, state: 'ready', created: meta.created, files, report };
   }
 

@@ -256,6 +256,15 @@ export class AdapterStore {
     return dir;
   }
 
+  /**
+   * Starts flushing a staged folder's files to disk so that the flush overlaps validation and the
+   * engine load; writeVersion's own fsync then finds little left to write. Never rejects: a failure
+   * here shows again, and is reported, in writeVersion.
+   */
+  flushStaged(stagedDir: string): Promise<void> {
+    return Promise.all(ADAPTER_FILES.map((f) => fsyncPath(path.join(stagedDir, f)).catch(() => undefined))).then(() => undefined);
+  }
+
   /** sha256 and size of the two adapter files of a folder. */
   async digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
     const [config, weights] = await Promise.all(ADAPTER_FILES.map((f) => sha256File(path.join(stagedDir, f))));

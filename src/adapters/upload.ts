@@ -1,14 +1,15 @@
 import { createHash } from 'node:crypto';
-import { createWriteStream } from 'node:fs';
-import { mkdir, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { FastifyRequest } from 'fastify';
 import type { Multipart } from '@fastify/multipart';
+import { createFlushingWriteStream } from '../durable-fs.js';
 import { HttpProblem, badRequest } from '../http/problem.js';
 import { error, type Problem } from './report.js';
 import { ArchiveError, extractAdapterArchive, sniffArchiveFile } from './archive.js';
+import type { AdapterIngest, IngestedWeights } from './ingest.js';
 import { CONFIG_FILE, WEIGHTS_FILE, type AdapterFile, type FileDigest } from './store.js';
 
 /**
@@ -36,6 +37,11 @@ export interface UploadOptions {
    * client which sends `name` first is refused before its files are received.
    */
   onField?: (name: string, value: string) => void;
+  /**
+   * A decoder for the weights file as it streams in (ingest.ts), given adapter_config.json's text
+   * when that part came first; without it the registry reads the file back.
+   */
+  ingest?: (configText: string | null) => AdapterIngest;
 }
 
 export interface ReceivedUpload {
@@ -50,6 +56,8 @@ export interface ReceivedUpload {
    * come out of the extractor.
    */
   digests: Record<AdapterFile, FileDigest> | null;
+  /** the weights as decoded in the stream; null for archives, without `ingest`, or when the decoder gave up */
+  ingested: IngestedWeights | null;
   /** removes everything this upload wrote */
   cleanup(): Promise<void>;
 }
@@ -124,6 +132,12 @@ function hashing(out: { digest: FileDigest | null }): Transform {
   });
 }
 
+/** The config part's text for the stream decoder, when it came first and is of a sane size (the validator reads it again either way). */
+async function configTextOf(file: string | undefined): Promise<string | null> {
+  if (!file || (await stat(file)).size > 1024 * 1024) return null;
+  return readFile(file, 'utf8');
+}
+
 const MULTIPART_LIMIT_CODES = new Set(['FST_PARTS_LIMIT', 'FST_FILES_LIMIT', 'FST_FIELDS_LIMIT']);
 
 /** Maps @fastify/multipart's errors onto our problems; anything else passes through. */
@@ -168,7 +182,7 @@ export async function receiveAdapterUpload(request: FastifyRequest, opts: Upload
 
 async function receive(request: FastifyRequest, opts: UploadOptions, work: string): Promise<Omit<ReceivedUpload, 'cleanup'>> {
   const fields: Record<string, string> = {};
-  const got = new Map<Role, { file: string; filename: string; digest: FileDigest | null }>();
+  const got = new Map<Role, { file: string; filename: string; digest: FileDigest | null; ingested: IngestedWeights | null }>();
   const unknown: string[] = [];
   const duplicate: string[] = [];
   const budget = { used: 0 };
@@ -201,9 +215,14 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
     }
     const dest = path.join(work, `part-${index++}`);
     const hashed: { digest: FileDigest | null } = { digest: null };
-    await pipeline(part.file, totalBudget(budget, opts.maxBytes), hashing(hashed), createWriteStream(dest, { flags: 'wx' }));
+    const ingest = role === 'weights' && opts.ingest ? opts.ingest(await configTextOf(got.get('config')?.file)) : null;
+    const stages: Transform[] = [totalBudget(budget, opts.maxBytes), hashing(hashed)];
+    if (ingest) stages.push(ingest.tap());
+    await pipeline([part.file, ...stages, createFlushingWriteStream(dest)]);
     if (part.file.truncated) throw payloadTooLarge(`${label} is larger than MAX_UPLOAD_BYTES (${opts.maxBytes} bytes)`);
-    got.set(role, { file: dest, filename: part.filename ?? '', digest: hashed.digest });
+    const ingested = ingest?.finish() ?? null;
+    if (ingest && !ingested) request.log.info({ reason: ingest.reason }, 'upload: the weights could not be decoded in the stream; they will be read back from the file');
+    got.set(role, { file: dest, filename: part.filename ?? '', digest: hashed.digest, ingested });
   }
 
   if (unknown.length) {
@@ -226,7 +245,7 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
       if (found.files.includes('adapter_model.bin')) throw pickleProblem('adapter_model.bin');
       throw unprocessable(`adapter_model.safetensors is missing ${where}`, [missingFile(WEIGHTS_FILE, where)]);
     }
-    return { dir: found.dir, fields, source: kind, digests: null };
+    return { dir: found.dir, fields, source: kind, digests: null, ingested: null };
   }
 
   const missing = [
@@ -243,5 +262,5 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
   const config = got.get('config')!.digest;
   const weights = got.get('weights')!.digest;
   const digests = config && weights ? ({ [CONFIG_FILE]: config, [WEIGHTS_FILE]: weights } as Record<AdapterFile, FileDigest>) : null;
-  return { dir, fields, source: 'files', digests };
+  return { dir, fields, source: 'files', digests, ingested: got.get('weights')!.ingested };
 }

@@ -24,8 +24,26 @@ export interface AdapterInput {
   headerProblems: Problem[];
   /** tensor key → values, when they were read (enables the NaN/Inf check) */
   values?: Map<string, Float32Array>;
+  /** NaN/±Inf counts per tensor key, counted while the file streamed in (instead of `values`) */
+  nonFinite?: ReadonlyMap<string, NonFiniteCount>;
   /** names of the other files that came with the adapter */
   otherFiles?: string[];
+}
+
+export interface NonFiniteCount {
+  nan: number;
+  inf: number;
+}
+
+export function countNonFinite(v: Float32Array): NonFiniteCount {
+  let nan = 0;
+  let inf = 0;
+  for (let i = 0; i < v.length; i++) {
+    const x = v[i]!;
+    if (x !== x) nan++;
+    else if (x === Infinity || x === -Infinity) inf++;
+  }
+  return { nan, inf };
 }
 
 export interface ModelFacts {
@@ -453,19 +471,16 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     }
   }
 
-  // NaN / Inf, when the values were read
-  if (input.values) {
-    for (const [key, v] of input.values) {
-      let nan = 0;
-      let inf = 0;
-      for (let i = 0; i < v.length; i++) {
-        const x = v[i]!;
-        if (x !== x) nan++;
-        else if (x === Infinity || x === -Infinity) inf++;
-      }
-      if (nan + inf > 0) {
-        tensorProblems.push(error({ code: 'non_finite', file, tensor: key, module: parseTensorKey(key).module ?? undefined, expected: 0, actual: nan + inf, message: `${key} holds ${nan + inf} non-finite value${nan + inf === 1 ? '' : 's'} (${nan} NaN, ${inf} ±Inf) of ${v.length}; training diverged or the file was written from a broken state.`, hint: 'Retrain (lower the learning rate, or use bf16 instead of fp16) and save again.' }));
-      }
+  // NaN / Inf, when the values were read or counted as they streamed in
+  const counted: Iterable<[string, NonFiniteCount]> | null = input.values
+    ? [...input.values].map(([key, v]): [string, NonFiniteCount] => [key, countNonFinite(v)])
+    : input.nonFinite && input.header
+      ? input.header.tensors.map((t): [string, NonFiniteCount] => [t.name, input.nonFinite!.get(t.name) ?? { nan: 0, inf: 0 }])
+      : null;
+  for (const [key, { nan, inf }] of counted ?? []) {
+    if (nan + inf > 0) {
+      const length = input.values?.get(key)?.length ?? (input.header?.tensors.find((t) => t.name === key)?.shape ?? []).reduce((a, b) => a * b, 1);
+      tensorProblems.push(error({ code: 'non_finite', file, tensor: key, module: parseTensorKey(key).module ?? undefined, expected: 0, actual: nan + inf, message: `${key} holds ${nan + inf} non-finite value${nan + inf === 1 ? '' : 's'} (${nan} NaN, ${inf} ±Inf) of ${length}; training diverged or the file was written from a broken state.`, hint: 'Retrain (lower the learning rate, or use bf16 instead of fp16) and save again.' }));
     }
   }
 
