@@ -94,6 +94,17 @@ function decode(dtype: FloatDtype, dv: DataView, offset: number): number {
   return BF16_VIEW[0]!;
 }
 
+let scratch = new Float32Array(16 * 1024);
+
+/** `count` float32 values at `bytes[at…]`: a view when aligned, else a copy into a reused scratch array. */
+function float32View(bytes: Uint8Array, at: number, count: number): Float32Array {
+  const offset = bytes.byteOffset + at;
+  if (offset % 4 === 0) return new Float32Array(bytes.buffer, offset, count);
+  if (scratch.length < count) scratch = new Float32Array(count);
+  new Uint8Array(scratch.buffer, 0, count * 4).set(bytes.subarray(at, at + count * 4));
+  return scratch.subarray(0, count);
+}
+
 export class AdapterIngest {
   private phase: 'prefix' | 'header' | 'data' | 'off' = 'prefix';
   private readonly pending: Uint8Array[] = [];
@@ -284,7 +295,36 @@ export class AdapterIngest {
     const dst = s.dst;
     let nan = 0;
     let inf = 0;
-    if (dst) {
+    if (dst && dtype === 'F32') {
+      // the common case on a faster path: typed-array reads, one source row's run at a time
+      const src = float32View(bytes, at, whole);
+      const rows = s.rows;
+      const cols = s.cols;
+      const scale = s.scale;
+      let i = s.i;
+      let j = s.j;
+      for (let e = 0; e < whole; ) {
+        const run = Math.min(cols - j, whole - e);
+        let o = j * rows + i;
+        for (let k = e; k < e + run; k++, o += rows) {
+          const x = src[k]!;
+          // x − x is 0 for every finite x, NaN for NaN and ±Inf
+          if (x - x !== 0) {
+            if (x !== x) nan++;
+            else inf++;
+          }
+          dst[o] = x * scale;
+        }
+        e += run;
+        j += run;
+        if (j === cols) {
+          j = 0;
+          i++;
+        }
+      }
+      s.i = i;
+      s.j = j;
+    } else if (dst) {
       const rows = s.rows;
       const cols = s.cols;
       const scale = s.scale;
