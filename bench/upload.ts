@@ -14,13 +14,15 @@ import { median, now, settledRss } from './timing.js';
  * Adapter upload, end to end and in parts.
  *
  * End to end (over HTTP): POST /v1/adapters → 201, then a one-token stream with the new adapter;
- * "receive" is the same multipart body sent to /bench/receive (multipart → files, then dropped).
- * The registry runs read+validate+convert+load+store in one call and exposes no split, so the
- * parts are timed by calling the same functions readAdapterFolder and the registry call, in the
- * same order, on a staged copy of the files: read (header + tensor values from disk), validate
- * (validateAdapter), convert (toEngineWeights), engine load (Engine.loadAdapter: transfer to the
- * worker), digest (sha256 of both files, AdapterStore.digest) and store (AdapterStore.create:
- * move, meta.json, fsync, rename).
+ * "receive" is the same multipart body sent to /bench/receive (multipart → files, then dropped),
+ * "receive-decoded" the same with the stream decode the adapter routes use. The target's number
+ * is measured on the server: from the body's last byte to the response (Server.afterLastByte).
+ * The registry exposes no split, so the parts are timed by calling the functions it calls, in the
+ * same order, on a staged copy of the files: the stream decode (AdapterIngest), validate with the
+ * streamed counts, the scale fold (fromIngested), engine load (Engine.loadAdapter: transfer to the
+ * worker) and store (AdapterStore.create: move, meta.json, fsync, rename); and the path archives
+ * take, which read the files back: read, validate (scanning), convert (toEngineWeights), digest
+ * (sha256 of both files).
  */
 
 export interface UploadPhases {

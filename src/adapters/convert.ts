@@ -63,8 +63,8 @@ export function toEngineWeights(report: ValidationReport, tensors: Map<string, F
  * The same result as toEngineWeights, from tensors that were transposed while the upload streamed
  * in (ingest.ts): at most the scale is left to fold into B, in place. Returns null when a tensor the
  * report uses was not kept in the engine's layout, or was scaled by another factor than the
- * report's; the caller then reads the file instead. The
- * arrays become the adapter's: the ingest result must not be used again.
+ * report's; the caller then reads the file instead. The arrays become the adapter's: the ingest
+ * result must not be used again.
  */
 export function fromIngested(report: ValidationReport, ingested: { engineLayout: ReadonlyMap<string, Float32Array>; scaled: ReadonlyMap<string, number> }, manifest: { loraTargets: readonly LoraTarget[] }): AdapterWeights | null {
   const { engineLayout, scaled } = ingested;

@@ -51,7 +51,6 @@ export interface IngestOptions {
 }
 
 interface Sink {
-  tensor: TensorHeader;
   dtype: FloatDtype | null;
   elementBytes: number;
   counts: NonFiniteCount;
@@ -253,7 +252,7 @@ export class AdapterIngest {
 
   private sinkFor(t: TensorHeader): Sink {
     const dtype = isFloatDtype(t.dtype) ? t.dtype : null;
-    const base = { tensor: t, dtype, elementBytes: DTYPE_BYTES[t.dtype]!, counts: { nan: 0, inf: 0 }, dst: null, scale: 1, rows: 0, cols: 0, i: 0, j: 0, carry: new Uint8Array(4), carryLength: 0 };
+    const base = { dtype, elementBytes: DTYPE_BYTES[t.dtype]!, counts: { nan: 0, inf: 0 }, dst: null, scale: 1, rows: 0, cols: 0, i: 0, j: 0, carry: new Uint8Array(4), carryLength: 0 };
     const shape = this.keptShape.get(t.name);
     return shape ? { ...base, ...shape, dst: this.engineLayout.get(t.name)! } : base;
   }
@@ -290,7 +289,6 @@ export class AdapterIngest {
       s.carryLength = 0;
     }
     const whole = Math.floor((bytes.byteLength - at) / size);
-    const dv = new DataView(bytes.buffer, bytes.byteOffset + at, whole * size);
     const dtype = s.dtype!;
     const dst = s.dst;
     let nan = 0;
@@ -325,6 +323,7 @@ export class AdapterIngest {
       s.i = i;
       s.j = j;
     } else if (dst) {
+      const dv = new DataView(bytes.buffer, bytes.byteOffset + at, whole * size);
       const rows = s.rows;
       const cols = s.cols;
       const scale = s.scale;
@@ -344,6 +343,7 @@ export class AdapterIngest {
       s.i = i;
       s.j = j;
     } else {
+      const dv = new DataView(bytes.buffer, bytes.byteOffset + at, whole * size);
       for (let e = 0; e < whole; e++) {
         const x = decode(dtype, dv, e * size);
         if (x !== x) nan++;
