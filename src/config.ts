@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { splitArgv } from './cli/argv.js';
 
 /**
  * Every setting of the service, one schema. Values come from environment variables and are
@@ -52,29 +53,13 @@ const KEYS = Object.keys(ConfigSchema.shape) as (keyof Config)[];
 /** `--max-lora-rank 8` / `--MAX_LORA_RANK=8` → { MAX_LORA_RANK: '8' }; other args are returned as positionals. */
 export function parseFlags(argv: readonly string[]): { flags: Record<string, string>; positionals: string[]; unknown: string[] } {
   const flags: Record<string, string> = {};
-  const positionals: string[] = [];
   const unknown: string[] = [];
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    if (!arg.startsWith('--')) {
-      positionals.push(arg);
-      continue;
-    }
-    const eq = arg.indexOf('=');
-    const rawName = eq >= 0 ? arg.slice(2, eq) : arg.slice(2);
-    const key = rawName.replace(/-/g, '_').toUpperCase();
-    let value: string | undefined = eq >= 0 ? arg.slice(eq + 1) : undefined;
-    if (value === undefined) {
-      const next = argv[i + 1];
-      if (next !== undefined && !next.startsWith('--')) {
-        value = next;
-        i++;
-      } else {
-        value = 'true';
-      }
-    }
-    if ((KEYS as string[]).includes(key)) flags[key] = value;
-    else unknown.push(`--${rawName}`);
+  // every setting takes a value; a bare one (`--strict-base-model`) means true
+  const { options, positionals } = splitArgv(argv, () => true);
+  for (const o of options) {
+    const key = o.name.replace(/-/g, '_').toUpperCase();
+    if ((KEYS as string[]).includes(key)) flags[key] = o.value ?? 'true';
+    else unknown.push(`--${o.name}`);
   }
   return { flags, positionals, unknown };
 }

@@ -1,6 +1,7 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { ConfigSchema } from '../config.js';
+import { splitArgv } from './argv.js';
 import { readAdapterFolder } from '../adapters/folder.js';
 import type { Problem, ValidationReport } from '../adapters/report.js';
 import { readArchitecture } from '../model/checkpoint/index.js';
@@ -31,49 +32,34 @@ interface CheckArgs {
   strict?: string;
 }
 
+/** `--base` and `--max-lora-rank` take a value; `--json` and `--strict-base-model` are switches. */
+const normalName = (name: string) => name.replace(/_/g, '-').toLowerCase();
+const TAKES_VALUE = new Set(['base', 'max-lora-rank']);
+
 function parseArgs(argv: readonly string[]): CheckArgs | string {
-  const positionals: string[] = [];
+  const { options, positionals } = splitArgv(argv, (name) => TAKES_VALUE.has(normalName(name)));
   let base: string | undefined;
   let json = false;
   let maxLoraRank: string | undefined;
   let strict: string | undefined;
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    if (!arg.startsWith('--')) {
-      positionals.push(arg);
-      continue;
-    }
-    const eq = arg.indexOf('=');
-    const name = (eq >= 0 ? arg.slice(2, eq) : arg.slice(2)).replace(/_/g, '-').toLowerCase();
-    const inline = eq >= 0 ? arg.slice(eq + 1) : undefined;
-    const value = (): string | undefined => {
-      if (inline !== undefined) return inline;
-      const next = argv[i + 1];
-      if (next === undefined || next.startsWith('--')) return undefined;
-      i++;
-      return next;
-    };
-    switch (name) {
-      case 'base': {
-        const v = value();
-        if (!v) return '--base needs a path';
-        base = v;
+  for (const o of options) {
+    switch (normalName(o.name)) {
+      case 'base':
+        if (!o.value) return '--base needs a path';
+        base = o.value;
         break;
-      }
       case 'json':
-        json = inline === undefined || inline === 'true' || inline === '1';
+        json = !o.inline || o.value === 'true' || o.value === '1';
         break;
-      case 'max-lora-rank': {
-        const v = value();
-        if (!v) return '--max-lora-rank needs a number';
-        maxLoraRank = v;
+      case 'max-lora-rank':
+        if (!o.value) return '--max-lora-rank needs a number';
+        maxLoraRank = o.value;
         break;
-      }
       case 'strict-base-model':
-        strict = inline ?? 'true';
+        strict = o.value ?? 'true';
         break;
       default:
-        return `unknown option ${arg}`;
+        return `unknown option ${o.arg}`;
     }
   }
   if (!base) return 'missing --base <model folder | config.json | llama2.c .bin>';
