@@ -81,12 +81,15 @@ async function buildModelCommand(argv: string[]): Promise<number> {
   }
   const { openCheckpoint } = await import('./model/checkpoint/index.js');
   const { buildModel } = await import('./model/build.js');
+  const { placementLine, resolvePlacement } = await import('./model/placement.js');
   const checkpoint = await openCheckpoint(path.resolve(modelPath), config.TOKENIZER_PATH);
-  const dtype = config.DTYPE === 'auto' ? (config.DEVICE === 'cuda' ? 'fp16' : 'fp32') : config.DTYPE;
+  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE });
+  process.stderr.write(`${placementLine(placement)}\n`);
   const built = await buildModel(checkpoint, {
     outDir: path.resolve(config.CACHE_DIR),
-    dtype,
+    dtype: placement.dtype,
     logits: 'last',
+    kv: 'resident',
     onProgress: (line) => process.stderr.write(`\r${line}\x1b[K`),
   });
   process.stderr.write('\n');

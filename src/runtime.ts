@@ -5,6 +5,7 @@ import type { Manifest } from './model/manifest.js';
 import { openCheckpoint } from './model/checkpoint/index.js';
 import { ensureEmbeddedModel } from './model/embedded.js';
 import { buildModel } from './model/build.js';
+import { placementLine, resolvePlacement } from './model/placement.js';
 import { loadTokenizer } from './tokenizer/index.js';
 import type { Tokenizer } from './tokenizer/types.js';
 import { Engine } from './engine/engine.js';
@@ -39,17 +40,20 @@ export async function resolveModelPath(config: Config, log: Pick<Logger, 'info'>
 export async function startRuntime(config: Config, log: Logger): Promise<Runtime> {
   const modelPath = await resolveModelPath(config, log);
   const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
-  const dtype = config.DTYPE === 'auto' ? (config.DEVICE === 'cuda' ? 'fp16' : 'fp32') : config.DTYPE;
+  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE });
+  log.info(placementLine(placement));
   const built = await buildModel(checkpoint, {
     outDir: path.resolve(config.CACHE_DIR),
-    dtype,
+    dtype: placement.dtype,
     logits: 'last',
+    kv: 'resident',
     onProgress: (line) => log.info(line),
   });
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
   if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
   const tokenizer = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
-  const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config, log });
+  // the worker opens the provider decided here (DEVICE=auto already probed), so the graph's dtype fits it
+  const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config: { ...config, DEVICE: placement.provider }, log });
   let registry: AdapterRegistry;
   try {
     registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log });

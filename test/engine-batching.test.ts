@@ -156,7 +156,7 @@ describe('engine: vocabulary limit', () => {
 
 describe('engine: fp16 graph (float16 feeds and caches as raw Uint16Array bits)', () => {
   it('batched rows over mixed adapters equal their runs alone, and track the fp32 engine', async () => {
-    const built = await buildModel(model.ck, { outDir: join(root.dir, 'fp16'), dtype: 'fp16', logits: 'last' });
+    const built = await buildModel(model.ck, { outDir: join(root.dir, 'fp16'), dtype: 'fp16', logits: 'last', kv: 'resident' });
     const half = await startEngine({ ck: model.ck, dir: built.dir, manifest: built.manifest }, { MAX_BATCH: 8, PREFILL_CHUNK: 4 });
     try {
       for (const v of VERSIONS) await half.loadAdapter(v, engineWeights(built.manifest.loraTargets, adapters[v]));

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type Engine, type GenerateRequest } from '../src/engine/engine.js';
 import { FeedBuilder, kvShapeOf } from '../src/engine/batch.js';
-import { emptySeqKv } from '../src/engine/kv.js';
+import { ResidentKv } from '../src/engine/kv.js';
 import { createSession } from '../src/model/session.js';
 import { randomAdapter } from './helpers/lora-feeds.js';
 import { tinyArchitecture } from './helpers/random-checkpoint.js';
@@ -166,7 +166,7 @@ describe('engine lifecycle', () => {
 
     // control: the same prefill run on this thread shows what the timer sees when run() blocks it
     const { session } = await createSession(model.dir, model.manifest, 'cpu', { info: () => {}, warn: () => {} });
-    const feeds = new FeedBuilder(model.manifest).prefill(prompt, emptySeqKv(kvShapeOf(model.manifest)), null);
+    const feeds = new FeedBuilder(model.manifest).prefill(prompt, 0, 0, new ResidentKv(kvShapeOf(model.manifest), 1, 1024), null);
     const control = startBeat();
     await session.run(feeds);
     await new Promise((resolve) => setTimeout(resolve, 20));

@@ -29,7 +29,7 @@ export interface TestModel {
 
 export async function buildRandomModel(root: string, arch: Architecture, seed: number): Promise<TestModel> {
   const ck = randomCheckpoint(arch, seed);
-  const built = await buildModel(ck, { outDir: join(root, 'models'), dtype: 'fp32', logits: 'last' });
+  const built = await buildModel(ck, { outDir: join(root, 'models'), dtype: 'fp32', logits: 'last', kv: 'resident' });
   return { ck, dir: built.dir, manifest: built.manifest };
 }
 

@@ -150,7 +150,7 @@ describe.skipIf(!HAVE_STORIES)('generateText on stories260K (real weights, real 
   let tokenizer: Tokenizer;
   beforeAll(async () => {
     const ck = await openCheckpoint(STORIES_BIN, TOK512_BIN);
-    const built = await buildModel(ck, { outDir: join(root.dir, 'stories'), dtype: 'fp32', logits: 'last' });
+    const built = await buildModel(ck, { outDir: join(root.dir, 'stories'), dtype: 'fp32', logits: 'last', kv: 'resident' });
     tokenizer = await loadTokenizer(ck.tokenizer!, ck.architecture);
     storiesEngine = await startEngine({ ck: null as never, dir: built.dir, manifest: built.manifest }, { MAX_BATCH: 4, PREFILL_CHUNK: 3 });
   });

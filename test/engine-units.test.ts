@@ -1,11 +1,12 @@
 import { describe, expect, it } from 'vitest';
 import { FeedBuilder, kvShapeOf, type ResidentAdapter } from '../src/engine/batch.js';
-import { BatchKv, emptySeqKv, type KvShape, type SeqKv } from '../src/engine/kv.js';
+import { Tensor } from 'onnxruntime-node';
+import { ResidentKv, type KvShape } from '../src/engine/kv.js';
 import { Scheduler, type Schedulable } from '../src/engine/scheduler.js';
 import { loraTargetsFor, type Manifest } from '../src/model/manifest.js';
 import { tinyArchitecture } from './helpers/random-checkpoint.js';
 
-/** The engine's pure parts: scheduling policy, KV re-padding, feed assembly. */
+/** The engine's pure parts: scheduling policy, the resident KV's layout, feed assembly. */
 
 class Req implements Schedulable {
   prefilled = 0;
@@ -57,54 +58,70 @@ describe('scheduler', () => {
 });
 
 const shape: KvShape = { layers: 2, kvHeads: 2, headDim: 3, dtype: 'fp32' };
+const W = shape.kvHeads * shape.headDim;
 
-/** a sequence whose cache value encodes (layer, head, position, d) so every move is checkable */
-function seq(tag: number, len: number): SeqKv {
-  const layers = Array.from({ length: shape.layers }, (_, l) => {
-    const key = new Float32Array(shape.kvHeads * len * shape.headDim);
-    const value = new Float32Array(key.length);
-    for (let h = 0; h < shape.kvHeads; h++)
-      for (let p = 0; p < len; p++)
-        for (let d = 0; d < shape.headDim; d++) {
-          const i = (h * len + p) * shape.headDim + d;
-          key[i] = tag * 10000 + l * 1000 + h * 100 + p * 10 + d;
-          value[i] = -key[i];
-        }
-    return { key, value };
+/** kv_new outputs of a step: rows × S tokens, value = tag·1000 + layer·100 + token·10 + element */
+function newKv(tags: readonly number[], S: number): Record<string, Tensor> {
+  const out: Record<string, Tensor> = {};
+  for (let l = 0; l < shape.layers; l++) {
+    for (const which of ['key', 'value'] as const) {
+      const d = new Float32Array(tags.length * S * W);
+      tags.forEach((tag, b) => {
+        for (let s = 0; s < S; s++) for (let e = 0; e < W; e++) d[(b * S + s) * W + e] = (which === 'key' ? 1 : -1) * (tag * 1000 + l * 100 + s * 10 + e);
+      });
+      out[`kv_new.${l}.${which}`] = new Tensor('float32', d, [tags.length, S, shape.kvHeads, shape.headDim]);
+    }
+  }
+  return out;
+}
+
+describe('resident KV', () => {
+  it('each slot keeps its tokens at [0, len); a step writes only its new tokens; rows joining or leaving move nothing', () => {
+    const kv = new ResidentKv(shape, 3, 64, 4);
+    const a = kv.acquire();
+    const b = kv.acquire();
+    expect([a, b]).toEqual([0, 1]);
+    // prefill: slot a gets 3 tokens, slot b 2
+    kv.write(newKv([1], 3), [a], [0], 3);
+    kv.write(newKv([2], 2), [b], [0], 2);
+    const before = kv.read(0, 'key', a, 3);
+    // a decode step for both rows: one token each at its own length
+    kv.write(newKv([3, 4], 1), [a, b], [3, 2], 1);
+    expect(kv.read(0, 'key', a, 3)).toEqual(before);
+    // [kvHeads, len, headDim]: head 1, position 3 of slot a is element W/2.. of the decode token
+    expect(kv.read(1, 'key', a, 4)[(1 * 4 + 3) * 3 + 2]).toBe(3 * 1000 + 100 + 0 * 10 + 5);
+    expect(kv.read(1, 'value', b, 3)[(0 * 3 + 2) * 3 + 1]).toBe(-(4 * 1000 + 100 + 1));
+    expect(kv.read(0, 'key', b, 2)[(1 * 2 + 1) * 3 + 0]).toBe(2 * 1000 + 10 + 3);
+
+    // a leaves, a new row takes its slot; b's cache is where it was
+    const bCache = kv.read(0, 'value', b, 3);
+    kv.release(a);
+    expect(kv.acquire()).toBe(a);
+    expect(kv.acquire()).toBe(2);
+    expect(() => kv.acquire()).toThrow(/all 3 KV slots/);
+    expect(kv.read(0, 'value', b, 3)).toEqual(bCache);
   });
-  return { len, layers };
-}
 
-/** cache entry of batch row b, head h, real position p (counted from the row's first real token) */
-function at(kv: BatchKv, l: number, b: number, h: number, p: number, d: number): number {
-  return kv.layers[l].key[((b * shape.kvHeads + h) * kv.past + kv.pad(b) + p) * shape.headDim + d];
-}
-
-describe('batch KV', () => {
-  it('left-pads rows to the longest, keeps padding zero, and re-pads when rows join and leave', () => {
-    const kv = BatchKv.compose(shape, null, [{ seq: seq(1, 2) }, { seq: seq(2, 5) }]);
-    expect(kv.past).toBe(5);
-    expect(kv.lens).toEqual([2, 5]);
-    expect(kv.pad(0)).toBe(3);
-    expect(at(kv, 1, 0, 1, 1, 2)).toBe(1 * 10000 + 1000 + 100 + 10 + 2);
-    expect(at(kv, 0, 1, 0, 4, 0)).toBe(2 * 10000 + 40);
-    expect(kv.layers[0].key[0]).toBe(0); // row 0, head 0, slot 0 is padding
-    expect(kv.realTokens).toBe(7);
-
-    // a step: the presents (past + 1) become the cache as they are
-    const presents = kv.layers.map(() => ({ key: new Float32Array(2 * 2 * 6 * 3), value: new Float32Array(2 * 2 * 6 * 3) }));
-    const next = kv.advance(presents);
-    expect(next.layers[0].key).toBe(presents[0].key);
-    expect(next.lens).toEqual([3, 6]);
-
-    // the long row leaves, a new one joins: the common padding disappears
-    const k2 = BatchKv.compose(shape, kv, [{ batchRow: 0 }, { seq: seq(3, 1) }]);
-    expect(k2.past).toBe(2);
-    expect(k2.lens).toEqual([2, 1]);
-    expect(at(k2, 0, 0, 1, 0, 1)).toBe(1 * 10000 + 100 + 1);
-    expect(at(k2, 1, 1, 0, 0, 2)).toBe(3 * 10000 + 1000 + 2);
-    expect(() => kv.advance(kv.layers)).toThrow(/expected/);
-    expect(BatchKv.compose(shape, null, [{ seq: emptySeqKv(shape) }]).past).toBe(0);
+  it('feeds are views of the prefix [0, past), position-major; capacity doubles up to the context, keeping what was written', () => {
+    const kv = new ResidentKv(shape, 2, 10, 4);
+    expect(kv.capacity).toBe(4);
+    kv.write(newKv([7], 4), [1], [0], 4);
+    const f = kv.feeds(3);
+    expect(f['kv_cache.0.key'].dims).toEqual([3, 2, 2, 3]);
+    expect(f['kv_cache.1.value'].data).toHaveLength(3 * 2 * W);
+    // position 2 of slot 1 at offset (2·slots + 1)·W
+    expect((f['kv_cache.0.key'].data as Float32Array)[(2 * 2 + 1) * W + 4]).toBe(7 * 1000 + 20 + 4);
+    const viewA = f['kv_cache.0.key'].data as Float32Array;
+    expect((kv.feeds(4)['kv_cache.0.key'].data as Float32Array).buffer).toBe(viewA.buffer); // same memory: nothing copied
+    expect(() => kv.write(newKv([8], 1), [1], [4], 1)).toThrow(/beyond the cache's 4/);
+    kv.reserve(5);
+    expect(kv.capacity).toBe(8);
+    kv.reserve(9);
+    expect(kv.capacity).toBe(10); // capped at the context
+    expect(() => kv.reserve(11)).toThrow(/do not fit a context of 10/);
+    expect(kv.read(1, 'key', 1, 4)[(1 * 4 + 3) * 3 + 2]).toBe(7 * 1000 + 100 + 30 + 5);
+    expect(() => kv.feeds(11)).toThrow(/beyond/);
+    expect(kv.feeds(0)['kv_cache.0.key'].dims).toEqual([0, 2, 2, 3]);
   });
 });
 
@@ -178,22 +195,21 @@ describe('feed assembly', () => {
     expect(feeds[targets[1].inputA].dims).toEqual([1, targets[1].inFeatures, 0]);
   });
 
-  it('prefill and decode masks: causal within a chunk, left padding masked per row', () => {
+  it('prefill and decode feeds are O(rows): ids, positions, slots and lengths; the cache as views; no mask tensor', () => {
     const f = new FeedBuilder(manifest);
-    const shapeM = kvShapeOf(manifest);
-    const s = { ...emptySeqKv(shapeM), len: 2 };
-    s.layers = s.layers.map(() => ({ key: new Float32Array(2 * 2 * 16), value: new Float32Array(2 * 2 * 16) }));
-    const pf = f.prefill([7, 8, 9], s, null);
+    const kv = new ResidentKv(kvShapeOf(manifest), 4, 64, 8);
+    const pf = f.prefill([7, 8, 9], 2, 2, kv, null);
     expect(pf.input_ids.dims).toEqual([1, 3]);
     expect([...(pf.position_ids.data as BigInt64Array)]).toEqual([2n, 3n, 4n]);
-    const bias = [...(pf.attention_bias.data as Float32Array)];
-    const M = -1e9;
-    expect(bias).toEqual([0, 0, 0, M, M, 0, 0, 0, 0, M, 0, 0, 0, 0, 0]);
+    expect([...(pf.kv_rows.data as BigInt64Array)]).toEqual([2n]);
+    expect([...(pf.kv_lens.data as BigInt64Array)]).toEqual([2n]);
+    expect(pf['kv_cache.0.key'].dims).toEqual([2, 4, 2, 16]);
+    expect(pf.attention_bias).toBeUndefined();
 
-    const kv = BatchKv.compose(shapeM, null, [{ seq: { ...emptySeqKv(shapeM), len: 0 } }, { seq: s }]);
-    const dec = f.decode([5, 6], kv, [null, null]);
-    expect([...(dec.position_ids.data as BigInt64Array)]).toEqual([0n, 2n]);
-    expect([...(dec.attention_bias.data as Float32Array)]).toEqual([M, M, 0, 0, 0, 0]);
-    expect(dec['past_key_values.0.key'].dims).toEqual([2, 2, 2, 16]);
+    const dec = f.decode([5, 6], [3, 0], [0, 5], kv, [null, null]);
+    expect([...(dec.position_ids.data as BigInt64Array)]).toEqual([0n, 5n]);
+    expect([...(dec.kv_rows.data as BigInt64Array)]).toEqual([3n, 0n]);
+    expect([...(dec.kv_lens.data as BigInt64Array)]).toEqual([0n, 5n]);
+    expect(dec['kv_cache.0.value'].dims).toEqual([5, 4, 2, 16]); // up to the longest row
   });
 });

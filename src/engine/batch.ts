@@ -1,12 +1,12 @@
 import { Tensor } from 'onnxruntime-node';
-import { pastKeyName, pastValueName, type Manifest, type ModelDtype } from '../model/manifest.js';
-import { allocModel, modelScalar, tensorType, type ModelArray } from './dtype.js';
-import type { BatchKv, KvShape, SeqKv } from './kv.js';
+import { KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
+import { allocModel, tensorType, type ModelArray } from './dtype.js';
+import type { KvShape, ResidentKv } from './kv.js';
 
 /**
- * Feeds for one run of the graph (DESIGN.md "The model graph contract"): token ids, positions,
- * the additive attention bias that expresses both causality and left padding, the past KV, and
- * every LoRA target's A/B.
+ * Feeds for one run of the resident-KV graph (graph/kv.ts): token ids, positions, each row's KV
+ * slot and cached length, views of the resident cache, and every LoRA target's A/B. Nothing here
+ * grows with the context: the mask is built inside the graph from the lengths.
  */
 export type Feeds = Record<string, Tensor>;
 
@@ -60,8 +60,6 @@ function writeSlot(s: SlotBuffers, b: number, r: number, inF: number, outF: numb
 export class FeedBuilder {
   private readonly dtype: ModelDtype;
   private readonly type: 'float32' | 'float16';
-  private readonly kv: KvShape;
-  private readonly mask: number;
   /** r = 0 for every target: exact, and the same as a graph without LoRA */
   private readonly baseLora: Feeds;
   /** batch-1 (broadcast) feeds of each adapter, built once and shared by every step that can use them */
@@ -84,8 +82,6 @@ export class FeedBuilder {
     this.targets = manifest.lora ? manifest.loraTargets : [];
     this.dtype = manifest.dtype;
     this.type = tensorType(manifest.dtype);
-    this.kv = kvShapeOf(manifest);
-    this.mask = modelScalar(manifest.dtype, manifest.maskValue);
     this.baseLora = {};
     for (const t of this.targets) {
       this.baseLora[t.inputA] = this.tensor(allocModel(this.dtype, 0), [1, t.inFeatures, 0]);
@@ -187,58 +183,51 @@ export class FeedBuilder {
     this.held = [];
   }
 
-  /** A prefill chunk: tokens at positions [start, start + n) on top of `seq` (start tokens). */
-  prefill(tokens: readonly number[], seq: SeqKv, adapter: ResidentAdapter | null): Feeds {
+  /** A prefill chunk of the row in `slot`: tokens at positions [start, start + n) after its `start` cached ones. */
+  prefill(tokens: readonly number[], slot: number, start: number, kv: ResidentKv, adapter: ResidentAdapter | null): Feeds {
     const n = tokens.length;
-    const start = seq.len;
-    const total = start + n;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
     for (let i = 0; i < n; i++) {
       ids[i] = BigInt(tokens[i]);
       pos[i] = BigInt(start + i);
     }
-    // causal: query i (at position start + i) sees keys 0 … start + i
-    const bias = allocModel(this.dtype, n * total);
-    for (let i = 0; i < n; i++) bias.fill(this.mask, i * total + start + i + 1, (i + 1) * total);
-    const feeds: Feeds = {
+    return {
       input_ids: new Tensor('int64', ids, [1, n]),
       position_ids: new Tensor('int64', pos, [1, n]),
-      attention_bias: this.tensor(bias, [1, 1, n, total]),
+      [KV_ROWS]: new Tensor('int64', BigInt64Array.of(BigInt(slot)), [1]),
+      [KV_LENS]: new Tensor('int64', BigInt64Array.of(BigInt(start)), [1]),
       ...this.loraForOne(adapter),
+      ...kv.feeds(start),
     };
-    const { kvHeads: H, headDim: D } = this.kv;
-    seq.layers.forEach((l, i) => {
-      feeds[pastKeyName(i)] = this.tensor(l.key, [1, H, start, D]);
-      feeds[pastValueName(i)] = this.tensor(l.value, [1, H, start, D]);
-    });
-    return feeds;
   }
 
-  /** A decode step: one token per row, each at its own next position, padding masked. */
-  decode(tokens: readonly number[], kv: BatchKv, adapters: readonly (ResidentAdapter | null)[]): Feeds {
+  /**
+   * A decode step: one token per row, row b in slot slots[b] with lens[b] cached tokens. The
+   * cache is fed up to the longest row; the graph masks each row's keys beyond its own length.
+   */
+  decode(tokens: readonly number[], slots: readonly number[], lens: readonly number[], kv: ResidentKv, adapters: readonly (ResidentAdapter | null)[]): Feeds {
     const n = tokens.length;
-    const total = kv.past + 1;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
-    const bias = allocModel(this.dtype, n * total);
+    const rows = new BigInt64Array(n);
+    const kvLens = new BigInt64Array(n);
+    let past = 0;
     for (let b = 0; b < n; b++) {
       ids[b] = BigInt(tokens[b]);
-      pos[b] = BigInt(kv.lens[b]);
-      bias.fill(this.mask, b * total, b * total + kv.pad(b));
+      pos[b] = BigInt(lens[b]);
+      rows[b] = BigInt(slots[b]);
+      kvLens[b] = BigInt(lens[b]);
+      past = Math.max(past, lens[b]);
     }
-    const feeds: Feeds = {
+    return {
       input_ids: new Tensor('int64', ids, [n, 1]),
       position_ids: new Tensor('int64', pos, [n, 1]),
-      attention_bias: this.tensor(bias, [n, 1, 1, total]),
+      [KV_ROWS]: new Tensor('int64', rows, [n]),
+      [KV_LENS]: new Tensor('int64', kvLens, [n]),
       ...this.loraForRows(adapters),
+      ...kv.feeds(past),
     };
-    const { kvHeads: H, headDim: D } = this.kv;
-    kv.layers.forEach((l, i) => {
-      feeds[pastKeyName(i)] = this.tensor(l.key, [n, H, kv.past, D]);
-      feeds[pastValueName(i)] = this.tensor(l.value, [n, H, kv.past, D]);
-    });
-    return feeds;
   }
 }
 

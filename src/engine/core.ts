@@ -1,9 +1,10 @@
 import type { InferenceSession, Tensor } from 'onnxruntime-node';
-import { presentKeyName, presentValueName, type Manifest } from '../model/manifest.js';
+import { kvContractOf, type Manifest } from '../model/manifest.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
-import { toModelArray, type ModelArray } from './dtype.js';
-import { BatchKv, emptySeqKv, type KvShape, type LayerKv, type SeqKv } from './kv.js';
-import type { DoneWire, EngineLimits, EngineStats, FinishReason, FromWorker, LoraModuleWire, TokenWire, WorkerRequest } from './protocol.js';
+import { toModelArray } from './dtype.js';
+import { ResidentKv } from './kv.js';
+import type { DoneWire, EngineLimits, EngineStats, FinishReason, FromWorker, LoraModuleWire, Provider, TokenWire, WorkerRequest } from './protocol.js';
+import { countTransfer, type Transfer } from './transfer.js';
 import { sample, seededRng, type Rng, type Sampled } from './sampler.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 
@@ -35,8 +36,9 @@ interface Row {
   readonly rng: Rng;
   /** 0 → none */
   readonly deadline: number;
-  /** own cache while prefilling and until the row joins the decode batch */
-  seq: SeqKv | null;
+  /** its KV slot from the first prefill chunk on; -1 before */
+  slot: number;
+  /** tokens in its KV slot */
   kvLen: number;
   generated: number;
   lastToken: number;
@@ -46,14 +48,14 @@ interface Row {
 export class EngineCore {
   private readonly sched: Scheduler<Row>;
   private readonly feeds: FeedBuilder;
-  private readonly kvShape: KvShape;
   private readonly targetIndex: Map<string, number>;
   /** findable versions: loaded and not unloaded */
   private readonly adapters = new Map<string, AdapterEntry>();
   /** every version still in memory, unloaded ones included until their last request ends */
   private readonly resident = new Set<AdapterEntry>();
-  private batch: BatchKv | null = null;
-  private batchIds: number[] = [];
+  private readonly kv: ResidentKv;
+  private readonly provider: Provider;
+  private readonly transferred: Transfer = { toRuntime: 0, fromRuntime: 0 };
   private lastBatchSize = 0;
   private tokensGenerated = 0;
   private cancelledCount = 0;
@@ -66,10 +68,16 @@ export class EngineCore {
     private readonly manifest: Manifest,
     private readonly limits: EngineLimits,
     private readonly sink: Sink,
+    /** on cuda, onnxruntime-node copies every input to the device per run, the cache views included */
+    opts: { provider?: Provider; initialKvCapacity?: number } = {},
   ) {
+    if (kvContractOf(manifest) !== 'resident') {
+      throw new Error(`this graph was built with the ${kvContractOf(manifest)} KV contract; the engine serves graphs built with kv: resident (rebuild the model)`);
+    }
     this.sched = new Scheduler<Row>(limits);
     this.feeds = new FeedBuilder(manifest, limits.maxBatch);
-    this.kvShape = kvShapeOf(manifest);
+    this.kv = new ResidentKv(kvShapeOf(manifest), limits.maxBatch, limits.contextLength, opts.initialKvCapacity);
+    this.provider = opts.provider ?? 'cpu';
     this.targetIndex = new Map(manifest.loraTargets.map((t, i) => [t.name, i]));
   }
 
@@ -106,7 +114,7 @@ export class EngineCore {
       eos: new Set(req.eosIds),
       rng: seededRng(req.seed),
       deadline: this.limits.requestTimeoutMs > 0 ? Date.now() + this.limits.requestTimeoutMs : 0,
-      seq: null,
+      slot: -1,
       kvLen: 0,
       generated: 0,
       lastToken: -1,
@@ -186,7 +194,7 @@ export class EngineCore {
       const message = e instanceof Error ? e.message : String(e);
       this.sink({ type: 'log', level: 'error', msg: 'inference step failed', data: { error: message, plan: plan.kind } });
       for (const row of rowsOf(plan)) if (this.sched.find(row.id)) this.finish(row, 'cancelled', { error: message });
-      if (plan.kind === 'decode') this.dropBatch();
+      if (plan.kind === 'decode') this.feeds.resetRows();
     }
   }
 
@@ -200,9 +208,10 @@ export class EngineCore {
   }
 
   private async prefill(row: Row, start: number, end: number): Promise<void> {
-    const seq = row.seq ?? emptySeqKv(this.kvShape);
-    const out = await this.session.run(this.feeds.prefill(row.promptIds.slice(start, end), seq, row.adapter));
-    row.seq = { len: end, layers: this.presents(out) };
+    if (row.slot < 0) row.slot = this.kv.acquire();
+    this.kv.reserve(end);
+    const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter));
+    this.kv.write(out, [row.slot], [start], end - start);
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
@@ -213,25 +222,20 @@ export class EngineCore {
     this.emit(row, this.pick(logits.subarray(logits.length - vocab), row));
   }
 
+  /** Every decoding row attends to its own slot; no cache moves when rows join or leave. */
   private async decode(rows: readonly Row[]): Promise<void> {
-    const ids = rows.map((r) => r.id);
-    if (!this.batch || !sameIds(ids, this.batchIds)) {
-      const at = new Map(this.batchIds.map((id, j) => [id, j]));
-      this.batch = BatchKv.compose(
-        this.kvShape,
-        this.batch,
-        rows.map((r) => (at.has(r.id) ? { batchRow: at.get(r.id)! } : { seq: r.seq! })),
-      );
-      this.batchIds = ids;
-      for (const r of rows) r.seq = null;
-    }
+    const slots = rows.map((r) => r.slot);
+    const lens = rows.map((r) => r.kvLen);
+    this.kv.reserve(Math.max(...lens) + 1);
     const feeds: Feeds = this.feeds.decode(
       rows.map((r) => r.lastToken),
-      this.batch,
+      slots,
+      lens,
+      this.kv,
       rows.map((r) => r.adapter),
     );
-    const out = await this.session.run(feeds);
-    this.batch = this.batch.advance(this.presents(out));
+    const out = await this.run(feeds);
+    this.kv.write(out, slots, lens, 1);
     this.lastBatchSize = rows.length;
     const { data: logits, vocab } = logitsOf(out);
     const perRow = logits.length / rows.length;
@@ -243,6 +247,13 @@ export class EngineCore {
       this.emit(row, this.pick(logits.subarray(end - vocab, end), row));
     });
     this.dirty = true;
+  }
+
+  /** One run of the session, with what crosses the JS↔runtime boundary counted. */
+  private async run(feeds: Feeds): Promise<InferenceSession.ReturnType> {
+    const out = await this.session.run(feeds);
+    countTransfer(this.transferred, feeds, out, this.provider);
+    return out;
   }
 
   private pick(logits: Float32Array, row: Row): Sampled {
@@ -260,7 +271,8 @@ export class EngineCore {
 
   private finish(row: Row, reason: FinishReason, extra: { timedOut?: boolean; error?: string } = {}): void {
     if (!this.sched.remove(row.id)) return;
-    row.seq = null;
+    if (row.slot >= 0) this.kv.release(row.slot);
+    row.slot = -1;
     if (row.adapter) {
       row.adapter.refs--;
       this.release(row.adapter);
@@ -274,22 +286,8 @@ export class EngineCore {
       timedOut: extra.timedOut ?? false,
       error: extra.error ?? null,
     });
-    if (this.sched.decoding.length === 0) this.dropBatch();
+    if (this.sched.decoding.length === 0) this.feeds.resetRows();
     this.dirty = true;
-  }
-
-  private dropBatch(): void {
-    this.batch = null;
-    this.batchIds = [];
-    this.feeds.resetRows();
-  }
-
-  private presents(out: InferenceSession.ReturnType): LayerKv[] {
-    const layers: LayerKv[] = [];
-    for (let l = 0; l < this.kvShape.layers; l++) {
-      layers.push({ key: modelData(out, presentKeyName(l)), value: modelData(out, presentValueName(l)) });
-    }
-    return layers;
   }
 
   // ── reporting ───────────────────────────────────────────────────────────────────────────────
@@ -309,6 +307,8 @@ export class EngineCore {
       tokensGenerated: this.tokensGenerated,
       cancelled: this.cancelledCount,
       adaptersResident: this.resident.size,
+      bytesToRuntime: this.transferred.toRuntime,
+      bytesFromRuntime: this.transferred.fromRuntime,
     };
   }
 
@@ -340,10 +340,6 @@ function rowsOf<R>(plan: StepPlan<R>): readonly R[] {
   return plan.kind === 'prefill' ? [plan.row] : plan.rows;
 }
 
-function sameIds(a: readonly number[], b: readonly number[]): boolean {
-  return a.length === b.length && a.every((x, i) => x === b[i]);
-}
-
 function output(out: InferenceSession.ReturnType, name: string): Tensor {
   const t = out[name];
   if (!t) throw new Error(`the graph returned no output ${name}`);
@@ -355,10 +351,4 @@ function logitsOf(out: InferenceSession.ReturnType): { data: Float32Array; vocab
   const t = output(out, 'logits');
   if (!(t.data instanceof Float32Array)) throw new Error('output logits is not float32');
   return { data: t.data, vocab: t.dims[t.dims.length - 1] };
-}
-
-function modelData(out: InferenceSession.ReturnType, name: string): ModelArray {
-  const d = output(out, name).data;
-  if (!(d instanceof Float32Array) && !(d instanceof Uint16Array)) throw new Error(`output ${name} is neither float32 nor float16`);
-  return d;
 }

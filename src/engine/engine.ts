@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import type { AdapterWeights } from '../adapters/convert.js';
 import type { Config } from '../config.js';
-import type { Manifest } from '../model/manifest.js';
+import { kvContractOf, type Manifest } from '../model/manifest.js';
 import type {
   DoneWire,
   EngineLimits,
@@ -220,6 +220,8 @@ const EMPTY_STATS = (limits: EngineLimits): EngineStats => ({
   tokensGenerated: 0,
   cancelled: 0,
   adaptersResident: 0,
+  bytesToRuntime: 0,
+  bytesFromRuntime: 0,
 });
 
 /**
@@ -258,7 +260,10 @@ export class Engine {
   /** Spawns the worker and waits until its session is open. */
   static async start(opts: EngineOptions): Promise<Engine> {
     const { config, manifest } = opts;
-    if (manifest.peer) throw new EngineError('this graph is the Optimum-style peer export (attention_mask, no LoRA inputs); the engine serves graphs built with attention_bias');
+    if (manifest.peer) throw new EngineError('this graph is the Optimum-style peer export (attention_mask, no LoRA inputs); the engine serves graphs built with kv: resident');
+    if (kvContractOf(manifest) !== 'resident') {
+      throw new EngineError(`this graph was built with the ${kvContractOf(manifest)} KV contract; the engine serves graphs built with kv: resident (rebuild the model)`);
+    }
     const maxPositions = manifest.architecture.maxPositions;
     const limits: EngineLimits = {
       maxBatch: config.MAX_BATCH,

@@ -1,15 +1,19 @@
-import type { ModelDtype } from '../model/manifest.js';
-import { allocModel, type ModelArray } from './dtype.js';
+import { Tensor } from 'onnxruntime-node';
+import { kvCacheKeyName, kvCacheValueName, kvNewKeyName, kvNewValueName, type ModelDtype } from '../model/manifest.js';
+import { allocModel, tensorType, type ModelArray } from './dtype.js';
 
 /**
- * KV caches as plain arrays in the graph's layout, [batch, kvHeads, past, headDim] per layer for
- * keys and for values.
+ * The KV cache of every slot, resident for the engine's life (DESIGN.md "Engine"): per layer one
+ * key and one value buffer laid out [capacity, slots, kvHeads, headDim] — position-major, so the
+ * prefix [0, past) that a step attends to is one contiguous view that onnxruntime wraps without
+ * copying (measured: onnxruntime-node wraps an input typed array's memory as the OrtValue's data).
+ * A request holds one slot from its first prefill chunk to its end; its tokens sit at positions
+ * [0, len) of that slot, so no row's cache ever moves when others join or leave. A step writes
+ * only its own new keys and values (`kv_new.*`, O(rows)) at [len, len + S).
  *
- * A decode batch holds rows of different lengths left-padded to a common `past`: row b's `lens[b]`
- * real tokens sit at the right end, positions [past - lens[b], past), and attention_bias masks the
- * padding. A step's `present` outputs (past + 1 long) become the next step's past as they are;
- * only a change of rows (one joins after prefill, one leaves) copies the caches, and that copy
- * also trims padding that every row shares.
+ * Capacity grows by doubling up to the context length rather than being allocated whole up front:
+ * a 32k-context model at MAX_BATCH 8 would otherwise pin gigabytes that short requests never use.
+ * Position-major makes a grow one contiguous copy of the used prefix, amortised O(1) per token.
  */
 export interface KvShape {
   layers: number;
@@ -18,107 +22,131 @@ export interface KvShape {
   dtype: ModelDtype;
 }
 
-export interface LayerKv {
-  key: ModelArray;
-  value: ModelArray;
-}
+export const INITIAL_CAPACITY = 256;
 
-/** One sequence's cache as its batch-1 prefill left it: [1, kvHeads, len, headDim]. */
-export interface SeqKv {
-  len: number;
-  layers: LayerKv[];
-}
+export class ResidentKv {
+  private readonly keys: ModelArray[] = [];
+  private readonly values: ModelArray[] = [];
+  private cap: number;
+  /** elements of one position of one slot */
+  private readonly width: number;
+  /** which slots are held */
+  private readonly held: boolean[];
 
-export function emptySeqKv(shape: KvShape): SeqKv {
-  const layers: LayerKv[] = [];
-  for (let l = 0; l < shape.layers; l++) layers.push({ key: allocModel(shape.dtype, 0), value: allocModel(shape.dtype, 0) });
-  return { len: 0, layers };
-}
-
-/** Where a row of a newly composed batch takes its cache from. */
-export type KvSource = { batchRow: number } | { seq: SeqKv };
-
-export class BatchKv {
-  private constructor(
+  constructor(
     readonly shape: KvShape,
-    /** common length of every row, padding included */
-    readonly past: number,
-    /** real tokens of each row */
-    readonly lens: number[],
-    readonly layers: LayerKv[],
-  ) {}
-
-  get rows(): number {
-    return this.lens.length;
+    readonly slots: number,
+    /** the context length: no slot ever holds more */
+    readonly maxLen: number,
+    initialCapacity = INITIAL_CAPACITY,
+  ) {
+    if (!Number.isInteger(slots) || slots < 1) throw new Error(`a KV cache needs at least one slot, got ${slots}`);
+    this.width = shape.kvHeads * shape.headDim;
+    this.cap = Math.max(1, Math.min(initialCapacity, maxLen));
+    this.held = new Array<boolean>(slots).fill(false);
+    for (let l = 0; l < shape.layers; l++) {
+      this.keys.push(allocModel(shape.dtype, this.cap * slots * this.width));
+      this.values.push(allocModel(shape.dtype, this.cap * slots * this.width));
+    }
   }
 
-  /** Left padding of row b. */
-  pad(b: number): number {
-    return this.past - this.lens[b];
+  /** positions per slot currently allocated */
+  get capacity(): number {
+    return this.cap;
   }
 
-  get realTokens(): number {
-    let n = 0;
-    for (const l of this.lens) n += l;
-    return n;
+  get bytes(): number {
+    return this.keys.reduce((n, k) => n + k.byteLength, 0) * 2;
+  }
+
+  /** The lowest free slot; throws when every slot is held (the scheduler admits at most `slots`). */
+  acquire(): number {
+    const s = this.held.indexOf(false);
+    if (s < 0) throw new Error(`all ${this.slots} KV slots are in use`);
+    this.held[s] = true;
+    return s;
+  }
+
+  release(slot: number): void {
+    this.held[slot] = false;
+  }
+
+  /** Makes room for positions [0, len) in every slot. */
+  reserve(len: number): void {
+    if (len > this.maxLen) throw new Error(`${len} positions do not fit a context of ${this.maxLen}`);
+    if (len <= this.cap) return;
+    let cap = this.cap;
+    while (cap < len) cap *= 2;
+    cap = Math.min(cap, this.maxLen);
+    const used = this.cap * this.slots * this.width;
+    for (let l = 0; l < this.shape.layers; l++) {
+      const k = allocModel(this.shape.dtype, cap * this.slots * this.width);
+      const v = allocModel(this.shape.dtype, cap * this.slots * this.width);
+      k.set(this.keys[l].subarray(0, used));
+      v.set(this.values[l].subarray(0, used));
+      this.keys[l] = k;
+      this.values[l] = v;
+    }
+    this.cap = cap;
+  }
+
+  /** The cache inputs of a step attending to positions [0, past): views, nothing copied. */
+  feeds(past: number): Record<string, Tensor> {
+    if (past > this.cap) throw new Error(`past ${past} is beyond the cache's ${this.cap} positions`);
+    const n = past * this.slots * this.width;
+    const dims = [past, this.slots, this.shape.kvHeads, this.shape.headDim];
+    const type = tensorType(this.shape.dtype);
+    const feeds: Record<string, Tensor> = {};
+    for (let l = 0; l < this.shape.layers; l++) {
+      feeds[kvCacheKeyName(l)] = new Tensor(type, this.keys[l].subarray(0, n), dims);
+      feeds[kvCacheValueName(l)] = new Tensor(type, this.values[l].subarray(0, n), dims);
+    }
+    return feeds;
   }
 
   /**
-   * A new batch whose row i comes from `sources[i]`: a row of `from`, or a sequence that finished
-   * prefill. Its past is the longest row, so padding common to all rows disappears.
+   * Stores a step's `kv_new.*` outputs ([rows, S, kvHeads, headDim]): row b's S tokens go to
+   * positions [starts[b], starts[b] + S) of slot slots[b]. Call `reserve` first.
    */
-  static compose(shape: KvShape, from: BatchKv | null, sources: readonly KvSource[]): BatchKv {
-    const lens = sources.map((s) => ('seq' in s ? s.seq.len : rowLen(from, s.batchRow)));
-    const past = lens.reduce((a, b) => Math.max(a, b), 0);
-    const { kvHeads: H, headDim: D } = shape;
-    const layers: LayerKv[] = [];
-    for (let l = 0; l < shape.layers; l++) {
-      const key = allocModel(shape.dtype, sources.length * H * past * D);
-      const value = allocModel(shape.dtype, sources.length * H * past * D);
-      sources.forEach((s, b) => {
-        const len = lens[b];
-        let src: LayerKv;
-        let srcRow: number;
-        let srcPast: number;
-        if ('seq' in s) {
-          src = s.seq.layers[l];
-          srcRow = 0;
-          srcPast = s.seq.len;
-        } else {
-          src = from!.layers[l];
-          srcRow = s.batchRow;
-          srcPast = from!.past;
+  write(outputs: Readonly<Record<string, Tensor>>, slots: readonly number[], starts: readonly number[], S: number): void {
+    const w = this.width;
+    for (let l = 0; l < this.shape.layers; l++) {
+      const k = newData(outputs, kvNewKeyName(l), this.shape.dtype);
+      const v = newData(outputs, kvNewValueName(l), this.shape.dtype);
+      if (k.length !== slots.length * S * w || v.length !== k.length) {
+        throw new Error(`${kvNewKeyName(l)} has ${k.length} elements, expected ${slots.length * S * w}`);
+      }
+      for (let b = 0; b < slots.length; b++) {
+        if (starts[b] + S > this.cap) throw new Error(`slot ${slots[b]}: positions up to ${starts[b] + S} are beyond the cache's ${this.cap}`);
+        for (let s = 0; s < S; s++) {
+          const from = (b * S + s) * w;
+          const to = ((starts[b] + s) * this.slots + slots[b]) * w;
+          this.keys[l].set(k.subarray(from, from + w), to);
+          this.values[l].set(v.subarray(from, from + w), to);
         }
-        for (let h = 0; h < H; h++) {
-          const so = ((srcRow * H + h) * srcPast + (srcPast - len)) * D;
-          const d = ((b * H + h) * past + (past - len)) * D;
-          key.set(src.key.subarray(so, so + len * D), d);
-          value.set(src.value.subarray(so, so + len * D), d);
-        }
-      });
-      layers.push({ key, value });
-    }
-    return new BatchKv(shape, past, lens, layers);
-  }
-
-  /** After a decode step: the presents ([rows, H, past + 1, D]) are the new cache, no copy. */
-  advance(presents: LayerKv[]): BatchKv {
-    const expected = this.rows * this.shape.kvHeads * (this.past + 1) * this.shape.headDim;
-    for (const p of presents) {
-      if (p.key.length !== expected || p.value.length !== expected) {
-        throw new Error(`present has ${p.key.length} elements, expected ${expected}`);
       }
     }
-    return new BatchKv(
-      this.shape,
-      this.past + 1,
-      this.lens.map((n) => n + 1),
-      presents,
-    );
+  }
+
+  /** The cached keys (or values) of one slot and layer as [kvHeads, len, headDim] (tests and debugging). */
+  read(layer: number, which: 'key' | 'value', slot: number, len: number): ModelArray {
+    const src = which === 'key' ? this.keys[layer] : this.values[layer];
+    const { kvHeads: H, headDim: D } = this.shape;
+    const out = allocModel(this.shape.dtype, H * len * D);
+    for (let p = 0; p < len; p++) {
+      for (let h = 0; h < H; h++) {
+        const from = ((p * this.slots + slot) * H + h) * D;
+        out.set(src.subarray(from, from + D), (h * len + p) * D);
+      }
+    }
+    return out;
   }
 }
 
-function rowLen(from: BatchKv | null, row: number): number {
-  if (!from || row < 0 || row >= from.rows) throw new Error(`no row ${row} in the running batch`);
-  return from.lens[row];
+function newData(outputs: Readonly<Record<string, Tensor>>, name: string, dtype: ModelDtype): ModelArray {
+  const t = outputs[name];
+  if (!t) throw new Error(`the graph returned no output ${name}`);
+  const d = t.data;
+  if (dtype === 'fp16' ? !(d instanceof Uint16Array) : !(d instanceof Float32Array)) throw new Error(`output ${name} is not ${tensorType(dtype)}`);
+  return d as ModelArray;
 }

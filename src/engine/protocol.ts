@@ -61,6 +61,9 @@ export interface EngineStats {
   cancelled: number;
   /** adapter versions resident in the worker (unloaded ones stay until their last request ends) */
   adaptersResident: number;
+  /** bytes handed to onnxruntime and taken back, summed over every run (see transfer.ts) */
+  bytesToRuntime: number;
+  bytesFromRuntime: number;
 }
 
 export interface LoraModuleWire {

@@ -29,7 +29,7 @@ async function main(): Promise<void> {
     return;
   }
   const { session } = created;
-  const core = new EngineCore(session, data.manifest, data.limits, post);
+  const core = new EngineCore(session, data.manifest, data.limits, post, { provider: created.provider });
   let closing = false;
   let wake: (() => void) | null = null;
 

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import type { Checkpoint } from './checkpoint/types.js';
 import { BUILDER_VERSION, buildLlamaGraph, type BuiltGraph, type GraphOptions } from './graph/llama.js';
 import { ExternalDataWriter } from './graph/onnx-builder.js';
-import { ManifestSchema, type Manifest, type ModelDtype } from './manifest.js';
+import { ManifestSchema, type KvContract, type Manifest, type ModelDtype } from './manifest.js';
 import { fsyncPath, writeFileDurably } from '../durable-fs.js';
 
 export { BUILDER_VERSION } from './graph/llama.js';
@@ -19,6 +19,8 @@ export interface BuildOptions {
   lora?: boolean;
   /** default false; only with lora: false */
   peer?: boolean;
+  /** default concat; the engine serves only `resident` graphs (graph/kv.ts) */
+  kv?: KvContract;
   onProgress?: (line: string) => void;
 }
 
@@ -33,7 +35,9 @@ const GRAPH_FILE = 'model.onnx';
 const WEIGHTS_FILE = 'model.onnx.data';
 
 function graphOptions(opts: BuildOptions): GraphOptions {
-  return { dtype: opts.dtype, logits: opts.logits, lora: opts.lora ?? true, peer: opts.peer ?? false };
+  const base: GraphOptions = { dtype: opts.dtype, logits: opts.logits, lora: opts.lora ?? true, peer: opts.peer ?? false };
+  // only named when resident, so the cache key of every concat build stays what it was
+  return opts.kv === 'resident' ? { ...base, kv: 'resident' } : base;
 }
 
 async function hashFile(hash: ReturnType<typeof createHash>, path: string): Promise<void> {
@@ -126,7 +130,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
   const tmp = join(opts.outDir, `.building-${hash.slice(0, 12)}-${process.pid}-${randomUUID()}`);
   await mkdir(tmp);
   try {
-    progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}) into ${dir}`);
+    progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}${options.kv === 'resident' ? ', resident KV' : ''}) into ${dir}`);
     const built = await writeWeightsAndGraph(ck, options, join(tmp, WEIGHTS_FILE), progress);
     await writeFileDurably(join(tmp, GRAPH_FILE), built.model);
     const manifest: Manifest = {
@@ -139,6 +143,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
       logits: options.logits,
       lora: options.lora,
       peer: options.peer,
+      kv: options.kv ?? 'concat',
       maskValue: built.maskValue,
       files: { graph: GRAPH_FILE, weights: WEIGHTS_FILE },
       loraTargets: built.loraTargets,

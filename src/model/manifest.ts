@@ -44,6 +44,13 @@ export const ManifestSchema = z.object({
   lora: z.boolean(),
   /** the Optimum-style export (attention_mask instead of attention_bias, no LoRA inputs) */
   peer: z.boolean().optional(),
+  /**
+   * `concat` (absent in manifests written before it existed): past_key_values in, present (past ++
+   * new) out, the contract above. `resident`: the engine's — kv_cache.i.* [past, slots, kvHeads,
+   * headDim] in (held by the engine, fed as views), kv_rows/kv_lens [batch] int64 in, no
+   * attention_bias; kv_new.i.* [batch, seq, kvHeads, headDim] out (see graph/kv.ts).
+   */
+  kv: z.enum(['concat', 'resident']).optional(),
   maskValue: z.number(),
   files: z.object({ graph: z.string(), weights: z.string() }),
   loraTargets: z.array(LoraTargetSchema),
@@ -54,6 +61,15 @@ export const pastKeyName = (layer: number) => `past_key_values.${layer}.key`;
 export const pastValueName = (layer: number) => `past_key_values.${layer}.value`;
 export const presentKeyName = (layer: number) => `present.${layer}.key`;
 export const presentValueName = (layer: number) => `present.${layer}.value`;
+export const KV_CACHE_PREFIX = 'kv_cache.';
+export const kvCacheKeyName = (layer: number) => `${KV_CACHE_PREFIX}${layer}.key`;
+export const kvCacheValueName = (layer: number) => `${KV_CACHE_PREFIX}${layer}.value`;
+export const kvNewKeyName = (layer: number) => `kv_new.${layer}.key`;
+export const kvNewValueName = (layer: number) => `kv_new.${layer}.value`;
+export const KV_ROWS = 'kv_rows';
+export const KV_LENS = 'kv_lens';
+export type KvContract = 'concat' | 'resident';
+export const kvContractOf = (m: { kv?: KvContract }): KvContract => m.kv ?? 'concat';
 
 export function moduleName(layer: number, p: Projection): string {
   return `model.layers.${layer}.${projectionBlock(p)}.${p}`;

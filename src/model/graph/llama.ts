@@ -2,15 +2,8 @@ import type { Architecture, Projection } from '../architecture.js';
 import { projectionBlock, projectionDims } from '../architecture.js';
 import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
-import {
-  loraTargetsFor,
-  pastKeyName,
-  pastValueName,
-  presentKeyName,
-  presentValueName,
-  type LoraTarget,
-  type ModelDtype,
-} from '../manifest.js';
+import { loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
+import { concatKv, residentKv, type KvLayout } from './kv.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
@@ -26,6 +19,8 @@ export interface GraphOptions {
    * instead of attention_bias), for comparison with @huggingface/transformers
    */
   peer: boolean;
+  /** the KV cache contract (graph/kv.ts); absent = concat, so existing cache keys stay the same */
+  kv?: KvContract;
 }
 
 /**
@@ -138,13 +133,17 @@ export async function buildLlamaGraph(
 
   // ---- inputs
   const inputIds = g.input('input_ids', 'int64', ['batch', 'seq']);
+  const resident = (opts.kv ?? 'concat') === 'resident';
+  if (resident && opts.peer) throw new Error('the peer (Optimum-style) export keeps the concat KV contract: use kv: concat with peer: true');
   const attnMask = opts.peer ? g.input('attention_mask', 'int64', ['batch', 'total']) : null;
   const positionIds = g.input('position_ids', 'int64', ['batch', 'seq']);
-  const attnBias = attnMask === null ? g.input('attention_bias', T, ['batch', 1, 'seq', 'total']) : biasFromMask(g, inputIds, attnMask, maskValue, T);
-  for (let i = 0; i < a.numLayers; i++) {
-    g.input(pastKeyName(i), T, ['batch', KVH, 'past', hd]);
-    g.input(pastValueName(i), T, ['batch', KVH, 'past', hd]);
+  let kv: KvLayout;
+  if (resident) kv = residentKv(g, T, a.numLayers, KVH, hd, inputIds, maskValue);
+  else {
+    const bias = attnMask === null ? g.input('attention_bias', T, ['batch', 1, 'seq', 'total']) : biasFromMask(g, inputIds, attnMask, maskValue, T);
+    kv = concatKv(g, T, a.numLayers, KVH, hd, bias);
   }
+  const attnBias = kv.bias;
   for (const t of targets) {
     g.input(t.inputA, T, [loraBatchDim(t), t.inFeatures, loraRankDim(t)]);
     g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
@@ -204,8 +203,7 @@ export async function buildLlamaGraph(
     const v = g.op('Reshape', [await projection(i, 'v_proj', x), toKvHeads]);
     const perm = { perm: ints([0, 2, 1, 3]) };
     const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
-    const [presentK] = g.node('Concat', [pastKeyName(i), g.op('Transpose', [k], perm)], { attrs: { axis: int(2) }, outputs: [presentKeyName(i)] });
-    const [presentV] = g.node('Concat', [pastValueName(i), g.op('Transpose', [v], perm)], { attrs: { axis: int(2) }, outputs: [presentValueName(i)] });
+    const { keys: presentK, values: presentV } = kv.layer(i, k, v);
     const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
     const biased = g.op('Add', [g.op('Reshape', [scores, scoresToHeads]), attnBias]);
     const probs = g.op('Softmax', [biased], { axis: int(-1) });
@@ -236,10 +234,7 @@ export async function buildLlamaGraph(
   g.node(T === 'float16' ? 'Cast' : 'Identity', [logits3], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: ['logits'] });
 
   g.output('logits', 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.vocabSize]);
-  for (let i = 0; i < a.numLayers; i++) {
-    g.output(presentKeyName(i), T, ['batch', KVH, 'total', hd]);
-    g.output(presentValueName(i), T, ['batch', KVH, 'total', hd]);
-  }
+  kv.outputs();
   onProgress('encoding graph');
   return { model: g.encode(`loraserve-${a.family}`, OPSETS, BUILDER_VERSION), maskValue, loraTargets: targets };
 }

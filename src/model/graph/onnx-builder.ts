@@ -10,7 +10,7 @@ const { onnx } = pkg;
  * has to exist twice in memory). Knows nothing about Llama.
  */
 
-export type ElemType = 'float32' | 'float16' | 'int64';
+export type ElemType = 'float32' | 'float16' | 'int64' | 'int32';
 /** a fixed size or a symbolic dimension name */
 export type Dim = number | string;
 
@@ -18,6 +18,7 @@ const ELEM: Record<ElemType, number> = {
   float32: onnx.TensorProto.DataType.FLOAT,
   float16: onnx.TensorProto.DataType.FLOAT16,
   int64: onnx.TensorProto.DataType.INT64,
+  int32: onnx.TensorProto.DataType.INT32,
 };
 
 /** attribute values are tagged so that a float attribute that happens to be integral stays a float */

@@ -1,0 +1,59 @@
+import ort from 'onnxruntime-node';
+import { GraphBuilder } from './graph/onnx-builder.js';
+import type { ModelDtype } from './manifest.js';
+import type { Device, Provider } from './session.js';
+
+/**
+ * Device and dtype, decided together and before the graph is built: the dtype is baked into the
+ * graph (and its cache key), so building first and probing CUDA afterwards gave a GPU host an
+ * fp32 graph. fp16 on CUDA by default (a bf16 checkpoint's weights are read as float32 and written
+ * as fp16, since onnxruntime has no bf16 MatMul on CPU and the graph must also open there), fp32
+ * on CPU, unless DTYPE says otherwise.
+ */
+export interface Placement {
+  provider: Provider;
+  dtype: ModelDtype;
+  /** one sentence: why this device and this dtype */
+  reason: string;
+}
+
+export type CudaProbe = () => Promise<{ ok: true } | { ok: false; reason: string }>;
+
+/** A one-node graph opened with the CUDA provider alone: it fails exactly when a real session would. */
+export const probeCuda: CudaProbe = async () => {
+  const g = new GraphBuilder(null);
+  g.input('x', 'float32', [1]);
+  g.node('Identity', ['x'], { outputs: ['y'] });
+  g.output('y', 'float32', [1]);
+  try {
+    const session = await ort.InferenceSession.create(g.encode('cuda-probe', { '': 17 }, 'probe'), { executionProviders: ['cuda'] });
+    await session.release();
+    return { ok: true };
+  } catch (e) {
+    return { ok: false, reason: (e instanceof Error ? e.message : String(e)).split('\n')[0] };
+  }
+};
+
+export async function resolvePlacement(opts: { device: Device; dtype: ModelDtype | 'auto' }, probe: CudaProbe = probeCuda): Promise<Placement> {
+  const dtypeFor = (provider: Provider): { dtype: ModelDtype; why: string } =>
+    opts.dtype !== 'auto'
+      ? { dtype: opts.dtype, why: `DTYPE=${opts.dtype}` }
+      : provider === 'cuda'
+        ? { dtype: 'fp16', why: 'DTYPE=auto: fp16 on cuda (bf16 weights converted)' }
+        : { dtype: 'fp32', why: 'DTYPE=auto: fp32 on cpu' };
+  const place = (provider: Provider, deviceWhy: string): Placement => {
+    const d = dtypeFor(provider);
+    return { provider, dtype: d.dtype, reason: `${deviceWhy}; ${d.why}` };
+  };
+  if (opts.device === 'cpu') return place('cpu', 'DEVICE=cpu');
+  const probed = await probe();
+  if (opts.device === 'cuda') {
+    if (!probed.ok) throw new Error(`DEVICE=cuda but the CUDA execution provider does not load: ${probed.reason}`);
+    return place('cuda', 'DEVICE=cuda and the CUDA execution provider loaded');
+  }
+  return probed.ok ? place('cuda', 'DEVICE=auto and the CUDA execution provider loaded') : place('cpu', `DEVICE=auto and CUDA is unavailable (${probed.reason})`);
+}
+
+/** The start-up line: device, provider, dtype and why. */
+export const placementLine = (p: Placement): string =>
+  `device ${p.provider}, provider ${p.provider === 'cuda' ? 'CUDAExecutionProvider' : 'CPUExecutionProvider'}, dtype ${p.dtype}: ${p.reason}`;
