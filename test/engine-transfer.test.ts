@@ -1,0 +1,127 @@
+import type { InferenceSession } from 'onnxruntime-node';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { EngineCore } from '../src/engine/core.js';
+import type { EngineLimits, EngineStats, FromWorker, Provider, WorkerRequest } from '../src/engine/protocol.js';
+import { createSession } from '../src/model/session.js';
+import { tinyArchitecture } from './helpers/random-checkpoint.js';
+import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
+import { buildRandomModel, tempRoot, type TestModel } from './engine-setup.js';
+
+/**
+ * What crosses the JS↔onnxruntime boundary per decode step is O(rows), never O(context)
+ * (loraserve_runtime_bytes_transferred_total). The same request decodes at two context lengths on
+ * the real session; the bytes per generated token must be the same. The contrast — the same count
+ * with the cache views counted as copied, which is what onnxruntime-node's CUDA path does to every
+ * input — must grow with the context, or this test could not tell the two apart.
+ */
+
+const limits: EngineLimits = { maxBatch: 4, maxQueue: 4, prefillChunk: 1024, requestTimeoutMs: 0, contextLength: 1024 };
+
+let root: Awaited<ReturnType<typeof tempRoot>>;
+let model: TestModel;
+let session: InferenceSession;
+
+beforeAll(async () => {
+  root = await tempRoot('engine-transfer');
+  model = await buildRandomModel(root.dir, tinyArchitecture({ maxPositions: 1024 }), 77);
+  ({ session } = await createSession(model.dir, model.manifest, 'cpu', { info: () => {}, warn: () => {} }));
+}, 120_000);
+afterAll(async () => {
+  await session?.release();
+  await root?.remove();
+});
+
+const request = (promptLength: number, maxTokens: number): WorkerRequest => ({
+  promptIds: Array.from({ length: promptLength }, (_, i) => 3 + ((i * 7) % 100)),
+  adapterVersion: null,
+  maxTokens,
+  sampling: { temperature: 0, topK: 0, topP: 1, topLogprobs: 0 },
+  seed: 1,
+  eosIds: [],
+  vocabLimit: 128,
+});
+
+/** Runs `rows` copies of a request to the end; returns the bytes of the decode steps alone, per token. */
+async function decodeBytesPerToken(promptLength: number, rows: number, provider: Provider): Promise<{ toRuntime: number; fromRuntime: number; tokens: number }> {
+  let stats: EngineStats | null = null;
+  let tokens = 0;
+  const started = new Set<number>();
+  const sink = (m: FromWorker) => {
+    if (m.type === 'step') {
+      stats = m.stats;
+      tokens += m.tokens.length;
+      for (const [id] of m.tokens) started.add(id);
+    }
+  };
+  const core = new EngineCore(session, model.manifest, limits, sink, { provider });
+  const maxTokens = 12;
+  for (let i = 0; i < rows; i++) core.submit(i + 1, request(promptLength, maxTokens));
+  // every prefill ends with each row's first token; from then on only decode steps run
+  while (started.size < rows) {
+    await core.step();
+    core.flush();
+  }
+  const after = stats! as EngineStats;
+  const start = { to: after.bytesToRuntime, from: after.bytesFromRuntime, tokens };
+  while (core.hasWork()) {
+    await core.step();
+    core.flush();
+  }
+  const end = stats! as EngineStats;
+  const decoded = tokens - start.tokens;
+  expect(decoded).toBeGreaterThanOrEqual(rows * (maxTokens - 4));
+  return { toRuntime: (end.bytesToRuntime - start.to) / decoded, fromRuntime: (end.bytesFromRuntime - start.from) / decoded, tokens: decoded };
+}
+
+describe('bytes across the runtime boundary', () => {
+  it('per generated token, the same at context 16 and 600 (batch 3); counting the cache as copied would grow ~40×', async () => {
+    const short = await decodeBytesPerToken(16, 3, 'cpu');
+    const long = await decodeBytesPerToken(600, 3, 'cpu');
+    console.info(
+      `[transfer] per decode token, context 16 vs 600: to_runtime ${short.toRuntime} vs ${long.toRuntime} B, from_runtime ${short.fromRuntime} vs ${long.fromRuntime} B`,
+    );
+    expect(short.toRuntime).toBeGreaterThan(0);
+    expect(short.fromRuntime).toBeGreaterThan(0);
+    expect(long.toRuntime).toBe(short.toRuntime);
+    expect(long.fromRuntime).toBe(short.fromRuntime);
+
+    // from_runtime is the logits and the step's new K/V: vocab floats + 2·layers·kvHeads·headDim per row
+    const a = model.manifest.architecture;
+    expect(short.fromRuntime).toBe(4 * (a.vocabSize + 2 * a.numLayers * a.numKvHeads * a.headDim));
+
+    const copiedShort = await decodeBytesPerToken(16, 3, 'cuda');
+    const copiedLong = await decodeBytesPerToken(600, 3, 'cuda');
+    expect(copiedLong.toRuntime / copiedShort.toRuntime).toBeGreaterThan(10);
+  }, 120_000);
+});
+
+describe('/metrics', () => {
+  let app: EmbeddedApp;
+  beforeAll(async () => {
+    app = await startEmbeddedApp('transfer-metrics');
+  }, 120_000);
+  afterAll(async () => {
+    await app?.close();
+  });
+
+  const counter = async (direction: string): Promise<number> => {
+    const text = await (await fetch(`${app.url}/metrics`)).text();
+    const line = text.split('\n').find((l) => l.startsWith(`loraserve_runtime_bytes_transferred_total{direction="${direction}"}`));
+    expect(line, `no ${direction} series in /metrics`).toBeDefined();
+    return Number(line!.split(' ').pop());
+  };
+
+  it('loraserve_runtime_bytes_transferred_total{direction} counts both ways and grows with a generation', async () => {
+    const before = { to: await counter('to_runtime'), from: await counter('from_runtime') };
+    const res = await fetch(`${app.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'Once upon a time', max_tokens: 8, temperature: 0 }),
+    });
+    expect(res.status).toBe(200);
+    const to = await counter('to_runtime');
+    const from = await counter('from_runtime');
+    expect(to).toBeGreaterThan(before.to);
+    expect(from).toBeGreaterThan(before.from);
+  }, 120_000);
+});
