@@ -35,6 +35,9 @@ export interface ServerOptions {
   cacheDir: string;
   adapterDir: string;
   maxBatch: number;
+  /** default cpu, dtype auto (fp32 there) */
+  device?: 'cpu' | 'cuda';
+  dtype?: 'fp32' | 'fp16';
 }
 
 export async function startServer(o: ServerOptions): Promise<Server> {
@@ -42,7 +45,8 @@ export async function startServer(o: ServerOptions): Promise<Server> {
     MODEL_PATH: o.modelPath,
     CACHE_DIR: o.cacheDir,
     ADAPTER_DIR: o.adapterDir,
-    DEVICE: 'cpu',
+    DEVICE: o.device ?? 'cpu',
+    DTYPE: o.dtype ?? 'auto',
     HOST: '127.0.0.1',
     PORT: 0,
     MAX_BATCH: o.maxBatch,

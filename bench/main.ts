@@ -9,6 +9,9 @@ import { loadTokenizer } from '../src/tokenizer/index.js';
 import { ensurePreset, fileBytes, isPresetName, parameterCount, PRESET_NAMES, streamedWeightBytes, type PresetName } from './presets.js';
 import { measureLimit } from './limit.js';
 import { openCore, runCore, runEngine, runMinimal, type GenSpec } from './raw.js';
+import { measureContextScaling } from './context.js';
+import { placementLine, resolvePlacement } from '../src/model/placement.js';
+import { ConfigSchema } from '../src/config.js';
 import { adapterForm, concurrentStreams, postForm, startServer, streamGenerate } from './api.js';
 import { peftAdapter } from './adapters.js';
 import { measureUploads, type UploadResult } from './upload.js';
@@ -189,8 +192,11 @@ export async function main(argv: readonly string[]): Promise<number> {
   const reps = o.reps ?? (o.quick ? 1 : big ? 2 : 3);
   const tp = (t: { decodeTokPerS: number }) => t.decodeTokPerS;
   const coreTp = (t: { throughput: { decodeTokPerS: number } }) => t.throughput.decodeTokPerS;
+  // DEVICE / DTYPE from the environment, as the service reads them (default cpu: a bench run on a GPU host asks for it)
+  const placement = await resolvePlacement({ device: ConfigSchema.shape.DEVICE.parse(process.env.DEVICE ?? 'cpu'), dtype: ConfigSchema.shape.DTYPE.parse(process.env.DTYPE ?? 'auto') });
+  progress(placementLine(placement));
   progress(`model ${modelName}: building graphs (cached after the first run)`);
-  const built = await buildModel(ck, { outDir: buildDir, dtype: 'fp32', logits: 'last', onProgress: progress });
+  const built = await buildModel(ck, { outDir: buildDir, dtype: placement.dtype, logits: 'last', kv: 'resident', onProgress: progress });
   let peerBuilt: BuildResult | null = null;
   let peerMissing: string | null = null;
   try {
@@ -213,17 +219,21 @@ export async function main(argv: readonly string[]): Promise<number> {
 
   // ── raw: the worker's loop on this thread ─────────────────────────────────────────────────
   progress('raw: EngineCore loop, batch 1 and 8');
-  const core = await openCore(built.dir, built.manifest);
+  const provider = placement.provider;
+  const core = await openCore(built.dir, built.manifest, provider);
   let raw1;
   let raw8;
   let agreementTokens: number[];
+  let context;
   try {
-    await runCore(core.session, built.manifest, { ...spec, maxTokens: 2 }, 1);
-    raw1 = await best(reps, () => runCore(core.session, built.manifest, spec, 1), coreTp);
-    raw8 = await best(reps, () => runCore(core.session, built.manifest, spec, 8), coreTp);
+    await runCore(core.session, built.manifest, { ...spec, maxTokens: 2 }, 1, provider);
+    raw1 = await best(reps, () => runCore(core.session, built.manifest, spec, 1, provider), coreTp);
+    raw8 = await best(reps, () => runCore(core.session, built.manifest, spec, 8, provider), coreTp);
     // greedy over the whole vocabulary without EOS, as the peer decodes
     const agreeSpec = { ...spec, maxTokens: Math.min(16, maxTokens), vocabLimit: a.vocabSize, eosIds: [] };
-    agreementTokens = (await runCore(core.session, built.manifest, agreeSpec, 1)).tokens;
+    agreementTokens = (await runCore(core.session, built.manifest, agreeSpec, 1, provider)).tokens;
+    progress('context: decode step time at context 128 vs 2048, batch 8');
+    context = await measureContextScaling(core.session, built.manifest, provider, 8, [128, 2048], o.quick ? 4 : 12);
   } finally {
     await core.close();
   }
@@ -245,7 +255,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   let api: BenchReport['api'];
   try {
     progress('server: starting on 127.0.0.1');
-    const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8 });
+    const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8, device: provider, dtype: placement.dtype });
     try {
       const runtime = server.app.runtime;
       await runEngine(runtime.engine, { ...spec, maxTokens: 2 }, 1);
@@ -373,6 +383,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     limit,
     raw: { what: 'EngineCore (the worker loop: scheduler, FeedBuilder, KV, sampler) on the main thread over createSession; no worker, no HTTP', b1: raw1.throughput, b8: raw8.throughput, profile1: raw1.profile, profile8: raw8.profile },
     engine: { what: 'Engine.generate (worker thread), no HTTP, no detokenizer', b1: engine1, b8: engine8 },
+    placement: { provider, dtype: placement.dtype, reason: placement.reason },
+    context,
     minimal,
     api,
     upload,

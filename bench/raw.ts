@@ -1,10 +1,10 @@
 import type { InferenceSession, Tensor } from 'onnxruntime-node';
 import ort from 'onnxruntime-node';
-import { createSession } from '../src/model/session.js';
+import { createSession, type Provider } from '../src/model/session.js';
 import { pastKeyName, pastValueName, presentKeyName, presentValueName, type Manifest } from '../src/model/manifest.js';
 import { EngineCore, type RunSession } from '../src/engine/core.js';
 import { FeedBuilder, kvShapeOf } from '../src/engine/batch.js';
-import { BatchKv, type SeqKv } from '../src/engine/kv.js';
+import { ResidentKv } from '../src/engine/kv.js';
 import type { Engine } from '../src/engine/engine.js';
 import type { EngineLimits, FromWorker, WorkerRequest } from '../src/engine/protocol.js';
 import { sample } from '../src/engine/sampler.js';
@@ -65,12 +65,12 @@ function workerRequest(spec: GenSpec): WorkerRequest {
 const quiet = { info: () => {}, warn: () => {} };
 
 /** Opens the session once; `run` may be called for several batch sizes. */
-export async function openCore(modelDir: string, manifest: Manifest): Promise<{ session: InferenceSession; close: () => Promise<void> }> {
-  const { session } = await createSession(modelDir, manifest, 'cpu', quiet);
+export async function openCore(modelDir: string, manifest: Manifest, provider: Provider = 'cpu'): Promise<{ session: InferenceSession; close: () => Promise<void> }> {
+  const { session } = await createSession(modelDir, manifest, provider, quiet);
   return { session, close: () => session.release() };
 }
 
-export async function runCore(session: InferenceSession, manifest: Manifest, spec: GenSpec, batch: number): Promise<CoreResult> {
+export async function runCore(session: InferenceSession, manifest: Manifest, spec: GenSpec, batch: number, provider: Provider = 'cpu'): Promise<CoreResult> {
   // what the last session.run was: a decode step has one token per row
   const last = { kind: 'prefill' as 'prefill' | 'decode', rows: 0, runMs: 0 };
   const timing: RunSession = {
@@ -98,7 +98,7 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
     if (m.type === 'step') for (const [id, tok] of m.tokens) if (id === 1) tokens.push(tok);
     sink(m);
   };
-  const core = new EngineCore(timing, manifest, limitsFor(manifest, batch), firstSink);
+  const core = new EngineCore(timing, manifest, limitsFor(manifest, batch), firstSink, { provider });
   const start = now();
   for (let id = 1; id <= batch; id++) {
     traces.set(id, { start, tokens: [] });
@@ -135,18 +135,16 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
 function microProfile(manifest: Manifest, batch: number, past: number, vocabLimit: number): { feedsMs: number; sampleMs: number } {
   const shape = kvShapeOf(manifest);
   const len = Math.max(1, Math.round(past));
-  const seq: SeqKv = {
-    len,
-    layers: Array.from({ length: shape.layers }, () => ({ key: new Float32Array(shape.kvHeads * len * shape.headDim), value: new Float32Array(shape.kvHeads * len * shape.headDim) })),
-  };
-  const kv = BatchKv.compose(shape, null, Array.from({ length: batch }, () => ({ seq })));
+  const kv = new ResidentKv(shape, batch, len, len);
+  const slots = Array.from({ length: batch }, () => kv.acquire());
+  const lens = slots.map(() => len);
   const fb = new FeedBuilder(manifest);
   const rows = Array.from({ length: batch }, () => null);
   const tokens = Array.from({ length: batch }, (_, i) => i + 1);
   const feedTimes: number[] = [];
   for (let i = 0; i < 20; i++) {
     const t0 = now();
-    fb.decode(tokens, kv, rows);
+    fb.decode(tokens, slots, lens, kv, rows);
     feedTimes.push(now() - t0);
   }
   const vocab = manifest.architecture.vocabSize;

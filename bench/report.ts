@@ -1,5 +1,6 @@
 import type { LimitResult } from './limit.js';
 import type { CoreProfile } from './raw.js';
+import type { ContextScaling } from './context.js';
 import type { Throughput } from './timing.js';
 import type { UploadResult } from './upload.js';
 
@@ -27,6 +28,10 @@ export interface BenchReport {
     profile8: CoreProfile;
   };
   engine: { what: string; b1: Throughput; b8: Throughput };
+  /** where the model ran (DEVICE / DTYPE from the environment) */
+  placement: { provider: string; dtype: string; reason: string };
+  /** decode step time against context length, same batch */
+  context: ContextScaling;
   minimal: { what: string; b1: Throughput; b8: Throughput; runMs1: number; runMs8: number } | null;
   api: { api1: Throughput; same8: Throughput; mixed8: Throughput; base8: Throughput };
   upload: UploadResult;
@@ -115,6 +120,12 @@ export function formatReport(r: BenchReport): string {
     out.push(`peer agreement (greedy, full vocabulary): ${p.agreement.equal}/${p.agreement.compared} tokens equal to ours; ${p.concurrentAgreement.equalToB1}/${p.concurrentAgreement.streams} concurrent streams equal to peer b1`);
     out.push(`peer b8 (static batch) = one generate call with 8 identical prompts, the peer's upper bound (needs all 8 to arrive together with the same length); peer 8 concurrent = 8 batch-1 generate calls started together on one model (${f(r.ratios.peerC8OverB1, 2)}× peer b1), what 8 concurrent requests get`);
   }
+  const cx = r.context;
+  out.push(
+    `decode step vs context (batch ${cx.batch}, ${r.placement.provider}/${r.placement.dtype}): ` +
+      cx.points.map((p) => `context ${p.context}: step ${f(p.stepMs, 2)} ms (run ${f(p.runMs, 2)} ms), ${f(p.bytesPerStep.toRuntime, 0)} B in / ${f(p.bytesPerStep.fromRuntime, 0)} B out per step`).join('; ') +
+      ` — step-time ratio ${f(cx.ratio, 2)}×`,
+  );
   out.push('');
   const p1 = r.raw.profile1;
   const p8 = r.raw.profile8;
