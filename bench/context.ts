@@ -30,10 +30,10 @@ export interface ContextScaling {
 
 export async function measureContextScaling(session: InferenceSession, manifest: Manifest, provider: Provider, batch: number, contexts: readonly number[], steps: number): Promise<ContextScaling> {
   const maxPos = manifest.architecture.maxPositions;
-  const usable = [...new Set(contexts.map((c) => Math.min(c, maxPos - steps - 1)))].filter((c) => c > 0);
+  const usable = [...new Set(contexts.map((c) => Math.min(c, maxPos - steps - 3)))].filter((c) => c > 0);
   const points: ContextPoint[] = [];
   for (const context of usable) {
-    const kv = new ResidentKv(kvShapeOf(manifest), batch, context + steps + 1, context + steps + 1);
+    const kv = new ResidentKv(kvShapeOf(manifest), batch, context + steps + 3, context + steps + 3);
     const feeds = new FeedBuilder(manifest, batch);
     const slots = Array.from({ length: batch }, () => kv.acquire());
     const adapters = slots.map(() => null);

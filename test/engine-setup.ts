@@ -33,8 +33,15 @@ export async function buildRandomModel(root: string, arch: Architecture, seed: n
   return { ck, dir: built.dir, manifest: built.manifest };
 }
 
+/** LORASERVE_TEST_DEVICE=cuda runs the engine tests on the CUDA provider (scripts/gpu-check.sh); default cpu */
+export function testDevice(): 'cpu' | 'cuda' {
+  const d = process.env.LORASERVE_TEST_DEVICE ?? 'cpu';
+  if (d !== 'cpu' && d !== 'cuda') throw new Error(`LORASERVE_TEST_DEVICE must be cpu or cuda, got ${d}`);
+  return d;
+}
+
 export function startEngine(model: TestModel, config: Partial<ConfigInput> = {}): Promise<Engine> {
-  return Engine.start({ modelDir: model.dir, manifest: model.manifest, config: makeConfig({ DEVICE: 'cpu', ...config }), log: quietLog });
+  return Engine.start({ modelDir: model.dir, manifest: model.manifest, config: makeConfig({ DEVICE: testDevice(), ...config }), log: quietLog });
 }
 
 /** PEFT layout (A [r, in], B [out, r], scale) → the engine's (A [in, r], B [r, out] · scale), fresh arrays */
