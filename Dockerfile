@@ -59,7 +59,7 @@ COPY --from=build --chown=root:root /app/bin ./bin
 COPY --from=build --chown=root:root /app/src ./src
 COPY --from=build --chown=root:root /app/routes ./routes
 USER loraserve
-VOLUME ["/models", "/data/adapters"]
+VOLUME ["/models", "/data/adapters", "/data/cache"]
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.PORT||8080)+'/readyz').then(r=>process.exit(r.status===200?0:1),()=>process.exit(1))"]
@@ -91,7 +91,7 @@ COPY --from=build --chown=root:root /app/bin ./bin
 COPY --from=build --chown=root:root /app/src ./src
 COPY --from=build --chown=root:root /app/routes ./routes
 USER loraserve
-VOLUME ["/models", "/data/adapters"]
+VOLUME ["/models", "/data/adapters", "/data/cache"]
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.PORT||8080)+'/readyz').then(r=>process.exit(r.status===200?0:1),()=>process.exit(1))"]
