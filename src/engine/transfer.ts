@@ -6,7 +6,7 @@ import type { Provider } from '../model/session.js';
  * Bytes that cross the JS↔onnxruntime boundary, counted per run (DESIGN.md "Engine"; exported as
  * loraserve_runtime_bytes_transferred_total{direction}).
  *
- * Measured on onnxruntime-node 1.30 (see src/engine/README or the issue report): on the CPU
+ * Measured on onnxruntime-node 1.30 (docs/resident-kv.md): on the CPU
  * provider an input typed array is wrapped as the OrtValue's memory, not copied, while every
  * output — a pre-allocated one passed in `fetches` included — comes back as a fresh copy. So:
  * - out: every output's bytes, always;
