@@ -43,8 +43,10 @@ export class ContextLengthError extends EngineError {
   constructor(
     readonly promptTokens: number,
     readonly contextLength: number,
+    /** promptTokens is a lower bound: the prompt was refused before it was encoded */
+    readonly atLeast = false,
   ) {
-    super(`the prompt has ${promptTokens} tokens; this model's context holds ${contextLength} tokens, including at least one generated token`);
+    super(`the prompt has ${atLeast ? 'at least ' : ''}${promptTokens} tokens; this model's context holds ${contextLength} tokens, including at least one generated token`);
   }
 }
 /** The adapter version is not (or no longer) loaded in the engine. */

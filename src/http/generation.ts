@@ -3,6 +3,7 @@ import type { Runtime } from '../runtime.js';
 import { generateText, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
 import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
 import { HttpProblem, badRequest, notFound } from './problem.js';
+import { DRAIN_RETRY_AFTER_S } from '../lifecycle.js';
 
 /** What the three generation routes (native, OpenAI completions, OpenAI chat) have in common. */
 export interface GenerationCall {
@@ -33,14 +34,31 @@ export function engineProblem(e: unknown): HttpProblem | null {
 }
 
 /**
- * Resolves the adapter and submits to the engine in one synchronous turn, so a concurrent
- * replace/delete cannot unload the version in between (see AdapterRegistry.resolveForGeneration).
+ * Encodes the prompt (off the HTTP thread when it is long), then resolves the adapter and submits
+ * to the engine in one synchronous turn, so a concurrent replace/delete cannot unload the version
+ * in between (see AdapterRegistry.resolveForGeneration). A prompt that cannot fit the context is
+ * refused before any encoding work: its length bound is linear in the text.
  */
-export function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): TextGeneration {
-  if (runtime.draining) throw new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': '1' });
+export async function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): Promise<TextGeneration> {
+  const refuseIfDraining = () => {
+    if (runtime.draining) throw new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': String(DRAIN_RETRY_AFTER_S) });
+  };
+  refuseIfDraining();
+  // a missing adapter is a 404 before the prompt is encoded
+  if (call.adapter !== null) runtime.registry.resolveForGeneration(call.adapter);
+  let { promptIds } = call.text;
+  if (promptIds === undefined) {
+    const text = call.text.prompt ?? '';
+    const opts = { addBos: call.text.addBos ?? true };
+    const context = runtime.engine.contextLength;
+    const atLeast = runtime.prompts.minTokens(text, opts);
+    if (atLeast + 1 > context) throw engineProblem(new ContextLengthError(atLeast, context, true))!;
+    promptIds = await runtime.prompts.encode(text, opts);
+    refuseIfDraining();
+  }
   const adapterVersion = call.adapter === null ? null : runtime.registry.resolveForGeneration(call.adapter);
   try {
-    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion }, signal);
+    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion }, signal);
   } catch (e) {
     throw engineProblem(e) ?? e;
   }
