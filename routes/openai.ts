@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { collect, disconnectSignal, startGeneration, stream, usage, type EventStream } from '../src/http/generation.js';
-import { badRequest, zodProblem } from '../src/http/problem.js';
+import { badRequest, zodProblem, type HttpProblem } from '../src/http/problem.js';
 import { samplingFields, textOptions } from '../src/http/sampling.js';
 import { ChatMessageSchema, NoChatTemplateError, renderChat } from '../src/tokenizer/chat-template.js';
 import type { Runtime } from '../src/runtime.js';
@@ -46,6 +46,12 @@ function adapterFor(runtime: Runtime, model: string): string | null {
 function endStream(es: EventStream, head: object, finalChoice: object, withUsage: TextResult | null): void {
   es.send({ ...head, choices: [finalChoice] });
   if (withUsage) es.send({ ...head, choices: [], usage: usage(withUsage.usage) });
+  es.send('[DONE]');
+}
+
+/** An error after the stream started, as OpenAI's clients read it: a chunk holding `error`, then [DONE]. */
+function streamError(p: HttpProblem, es: EventStream): void {
+  es.send({ error: { message: p.message, type: p.status >= 500 ? 'server_error' : 'invalid_request_error', code: p.status } });
   es.send('[DONE]');
 }
 
@@ -111,6 +117,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
           onEnd(r, es) {
             endStream(es, head, { index: 0, text: '', finish_reason: finish(r), logprobs: null }, body.stream_options?.include_usage ? r : null);
           },
+          onError: streamError,
         },
         observer(),
       );
@@ -168,6 +175,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
           onEnd(r, es) {
             endStream(es, chunk, { index: 0, delta: first ? { role: 'assistant', content: '' } : {}, finish_reason: finish(r), logprobs: null }, body.stream_options?.include_usage ? r : null);
           },
+          onError: streamError,
         },
         observer(),
       );

@@ -56,6 +56,10 @@ export class UnknownAdapterError extends EngineError {
     super(`adapter version ${versionId} is not loaded`);
   }
 }
+/** Refused because the engine is draining before the request started: HTTP 503 with Retry-After. */
+export class DrainingError extends EngineError {
+  override name = 'DrainingError';
+}
 /** A request parameter is out of range: HTTP 400. */
 export class InvalidRequestError extends EngineError {
   override name = 'InvalidRequestError';
@@ -232,6 +236,9 @@ const EMPTY_STATS = (limits: EngineLimits): EngineStats => ({
  */
 export class Engine {
   private readonly gens = new Map<number, Generation>();
+  /** submit time per request, and a moving mean of finished requests' durations (for Retry-After) */
+  private readonly submitted = new Map<number, number>();
+  private meanRequestSeconds = 1;
   private readonly calls = new Map<number, Pending>();
   /** versions loaded (or being loaded) in the worker and not unloaded */
   private readonly loaded = new Set<string>();
@@ -330,6 +337,7 @@ export class Engine {
       return gen;
     }
     this.gens.set(id, gen);
+    this.submitted.set(id, performance.now());
     if (signal) {
       const onAbort = () => gen.cancel();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -380,9 +388,24 @@ export class Engine {
     };
   }
 
-  /** A hint for Retry-After: long enough for some running rows to finish. */
+  /**
+   * Draining: requests still waiting for a batch slot fail with DrainingError (their clients get
+   * a 503 and retry elsewhere); running ones go on.
+   */
+  shedWaiting(): void {
+    if (this.closing || this.dead) return;
+    this.post({ type: 'shedWaiting' });
+  }
+
+  /**
+   * Retry-After for a full queue, in whole seconds: the time for the queue ahead to drain at the
+   * batch's pace — (waiting + 1) requests, MAX_BATCH at a time, each taking the recent mean
+   * request time (1 s before any has finished) — between 1 and 120.
+   */
   private retryAfter(): number {
-    return 1;
+    const waiting = Math.max(0, this.gens.size - this.limits.maxBatch);
+    const seconds = (this.meanRequestSeconds * (waiting + 1)) / this.limits.maxBatch;
+    return Math.min(120, Math.max(1, Math.ceil(seconds)));
   }
 
   /**
@@ -464,6 +487,7 @@ export class Engine {
       case 'rejected': {
         const gen = this.gens.get(m.id);
         this.gens.delete(m.id);
+        this.submitted.delete(m.id);
         gen?.fail(this.rejection(gen, m.kind, m.message));
         break;
       }
@@ -498,12 +522,19 @@ export class Engine {
         return new UnknownAdapterError(gen.request.adapterVersion ?? '');
       case 'bad_request':
         return new InvalidRequestError(message);
+      case 'draining':
+        return new DrainingError(message);
     }
   }
 
   private onDone(d: DoneWire): void {
     const gen = this.gens.get(d.id);
     this.gens.delete(d.id);
+    const t0 = this.submitted.get(d.id);
+    this.submitted.delete(d.id);
+    if (t0 !== undefined && d.finishReason !== 'cancelled' && d.error === null) {
+      this.meanRequestSeconds = 0.8 * this.meanRequestSeconds + 0.2 * ((performance.now() - t0) / 1000);
+    }
     if (!gen) return;
     if (d.error !== null) gen.fail(new EngineError(`inference failed: ${d.error}`));
     else gen.end({ finishReason: d.finishReason, promptTokens: d.promptTokens, completionTokens: d.completionTokens, timedOut: d.timedOut });
@@ -519,6 +550,7 @@ export class Engine {
       else gen.fail(reason);
     }
     this.gens.clear();
+    this.submitted.clear();
     for (const c of this.calls.values()) c.reject(reason);
     this.calls.clear();
     this.snapshot = { ...EMPTY_STATS(this.limits), tokensGenerated: this.snapshot.tokensGenerated, cancelled: this.snapshot.cancelled };
