@@ -7,6 +7,8 @@ import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import { architectureFromHfConfig } from '../src/model/checkpoint/hf-config.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { startServer, type ServerProcess } from './helpers/serve-process.js';
+import { buildApp } from '../src/app.js';
+import { makeConfig } from '../src/config.js';
 import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
 import { HAVE_STORIES, STORIES_BIN, TOK512_BIN, warnIfMissing } from './helpers/model-io-files.js';
 
@@ -194,6 +196,33 @@ describe.skipIf(!HAVE_STORIES)('stories260K (llama2.c tokenizer): long prompts',
     expect(res.status).toBe(200);
     expect(((await res.json()) as { usage: { prompt_tokens: number } }).usage.prompt_tokens).toBeGreaterThan(10);
   }, 60_000);
+});
+
+describe('Retry-After on a full queue', () => {
+  it('is estimated from the queue ahead (MAX_QUEUE 3, MAX_BATCH 1: at least 4 s), not always 1', async () => {
+    const app = await buildApp(makeConfig({ MODEL_PATH: modelDir, CACHE_DIR: path.join(tmp, 'cache'), ADAPTER_DIR: path.join(tmp, 'adapters-retry'), DEVICE: 'cpu', LOG_LEVEL: 'silent', MAX_BATCH: 1, MAX_QUEUE: 3 }));
+    const ac = new AbortController();
+    try {
+      const url = await app.listen({ port: 0, host: '127.0.0.1' });
+      const long = (seed: number) => fetch(`${url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'Once upon a time', max_tokens: 100_000, temperature: 0, seed }), signal: ac.signal }).catch(() => null);
+      const pending = [1, 2, 3, 4].map(long);
+      for (let i = 0; i < 200 && app.runtime.engine.stats().waiting < 3; i++) await new Promise((r) => setTimeout(r, 20));
+      expect(app.runtime.engine.stats().waiting).toBe(3);
+      const refused = await app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: 'b', max_tokens: 2 } });
+      expect(refused.statusCode).toBe(429);
+      const retry = Number(refused.headers['retry-after']);
+      // 3 waiting + this one, one at a time, each at least the 1 s prior (or what was measured)
+      expect(retry).toBeGreaterThanOrEqual(4);
+      expect(retry).toBeLessThanOrEqual(120);
+      expect((refused.json() as { retry_after: number }).retry_after).toBe(retry);
+      expect(await healthAnswers(url)).toBe(true);
+      ac.abort();
+      await Promise.all(pending);
+    } finally {
+      ac.abort();
+      await app.close();
+    }
+  }, 120_000);
 });
 
 /** Sends the headers and the first third of a multipart body, then nothing more. */
