@@ -34,9 +34,11 @@ afterAll(async () => {
 });
 
 /** /healthz answered at all (status 200) within a generous bound. */
-async function healthAnswers(url: string, boundMs = 10_000): Promise<boolean> {
+async function healthAnswers(url: string, boundMs = 10_000, latencies?: number[]): Promise<boolean> {
   try {
+    const t0 = performance.now();
     const res = await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(boundMs) });
+    latencies?.push(performance.now() - t0);
     return res.status === 200;
   } catch {
     return false;
@@ -44,17 +46,22 @@ async function healthAnswers(url: string, boundMs = 10_000): Promise<boolean> {
 }
 
 /** Probes /healthz while `work` is in flight; every probe must answer. */
-async function healthDuring<T>(url: string, work: Promise<T>): Promise<{ result: T; probes: boolean[] }> {
+async function healthDuring<T>(url: string, work: Promise<T>, label: string): Promise<{ result: T; probes: boolean[] }> {
   let done = false;
+  const t0 = performance.now();
   const settled = work.finally(() => (done = true));
   const probes: boolean[] = [];
+  const latencies: number[] = [];
   // at least three probes, the first while the work has only just started
   for (let i = 0; i < 3 || !done; i++) {
-    probes.push(await healthAnswers(url));
+    probes.push(await healthAnswers(url, 10_000, latencies));
     if (i > 50) break;
     await new Promise((r) => setTimeout(r, 100));
   }
-  return { result: await settled, probes };
+  const result = await settled;
+  // for the record, not asserted: how long the request took and how /healthz fared meanwhile
+  console.info(`${label}: answered in ${(performance.now() - t0).toFixed(0)} ms; /healthz max ${Math.max(...latencies).toFixed(1)} ms over ${latencies.length} probes`);
+  return { result, probes };
 }
 
 const KEY_INFER = 'sk-infer-SECRET-1f0a9c';
@@ -153,7 +160,7 @@ describe('embedded model at LOG_LEVEL=trace, with keys', () => {
   it('answers /healthz while a 1 MB prompt is tokenized (tokenizer.json path)', async () => {
     const prompt = 'Once upon a time there was a robot. '.repeat(Math.ceil((1 << 20) / 36));
     const big = fetch(`${server.url}/v1/generate`, { method: 'POST', headers: infer, body: JSON.stringify({ prompt, max_tokens: 1 }) });
-    const { result, probes } = await healthDuring(server.url, big);
+    const { result, probes } = await healthDuring(server.url, big, '1 MB prompt, tokenizer.json');
     expect(probes.every(Boolean)).toBe(true);
     expect(result.status).toBe(400);
     expect(((await result.json()) as { detail: string }).detail).toMatch(/context holds/);
@@ -184,7 +191,7 @@ describe.skipIf(!HAVE_STORIES)('stories260K (llama2.c tokenizer): long prompts',
       const model = ((await (await fetch(`${server.url}/readyz`)).json()) as { model: string }).model;
       const route = bytes > 64 * 1024 ? { path: '/v1/completions', body: { model, prompt, max_tokens: 1 } } : { path: '/v1/generate', body: { prompt, max_tokens: 1 } };
       const big = fetch(`${server.url}${route.path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(route.body) });
-      const { result, probes } = await healthDuring(server.url, big);
+      const { result, probes } = await healthDuring(server.url, big, `${label} prompt, llama2.c`);
       expect(probes.every(Boolean)).toBe(true);
       expect(result.status).toBe(400);
       expect(await result.text()).toMatch(/at least \d+ tokens/);
