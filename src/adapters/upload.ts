@@ -176,6 +176,8 @@ function idleWatchdog(request: FastifyRequest, ms: number, moved: () => number):
   let lastChange = Date.now();
   let fired = false;
   const timer = setInterval(() => {
+    // the whole body is in: what follows (extracting an archive) is our work, not the client's
+    if (request.raw.complete) return clearInterval(timer);
     const now = progress();
     if (now !== last) {
       last = now;
