@@ -1,13 +1,14 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
-import { badRequest } from '../src/http/problem.js';
-import { receiveAdapterUpload, type ReceivedUpload } from '../src/adapters/upload.js';
+import { HttpProblem, badRequest } from '../src/http/problem.js';
+import { UploadSlots, receiveAdapterUpload, type ReceivedUpload } from '../src/adapters/upload.js';
 import { rejectedProblem } from '../src/adapters/registry.js';
 import { adapterNameProblem } from '../src/adapters/store.js';
 
 /**
  * Adapter management: parse → registry → status. Status codes:
  *   POST   /v1/adapters            201 stored | 400 bad request | 409 name taken or MAX_ADAPTERS reached | 413 | 415 | 422 report
+ *                                   | 429 MAX_CONCURRENT_UPLOADS reached (Retry-After)
  *   PUT    /v1/adapters/:name      create-or-replace, atomic: 201 created | 200 replaced | same errors as POST
  *   GET    /v1/adapters            200 {adapters: [...]}
  *   GET    /v1/adapters/:name      200 detail with report | 404
@@ -21,12 +22,27 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
   // scoped to these routes: nowhere else accepts multipart
   await app.register(multipart, { limits: { fileSize: maxBytes }, throwFileSizeLimit: true });
 
+  const slots = new UploadSlots(config.MAX_CONCURRENT_UPLOADS);
+
   async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload) => Promise<T>, onField?: (name: string, value: string) => void): Promise<T> {
-    const u = await receiveAdapterUpload(request, { workDir: () => registry.uploadDir(), maxBytes, fields: ['name'], onField, ingest: (configText) => registry.ingest(maxBytes, configText) });
+    const release = slots.acquire();
+    if (release instanceof HttpProblem) throw release;
     try {
-      return await fn(u);
+      const u = await receiveAdapterUpload(request, {
+        workDir: () => registry.uploadDir(),
+        maxBytes,
+        idleTimeoutMs: config.UPLOAD_IDLE_TIMEOUT_MS,
+        fields: ['name'],
+        onField,
+        ingest: (configText) => registry.ingest(maxBytes, configText),
+      });
+      try {
+        return await fn(u);
+      } finally {
+        await u.cleanup();
+      }
     } finally {
-      await u.cleanup();
+      release();
     }
   }
 

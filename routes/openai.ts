@@ -2,7 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import { collect, disconnectSignal, startGeneration, stream, usage, type EventStream } from '../src/http/generation.js';
-import { badRequest, zodProblem } from '../src/http/problem.js';
+import { badRequest, zodProblem, type HttpProblem } from '../src/http/problem.js';
 import { samplingFields, textOptions } from '../src/http/sampling.js';
 import { ChatMessageSchema, NoChatTemplateError, renderChat } from '../src/tokenizer/chat-template.js';
 import type { Runtime } from '../src/runtime.js';
@@ -49,6 +49,12 @@ function endStream(es: EventStream, head: object, finalChoice: object, withUsage
   es.send('[DONE]');
 }
 
+/** An error after the stream started, as OpenAI's clients read it: a chunk holding `error`, then [DONE]. */
+function streamError(p: HttpProblem, es: EventStream): void {
+  es.send({ error: { message: p.message, type: p.status >= 500 ? 'server_error' : 'invalid_request_error', code: p.status } });
+  es.send('[DONE]');
+}
+
 const finish = (r: TextResult) => (r.finishReason === 'cancelled' ? 'length' : r.finishReason);
 
 export default async function openaiRoutes(app: FastifyInstance): Promise<void> {
@@ -92,7 +98,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
     request.log.info({ adapter }, 'completion');
     const wantLogprobs = body.logprobs != null;
     const ac = disconnectSignal(request, reply);
-    const gen = startGeneration(runtime, { adapter, text: { prompt: body.prompt, ...textOptions(body, wantLogprobs ? (body.logprobs ?? 0) : undefined) } }, ac.signal);
+    const gen = await startGeneration(runtime, { adapter, text: { prompt: body.prompt, ...textOptions(body, wantLogprobs ? (body.logprobs ?? 0) : undefined) } }, ac.signal);
     const id = `cmpl-${randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     const head = { id, object: 'text_completion' as const, created, model: body.model };
@@ -111,6 +117,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
           onEnd(r, es) {
             endStream(es, head, { index: 0, text: '', finish_reason: finish(r), logprobs: null }, body.stream_options?.include_usage ? r : null);
           },
+          onError: streamError,
         },
         observer(),
       );
@@ -139,7 +146,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
     }
     const wantLogprobs = body.logprobs === true;
     const ac = disconnectSignal(request, reply);
-    const gen = startGeneration(
+    const gen = await startGeneration(
       runtime,
       {
         adapter,
@@ -168,6 +175,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
           onEnd(r, es) {
             endStream(es, chunk, { index: 0, delta: first ? { role: 'assistant', content: '' } : {}, finish_reason: finish(r), logprobs: null }, body.stream_options?.include_usage ? r : null);
           },
+          onError: streamError,
         },
         observer(),
       );

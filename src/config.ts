@@ -28,6 +28,10 @@ export const ConfigSchema = z.object({
   MAX_LORA_RANK: int(64),
   MAX_ADAPTERS: int(32),
   MAX_UPLOAD_BYTES: int(512 * 1024 * 1024),
+  /** an upload body that sends nothing for this long is aborted and its staged files removed (0: never) */
+  UPLOAD_IDLE_TIMEOUT_MS: int(30_000),
+  /** uploads received at once (POST/PUT /v1/adapters, /validate); more get 429 with Retry-After */
+  MAX_CONCURRENT_UPLOADS: z.coerce.number().int().positive().default(4),
   MAX_BATCH: z.coerce.number().int().positive().default(8),
   MAX_QUEUE: int(64),
   /** prompt tokens fed per prefill step, so a long prompt does not stall running streams */

@@ -7,9 +7,11 @@ import { HttpProblem, sendProblem } from './http/problem.js';
  * Graceful shutdown.
  *
  * SIGTERM/SIGINT: readiness goes 503 at once (the load balancer stops sending), every route except
- * /healthz, /readyz and /metrics answers 503 with Retry-After, and the requests already running —
- * streams included — get up to DRAIN_TIMEOUT_MS to finish. Then the server closes (connections
- * still open after the deadline are cut), the engine stops, and the process exits 0.
+ * /healthz, /readyz and /metrics answers 503 with Retry-After, requests still queued for a batch
+ * slot (not started) get a 503 with Retry-After, and the requests already running — streams
+ * included — get up to DRAIN_TIMEOUT_MS to finish. Then streams still open end with an `error`
+ * event, the server closes (connections still open are cut), the engine stops, and the process
+ * exits 0.
  */
 
 /** Routes that keep answering while draining: probes and the scrape that watches the drain. */
@@ -23,9 +25,38 @@ export interface InFlight {
   readonly count: number;
 }
 
+/**
+ * The event streams being written: at the drain deadline each is ended with a final `error`
+ * event (a 503 problem) before the connections are closed, so a client can tell a cut stream
+ * from a finished one.
+ */
+export class ActiveStreams {
+  private readonly cuts = new Set<(p: HttpProblem) => Promise<void>>();
+
+  get size(): number {
+    return this.cuts.size;
+  }
+
+  /** Lists a stream; `cut` ends it with the problem. Returns the function that unlists it. */
+  add(cut: (p: HttpProblem) => Promise<void>): () => void {
+    this.cuts.add(cut);
+    return () => this.cuts.delete(cut);
+  }
+
+  /** Cuts every listed stream; resolves when their last bytes were handed to the sockets, or after `waitMs`. */
+  async cutAll(p: HttpProblem, waitMs = 2000): Promise<void> {
+    const all = Promise.all([...this.cuts].map((cut) => cut(p).catch(() => undefined)));
+    this.cuts.clear();
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([all, new Promise<void>((r) => (timer = setTimeout(r, waitMs)))]);
+    clearTimeout(timer);
+  }
+}
+
 declare module 'fastify' {
   interface FastifyInstance {
     inFlight: InFlight;
+    activeStreams: ActiveStreams;
   }
 }
 
@@ -40,6 +71,7 @@ function pathOf(request: FastifyRequest): string {
  */
 export async function drainGuard(app: FastifyInstance): Promise<void> {
   const state = { count: 0 };
+  app.decorate('activeStreams', new ActiveStreams());
   app.decorate('inFlight', {
     get count() {
       return state.count;
@@ -77,6 +109,8 @@ export interface DrainOptions {
 export async function drain(app: FastifyInstance, opts: DrainOptions): Promise<boolean> {
   const { timeoutMs, log, pollMs = 50 } = opts;
   app.runtime.draining = true;
+  // requests still waiting for a batch slot have not started: a 503 now lets them retry elsewhere
+  app.runtime.engine.shedWaiting();
   const deadline = Date.now() + timeoutMs;
   const busy = () => {
     const s = app.runtime.engine.stats();
@@ -90,6 +124,11 @@ export async function drain(app: FastifyInstance, opts: DrainOptions): Promise<b
   }
   if (!b.idle) {
     log.warn({ running: b.running, waiting: b.waiting, inFlight: b.inFlight, drainTimeoutMs: timeoutMs }, 'drain deadline passed: cutting the remaining requests');
+    if (app.hasDecorator('activeStreams')) {
+      await app.activeStreams.cutAll(
+        new HttpProblem(503, 'Service Unavailable', `the drain deadline (DRAIN_TIMEOUT_MS ${timeoutMs} ms) passed: this replica is stopping and cut the stream`, {}, { 'retry-after': String(DRAIN_RETRY_AFTER_S) }),
+      );
+    }
     app.server.closeAllConnections?.();
   } else {
     // keep-alive connections with nothing in flight would hold server.close() open

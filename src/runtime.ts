@@ -8,6 +8,7 @@ import { buildModel } from './model/build.js';
 import { placementLine, resolvePlacement } from './model/placement.js';
 import { loadTokenizer } from './tokenizer/index.js';
 import type { Tokenizer } from './tokenizer/types.js';
+import { PromptEncoder } from './tokenizer/off-thread.js';
 import { Engine } from './engine/engine.js';
 import { AdapterRegistry } from './adapters/registry.js';
 
@@ -21,6 +22,8 @@ export interface Runtime {
   readonly manifest: Manifest;
   readonly modelDir: string;
   readonly tokenizer: Tokenizer;
+  /** the tokenizer for prompts: long ones are encoded off the HTTP thread */
+  readonly prompts: PromptEncoder;
   readonly engine: Engine;
   readonly registry: AdapterRegistry;
   readonly provider: 'cpu' | 'cuda';
@@ -52,13 +55,14 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
   if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
   const tokenizer = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
+  const prompts = new PromptEncoder(tokenizer, checkpoint.tokenizer, checkpoint.architecture);
   // the worker opens the provider decided here (DEVICE=auto already probed), so the graph's dtype fits it
   const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config: { ...config, DEVICE: placement.provider }, log });
   let registry: AdapterRegistry;
   try {
     registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log });
   } catch (e) {
-    await engine.close();
+    await Promise.all([engine.close(), prompts.close()]);
     throw e;
   }
   const runtime: Runtime = {
@@ -66,12 +70,13 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     manifest: built.manifest,
     modelDir: built.dir,
     tokenizer,
+    prompts,
     engine,
     registry,
     provider: engine.provider,
     draining: false,
     async close() {
-      await engine.close();
+      await Promise.all([engine.close(), prompts.close()]);
     },
   };
   return runtime;

@@ -9,9 +9,10 @@ import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
 
 /**
  * Graceful shutdown of the real process (`node bin/loraserve.js serve`, embedded model): SIGTERM
- * in the middle of streams — readiness and new work answer 503 at once, the streams already
- * accepted (running and queued) finish with their final event, the process exits 0. With a short
- * DRAIN_TIMEOUT_MS the remaining streams are cut and the process still exits 0. Request ids: a
+ * in the middle of streams — readiness and new work answer 503 at once, requests queued for a
+ * batch slot (not started) get a 503 with Retry-After, the running stream finishes with its final
+ * event, the process exits 0. With a short DRAIN_TIMEOUT_MS the remaining streams end with an
+ * `error` event (OpenAI: an error chunk, then [DONE]) and the process still exits 0. Request ids: a
  * client's x-request-id comes back and tags the log lines of its request, adapter included.
  */
 
@@ -117,12 +118,18 @@ describe('one server: request ids, then SIGTERM while streaming', () => {
     const bad = await fetch(`${server.url}/healthz`, { headers: { 'x-request-id': 'evil id with spaces <and> "quotes"' } });
     expect(bad.headers.get('x-request-id')).toMatch(/^[0-9a-f-]{36}$/);
 
-    // the log is flushed line by line (pino writes synchronously)
-    const lines = server
-      .output()
-      .split('\n')
-      .filter((l) => l.startsWith('{'))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+    // pino writes each line at once, but stdout is a pipe that may deliver it after the response
+    const parsed = () =>
+      server
+        .output()
+        .split('\n')
+        .filter((l) => l.startsWith('{'))
+        .map((l) => JSON.parse(l) as Record<string, unknown>);
+    let lines = parsed();
+    for (let i = 0; i < 100 && ['ops-rid-plain-1', 'ops-rid-stream-2'].some((id) => !lines.some((l) => l.reqId === id && l.adapter === 'rid-probe')); i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      lines = parsed();
+    }
     for (const id of ['ops-rid-plain-1', 'ops-rid-stream-2']) {
       const mine = lines.filter((l) => l.reqId === id);
       expect(mine.length, id).toBeGreaterThanOrEqual(2);
@@ -131,9 +138,16 @@ describe('one server: request ids, then SIGTERM while streaming', () => {
     expect(server.output()).not.toContain('evil id');
   });
 
-  it('refuses new work, finishes the accepted streams, exits 0', async () => {
+  it('refuses new work, sends queued requests a 503, finishes the running stream, exits 0', async () => {
     const a = await openStream(server.url, LONG);
-    const b = await openStream(server.url, { ...LONG, prompt: 'The little dog' });
+    // MAX_BATCH 1: these two wait for a's slot; they have not started, so the drain refuses them
+    const post = (body: Record<string, unknown>) => fetch(`${server.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const queuedStream = post({ ...LONG, prompt: 'The little dog', stream: true });
+    const queuedPlain = post({ ...LONG, prompt: 'A cat' });
+    for (let i = 0; i < 200; i++) {
+      if (/^vllm:num_requests_waiting 2$/m.test(await (await fetch(`${server.url}/metrics`)).text())) break;
+      await new Promise((r) => setTimeout(r, 20));
+    }
 
     server.child.kill('SIGTERM');
     // readiness flips at once; new work is refused; probes and metrics still answer
@@ -144,6 +158,12 @@ describe('one server: request ids, then SIGTERM while streaming', () => {
       await new Promise((r) => setTimeout(r, 10));
     }
     expect(ready!.status).toBe(503);
+    for (const queued of [await queuedStream, await queuedPlain]) {
+      expect(queued.status).toBe(503);
+      expect(queued.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+      expect(Number(queued.headers.get('retry-after'))).toBeGreaterThan(0);
+      expect(((await queued.json()) as { detail: string }).detail).toMatch(/draining/);
+    }
     const refused = await fetch(`${server.url}/v1/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: 'hi', max_tokens: 2 }) });
     expect(refused.status).toBe(503);
     expect(refused.headers.get('content-type')).toMatch(/^application\/problem\+json/);
@@ -153,18 +173,18 @@ describe('one server: request ids, then SIGTERM while streaming', () => {
     expect((await fetch(`${server.url}/healthz`)).status).toBe(200);
     const metrics = await fetch(`${server.url}/metrics`);
     expect(metrics.status).toBe(200);
-    expect(await metrics.text()).toMatch(/^vllm:num_requests_running 1$/m);
+    const scrape = await metrics.text();
+    expect(scrape).toMatch(/^vllm:num_requests_running 1$/m);
+    expect(scrape).toMatch(/^vllm:num_requests_waiting 0$/m);
 
-    for (const s of [a, b]) {
-      const events = parseSse(await s.rest);
-      const done = events.filter((e) => e.event === 'done');
-      expect(done).toHaveLength(1);
-      expect(events[events.length - 1]!.event).toBe('done');
-      const final = JSON.parse(done[0]!.data) as { finish_reason: string; usage: { completion_tokens: number } };
-      expect(final.finish_reason).toBe('length');
-      const tokenEvents = events.filter((e) => e.event === 'message' && (JSON.parse(e.data) as { token: number | null }).token !== null);
-      expect(tokenEvents).toHaveLength(final.usage.completion_tokens);
-    }
+    const events = parseSse(await a.rest);
+    const done = events.filter((e) => e.event === 'done');
+    expect(done).toHaveLength(1);
+    expect(events[events.length - 1]!.event).toBe('done');
+    const final = JSON.parse(done[0]!.data) as { finish_reason: string; usage: { completion_tokens: number } };
+    expect(final.finish_reason).toBe('length');
+    const tokenEvents = events.filter((e) => e.event === 'message' && (JSON.parse(e.data) as { token: number | null }).token !== null);
+    expect(tokenEvents).toHaveLength(final.usage.completion_tokens);
     expect(await server.exited).toBe(0);
     const out = server.output();
     expect(out).toContain('"msg":"draining"');
@@ -178,9 +198,17 @@ describe('drain deadline', () => {
     await server?.stop('SIGKILL');
   });
 
-  it('cuts what is still running after DRAIN_TIMEOUT_MS and exits 0', async () => {
-    server = await startServer(env({ MAX_BATCH: '1', DRAIN_TIMEOUT_MS: '200' }));
+  it('ends the streams still running at DRAIN_TIMEOUT_MS with an error event (OpenAI: an error chunk), and exits 0', async () => {
+    server = await startServer(env({ MAX_BATCH: '2', DRAIN_TIMEOUT_MS: '200' }));
+    const model = ((await (await fetch(`${server.url}/readyz`)).json()) as { model: string }).model;
     const a = await openStream(server.url, LONG);
+    const chat = await fetch(`${server.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model, messages: [{ role: 'user', content: 'Tell me a story' }], max_tokens: 100_000, temperature: 0, stream: true }),
+    });
+    expect(chat.status).toBe(200);
+    const chatText = chat.text().catch(() => '');
     const t0 = Date.now();
     server.child.kill('SIGTERM');
     expect(await server.exited).toBe(0);
@@ -188,6 +216,13 @@ describe('drain deadline', () => {
     expect(Date.now() - t0).toBeLessThan(5000);
     const events = parseSse(await a.rest);
     expect(events.some((e) => e.event === 'done')).toBe(false);
+    const last = events[events.length - 1]!;
+    expect(last.event).toBe('error');
+    expect(JSON.parse(last.data)).toMatchObject({ status: 503, detail: expect.stringMatching(/drain deadline/) });
+    const chunks = parseSse(await chatText).map((e) => e.data);
+    expect(chunks[chunks.length - 1]).toBe('[DONE]');
+    const error = JSON.parse(chunks[chunks.length - 2]!) as { error?: { message: string; code: number } };
+    expect(error.error).toMatchObject({ code: 503, message: expect.stringMatching(/drain deadline/) });
     expect(server.output()).toMatch(/"clean":false[^\n]*"msg":"stopped"/);
   });
 });

@@ -139,6 +139,27 @@ describe('Metrics from a known engine state', () => {
     expect(value(s, 'vllm:num_requests_running')).toBe(0);
     expect(s.some((x) => x.name === 'vllm:lora_requests_info')).toBe(false);
   });
+
+  it("keeps an adapter's series while it is registered or still running, drops them after", async () => {
+    const adapters = [{ name: 'kept', state: 'ready' }, { name: 'leaving', state: 'ready' }];
+    const c = controlled({ running: 0, waiting: 0, runningAdapters: [], waitingAdapters: [], batchSize: 0, kvTokens: 0, kvCapacity: 1, tokensGenerated: 0, cancelled: 0 }, adapters);
+    const m = new Metrics(() => c.source);
+    for (const name of ['kept', 'leaving']) {
+      const t = m.startGeneration(name);
+      t.tokens(2);
+      t.finish('stop');
+    }
+    m.requestFinished('leaving', 'length');
+    const has = (s: Sample[], adapter: string) => s.some((x) => x.labels.adapter === adapter);
+    expect(has(parseExposition(await m.scrape()), 'leaving')).toBe(true);
+    adapters.pop(); // deleted, but a request on its old version still runs
+    c.set({ running: 1, runningAdapters: ['leaving@1#4'] });
+    expect(has(parseExposition(await m.scrape()), 'leaving')).toBe(true);
+    c.set({ running: 0, runningAdapters: [] });
+    const s = parseExposition(await m.scrape());
+    expect(has(s, 'leaving')).toBe(false);
+    expect(value(s, 'loraserve_generation_requests_total', { adapter: 'kept', finish_reason: 'stop' })).toBe(1);
+  });
 });
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -329,4 +350,26 @@ describe('the real app', () => {
     expect(value(s, 'loraserve_requests_cancelled_total')! - cancelledBefore).toBe(1);
     expect(value(s, 'loraserve_http_requests_total', { method: 'POST', route: '/v1/generate', status: '499' })).toBe(1);
   });
+
+  it("removes a deleted adapter's series (20 deleted adapters leave none)", async () => {
+    const manifest = app.runtime.manifest;
+    const a = adapterBytes(manifest.architecture, { modelId: manifest.modelId, r: 2, targets: ['q_proj'], seed: 9 });
+    const names = Array.from({ length: 20 }, (_, i) => `churn-${i}`);
+    for (const name of names) {
+      expect((await fetch(`${url}/v1/adapters`, { method: 'POST', body: filesForm(name, a) })).status).toBe(201);
+      const gen = await app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: 'Once', max_tokens: 2, adapter: name, seed: 1 } });
+      expect(gen.statusCode).toBe(200);
+      if (name === names[0]) {
+        const s = await scrape();
+        expect(value(s, 'loraserve_generation_requests_total', { adapter: name })).toBe(1);
+        expect(value(s, 'loraserve_time_to_first_token_seconds_count', { adapter: name })).toBe(1);
+      }
+      expect((await app.inject({ method: 'DELETE', url: `/v1/adapters/${name}` })).statusCode).toBe(204);
+    }
+    const s = await scrape();
+    const left = s.filter((x) => x.labels.adapter?.startsWith('churn-'));
+    expect(left.map((x) => `${x.name}{${x.labels.adapter}}`)).toEqual([]);
+    // the base model's series stay
+    expect(value(s, 'loraserve_generation_tokens_total', { adapter: BASE_LABEL })).toBeGreaterThan(0);
+  }, 120_000);
 });

@@ -8,7 +8,11 @@ import { ModelInputError } from '../src/model/checkpoint/types.js';
 import { embeddedModelFiles } from '../src/model/embedded.js';
 import { loadTokenizer } from '../src/tokenizer/index.js';
 import { HfTokenizer } from '../src/tokenizer/hf.js';
-import { loadLlama2cTokenizer, type Llama2cTokenizer } from '../src/tokenizer/llama2c.js';
+import { loadLlama2cTokenizer, parseLlama2cTokenizer, type Llama2cTokenizer, type Llama2cVocab } from '../src/tokenizer/llama2c.js';
+import { PromptEncoder } from '../src/tokenizer/off-thread.js';
+import type { Architecture } from '../src/model/architecture.js';
+import { mulberry32 } from '../src/prng.js';
+import { quadraticEncode } from './reference/llama2c-quadratic.js';
 import { HAVE_STORIES, STORIES_BIN, TOK512_BIN, tempDir, warnIfMissing } from './helpers/model-io-files.js';
 
 let root: string;
@@ -262,4 +266,85 @@ describe('Hugging Face tokenizer (the embedded model tokenizer.json)', () => {
     await expect(loadTokenizer({ kind: 'hf', tokenizerJson, tokenizerConfigJson: configJson }, small)).rejects.toBeInstanceOf(ModelInputError);
     expect(() => new HfTokenizer('{', null, arch)).toThrow(ModelInputError);
   });
+});
+
+describe.skipIf(!HAVE_STORIES)('llama2.c merges in O(n log n), equal to the quadratic loop', () => {
+  warnIfMissing(HAVE_STORIES, 'the llama2.c merge-equality tests');
+  let tok: Llama2cTokenizer;
+  let vocab: Llama2cVocab;
+  beforeAll(async () => {
+    tok = await loadLlama2cTokenizer(TOK512_BIN, 512);
+    vocab = parseLlama2cTokenizer(await readFile(TOK512_BIN), 512, TOK512_BIN);
+  });
+  const STORY = 'Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine. One day, she saw a big, red ball in the park. "Can I play?" she asked.\n';
+
+  /** texts mixing vocab pieces, single characters, runs (many equal-score ties) and non-ASCII */
+  function randomText(rand: () => number, length: number): string {
+    const chars = ['a', 'e', ' ', '  ', '\n', '.', ',', '"', 'é', '日', '🎉', 'the', 'ing', 'aaaa', '    '];
+    let s = '';
+    while (s.length < length) {
+      const r = rand();
+      if (r < 0.5) s += vocab.pieces[3 + 256 + Math.floor(rand() * (512 - 259))]!.replace(/^<0x..>$/, '');
+      else if (r < 0.9) s += chars[Math.floor(rand() * chars.length)]!;
+      else s += String.fromCodePoint(32 + Math.floor(rand() * 0x3000));
+    }
+    return s;
+  }
+
+  it('gives exactly the ids of the quadratic loop on random and real text', () => {
+    const rand = mulberry32(11);
+    const texts = [STORY.repeat(10), 'a'.repeat(1000), ' '.repeat(600), 'ab'.repeat(400), '日本語'.repeat(200)];
+    for (let i = 0; i < 30; i++) texts.push(randomText(rand, 1 + Math.floor(rand() * 1500)));
+    for (const text of texts) {
+      for (const addBos of [true, false]) {
+        expect(tok.encode(text, { addBos }), text.slice(0, 40)).toEqual(quadraticEncode(text, vocab.pieces, vocab.scores, addBos));
+      }
+    }
+  });
+
+  it('encodes a 1 MB prompt (the quadratic loop took 28 s for 64 KB), and its linear bound holds', () => {
+    const text = STORY.repeat(Math.ceil((1 << 20) / STORY.length));
+    const ids = tok.encode(text);
+    expect(ids.length).toBeGreaterThan(100_000);
+    expect(tok.decode(ids)).toBe(text);
+    expect(tok.minTokens(text)).toBeLessThanOrEqual(ids.length);
+    const rand = mulberry32(5);
+    for (let i = 0; i < 30; i++) {
+      const t = randomText(rand, Math.floor(rand() * 2000));
+      for (const addBos of [true, false]) expect(tok.minTokens(t, { addBos })).toBeLessThanOrEqual(tok.encode(t, { addBos }).length);
+    }
+  }, 120_000);
+
+  it('encodes long prompts in the tokenizer thread to the same ids', async () => {
+    const text = STORY.repeat(200) + randomText(mulberry32(3), 5000);
+    const source = { kind: 'llama2c' as const, path: TOK512_BIN };
+    const arch = { vocabSize: 512 } as Architecture;
+    const prompts = new PromptEncoder(tok, source, arch, 64);
+    try {
+      const [a, b] = await Promise.all([prompts.encode(text), prompts.encode(text.slice(7), { addBos: false })]);
+      expect(a).toEqual(tok.encode(text));
+      expect(b).toEqual(tok.encode(text.slice(7), { addBos: false }));
+      expect(prompts.minTokens(text)).toBe(tok.minTokens(text));
+    } finally {
+      await prompts.close();
+    }
+  }, 60_000);
+});
+
+describe('Hugging Face prompts in the tokenizer thread', () => {
+  it('give the same ids as inline encoding', async () => {
+    const files = embeddedModelFiles();
+    const tokenizerJson = files.get('tokenizer.json')!.toString();
+    const configJson = files.get('tokenizer_config.json')!.toString();
+    const arch = architectureFromHfConfig(JSON.parse(files.get('config.json')!.toString()), 'config.json');
+    const tok = new HfTokenizer(tokenizerJson, configJson, arch);
+    const prompts = new PromptEncoder(tok, { kind: 'hf', tokenizerJson, tokenizerConfigJson: configJson }, arch, 64);
+    try {
+      const text = 'Hello there, little robot. 日本 🎉\n'.repeat(500);
+      expect(await prompts.encode(text)).toEqual(tok.encode(text));
+      expect(await prompts.encode(text, { addBos: false })).toEqual(tok.encode(text, { addBos: false }));
+    } finally {
+      await prompts.close();
+    }
+  }, 60_000);
 });

@@ -23,13 +23,17 @@ import { CONFIG_FILE, WEIGHTS_FILE, type AdapterFile, type FileDigest } from './
  * Every file part is streamed to a temp file inside the upload folder, never held in memory.
  * Status codes: 400 malformed request (unknown, duplicate or missing parts; unsafe or unreadable
  * archive), 413 over MAX_UPLOAD_BYTES (request, any file, or an archive's expansion), 415 not
- * multipart, 422 a pickle (`adapter_model.bin`) or an archive without the adapter files.
+ * multipart, 422 a pickle (`adapter_model.bin`) or an archive without the adapter files. A body
+ * that stalls for `idleTimeoutMs` is cut (the connection is destroyed, its staged files removed);
+ * `UploadSlots` bounds how many uploads run at once (429 beyond).
  */
 
 export interface UploadOptions {
   /** creates an empty folder for this upload (the store's `.upload-*` folder, removed after a crash) */
   workDir: () => Promise<string>;
   maxBytes: number;
+  /** abort the body when no bytes arrived for this long (0: never) */
+  idleTimeoutMs?: number;
   /** text fields this route accepts */
   fields: readonly string[];
   /**
@@ -155,6 +159,75 @@ function mapMultipartError(e: unknown, maxBytes: number): unknown {
   return e;
 }
 
+/** Raised (and logged) when a stalled upload is cut; the client's connection is already gone. */
+export const uploadIdleProblem = (ms: number) => new HttpProblem(408, 'Request Timeout', `the upload sent nothing for ${ms} ms (UPLOAD_IDLE_TIMEOUT_MS) and was aborted`);
+
+/**
+ * Watches an upload body for progress: bytes read from the socket, or bytes our pipeline moved
+ * (so that our own back-pressure is not taken for a stalled client). After `ms` without either,
+ * destroys the request: @fastify/multipart then ends the part iteration with an error, which
+ * fails the file pipeline (closing its descriptor), and the socket is closed.
+ */
+function idleWatchdog(request: FastifyRequest, ms: number, moved: () => number): { fired: () => boolean; stop: () => void } {
+  if (!(ms > 0)) return { fired: () => false, stop: () => undefined };
+  const socket = request.raw.socket;
+  const progress = () => (socket?.bytesRead ?? 0) + moved();
+  let last = progress();
+  let lastChange = Date.now();
+  let fired = false;
+  const timer = setInterval(() => {
+    // the whole body is in: what follows (extracting an archive) is our work, not the client's
+    if (request.raw.complete) return clearInterval(timer);
+    const now = progress();
+    if (now !== last) {
+      last = now;
+      lastChange = Date.now();
+      return;
+    }
+    if (Date.now() - lastChange < ms) return;
+    fired = true;
+    clearInterval(timer);
+    request.log.warn({ idleMs: ms, bytesRead: socket?.bytesRead }, 'upload stalled: aborting it');
+    request.raw.destroy(uploadIdleProblem(ms));
+  }, Math.max(10, Math.min(1000, Math.floor(ms / 4))));
+  timer.unref();
+  return { fired: () => fired, stop: () => clearInterval(timer) };
+}
+
+/**
+ * At most `max` uploads at once. A slot is held from the first byte to the end of the route's
+ * work (receipt, validation, storing); beyond it a 429 whose Retry-After is the recent mean
+ * upload time, so a retry lands about when a slot frees.
+ */
+export class UploadSlots {
+  private used = 0;
+  private meanSeconds = 1;
+
+  constructor(readonly max: number) {}
+
+  get active(): number {
+    return this.used;
+  }
+
+  /** A release function, or a 429 problem to throw. */
+  acquire(): (() => void) | HttpProblem {
+    if (this.used >= this.max) {
+      const retry = Math.max(1, Math.ceil(this.meanSeconds));
+      return new HttpProblem(429, 'Too Many Requests', `${this.used} uploads are being received (MAX_CONCURRENT_UPLOADS ${this.max}); retry after ${retry} s`, { retry_after: retry }, { 'retry-after': String(retry), connection: 'close' });
+    }
+    this.used++;
+    const started = performance.now();
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.used--;
+      const s = (performance.now() - started) / 1000;
+      this.meanSeconds = Math.min(60, 0.8 * this.meanSeconds + 0.2 * s);
+    };
+  }
+}
+
 export async function receiveAdapterUpload(request: FastifyRequest, opts: UploadOptions): Promise<ReceivedUpload> {
   if (!request.isMultipart()) {
     throw new HttpProblem(415, 'Unsupported Media Type', 'send the adapter as multipart/form-data: a `name` field plus adapter_config.json and adapter_model.safetensors, or one .tar/.tar.gz/.zip of the folder');
@@ -167,25 +240,29 @@ export async function receiveAdapterUpload(request: FastifyRequest, opts: Upload
 
   const work = await opts.workDir();
   const cleanup = () => rm(work, { recursive: true, force: true });
+  const budget = { used: 0 };
+  const watchdog = idleWatchdog(request, opts.idleTimeoutMs ?? 0, () => budget.used);
   try {
-    return { ...(await receive(request, opts, work)), cleanup };
+    return { ...(await receive(request, opts, work, budget)), cleanup };
   } catch (e) {
     // drain what the client is still sending so it can read our answer, then drop the files
     request.raw.resume();
     await cleanup();
+    if (watchdog.fired()) throw uploadIdleProblem(opts.idleTimeoutMs ?? 0);
     if (e instanceof ArchiveError) {
       throw e.status === 413 ? payloadTooLarge(e.message) : badRequest(e.message, { entries: e.entries });
     }
     throw mapMultipartError(e, opts.maxBytes);
+  } finally {
+    watchdog.stop();
   }
 }
 
-async function receive(request: FastifyRequest, opts: UploadOptions, work: string): Promise<Omit<ReceivedUpload, 'cleanup'>> {
+async function receive(request: FastifyRequest, opts: UploadOptions, work: string, budget: { used: number }): Promise<Omit<ReceivedUpload, 'cleanup'>> {
   const fields: Record<string, string> = {};
   const got = new Map<Role, { file: string; filename: string; digest: FileDigest | null; ingested: IngestedWeights | null }>();
   const unknown: string[] = [];
   const duplicate: string[] = [];
-  const budget = { used: 0 };
   let index = 0;
 
   const parts = request.parts({

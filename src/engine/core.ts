@@ -134,6 +134,22 @@ export class EngineCore {
     else row.cancelled = true;
   }
 
+  /**
+   * Draining: every request still waiting for a batch slot is refused (it has not started, so its
+   * client can retry elsewhere); running ones go on.
+   */
+  shedWaiting(): void {
+    for (const row of [...this.sched.waiting]) {
+      this.sched.remove(row.id);
+      if (row.adapter) {
+        row.adapter.refs--;
+        this.release(row.adapter);
+      }
+      this.sink({ type: 'rejected', id: row.id, kind: 'draining', message: 'draining: this replica is shutting down before the request started' });
+    }
+    this.dirty = true;
+  }
+
   /** Cancels everything (shutdown). Call only between steps. */
   cancelAll(): void {
     for (const row of [...this.sched.waiting, ...this.sched.prefilling, ...this.sched.decoding]) this.finish(row, 'cancelled');

@@ -43,8 +43,10 @@ export class ContextLengthError extends EngineError {
   constructor(
     readonly promptTokens: number,
     readonly contextLength: number,
+    /** promptTokens is a lower bound: the prompt was refused before it was encoded */
+    readonly atLeast = false,
   ) {
-    super(`the prompt has ${promptTokens} tokens; this model's context holds ${contextLength} tokens, including at least one generated token`);
+    super(`the prompt has ${atLeast ? 'at least ' : ''}${promptTokens} tokens; this model's context holds ${contextLength} tokens, including at least one generated token`);
   }
 }
 /** The adapter version is not (or no longer) loaded in the engine. */
@@ -53,6 +55,10 @@ export class UnknownAdapterError extends EngineError {
   constructor(readonly versionId: string) {
     super(`adapter version ${versionId} is not loaded`);
   }
+}
+/** Refused because the engine is draining before the request started: HTTP 503 with Retry-After. */
+export class DrainingError extends EngineError {
+  override name = 'DrainingError';
 }
 /** A request parameter is out of range: HTTP 400. */
 export class InvalidRequestError extends EngineError {
@@ -232,6 +238,9 @@ const EMPTY_STATS = (limits: EngineLimits): EngineStats => ({
  */
 export class Engine {
   private readonly gens = new Map<number, Generation>();
+  /** submit time per request, and a moving mean of finished requests' durations (for Retry-After) */
+  private readonly submitted = new Map<number, number>();
+  private meanRequestSeconds = 1;
   private readonly calls = new Map<number, Pending>();
   /** versions loaded (or being loaded) in the worker and not unloaded */
   private readonly loaded = new Set<string>();
@@ -333,6 +342,7 @@ export class Engine {
       return gen;
     }
     this.gens.set(id, gen);
+    this.submitted.set(id, performance.now());
     if (signal) {
       const onAbort = () => gen.cancel();
       signal.addEventListener('abort', onAbort, { once: true });
@@ -383,9 +393,24 @@ export class Engine {
     };
   }
 
-  /** A hint for Retry-After: long enough for some running rows to finish. */
+  /**
+   * Draining: requests still waiting for a batch slot fail with DrainingError (their clients get
+   * a 503 and retry elsewhere); running ones go on.
+   */
+  shedWaiting(): void {
+    if (this.closing || this.dead) return;
+    this.post({ type: 'shedWaiting' });
+  }
+
+  /**
+   * Retry-After for a full queue, in whole seconds: the time for the queue ahead to drain at the
+   * batch's pace — (waiting + 1) requests, MAX_BATCH at a time, each taking the recent mean
+   * request time (1 s before any has finished) — between 1 and 120.
+   */
   private retryAfter(): number {
-    return 1;
+    const waiting = Math.max(0, this.gens.size - this.limits.maxBatch);
+    const seconds = (this.meanRequestSeconds * (waiting + 1)) / this.limits.maxBatch;
+    return Math.min(120, Math.max(1, Math.ceil(seconds)));
   }
 
   /**
@@ -467,6 +492,7 @@ export class Engine {
       case 'rejected': {
         const gen = this.gens.get(m.id);
         this.gens.delete(m.id);
+        this.submitted.delete(m.id);
         gen?.fail(this.rejection(gen, m.kind, m.message));
         break;
       }
@@ -501,12 +527,19 @@ export class Engine {
         return new UnknownAdapterError(gen.request.adapterVersion ?? '');
       case 'bad_request':
         return new InvalidRequestError(message);
+      case 'draining':
+        return new DrainingError(message);
     }
   }
 
   private onDone(d: DoneWire): void {
     const gen = this.gens.get(d.id);
     this.gens.delete(d.id);
+    const t0 = this.submitted.get(d.id);
+    this.submitted.delete(d.id);
+    if (t0 !== undefined && d.finishReason !== 'cancelled' && d.error === null) {
+      this.meanRequestSeconds = 0.8 * this.meanRequestSeconds + 0.2 * ((performance.now() - t0) / 1000);
+    }
     if (!gen) return;
     if (d.error !== null) gen.fail(new EngineError(`inference failed: ${d.error}`));
     else gen.end({ finishReason: d.finishReason, promptTokens: d.promptTokens, completionTokens: d.completionTokens, timedOut: d.timedOut });
@@ -522,6 +555,7 @@ export class Engine {
       else gen.fail(reason);
     }
     this.gens.clear();
+    this.submitted.clear();
     for (const c of this.calls.values()) c.reject(reason);
     this.calls.clear();
     this.snapshot = { ...EMPTY_STATS(this.limits), tokensGenerated: this.snapshot.tokensGenerated, cancelled: this.snapshot.cancelled };

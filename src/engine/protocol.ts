@@ -78,11 +78,13 @@ export interface LoraModuleWire {
 export type ToWorker =
   | { type: 'generate'; id: number; req: WorkerRequest }
   | { type: 'cancel'; id: number }
+  /** draining: refuse every request still waiting for a batch slot (kind 'draining') */
+  | { type: 'shedWaiting' }
   | { type: 'loadAdapter'; callId: number; versionId: string; modules: LoraModuleWire[] }
   | { type: 'unloadAdapter'; callId: number; versionId: string }
   | { type: 'close' };
 
-export type RejectKind = 'queue_full' | 'context_length' | 'unknown_adapter' | 'bad_request';
+export type RejectKind = 'queue_full' | 'context_length' | 'unknown_adapter' | 'bad_request' | 'draining';
 
 /** [request id, token, logprob, top logprobs] — compact: one step carries a token for every row. */
 export type TokenWire = [id: number, token: number, logprob: number, top: TokenLogprob[] | null];

@@ -41,6 +41,9 @@ async function main(): Promise<void> {
       case 'cancel':
         core.cancel(msg.id);
         break;
+      case 'shedWaiting':
+        core.shedWaiting();
+        break;
       case 'loadAdapter':
       case 'unloadAdapter': {
         let error: string | null = null;

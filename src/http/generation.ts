@@ -1,8 +1,9 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Runtime } from '../runtime.js';
 import { generateText, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
-import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
+import { ContextLengthError, DrainingError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
 import { HttpProblem, badRequest, notFound } from './problem.js';
+import { DRAIN_RETRY_AFTER_S } from '../lifecycle.js';
 
 /** What the three generation routes (native, OpenAI completions, OpenAI chat) have in common. */
 export interface GenerationCall {
@@ -18,6 +19,9 @@ export interface GenerationObserver {
   finished?(adapter: string | null, tokens: number, seconds: number, result: TextResult, firstTokenSeconds?: number): void;
 }
 
+/** 503 for work refused because this replica is draining: another replica can take it. */
+export const drainingProblem = (detail: string) => new HttpProblem(503, 'Service Unavailable', detail, {}, { 'retry-after': String(DRAIN_RETRY_AFTER_S) });
+
 export function engineProblem(e: unknown): HttpProblem | null {
   if (e instanceof HttpProblem) return e;
   if (e instanceof QueueFullError) {
@@ -28,19 +32,37 @@ export function engineProblem(e: unknown): HttpProblem | null {
   }
   if (e instanceof UnknownAdapterError) return notFound('the adapter was deleted or replaced while this request was submitted; retry');
   if (e instanceof InvalidRequestError) return badRequest(e.message);
+  if (e instanceof DrainingError) return drainingProblem(e.message);
   if (e instanceof EngineClosedError) return new HttpProblem(503, 'Service Unavailable', e.message, {}, { 'retry-after': '1' });
   return null;
 }
 
 /**
- * Resolves the adapter and submits to the engine in one synchronous turn, so a concurrent
- * replace/delete cannot unload the version in between (see AdapterRegistry.resolveForGeneration).
+ * Encodes the prompt (off the HTTP thread when it is long), then resolves the adapter and submits
+ * to the engine in one synchronous turn, so a concurrent replace/delete cannot unload the version
+ * in between (see AdapterRegistry.resolveForGeneration). A prompt that cannot fit the context is
+ * refused before any encoding work: its length bound is linear in the text.
  */
-export function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): TextGeneration {
-  if (runtime.draining) throw new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': '1' });
+export async function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): Promise<TextGeneration> {
+  const refuseIfDraining = () => {
+    if (runtime.draining) throw drainingProblem('draining: this replica is shutting down');
+  };
+  refuseIfDraining();
+  // a missing adapter is a 404 before the prompt is encoded
+  if (call.adapter !== null) runtime.registry.resolveForGeneration(call.adapter);
+  let { promptIds } = call.text;
+  if (promptIds === undefined) {
+    const text = call.text.prompt ?? '';
+    const opts = { addBos: call.text.addBos ?? true };
+    const context = runtime.engine.contextLength;
+    const atLeast = runtime.prompts.minTokens(text, opts);
+    if (atLeast + 1 > context) throw engineProblem(new ContextLengthError(atLeast, context, true))!;
+    promptIds = await runtime.prompts.encode(text, opts);
+    refuseIfDraining();
+  }
   const adapterVersion = call.adapter === null ? null : runtime.registry.resolveForGeneration(call.adapter);
   try {
-    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion }, signal);
+    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion }, signal);
   } catch (e) {
     throw engineProblem(e) ?? e;
   }
@@ -103,52 +125,120 @@ export async function collect(gen: TextGeneration, adapter: string | null, obser
 
 /**
  * Server-sent events over the raw response. Fastify's reply is hijacked: from here on the
- * route writes the stream itself, and errors after the headers become a final `error` event.
+ * route writes the stream itself. The 200 and its headers go out with the first event, so a
+ * request refused before it produced anything (queue full, draining while it waited for a slot)
+ * still gets its real status; errors after that become a final `error` event.
  */
 export class EventStream {
+  private started = false;
+  private closed = false;
+
   constructor(private readonly reply: FastifyReply) {
     reply.hijack();
-    reply.raw.writeHead(200, {
+  }
+
+  /** nothing more will be written (ended, failed, cut or the client is gone) */
+  get isClosed(): boolean {
+    return this.closed || this.reply.raw.destroyed;
+  }
+
+  private start(): void {
+    if (this.started) return;
+    this.started = true;
+    this.reply.raw.writeHead(200, {
       'content-type': 'text/event-stream; charset=utf-8',
       'cache-control': 'no-cache',
       connection: 'keep-alive',
       'x-accel-buffering': 'no',
-      'x-request-id': String(reply.request.id),
+      'x-request-id': String(this.reply.request.id),
     });
   }
 
   send(data: unknown, event?: string): void {
-    if (this.reply.raw.destroyed) return;
+    if (this.isClosed) return;
+    this.start();
     const payload = typeof data === 'string' ? data : JSON.stringify(data);
     this.reply.raw.write(`${event ? `event: ${event}\n` : ''}data: ${payload}\n\n`);
   }
 
+  /**
+   * Ends with a problem: the whole response when nothing was sent yet; else `midStream` writes
+   * the final events (default: an `error` event with the problem+json body).
+   */
+  fail(p: HttpProblem, midStream: (p: HttpProblem, es: EventStream) => void = (q, es) => es.send(q.body(), 'error')): void {
+    if (this.isClosed) return;
+    if (!this.started) {
+      this.started = true;
+      this.closed = true;
+      this.reply.raw.writeHead(p.status, { 'content-type': 'application/problem+json; charset=utf-8', 'x-request-id': String(this.reply.request.id), ...p.headers });
+      this.reply.raw.end(JSON.stringify(p.body()));
+      return;
+    }
+    midStream(p, this);
+    this.end();
+  }
+
   end(): void {
-    if (!this.reply.raw.destroyed) this.reply.raw.end();
+    if (this.isClosed) return;
+    this.start();
+    this.closed = true;
+    this.reply.raw.end();
+  }
+
+  /** Resolves when what was written has been handed to the socket (or the socket is gone). */
+  flushed(): Promise<void> {
+    const raw = this.reply.raw;
+    if (raw.writableFinished || raw.destroyed) return Promise.resolve();
+    return new Promise((resolve) => {
+      raw.once('finish', () => resolve());
+      raw.once('close', () => resolve());
+    });
   }
 }
+
+/** Thrown inside the delta loop of a stream that was cut, to leave it (which cancels the engine row). */
+class StreamCut extends Error {}
 
 /**
  * Streams a generation: `onDelta` turns each delta into events, `onEnd` writes the closing ones.
  * Errors that happen after the stream started are sent as an `error` event carrying the
- * problem+json body.
+ * problem+json body; before it started, as the response. While it runs, the stream is listed in
+ * `app.activeStreams` so that the drain deadline can end it with an `error` event, not a bare cut.
  */
 export async function stream(
   reply: FastifyReply,
   gen: TextGeneration,
   adapter: string | null,
-  handlers: { onDelta(d: TextDelta, es: EventStream): void; onEnd(r: TextResult, es: EventStream): void },
+  handlers: {
+    onDelta(d: TextDelta, es: EventStream): void;
+    onEnd(r: TextResult, es: EventStream): void;
+    /** how an error after the first event is written (OpenAI: an error chunk); default an `error` event */
+    onError?(p: HttpProblem, es: EventStream): void;
+  },
   observer?: GenerationObserver,
 ): Promise<void> {
   const es = new EventStream(reply);
+  const onError = handlers.onError?.bind(handlers);
+  const app = reply.server;
+  const unlist = app.hasDecorator('activeStreams')
+    ? app.activeStreams.add(async (p) => {
+        es.fail(p, onError);
+        await es.flushed();
+      })
+    : () => undefined;
   try {
-    const result = await drive(gen, adapter, (d) => handlers.onDelta(d, es), observer);
+    const result = await drive(gen, adapter, (d) => {
+      if (es.isClosed) throw new StreamCut();
+      handlers.onDelta(d, es);
+    }, observer);
     handlers.onEnd(result, es);
   } catch (e) {
+    if (e instanceof StreamCut) return;
     const p = e instanceof HttpProblem ? e : new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
     if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
-    es.send(p.body(), 'error');
+    es.fail(p, onError);
   } finally {
+    unlist();
     es.end();
   }
 }

@@ -83,6 +83,9 @@ export class Metrics {
   private readonly generationRequests: Counter<'adapter' | 'finish_reason'>;
   private readonly generationDuration: Histogram<'adapter'>;
   private snapshot: { stats: EngineStatsLike; adapters: readonly AdapterStateLike[] } | null = null;
+  /** adapter labels with series, and the finish reasons seen: what pruning has to remove */
+  private readonly adapterLabels = new Set<string>();
+  private readonly finishReasons = new Set<string>();
 
   constructor(private readonly source: () => MetricsSource | null) {
     const registers = [this.registry];
@@ -206,10 +209,41 @@ export class Metrics {
     return { stats: src.stats(), adapters: src.adapters() };
   }
 
+  /**
+   * Drops the per-adapter series of adapters that are gone (deleted, or removed by another
+   * replica): neither registered nor named by a running or waiting request. Without it every
+   * adapter ever served would keep its series for the life of the process.
+   */
+  private prune(snap: { stats: EngineStatsLike; adapters: readonly AdapterStateLike[] }): void {
+    const src = this.source();
+    if (!src) return;
+    const live = new Set<string>([BASE_LABEL, ...snap.adapters.map((a) => a.name)]);
+    for (const id of [...snap.stats.runningAdapters, ...snap.stats.waitingAdapters]) live.add(src.adapterName(id));
+    for (const adapter of this.adapterLabels) {
+      if (live.has(adapter)) continue;
+      this.forgetAdapter(adapter);
+    }
+  }
+
+  /** Removes every series labelled with this adapter. */
+  forgetAdapter(name: string): void {
+    const adapter = adapterLabel(name);
+    for (const m of [this.ttft, this.tpot, this.generatedTokens, this.generationDuration]) m.remove({ adapter });
+    for (const finish_reason of this.finishReasons) this.generationRequests.remove({ adapter, finish_reason });
+    this.adapterLabels.delete(adapter);
+  }
+
+  private seen(adapter: string | null): string {
+    const label = adapterLabel(adapter);
+    this.adapterLabels.add(label);
+    return label;
+  }
+
   /** The exposition text of one scrape. */
   async scrape(): Promise<string> {
     this.snapshot = null;
     this.snapshot = this.read();
+    if (this.snapshot) this.prune(this.snapshot);
     try {
       return await this.registry.metrics();
     } finally {
@@ -229,7 +263,7 @@ export class Metrics {
 
   /** `adapter`: a resolved adapter name, null for the base model (labels must stay few: never a name a client made up). */
   observeFirstToken(adapter: string | null, seconds: number): void {
-    this.ttft.observe({ adapter: adapterLabel(adapter) }, seconds);
+    this.ttft.observe({ adapter: this.seen(adapter) }, seconds);
   }
 
   /**
@@ -239,12 +273,13 @@ export class Metrics {
    */
   observeTokens(adapter: string | null, n: number, seconds: number): void {
     if (n <= 0) return;
-    this.generatedTokens.inc({ adapter: adapterLabel(adapter) }, n);
+    this.generatedTokens.inc({ adapter: this.seen(adapter) }, n);
     if (n > 1) this.tpot.observe({ adapter: adapterLabel(adapter) }, seconds / (n - 1));
   }
 
   requestFinished(adapter: string | null, finishReason: string, seconds?: number): void {
-    this.generationRequests.inc({ adapter: adapterLabel(adapter), finish_reason: finishReason });
+    this.finishReasons.add(finishReason);
+    this.generationRequests.inc({ adapter: this.seen(adapter), finish_reason: finishReason });
     if (seconds !== undefined) this.generationDuration.observe({ adapter: adapterLabel(adapter) }, seconds);
   }
 
@@ -268,7 +303,7 @@ export class Metrics {
         }
         last = t;
         count += n;
-        this.generatedTokens.inc({ adapter: adapterLabel(adapter) }, n);
+        this.generatedTokens.inc({ adapter: this.seen(adapter) }, n);
       },
       finish: (reason: string) => {
         if (done) return;
@@ -288,7 +323,7 @@ export class Metrics {
     return {
       firstToken: (adapter, seconds) => this.observeFirstToken(adapter, seconds),
       finished: (adapter, tokens, seconds, result, firstTokenSeconds?: number) => {
-        if (tokens > 0) this.generatedTokens.inc({ adapter: adapterLabel(adapter) }, tokens);
+        if (tokens > 0) this.generatedTokens.inc({ adapter: this.seen(adapter) }, tokens);
         if (tokens > 1 && firstTokenSeconds !== undefined) this.tpot.observe({ adapter: adapterLabel(adapter) }, Math.max(0, seconds - firstTokenSeconds) / (tokens - 1));
         this.requestFinished(adapter, result.finishReason, seconds);
       },

@@ -9,6 +9,11 @@
 export interface Tokenizer {
   encode(text: string, opts?: { addBos?: boolean }): number[];
   decode(ids: readonly number[]): string;
+  /**
+   * A lower bound on `encode(text, opts).length`, computed in time linear in the text, for
+   * refusing a prompt that cannot fit the context before encoding it; absent when none is cheap.
+   */
+  minTokens?(text: string, opts?: { addBos?: boolean }): number;
   readonly bosId: number | null;
   readonly eosIds: number[];
   /** number of ids the tokenizer can produce (≤ the model's vocab size) */
