@@ -9,6 +9,7 @@ import { loadTokenizer } from './tokenizer/index.js';
 import type { Tokenizer } from './tokenizer/types.js';
 import { Engine } from './engine/engine.js';
 import { AdapterRegistry } from './adapters/registry.js';
+import { PROBE_TEXT, probeIds } from './engine/probe.js';
 
 /**
  * Everything the routes need, started once: the model (built or taken from the cache), its
@@ -52,7 +53,8 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
   const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config, log });
   let registry: AdapterRegistry;
   try {
-    registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log });
+    const probe = probeIds(tokenizer.encode(PROBE_TEXT), built.manifest, engine.limits.contextLength);
+    registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log, probeIds: probe });
   } catch (e) {
     await engine.close();
     throw e;

@@ -1,6 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { createSession, type SessionLog } from '../model/session.js';
 import { EngineCore } from './core.js';
+import { runProbe } from './probe.js';
 import type { FromWorker, LogLevel, ToWorker, WorkerData } from './protocol.js';
 
 /**
@@ -32,6 +33,8 @@ async function main(): Promise<void> {
   const core = new EngineCore(session, data.manifest, data.limits, post);
   let closing = false;
   let wake: (() => void) | null = null;
+  // probes wait for the step under way: one session never runs two forwards at once
+  const probes: Extract<ToWorker, { type: 'probe' }>[] = [];
 
   port!.on('message', (msg: ToWorker) => {
     switch (msg.type) {
@@ -55,6 +58,9 @@ async function main(): Promise<void> {
         post({ type: 'reply', callId: msg.callId, error });
         break;
       }
+      case 'probe':
+        probes.push(msg);
+        break;
       case 'close':
         closing = true;
         break;
@@ -65,6 +71,17 @@ async function main(): Promise<void> {
   post({ type: 'ready', provider: created.provider, reason: created.reason });
 
   while (!closing) {
+    const probe = probes.shift();
+    if (probe) {
+      const adapter = core.residentAdapter(probe.versionId);
+      try {
+        if (!adapter) throw new Error(`adapter version ${probe.versionId} is not loaded`);
+        post({ type: 'reply', callId: probe.callId, error: null, probe: await runProbe(session, data.manifest, adapter, probe.ids) });
+      } catch (e) {
+        post({ type: 'reply', callId: probe.callId, error: errorMessage(e) });
+      }
+      continue;
+    }
     if (!core.hasWork()) {
       await new Promise<void>((resolve) => (wake = resolve));
       wake = null;

@@ -79,6 +79,7 @@ export class Metrics {
   private readonly generatedTokens: Counter<'adapter'>;
   private readonly generationRequests: Counter<'adapter' | 'finish_reason'>;
   private readonly generationDuration: Histogram<'adapter'>;
+  private readonly adapterRejections: Counter<'code'>;
   private snapshot: { stats: EngineStatsLike; adapters: readonly AdapterStateLike[] } | null = null;
 
   constructor(private readonly source: () => MetricsSource | null) {
@@ -92,6 +93,8 @@ export class Metrics {
     this.generatedTokens = new Counter({ name: 'loraserve_generation_tokens_total', help: 'output tokens sent to clients, by adapter', labelNames: ['adapter'], registers });
     this.generationRequests = new Counter({ name: 'loraserve_generation_requests_total', help: 'generation requests completed, by adapter and finish reason', labelNames: ['adapter', 'finish_reason'], registers });
     this.generationDuration = new Histogram({ name: 'loraserve_generation_duration_seconds', help: 'generation request duration, accept to last token', labelNames: ['adapter'], buckets: HTTP_BUCKETS, registers });
+
+    this.adapterRejections = new Counter({ name: 'loraserve_adapter_rejections_total', help: 'adapter uploads and validations answered 422, by error code (each code once per rejection)', labelNames: ['code'], registers });
 
     const self = this;
     const gauge = (name: string, help: string, read: (s: EngineStatsLike) => number) =>
@@ -183,6 +186,11 @@ export class Metrics {
     const src = this.source();
     if (!src) return null;
     return { stats: src.stats(), adapters: src.adapters() };
+  }
+
+  /** An upload or validation was rejected with these problem codes. */
+  adapterRejected(codes: readonly string[]): void {
+    for (const code of new Set(codes)) this.adapterRejections.inc({ code });
   }
 
   /** The exposition text of one scrape. */

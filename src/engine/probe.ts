@@ -1,0 +1,132 @@
+import { Tensor, type InferenceSession } from 'onnxruntime-node';
+import { pastKeyName, pastValueName, presentKeyName, presentValueName, type Manifest } from '../model/manifest.js';
+import type { ResidentAdapter } from './batch.js';
+import { allocModel, tensorType } from './dtype.js';
+
+/**
+ * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
+ * in one batch — row 0 without the adapter, row 1 with it — and the two rows' next-token
+ * distributions are compared at every position of the prompt.
+ *
+ * The probe walks the prompt one token per run, carrying its own KV (the previous run's presents
+ * are the next run's past): the served graph emits logits for the last position only, so one
+ * full-sequence run would compare a single distribution. It touches nothing of the decode loop
+ * (no scheduler row, no engine KV), and the worker runs it between steps.
+ */
+
+/** The probe prompt, the same for every adapter of a model; tokenized with the model's tokenizer (BOS added). */
+export const PROBE_TEXT = 'The capital of France is Paris. Question: What is two plus three? Answer: five. Once upon a time, a little robot wrote a poem about the sea:';
+
+/** Most tokens the probe compares (its cost grows with each: one batch-2 run per token). */
+export const PROBE_MAX_TOKENS = 48;
+
+export interface ProbeResult {
+  /** next-token distributions compared */
+  probeTokens: number;
+  /** largest |log p_adapter − log p_base| over every vocabulary entry at every position */
+  maxLogprobDelta: number;
+  /** mean over positions of KL(adapter ‖ base) = Σ p_a (log p_a − log p_b), in nats */
+  klDivergence: number;
+}
+
+export type RunSession = Pick<InferenceSession, 'run'>;
+
+/** The probe's token ids for a tokenizer's output: capped in length and to the model's vocabulary and context. */
+export function probeIds(encoded: readonly number[], manifest: Pick<Manifest, 'architecture'>, contextLength = Infinity): number[] {
+  const a = manifest.architecture;
+  return encoded.filter((t) => Number.isInteger(t) && t >= 0 && t < a.vocabSize).slice(0, Math.min(PROBE_MAX_TOKENS, a.maxPositions, contextLength));
+}
+
+/** log-softmax in float64 */
+function logSoftmax(logits: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i]! > max) max = logits[i]!;
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i]! - max);
+  const lse = max + Math.log(sum);
+  const out = new Float64Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = logits[i]! - lse;
+  return out;
+}
+
+/** KL(adapter ‖ base) and max |Δ log p| of two logit vectors (also used by the tests' reference). */
+export function compareDistributions(adapterLogits: Float32Array, baseLogits: Float32Array): { kl: number; maxDelta: number } {
+  const la = logSoftmax(adapterLogits);
+  const lb = logSoftmax(baseLogits);
+  let kl = 0;
+  let maxDelta = 0;
+  for (let i = 0; i < la.length; i++) {
+    const d = la[i]! - lb[i]!;
+    kl += Math.exp(la[i]!) * d;
+    const ad = Math.abs(d);
+    if (ad > maxDelta) maxDelta = ad;
+  }
+  // a sum of p·(log p − log q) is ≥ 0 in exact arithmetic; rounding may leave −1e-17
+  return { kl: Math.max(0, kl), maxDelta };
+}
+
+/** LoRA feeds for [base row, adapter row]: row 0 all zeros, row 1 the adapter; untouched targets rank 0. */
+function loraFeeds(manifest: Manifest, adapter: ResidentAdapter): Record<string, Tensor> {
+  const type = tensorType(manifest.dtype);
+  const feeds: Record<string, Tensor> = {};
+  manifest.loraTargets.forEach((t, i) => {
+    const m = adapter.modules[i];
+    const r = m?.rank ?? 0;
+    if (!m || r === 0) {
+      feeds[t.inputA] = new Tensor(type, allocModel(manifest.dtype, 0), [1, t.inFeatures, 0]);
+      feeds[t.inputB] = new Tensor(type, allocModel(manifest.dtype, 0), [1, 0, t.outFeatures]);
+      return;
+    }
+    const A = allocModel(manifest.dtype, 2 * t.inFeatures * r);
+    const B = allocModel(manifest.dtype, 2 * r * t.outFeatures);
+    A.set(m.A, t.inFeatures * r);
+    B.set(m.B, r * t.outFeatures);
+    feeds[t.inputA] = new Tensor(type, A, [2, t.inFeatures, r]);
+    feeds[t.inputB] = new Tensor(type, B, [2, r, t.outFeatures]);
+  });
+  return feeds;
+}
+
+/**
+ * Runs the probe through `session` (the served graph): `ids.length` runs of batch 2. Blocks its
+ * thread for each run, like a decode step: call it in the inference worker only.
+ */
+export async function runProbe(session: RunSession, manifest: Manifest, adapter: ResidentAdapter, ids: readonly number[]): Promise<ProbeResult> {
+  if (ids.length === 0) throw new Error('the probe prompt has no tokens');
+  const a = manifest.architecture;
+  const type = tensorType(manifest.dtype);
+  const lora = loraFeeds(manifest, adapter);
+  const past: Record<string, Tensor> = {};
+  for (let l = 0; l < a.numLayers; l++) {
+    past[pastKeyName(l)] = new Tensor(type, allocModel(manifest.dtype, 0), [2, a.numKvHeads, 0, a.headDim]);
+    past[pastValueName(l)] = new Tensor(type, allocModel(manifest.dtype, 0), [2, a.numKvHeads, 0, a.headDim]);
+  }
+  let klSum = 0;
+  let maxDelta = 0;
+  for (let t = 0; t < ids.length; t++) {
+    const id = BigInt(ids[t]!);
+    const feeds: Record<string, Tensor> = {
+      input_ids: new Tensor('int64', BigInt64Array.from([id, id]), [2, 1]),
+      position_ids: new Tensor('int64', BigInt64Array.from([BigInt(t), BigInt(t)]), [2, 1]),
+      // every key so far is visible to both rows: all zeros
+      attention_bias: new Tensor(type, allocModel(manifest.dtype, 2 * (t + 1)), [2, 1, 1, t + 1]),
+      ...past,
+      ...lora,
+    };
+    const out = await session.run(feeds);
+    const logits = out.logits;
+    if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the graph returned no float32 logits');
+    const vocab = logits.dims[logits.dims.length - 1]!;
+    const data = logits.data;
+    // [2, 1, vocab]: row 0 is the base, row 1 the adapter
+    const rowLength = data.length / 2;
+    const c = compareDistributions(data.subarray(2 * rowLength - vocab, 2 * rowLength), data.subarray(rowLength - vocab, rowLength));
+    klSum += c.kl;
+    if (c.maxDelta > maxDelta) maxDelta = c.maxDelta;
+    for (let l = 0; l < a.numLayers; l++) {
+      past[pastKeyName(l)] = out[presentKeyName(l)]!;
+      past[pastValueName(l)] = out[presentValueName(l)]!;
+    }
+  }
+  return { probeTokens: ids.length, maxLogprobDelta: maxDelta, klDivergence: klSum / ids.length };
+}
