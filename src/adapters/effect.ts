@@ -180,7 +180,8 @@ export function assessEffect(input: EffectInput): EffectResult {
     const a = m.tensorA === null ? undefined : grams.get(m.tensorA);
     const b = m.tensorB === null ? undefined : grams.get(m.tensorB);
     const norm = a && b && a.rank === m.rank && b.rank === m.rank ? deltaNorm(a, b, m.scale) : null;
-    if (norm === null) return { ...m, deltaNorm: null, relativeNorm: null };
+    // NaN / ±Inf in the values: non_finite reports them, and no norm describes them
+    if (norm === null || !Number.isFinite(norm)) return { ...m, deltaNorm: null, relativeNorm: null };
     measured++;
     if (norm === 0) zero.push({ m, cause: noEffectCause(m.scale, a!, b!) });
     const w = weightNorms?.get(m.module);
