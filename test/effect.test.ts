@@ -8,7 +8,10 @@ import type { ModelFacts } from '../src/adapters/validate.js';
 import type { Architecture, Projection } from '../src/model/architecture.js';
 import { buildModel } from '../src/model/build.js';
 import { loraTargetsFor } from '../src/model/manifest.js';
-import { makePeftTensors, peftConfig, smallArch, writeAdapterFolder, type PeftTensor } from './helpers/adapter-fixtures.js';
+import { runCheck } from '../src/cli/check.js';
+import { openCheckpoint, readArchitecture } from '../src/model/checkpoint/index.js';
+import { ensureEmbeddedModel } from '../src/model/embedded.js';
+import { makePeftTensors, peftConfig, smallArch, writeAdapterFolder, writeBaseConfig, type PeftTensor } from './helpers/adapter-fixtures.js';
 import { randomCheckpoint, type MemoryCheckpoint } from './helpers/random-checkpoint.js';
 import { tempRoot } from './engine-setup.js';
 
@@ -261,5 +264,45 @@ describe('without the base weights (loraserve check: targets from config.json al
       expect(m.relativeNorm).toBeNull();
     }
     expect(problems(r, 'large_delta')).toEqual([]);
+  });
+});
+
+describe('loraserve check', () => {
+  const run = async (argv: string[]) => {
+    let out = '';
+    let err = '';
+    const code = await runCheck(argv, { stdout: (s) => (out += s), stderr: (s) => (err += s), env: {} });
+    return { code, out, err };
+  };
+
+  it('with a config.json base: deltaNorm yes, relativeNorm not measured (said so); no_effect exits 1 unless --allow-no-effect', async () => {
+    const base = await writeBaseConfig(join(root.dir, 'cfg-base'), ARCH);
+    const { dir } = await writeAdapterFolder(join(root.dir, `c${n++}`), { config: peftConfig({ r: 4, target_modules: QV }), tensors: zeroed(makePeftTensors(ARCH, { r: 4, targets: QV, seed: 30 }), 'B') });
+    const refused = await run(['--base', base, dir]);
+    expect(refused.code).toBe(1);
+    expect(refused.out).toMatch(/^error {3}no_effect .*all 8 modules have lora_B = 0/m);
+    const allowed = await run(['--base', base, dir, '--allow-no-effect']);
+    expect(allowed.code).toBe(0);
+    expect(allowed.out).toMatch(/^warning no_effect/m);
+    expect(allowed.out).toContain('relativeNorm not measured: --base has no weights');
+    expect(allowed.out).toContain('The probe effect (KL, max Δlog p) needs the served graph');
+  });
+
+  it('with a model folder that holds the weights: relativeNorm from them', async () => {
+    const model = await ensureEmbeddedModel(join(root.dir, 'embedded'));
+    const { architecture } = await readArchitecture(model);
+    const t = makePeftTensors(architecture, { r: 4, targets: QV, seed: 31 });
+    const { dir } = await writeAdapterFolder(join(root.dir, `c${n++}`), { config: peftConfig({ r: 4, lora_alpha: 8, target_modules: QV }), tensors: t });
+    const res = await run(['--base', model, dir, '--json']);
+    expect(res.code).toBe(0);
+    const report = JSON.parse(res.out) as ValidationReport;
+    expect(report.effect).toBeUndefined();
+    const ck = await openCheckpoint(model);
+    for (const m of report.modules) {
+      expect(relErr(m.deltaNorm!, denseDeltaNorm(t, m.module, 2))).toBeLessThan(1e-6);
+      const w = ck.tensor(`${m.module}.weight`)!.read();
+      expect(relErr(m.relativeNorm!, m.deltaNorm! / Math.sqrt(w.reduce((s, x) => s + x * x, 0)))).toBeLessThan(1e-9);
+    }
+    expect((await run(['--base', model, dir])).out).toMatch(/relativeNorm \(÷ ‖W‖_F of the base weight\) [0-9.e-]+ … [0-9.e-]+/);
   });
 });
