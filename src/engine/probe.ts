@@ -18,7 +18,7 @@ import { allocModel, tensorType } from './dtype.js';
 export const PROBE_TEXT = 'The capital of France is Paris. Question: What is two plus three? Answer: five. Once upon a time, a little robot wrote a poem about the sea:';
 
 /** Most tokens the probe compares (its cost grows with each: one batch-2 run per token). */
-export const PROBE_MAX_TOKENS = 48;
+export const PROBE_MAX_TOKENS = 32;
 
 export interface ProbeResult {
   /** next-token distributions compared */
