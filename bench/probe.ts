@@ -12,7 +12,8 @@ import { median, now } from './timing.js';
  * What the effect probe (issue 17) adds to an upload: `npx tsx bench/probe.ts [--preset NAME]
  * [--rank N] [--reps N] [--cache DIR]`. Starts the service on a preset (CPU), uploads one adapter on
  * every projection of every layer (its 201 includes the probe), then times the probe alone through
- * the engine, as the registry calls it. Prints one JSON line.
+ * the engine, as the registry calls it, alternating with a greedy generation of as many tokens with
+ * the same adapter (the yardstick: both see the same machine load). Prints one JSON line.
  */
 
 async function main(argv: string[]): Promise<void> {
@@ -42,13 +43,21 @@ async function main(argv: string[]): Promise<void> {
     if (res.statusCode !== 201) throw new Error(`upload: ${res.statusCode} ${res.body.slice(0, 400)}`);
     const versionId = registry.resolveForGeneration('probe');
     const probeMs: number[] = [];
+    // the yardstick, timed between the probes so that both see the same machine load: generating as
+    // many tokens as the probe compares, with the same adapter, after the same prompt
+    const generateMs: number[] = [];
     for (let i = 0; i < reps; i++) {
       const t = now();
+      const g = await app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROBE_TEXT, adapter: 'probe', max_tokens: ids.length, temperature: 0 } });
+      if (g.statusCode !== 200) throw new Error(`generate: ${g.statusCode} ${g.body.slice(0, 400)}`);
+      generateMs.push(now() - t);
+      const p = now();
       await engine.probeAdapter(versionId, ids);
-      probeMs.push(now() - t);
+      probeMs.push(now() - p);
     }
     const effect = (res.json() as { effect: unknown }).effect;
-    process.stdout.write(`${JSON.stringify({ preset, rank, probeTokens: ids.length, uploadMs: Math.round(uploadMs), probeMs: Math.round(median(probeMs)), probeRunsMs: probeMs.map(Math.round), effect })}\n`);
+    const round = (xs: number[]) => xs.map(Math.round);
+    process.stdout.write(`${JSON.stringify({ preset, rank, probeTokens: ids.length, uploadMs: Math.round(uploadMs), probeMs: Math.round(median(probeMs)), probeRunsMs: round(probeMs), generateMs: Math.round(median(generateMs)), generateRunsMs: round(generateMs), effect })}\n`);
   } finally {
     await app.close();
     await rm(adapters, { recursive: true, force: true });
