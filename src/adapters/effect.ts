@@ -148,23 +148,27 @@ const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? o
 const B_ZERO_WHY = 'saved before training updated it — PEFT initialises lora_B to zero; check that the LoRA parameters were trainable (requires_grad) and that the save ran after training (with DeepSpeed ZeRO-3, after gathering the parameters)';
 const A_ZERO_WHY = 'lora_A is never zero after PEFT initialises it, so the saved values were overwritten or never gathered (e.g. a DeepSpeed ZeRO-3 shard)';
 
-/** One clause per cause, e.g. `24 have lora_B = 0 (layers 12–23; saved before …)`. */
-function causeClauses(zero: readonly { m: ModuleReport; cause: NoEffectCause }[], total: number): string[] {
+/**
+ * One clause per cause, e.g. `24 of 56 modules have lora_B = 0 (layers 12–23): …why`. When only
+ * some modules are affected (`partial`), the likely story is narrower: those layers were not trained.
+ */
+function causeClauses(zero: readonly { m: ModuleReport; cause: NoEffectCause }[], total: number, partial: boolean): string[] {
   const out: string[] = [];
   const of = (n: number) => (n === total ? `all ${total}` : `${n} of ${total}`);
+  const layers = (ms: ModuleReport[]) => `layer${new Set(ms.map((m) => m.layer)).size === 1 ? '' : 's'} ${layerRanges(ms.map((m) => m.layer))}`;
   const byCause = (c: NoEffectCause) => zero.filter((z) => z.cause === c).map((z) => z.m);
   const alpha = byCause('alpha');
   if (alpha.length > 0) {
     const keys = [...new Set(alpha.map((m) => m.alphaKey))];
     const named = keys.map((k) => (k === 'lora_alpha' ? 'lora_alpha = 0' : `alpha_pattern["${k}"] = 0`)).join(', ');
-    out.push(`${of(alpha.length)} modules have scale 0 from ${named} (layers ${layerRanges(alpha.map((m) => m.layer))})`);
+    out.push(`${of(alpha.length)} modules have scale 0 from ${named} (${layers(alpha)})`);
   }
   const b = byCause('lora_B');
-  if (b.length > 0) out.push(`${of(b.length)} modules have lora_B = 0 (layers ${layerRanges(b.map((m) => m.layer))}): ${B_ZERO_WHY}`);
+  if (b.length > 0) out.push(partial ? `${of(b.length)} modules have lora_B = 0: ${layers(b)} were not trained` : `${of(b.length)} modules have lora_B = 0 (${layers(b)}): ${B_ZERO_WHY}`);
   const a = byCause('lora_A');
-  if (a.length > 0) out.push(`${of(a.length)} modules have lora_A = 0 (layers ${layerRanges(a.map((m) => m.layer))}): ${A_ZERO_WHY}`);
+  if (a.length > 0) out.push(partial ? `${of(a.length)} modules have lora_A = 0 (${layers(a)}): their saved values were overwritten or never gathered` : `${of(a.length)} modules have lora_A = 0 (${layers(a)}): ${A_ZERO_WHY}`);
   const p = byCause('product');
-  if (p.length > 0) out.push(`${of(p.length)} modules have lora_B·lora_A = 0 although neither is zero (layers ${layerRanges(p.map((m) => m.layer))})`);
+  if (p.length > 0) out.push(`${of(p.length)} modules have lora_B·lora_A = 0 although neither is zero (${layers(p)})`);
   return out;
 }
 
@@ -191,7 +195,7 @@ export function assessEffect(input: EffectInput): EffectResult {
   const problems: Problem[] = [];
   const total = input.modules.length;
   if (total > 0 && measured === total && zero.length === total) {
-    const clauses = causeClauses(zero, total);
+    const clauses = causeClauses(zero, total, false);
     const first = zero[0]!;
     const p = {
       code: 'no_effect' as const,
@@ -214,7 +218,7 @@ export function assessEffect(input: EffectInput): EffectResult {
         module: names[0],
         expected: 0,
         actual: names.slice(0, LIST),
-        message: `${plural(zero.length, 'module')} of ${total} change nothing — ${causeClauses(zero, total).join('; ')}. ${names.length > LIST ? `First ${LIST}: ${names.slice(0, LIST).join(', ')}, …` : names.join(', ')}.`,
+        message: `${zero.length} of ${total} modules change nothing: ${causeClauses(zero, total, true).join('; ')}. ${names.length > LIST ? `The first ${LIST}: ${names.slice(0, LIST).join(', ')}, …` : `They are ${names.join(', ')}`}.`,
         hint: 'If those layers were meant to be trained, retrain; otherwise drop them from target_modules / layers_to_transform.',
       }),
     );
