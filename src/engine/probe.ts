@@ -88,32 +88,52 @@ function loraFeeds(manifest: Manifest, adapter: ResidentAdapter): Record<string,
 }
 
 /**
- * Runs the probe through `session` (the served graph): `ids.length` runs of batch 2. Blocks its
- * thread for each run, like a decode step: call it in the inference worker only.
+ * The probe through `session` (the served graph), one batch-2 run per `step()`, so that the worker
+ * can interleave it with decode steps and no running stream waits for the whole probe. Each run
+ * blocks its thread like a decode step: use it in the inference worker only.
  */
-export async function runProbe(session: RunSession, manifest: Manifest, adapter: ResidentAdapter, ids: readonly number[]): Promise<ProbeResult> {
-  if (ids.length === 0) throw new Error('the probe prompt has no tokens');
-  const a = manifest.architecture;
-  const type = tensorType(manifest.dtype);
-  const lora = loraFeeds(manifest, adapter);
-  const past: Record<string, Tensor> = {};
-  for (let l = 0; l < a.numLayers; l++) {
-    past[pastKeyName(l)] = new Tensor(type, allocModel(manifest.dtype, 0), [2, a.numKvHeads, 0, a.headDim]);
-    past[pastValueName(l)] = new Tensor(type, allocModel(manifest.dtype, 0), [2, a.numKvHeads, 0, a.headDim]);
+export class ProbeRun {
+  private readonly lora: Record<string, Tensor>;
+  private readonly past: Record<string, Tensor> = {};
+  private t = 0;
+  private klSum = 0;
+  private maxDelta = 0;
+
+  constructor(
+    private readonly session: RunSession,
+    private readonly manifest: Manifest,
+    adapter: ResidentAdapter,
+    private readonly ids: readonly number[],
+  ) {
+    if (ids.length === 0) throw new Error('the probe prompt has no tokens');
+    const a = manifest.architecture;
+    const type = tensorType(manifest.dtype);
+    this.lora = loraFeeds(manifest, adapter);
+    for (let l = 0; l < a.numLayers; l++) {
+      this.past[pastKeyName(l)] = new Tensor(type, allocModel(manifest.dtype, 0), [2, a.numKvHeads, 0, a.headDim]);
+      this.past[pastValueName(l)] = new Tensor(type, allocModel(manifest.dtype, 0), [2, a.numKvHeads, 0, a.headDim]);
+    }
   }
-  let klSum = 0;
-  let maxDelta = 0;
-  for (let t = 0; t < ids.length; t++) {
-    const id = BigInt(ids[t]!);
+
+  get done(): boolean {
+    return this.t >= this.ids.length;
+  }
+
+  /** Runs the next probe token; true when it was the last. */
+  async step(): Promise<boolean> {
+    if (this.done) return true;
+    const { manifest, t } = this;
+    const type = tensorType(manifest.dtype);
+    const id = BigInt(this.ids[t]!);
     const feeds: Record<string, Tensor> = {
       input_ids: new Tensor('int64', BigInt64Array.from([id, id]), [2, 1]),
       position_ids: new Tensor('int64', BigInt64Array.from([BigInt(t), BigInt(t)]), [2, 1]),
       // every key so far is visible to both rows: all zeros
       attention_bias: new Tensor(type, allocModel(manifest.dtype, 2 * (t + 1)), [2, 1, 1, t + 1]),
-      ...past,
-      ...lora,
+      ...this.past,
+      ...this.lora,
     };
-    const out = await session.run(feeds);
+    const out = await this.session.run(feeds);
     const logits = out.logits;
     if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the graph returned no float32 logits');
     const vocab = logits.dims[logits.dims.length - 1]!;
@@ -121,12 +141,25 @@ export async function runProbe(session: RunSession, manifest: Manifest, adapter:
     // [2, 1, vocab]: row 0 is the base, row 1 the adapter
     const rowLength = data.length / 2;
     const c = compareDistributions(data.subarray(2 * rowLength - vocab, 2 * rowLength), data.subarray(rowLength - vocab, rowLength));
-    klSum += c.kl;
-    if (c.maxDelta > maxDelta) maxDelta = c.maxDelta;
-    for (let l = 0; l < a.numLayers; l++) {
-      past[pastKeyName(l)] = out[presentKeyName(l)]!;
-      past[pastValueName(l)] = out[presentValueName(l)]!;
+    this.klSum += c.kl;
+    if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
+    for (let l = 0; l < manifest.architecture.numLayers; l++) {
+      this.past[pastKeyName(l)] = out[presentKeyName(l)]!;
+      this.past[pastValueName(l)] = out[presentValueName(l)]!;
     }
+    this.t++;
+    return this.done;
   }
-  return { probeTokens: ids.length, maxLogprobDelta: maxDelta, klDivergence: klSum / ids.length };
+
+  result(): ProbeResult {
+    if (!this.done) throw new Error('the probe has not finished');
+    return { probeTokens: this.ids.length, maxLogprobDelta: this.maxDelta, klDivergence: this.klSum / this.ids.length };
+  }
+}
+
+/** The whole probe at once (tests, benchmarks). */
+export async function runProbe(session: RunSession, manifest: Manifest, adapter: ResidentAdapter, ids: readonly number[]): Promise<ProbeResult> {
+  const run = new ProbeRun(session, manifest, adapter, ids);
+  while (!(await run.step()));
+  return run.result();
 }
