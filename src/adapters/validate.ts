@@ -492,8 +492,8 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   }
 
   // the delta each module adds: no_effect / no_effect_modules / large_delta, deltaNorm, relativeNorm
-  const shapeOf = (key: string) => header?.tensors.find((t) => t.name === key)?.shape;
-  const grams = input.grams ?? (input.values ? peftGrams(modules, input.values, shapeOf) : undefined);
+  const shapes = new Map((header?.tensors ?? []).map((t) => [t.name, t.shape]));
+  const grams = input.grams ?? (input.values ? peftGrams(modules, input.values, (key) => shapes.get(key)) : undefined);
   let measuredModules = modules;
   if (grams) {
     const weightNorms = new Map(model.loraTargets.flatMap((t) => (t.weightNorm === undefined ? [] : [[t.name, t.weightNorm] as const])));
