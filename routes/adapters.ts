@@ -5,6 +5,13 @@ import { UploadSlots, receiveAdapterUpload, type ReceivedUpload } from '../src/a
 import { rejectedProblem } from '../src/adapters/registry.js';
 import { adapterNameProblem } from '../src/adapters/store.js';
 
+/** The opt-in form field for a deliberate no-op adapter (issue 17): `true`/`1` or `false`/`0`. */
+function allowNoEffect(value: string | undefined): boolean {
+  if (value === undefined || value === 'false' || value === '0') return false;
+  if (value === 'true' || value === '1') return true;
+  throw badRequest(`field \`allow_no_effect\` is ${JSON.stringify(value)}; send true or false`);
+}
+
 /**
  * Adapter management: parse → registry → status. Status codes:
  *   POST   /v1/adapters            201 stored | 400 bad request | 409 name taken or MAX_ADAPTERS reached | 413 | 415 | 422 report
@@ -24,7 +31,7 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
 
   const slots = new UploadSlots(config.MAX_CONCURRENT_UPLOADS);
 
-  async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload) => Promise<T>, onField?: (name: string, value: string) => void): Promise<T> {
+  async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload & { allowNoEffect: boolean }) => Promise<T>, onField?: (name: string, value: string) => void): Promise<T> {
     const release = slots.acquire();
     if (release instanceof HttpProblem) throw release;
     try {
@@ -32,18 +39,30 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
         workDir: () => registry.uploadDir(),
         maxBytes,
         idleTimeoutMs: config.UPLOAD_IDLE_TIMEOUT_MS,
-        fields: ['name'],
+        fields: ['name', 'allow_no_effect'],
         onField,
         ingest: (configText) => registry.ingest(maxBytes, configText),
+      }).catch((e: unknown) => {
+        countRejection(e);
+        throw e;
       });
       try {
-        return await fn(u);
+        return await fn({ ...u, allowNoEffect: allowNoEffect(u.fields.allow_no_effect) });
+      } catch (e) {
+        countRejection(e);
+        throw e;
       } finally {
         await u.cleanup();
       }
     } finally {
       release();
     }
+  }
+
+  /** A 422 with a report: counted by its error codes (loraserve_adapter_rejections_total). */
+  function countRejection(e: unknown): void {
+    if (!(e instanceof HttpProblem) || e.status !== 422 || !Array.isArray(e.extra.errors)) return;
+    app.metrics?.adapterRejected((e.extra.errors as { code?: unknown }[]).map((p) => String(p.code)));
   }
 
   app.get('/v1/adapters', async () => ({ adapters: registry.list() }));
@@ -82,7 +101,11 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
       if (why) throw badRequest(why);
       return registry.validate(u.dir, u);
     });
-    if (!report.ok) throw rejectedProblem(report, 'the adapter');
+    if (!report.ok) {
+      const problem = rejectedProblem(report, 'the adapter');
+      countRejection(problem);
+      throw problem;
+    }
     return report;
   });
 }

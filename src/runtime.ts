@@ -11,6 +11,7 @@ import type { Tokenizer } from './tokenizer/types.js';
 import { PromptEncoder } from './tokenizer/off-thread.js';
 import { Engine } from './engine/engine.js';
 import { AdapterRegistry } from './adapters/registry.js';
+import { PROBE_TEXT, probeIds } from './engine/probe.js';
 
 /**
  * Everything the routes need, started once: the model (built or taken from the cache), its
@@ -60,7 +61,8 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
   const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config: { ...config, DEVICE: placement.provider }, log });
   let registry: AdapterRegistry;
   try {
-    registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log });
+    const probe = probeIds(tokenizer.encode(PROBE_TEXT), built.manifest, engine.limits.contextLength);
+    registry = await AdapterRegistry.open({ config, manifest: built.manifest, engine, log, probeIds: probe });
   } catch (e) {
     await Promise.all([engine.close(), prompts.close()]);
     throw e;

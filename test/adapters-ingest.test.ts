@@ -183,7 +183,15 @@ describe('readAdapterFolder with the streamed decode = without it', () => {
       for (const [how, opts] of [['config after', {}], ['config first', { scales }], ['wrong scales', { scales: wrong }]] as const) {
         const { result } = ingest(bytes, () => 65536, opts);
         const streamed = await readAdapterFolder(dir, model, limits, { readValues: true, ingested: result });
-        expect(streamed.report, how).toEqual(plain.report);
+        // a B scaled on the way was rounded to float32 once more: its delta norm may differ in the last bits
+        const norms = (r: typeof plain.report) => r.modules.map((m) => m.deltaNorm!);
+        const withoutNorms = (r: typeof plain.report) => ({ ...r, modules: r.modules.map(({ deltaNorm: _d, relativeNorm: _r, ...m }) => m) });
+        expect(withoutNorms(streamed.report), how).toEqual(withoutNorms(plain.report));
+        norms(streamed.report).forEach((x, i) => {
+          const p = norms(plain.report)[i]!;
+          if (p === null) expect(x, how).toBeNull();
+          else expect(Math.abs(x - p) / p, how).toBeLessThan(1e-6);
+        });
         if (!plain.weights) {
           expect(plain.report.ok).toBe(false);
           expect(plain.report.errors.filter((e) => e.code === 'non_finite')).toHaveLength(2);

@@ -65,6 +65,9 @@ describe('an adapter that fits', () => {
       alphaKey: 'lora_alpha',
       tensorA: 'base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight',
       tensorB: 'base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight',
+      // measured from the values (test/effect.test.ts checks them); no base weights here
+      deltaNorm: expect.any(Number),
+      relativeNorm: null,
     });
   });
 

@@ -1,5 +1,6 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { engineGrams } from './effect.js';
 import { fromIngested, toEngineWeights, type AdapterWeights } from './convert.js';
 import type { IngestedWeights } from './ingest.js';
 import { CONFIG_FILE } from './peft-config.js';
@@ -59,7 +60,9 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
   const ingested = readable && opts.ingested && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
   const values = readable && !ingested ? await readValues(weightsPath, readable) : undefined;
   const otherFiles = files.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
-  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, otherFiles }, model, limits);
+  // before fromIngested consumes the arrays (it folds the scale into B in place)
+  const grams = ingested ? engineGrams(ingested.header.tensors, ingested.engineLayout, ingested.scaled) : undefined;
+  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, otherFiles, grams }, model, limits);
   if (!report.ok) return { report, weights: null, source: null };
   if (values) return { report, weights: toEngineWeights(report, values, model), source: 'file' };
   if (ingested && readable) {

@@ -5,7 +5,8 @@ import { HttpProblem, badRequest, notFound } from '../http/problem.js';
 import type { AdapterWeights } from './convert.js';
 import { readAdapterFolder } from './folder.js';
 import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
-import { error, type Problem, type ValidationReport } from './report.js';
+import { EffectSchema, error, type Effect, type ModuleReport, type Problem, type ValidationReport } from './report.js';
+import type { ProbeResult } from '../engine/probe.js';
 import { AdapterStore, adapterNameProblem, pauseHookFromEnv, type AdapterMeta, type FileDigest, type StoreHooks, type StoredEntry } from './store.js';
 import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
 import type { ModelFacts, ValidationLimits } from './validate.js';
@@ -39,12 +40,16 @@ export interface StagedExtras {
   digests?: StagedDigests | null;
   /** the weights decoded in the stream (ingest.ts); otherwise the values are read back */
   ingested?: IngestedWeights | null;
+  /** the form field allow_no_effect=true: accept an adapter whose every delta is zero */
+  allowNoEffect?: boolean;
 }
 
 /** The engine side of the registry (Engine implements it). */
 export interface AdapterEngine {
   loadAdapter(versionId: string, weights: AdapterWeights): Promise<void>;
   unloadAdapter(versionId: string): void | Promise<void>;
+  /** the loaded version's effect on the probe prompt, through the served graph (engine/probe.ts) */
+  probeAdapter?(versionId: string, ids: number[]): Promise<ProbeResult>;
 }
 
 export interface AdapterVersion {
@@ -85,7 +90,9 @@ export interface AdapterSummary {
 }
 
 export interface AdapterDetail extends AdapterSummary {
-  modules: { module: string; rank: number; alpha: number; scale: number; rankKey: string; alphaKey: string }[];
+  modules: Pick<ModuleReport, 'module' | 'rank' | 'alpha' | 'scale' | 'rankKey' | 'alphaKey' | 'deltaNorm' | 'relativeNorm'>[];
+  /** measured through the served graph on the probe prompt; null when it could not be run */
+  effect: Effect | null;
 }
 
 export interface AdapterDetailWithReport extends AdapterDetail {
@@ -99,6 +106,8 @@ export interface RegistryOptions {
   log: Pick<Logger, 'info' | 'warn' | 'error'>;
   /** test hooks for the store (default: LORASERVE_TEST_PAUSE, see store.ts) */
   hooks?: StoreHooks;
+  /** the probe prompt's token ids (engine/probe.ts probeIds); absent or empty: no effect is measured */
+  probeIds?: number[];
 }
 
 /** process-wide, so version ids never repeat, even across registries sharing one engine (tests) */
@@ -139,7 +148,8 @@ function summarize(v: AdapterVersion): AdapterSummary {
 function detail(v: AdapterVersion): AdapterDetail {
   return {
     ...summarize(v),
-    modules: v.report.modules.map(({ module, rank, alpha, scale, rankKey, alphaKey }) => ({ module, rank, alpha, scale, rankKey, alphaKey })),
+    modules: v.report.modules.map(({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm, relativeNorm }) => ({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm: deltaNorm ?? null, relativeNorm: relativeNorm ?? null })),
+    effect: v.report.effect ?? null,
   };
 }
 
@@ -173,6 +183,7 @@ export class AdapterRegistry {
     private readonly maxAdapters: number,
     private readonly engine: AdapterEngine,
     private readonly log: RegistryOptions['log'],
+    private readonly probe: { ids: number[]; modelHash: string },
   ) {}
 
   /**
@@ -191,6 +202,7 @@ export class AdapterRegistry {
       config.MAX_ADAPTERS,
       engine,
       log,
+      { ids: opts.probeIds ?? [], modelHash: manifest.sourceHash },
     );
     for (const entry of await store.list()) await registry.reopen(entry);
     const all = [...registry.versions.values()];
@@ -221,7 +233,7 @@ export class AdapterRegistry {
       incompatible(failedReport(problems));
       return;
     }
-    const { report, weights } = await readAdapterFolder(entry.dir, this.model, this.limits, { readValues: true });
+    const { report, weights } = await readAdapterFolder(entry.dir, this.model, { ...this.limits, allowNoEffect: meta?.allowNoEffect === true }, { readValues: true });
     if (!report.ok || !weights) {
       incompatible(report);
       return;
@@ -232,7 +244,24 @@ export class AdapterRegistry {
       incompatible(failedReport([error({ code: 'corrupt_file', message: `the engine refused ${name}: ${(e as Error).message}` })]));
       return;
     }
-    this.versions.set(name, { ...base, state: 'ready', report });
+    // measured on this very graph before: the same numbers again, without the probe's cost at start
+    const stored = EffectSchema.safeParse((meta?.report as { effect?: unknown } | undefined)?.effect);
+    const effect = stored.success && stored.data.modelHash === this.probe.modelHash ? stored.data : await this.measure(versionId, name);
+    this.versions.set(name, { ...base, state: 'ready', report: { ...report, effect } });
+  }
+
+  /**
+   * The loaded version's effect through the served graph (engine/probe.ts). A failed probe is
+   * logged and leaves `effect` null: the adapter passed validation and the engine holds it.
+   */
+  private async measure(versionId: string, name: string): Promise<Effect | null> {
+    if (this.probe.ids.length === 0 || !this.engine.probeAdapter) return null;
+    try {
+      return { ...(await this.engine.probeAdapter(versionId, this.probe.ids)), modelHash: this.probe.modelHash };
+    } catch (err) {
+      this.log.error({ err, adapter: name, versionId }, 'the effect probe failed');
+      return null;
+    }
   }
 
   /**
@@ -341,10 +370,20 @@ export class AdapterRegistry {
     return this.store.uploadDir();
   }
 
-  /** Dry run: the report for a staged folder. Stores and loads nothing. */
+  /**
+   * Dry run: the report for a staged folder, with the effect measured on a version the engine holds
+   * only for the probe. Stores nothing; no request can name that version.
+   */
   async validate(stagedDir: string, staged: StagedExtras = {}): Promise<ValidationReport> {
-    const { report } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true, ingested: staged.ingested });
-    return report;
+    const { report, weights } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect: staged.allowNoEffect === true }, { readValues: true, ingested: staged.ingested });
+    if (!report.ok || !weights || this.probe.ids.length === 0 || !this.engine.probeAdapter) return report;
+    const versionId = `.validate#${++versionSeq}`;
+    await this.engine.loadAdapter(versionId, weights);
+    try {
+      return { ...report, effect: await this.measure(versionId, versionId) };
+    } finally {
+      this.unload(versionId);
+    }
   }
 
   /**
@@ -407,12 +446,14 @@ export class AdapterRegistry {
 
   private async install(name: string, stagedDir: string, staged: StagedExtras, version: number, write: (meta: AdapterMeta) => Promise<AdapterMeta>): Promise<AdapterVersion> {
     const flushed = this.store.flushStaged(stagedDir);
-    const { report, weights, source } = await readAdapterFolder(stagedDir, this.model, this.limits, { readValues: true, ingested: staged.ingested });
-    if (!report.ok || !weights) throw rejectedProblem(report, `adapter ${JSON.stringify(name)}`);
+    const allowNoEffect = staged.allowNoEffect === true;
+    const { report: validated, weights, source } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect }, { readValues: true, ingested: staged.ingested });
+    if (!validated.ok || !weights) throw rejectedProblem(validated, `adapter ${JSON.stringify(name)}`);
     const files = staged.digests ?? (await this.store.digest(stagedDir));
     const versionId = this.nextVersionId(name, version);
-    const meta: AdapterMeta = { metaVersion: 1, name, version, created: new Date().toISOString(), files, report };
     await this.engine.loadAdapter(versionId, weights);
+    const report: ValidationReport = { ...validated, effect: await this.measure(versionId, name) };
+    const meta: AdapterMeta = { metaVersion: 1, name, version, created: new Date().toISOString(), files, report, ...(allowNoEffect ? { allowNoEffect } : {}) };
     try {
       await flushed;
       await write(meta);
@@ -420,7 +461,7 @@ export class AdapterRegistry {
       this.unload(versionId);
       throw e;
     }
-    this.log.info({ adapter: name, version, versionId, modules: report.modules.length, bytes: files[WEIGHTS_FILE].bytes, weightsFrom: source }, 'adapter stored and loaded');
+    this.log.info({ adapter: name, version, versionId, modules: report.modules.length, bytes: files[WEIGHTS_FILE].bytes, weightsFrom: source, effect: report.effect }, 'adapter stored and loaded');
     return { name, version, versionId, state: 'ready', created: meta.created, files, report };
   }
 

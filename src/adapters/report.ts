@@ -19,6 +19,9 @@ export const PROBLEM_CODES = [
   'corrupt_file',
   'invalid_config',
   'base_model_mismatch',
+  'no_effect',
+  'no_effect_modules',
+  'large_delta',
 ] as const;
 export const ProblemCodeSchema = z.enum(PROBLEM_CODES);
 export type ProblemCode = z.infer<typeof ProblemCodeSchema>;
@@ -68,14 +71,36 @@ export const ModuleReportSchema = z.object({
   /** tensor keys as they appear in the file; null when missing */
   tensorA: z.string().nullable(),
   tensorB: z.string().nullable(),
+  /** ‖scale·B·A‖_F in float64 (effect.ts); null when the tensors were not read or do not fit */
+  deltaNorm: z.number().nullable().optional(),
+  /** deltaNorm ÷ ‖W‖_F of the base projection; null where the base weights are not at hand (loraserve check) */
+  relativeNorm: z.number().nullable().optional(),
 });
 export type ModuleReport = z.infer<typeof ModuleReportSchema>;
+
+/**
+ * The adapter against the base, measured through the served graph on the fixed probe prompt
+ * (engine/probe.ts): one row with the adapter, one without, the same tokens.
+ */
+export const EffectSchema = z.object({
+  /** next-token distributions compared (the probe prompt's length in tokens) */
+  probeTokens: z.number().int().positive(),
+  /** largest |log p_adapter − log p_base| over every token of every distribution */
+  maxLogprobDelta: z.number().nonnegative(),
+  /** mean over positions of KL(adapter ‖ base), in nats */
+  klDivergence: z.number().nonnegative(),
+  /** the graph it was measured on (manifest sourceHash), so a restart on the same model reuses it */
+  modelHash: z.string(),
+});
+export type Effect = z.infer<typeof EffectSchema>;
 
 export const ValidationReportSchema = z.object({
   ok: z.boolean(),
   errors: z.array(ProblemSchema),
   warnings: z.array(ProblemSchema),
   modules: z.array(ModuleReportSchema),
+  /** absent where the adapter was not run (errors, or no served graph: loraserve check) */
+  effect: EffectSchema.nullable().optional(),
   summary: z.object({
     peftType: z.string().nullable(),
     baseModel: z.string().nullable(),

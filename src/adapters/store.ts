@@ -59,6 +59,8 @@ export interface AdapterMeta {
   files: Record<AdapterFile, FileDigest>;
   /** the validation report at upload time (the registry re-validates at every start) */
   report: unknown;
+  /** uploaded with allow_no_effect=true: re-validation at start accepts it too */
+  allowNoEffect?: boolean;
 }
 
 export interface StoredEntry {

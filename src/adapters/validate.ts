@@ -1,5 +1,6 @@
 import type { Architecture } from '../model/architecture.js';
 import type { LoraTarget } from '../model/manifest.js';
+import { assessEffect, peftGrams, type TensorGram } from './effect.js';
 import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
 import { CONFIG_FILE, parsePeftConfig, type PeftConfig } from './peft-config.js';
 import { error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
@@ -28,6 +29,8 @@ export interface AdapterInput {
   nonFinite?: ReadonlyMap<string, NonFiniteCount>;
   /** names of the other files that came with the adapter */
   otherFiles?: string[];
+  /** r×r Gram matrices per tensor key (effect.ts), when the values were decoded elsewhere; else taken from `values` */
+  grams?: ReadonlyMap<string, TensorGram>;
 }
 
 export interface NonFiniteCount {
@@ -55,6 +58,8 @@ export interface ModelFacts {
 export interface ValidationLimits {
   maxLoraRank: number;
   strictBaseModel: boolean;
+  /** accept an adapter whose every module's delta is zero (no_effect becomes a warning) */
+  allowNoEffect?: boolean;
 }
 
 const fmt = (shape: readonly number[]) => `[${shape.join(', ')}]`;
@@ -402,7 +407,9 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
       const tensor = got.parsed.key;
       const shown = got.parsed.normalized;
       if (shape.length !== 2) {
-        tensorProblems.push(error({ code: 'shape_mismatch', file, tensor, module: name, expected, actual: shape, message: `${shown} has shape ${fmt(shape)}; a LoRA ${part} matrix is 2-D, and for this model's ${proj} ${fmt(expected)} was expected.` }));
+        // DeepSpeed ZeRO-3 partitions every parameter; a save without gathering them writes empty placeholders
+        const empty = countOf(shape) === 0 ? ' It holds no values: most likely an unconsolidated DeepSpeed ZeRO-3 save (each rank kept only its shard).' : '';
+        tensorProblems.push(error({ code: 'shape_mismatch', file, tensor, module: name, expected, actual: shape, message: `${shown} has shape ${fmt(shape)}; a LoRA ${part} matrix is 2-D, and for this model's ${proj} ${fmt(expected)} was expected.${empty}`, hint: empty ? 'Save with the parameters gathered: under ZeRO-3 set stage3_gather_16bit_weights_on_model_save=true (or call save_pretrained inside deepspeed.zero.GatheredParameters), or run zero_to_fp32.py on the checkpoint and re-save the adapter.' : undefined }));
         continue;
       }
       const [d0, d1] = shape as [number, number];
@@ -484,8 +491,19 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     }
   }
 
+  // the delta each module adds: no_effect / no_effect_modules / large_delta, deltaNorm, relativeNorm
+  const shapes = new Map((header?.tensors ?? []).map((t) => [t.name, t.shape]));
+  const grams = input.grams ?? (input.values ? peftGrams(modules, input.values, (key) => shapes.get(key)) : undefined);
+  let measuredModules = modules;
+  if (grams) {
+    const weightNorms = new Map(model.loraTargets.flatMap((t) => (t.weightNorm === undefined ? [] : [[t.name, t.weightNorm] as const])));
+    const effect = assessEffect({ modules, grams, weightNorms, allowNoEffect: limits.allowNoEffect ?? false, file, useRslora: config?.useRslora ?? null });
+    measuredModules = effect.modules;
+    tensorProblems.push(...effect.problems);
+  }
+
   problems.push(...bag.problems(), ...tensorProblems);
   const errors = problems.filter((p) => p.severity === 'error');
   const warnings = problems.filter((p) => p.severity === 'warning');
-  return { ok: errors.length === 0, errors, warnings, modules, summary };
+  return { ok: errors.length === 0, errors, warnings, modules: measuredModules, summary };
 }

@@ -4,13 +4,17 @@ import { ConfigSchema } from '../config.js';
 import { splitArgv } from './argv.js';
 import { readAdapterFolder } from '../adapters/folder.js';
 import type { Problem, ValidationReport } from '../adapters/report.js';
-import { readArchitecture } from '../model/checkpoint/index.js';
-import { loraTargetsFor } from '../model/manifest.js';
+import { frobeniusNorm } from '../adapters/effect.js';
+import { openCheckpoint, readArchitecture } from '../model/checkpoint/index.js';
+import { loraTargetsFor, type LoraTarget } from '../model/manifest.js';
 
 /**
  * `loraserve check --base <model folder | config.json | llama2.c .bin> <adapter folder> [--json]`:
  * the validator offline, for training pipelines. Needs no base weights. Exit 0 = fits,
  * 1 = does not fit, 2 = usage error (bad arguments, unreadable base or adapter path).
+ * Each module's deltaNorm comes from the adapter alone; relativeNorm needs the base weights (a
+ * model folder with its safetensors, or a llama2.c .bin), and the probe effect needs the served
+ * graph, which only the server has.
  */
 
 export interface CheckIo {
@@ -21,7 +25,8 @@ export interface CheckIo {
 }
 
 export const CHECK_USAGE = `usage: loraserve check --base <model folder | config.json | llama2.c .bin> <adapter folder> [--json]
-  [--max-lora-rank N] [--strict-base-model]
+  [--max-lora-rank N] [--strict-base-model] [--allow-no-effect]
+  --allow-no-effect: accept an adapter whose every module changes nothing (a deliberate no-op)
   exit 0: the adapter fits the model; 1: it does not; 2: usage error`;
 
 interface CheckArgs {
@@ -30,6 +35,7 @@ interface CheckArgs {
   json: boolean;
   maxLoraRank?: string;
   strict?: string;
+  allowNoEffect: boolean;
 }
 
 /** `--base` and `--max-lora-rank` take a value; `--json` and `--strict-base-model` are switches. */
@@ -42,6 +48,7 @@ function parseArgs(argv: readonly string[]): CheckArgs | string {
   let json = false;
   let maxLoraRank: string | undefined;
   let strict: string | undefined;
+  let allowNoEffect = false;
   for (const o of options) {
     switch (normalName(o.name)) {
       case 'base':
@@ -58,13 +65,16 @@ function parseArgs(argv: readonly string[]): CheckArgs | string {
       case 'strict-base-model':
         strict = o.value ?? 'true';
         break;
+      case 'allow-no-effect':
+        allowNoEffect = !o.inline || o.value === 'true' || o.value === '1';
+        break;
       default:
         return `unknown option ${o.arg}`;
     }
   }
   if (!base) return 'missing --base <model folder | config.json | llama2.c .bin>';
   if (positionals.length !== 1) return positionals.length === 0 ? 'missing <adapter folder>' : `expected one adapter folder, got ${positionals.length} paths`;
-  return { base, adapter: positionals[0]!, json, maxLoraRank, strict };
+  return { base, adapter: positionals[0]!, json, maxLoraRank, strict, allowNoEffect };
 }
 
 const show = (v: unknown): string => {
@@ -80,6 +90,18 @@ export function formatProblem(p: Problem): string {
   return `${p.severity === 'error' ? 'error  ' : 'warning'} ${p.code}${about ? ` ${about}` : ''}${ea ? ` (${ea})` : ''}: ${p.message}${p.hint ? ` Hint: ${p.hint}` : ''}`;
 }
 
+const num = (x: number) => x.toPrecision(4);
+
+/** One line on the measured deltas, and what an offline check cannot measure. */
+function effectLine(report: ValidationReport): string | null {
+  const measured = report.modules.filter((m) => typeof m.deltaNorm === 'number');
+  if (measured.length === 0) return null;
+  const norms = measured.map((m) => m.deltaNorm!);
+  const relative = measured.filter((m) => typeof m.relativeNorm === 'number').map((m) => m.relativeNorm!);
+  const rel = relative.length > 0 ? `; relativeNorm (÷ ‖W‖_F of the base weight) ${num(Math.min(...relative))} … ${num(Math.max(...relative))}` : '; relativeNorm not measured: --base has no weights (give the model folder with its safetensors, or the llama2.c .bin)';
+  return `  deltaNorm ‖scale·B·A‖_F over ${measured.length} modules: ${num(Math.min(...norms))} … ${num(Math.max(...norms))}${rel}. The probe effect (KL, max Δlog p) needs the served graph: POST /v1/adapters/validate measures it.`;
+}
+
 export function formatReport(report: ValidationReport, adapter: string, modelId: string): string {
   const s = report.summary;
   const lines: string[] = [];
@@ -90,6 +112,8 @@ export function formatReport(report: ValidationReport, adapter: string, modelId:
       `  ${s.peftType}, r=${s.r}, lora_alpha=${s.loraAlpha}${s.useRslora ? ' (rslora)' : ''}, base ${s.baseModel ?? '(not stated)'}; ${s.targetedModules} modules targeted${ranks.length > 1 ? ` (ranks ${ranks.join(', ')})` : ''}; ${s.tensors} tensors, ${s.parameters} parameters`,
     );
   }
+  const effect = effectLine(report);
+  if (effect) lines.push(effect);
   for (const p of [...report.errors, ...report.warnings]) lines.push(formatProblem(p));
   const counts = `${report.errors.length} error${report.errors.length === 1 ? '' : 's'}, ${report.warnings.length} warning${report.warnings.length === 1 ? '' : 's'}`;
   lines.push(report.ok ? `FITS: the adapter can be served on this model (${counts}).` : `DOES NOT FIT: the adapter cannot be served on this model (${counts}).`);
@@ -130,8 +154,30 @@ export async function runCheck(argv: string[], io: CheckIo): Promise<number> {
     return 2;
   }
 
-  const model = { architecture: base.architecture, loraTargets: loraTargetsFor(base.architecture), modelId: base.modelId };
-  const { report } = await readAdapterFolder(adapterDir, model, { maxLoraRank: limits.data.MAX_LORA_RANK, strictBaseModel: limits.data.STRICT_BASE_MODEL }, { readValues: true });
+  const model = { architecture: base.architecture, loraTargets: await withWeightNorms(args.base, loraTargetsFor(base.architecture)), modelId: base.modelId };
+  const { report } = await readAdapterFolder(adapterDir, model, { maxLoraRank: limits.data.MAX_LORA_RANK, strictBaseModel: limits.data.STRICT_BASE_MODEL, allowNoEffect: args.allowNoEffect }, { readValues: true });
   io.stdout(args.json ? `${JSON.stringify(report, null, 2)}\n` : formatReport(report, args.adapter, base.modelId));
   return report.ok ? 0 : 1;
+}
+
+/**
+ * The targets with ‖W‖_F of each base projection when `base` holds the weights (relativeNorm,
+ * large_delta); as they are when it is a config.json alone or its weights cannot be read: the
+ * checker needs no weights.
+ */
+async function withWeightNorms(base: string, targets: LoraTarget[]): Promise<LoraTarget[]> {
+  let ck;
+  try {
+    ck = await openCheckpoint(base);
+  } catch {
+    return targets;
+  }
+  try {
+    return targets.map((t) => {
+      const w = ck.tensor(`${t.name}.weight`);
+      return w ? { ...t, weightNorm: frobeniusNorm(w.read()) } : t;
+    });
+  } catch {
+    return targets;
+  }
 }

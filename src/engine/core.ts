@@ -183,6 +183,11 @@ export class EngineCore {
     this.dirty = true;
   }
 
+  /** A loaded version's modules (for the probe, which runs between steps). */
+  residentAdapter(versionId: string): ResidentAdapter | undefined {
+    return this.adapters.get(versionId);
+  }
+
   unloadAdapter(versionId: string): void {
     const entry = this.adapters.get(versionId);
     if (!entry) throw new Error(`adapter version ${versionId} is not loaded`);

@@ -16,6 +16,7 @@ import type {
   WorkerData,
   WorkerRequest,
 } from './protocol.js';
+import type { ProbeResult } from './probe.js';
 import { randomSeed, type SamplingParams, type TokenLogprob } from './sampler.js';
 
 export type { EngineStats, FinishReason } from './protocol.js';
@@ -211,7 +212,7 @@ export class Generation implements AsyncIterable<TokenEvent> {
 }
 
 interface Pending {
-  resolve: () => void;
+  resolve: (probe?: ProbeResult) => void;
   reject: (e: Error) => void;
 }
 
@@ -447,6 +448,19 @@ export class Engine {
     await this.call((callId) => ({ type: 'unloadAdapter', callId, versionId }));
   }
 
+  /**
+   * The effect of a loaded version on the probe prompt `ids` (probe.ts), measured in the worker
+   * between decode steps: one batch of two rows (base, adapter) per probe token.
+   */
+  async probeAdapter(versionId: string, ids: number[]): Promise<ProbeResult> {
+    if (this.closing || this.dead) throw new EngineClosedError(this.dead?.message ?? 'the engine is closed');
+    if (!this.loaded.has(versionId)) throw new UnknownAdapterError(versionId);
+    let result: ProbeResult | undefined;
+    await this.call((callId) => ({ type: 'probe', callId, versionId, ids }), [], (r) => (result = r));
+    if (!result) throw new EngineError('the worker answered the probe without a result');
+    return result;
+  }
+
   hasAdapter(versionId: string): boolean {
     return this.loaded.has(versionId);
   }
@@ -473,11 +487,11 @@ export class Engine {
   }
 
   private callIds = 1;
-  private call(make: (callId: number) => ToWorker, transfer: ArrayBuffer[] = []): Promise<void> {
+  private call(make: (callId: number) => ToWorker, transfer: ArrayBuffer[] = [], onProbe?: (r: ProbeResult) => void): Promise<void> {
     if (this.dead) return Promise.reject(this.dead);
     const callId = this.callIds++;
     return new Promise<void>((resolve, reject) => {
-      this.calls.set(callId, { resolve, reject });
+      this.calls.set(callId, { resolve: (probe) => (probe && onProbe?.(probe), resolve()), reject });
       this.post(make(callId), transfer);
     });
   }
@@ -499,7 +513,7 @@ export class Engine {
       case 'reply': {
         const call = this.calls.get(m.callId);
         this.calls.delete(m.callId);
-        if (m.error === null) call?.resolve();
+        if (m.error === null) call?.resolve(m.probe);
         else call?.reject(new EngineError(m.error));
         break;
       }

@@ -4,6 +4,7 @@
  */
 import type { Manifest } from '../model/manifest.js';
 import type { Device, Provider } from '../model/session.js';
+import type { ProbeResult } from './probe.js';
 import type { SamplingParams, TokenLogprob } from './sampler.js';
 
 export type { Device, Provider };
@@ -82,6 +83,8 @@ export type ToWorker =
   | { type: 'shedWaiting' }
   | { type: 'loadAdapter'; callId: number; versionId: string; modules: LoraModuleWire[] }
   | { type: 'unloadAdapter'; callId: number; versionId: string }
+  /** the adapter's effect on the probe prompt (probe.ts); answered by a reply carrying `probe` */
+  | { type: 'probe'; callId: number; versionId: string; ids: number[] }
   | { type: 'close' };
 
 export type RejectKind = 'queue_full' | 'context_length' | 'unknown_adapter' | 'bad_request' | 'draining';
@@ -107,6 +110,6 @@ export type FromWorker =
   | { type: 'startupError'; message: string }
   | { type: 'step'; tokens: TokenWire[]; done: DoneWire[]; stats: EngineStats }
   | { type: 'rejected'; id: number; kind: RejectKind; message: string }
-  | { type: 'reply'; callId: number; error: string | null }
+  | { type: 'reply'; callId: number; error: string | null; probe?: ProbeResult }
   | { type: 'log'; level: LogLevel; msg: string; data: Record<string, unknown> | null }
   | { type: 'fatal'; message: string };

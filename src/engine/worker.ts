@@ -1,6 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { createSession, type SessionLog } from '../model/session.js';
 import { EngineCore } from './core.js';
+import { ProbeRun } from './probe.js';
 import type { FromWorker, LogLevel, ToWorker, WorkerData } from './protocol.js';
 
 /**
@@ -32,6 +33,30 @@ async function main(): Promise<void> {
   const core = new EngineCore(session, data.manifest, data.limits, post, { provider: created.provider });
   let closing = false;
   let wake: (() => void) | null = null;
+  // probes wait for the step under way (one session never runs two forwards at once), and take
+  // turns with decode steps, one probe token each, so a running stream never waits for a whole probe
+  const probes: Extract<ToWorker, { type: 'probe' }>[] = [];
+  let probing: { callId: number; run: ProbeRun } | null = null;
+  const probeStep = async (): Promise<void> => {
+    const next = probing ? undefined : probes.shift();
+    const callId = probing?.callId ?? next?.callId;
+    if (callId === undefined) return;
+    try {
+      if (next) {
+        const adapter = core.residentAdapter(next.versionId);
+        if (!adapter) throw new Error(`adapter version ${next.versionId} is not loaded`);
+        probing = { callId, run: new ProbeRun(session, data.manifest, adapter, next.ids) };
+      }
+      const run = probing!.run;
+      if (await run.step()) {
+        probing = null;
+        post({ type: 'reply', callId, error: null, probe: run.result() });
+      }
+    } catch (e) {
+      probing = null;
+      post({ type: 'reply', callId, error: errorMessage(e) });
+    }
+  };
 
   port!.on('message', (msg: ToWorker) => {
     switch (msg.type) {
@@ -58,6 +83,9 @@ async function main(): Promise<void> {
         post({ type: 'reply', callId: msg.callId, error });
         break;
       }
+      case 'probe':
+        probes.push(msg);
+        break;
       case 'close':
         closing = true;
         break;
@@ -68,13 +96,17 @@ async function main(): Promise<void> {
   post({ type: 'ready', provider: created.provider, reason: created.reason });
 
   while (!closing) {
-    if (!core.hasWork()) {
+    const probeWaiting = probing !== null || probes.length > 0;
+    if (!core.hasWork() && !probeWaiting) {
       await new Promise<void>((resolve) => (wake = resolve));
       wake = null;
       continue;
     }
-    await core.step();
-    core.flush();
+    if (probeWaiting) await probeStep();
+    if (core.hasWork()) {
+      await core.step();
+      core.flush();
+    }
     // let queued messages (new requests, cancellations, adapters) in before the next step
     await new Promise<void>((resolve) => setImmediate(resolve));
   }

@@ -82,6 +82,7 @@ export class Metrics {
   private readonly generatedTokens: Counter<'adapter'>;
   private readonly generationRequests: Counter<'adapter' | 'finish_reason'>;
   private readonly generationDuration: Histogram<'adapter'>;
+  private readonly adapterRejections: Counter<'code'>;
   private snapshot: { stats: EngineStatsLike; adapters: readonly AdapterStateLike[] } | null = null;
   /** adapter labels with series, and the finish reasons seen: what pruning has to remove */
   private readonly adapterLabels = new Set<string>();
@@ -98,6 +99,8 @@ export class Metrics {
     this.generatedTokens = new Counter({ name: 'loraserve_generation_tokens_total', help: 'output tokens sent to clients, by adapter', labelNames: ['adapter'], registers });
     this.generationRequests = new Counter({ name: 'loraserve_generation_requests_total', help: 'generation requests completed, by adapter and finish reason', labelNames: ['adapter', 'finish_reason'], registers });
     this.generationDuration = new Histogram({ name: 'loraserve_generation_duration_seconds', help: 'generation request duration, accept to last token', labelNames: ['adapter'], buckets: HTTP_BUCKETS, registers });
+
+    this.adapterRejections = new Counter({ name: 'loraserve_adapter_rejections_total', help: 'adapter uploads and validations answered 422, by error code (each code once per rejection)', labelNames: ['code'], registers });
 
     const self = this;
     const gauge = (name: string, help: string, read: (s: EngineStatsLike) => number) =>
@@ -237,6 +240,11 @@ export class Metrics {
     const label = adapterLabel(adapter);
     this.adapterLabels.add(label);
     return label;
+  }
+
+  /** An upload or validation was rejected with these problem codes. */
+  adapterRejected(codes: readonly string[]): void {
+    for (const code of new Set(codes)) this.adapterRejections.inc({ code });
   }
 
   /** The exposition text of one scrape. */

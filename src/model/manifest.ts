@@ -15,6 +15,8 @@ export const LoraTargetSchema = z.object({
   /** graph input names: A is [batch, in, r], B is [batch, r, out] (scale folded into B). */
   inputA: z.string(),
   inputB: z.string(),
+  /** ‖W‖_F of the base projection in float64, taken once when the graph is built (relativeNorm's divisor) */
+  weightNorm: z.number().nonnegative().optional(),
 });
 export type LoraTarget = z.infer<typeof LoraTargetSchema>;
 

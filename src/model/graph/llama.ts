@@ -4,10 +4,11 @@ import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
 import { loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
 import { concatKv, residentKv, type KvLayout } from './kv.js';
+import { frobeniusNorm } from '../../adapters/effect.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '1';
+export const BUILDER_VERSION = '2';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -180,12 +181,15 @@ export async function buildLlamaGraph(
   const projection = async (layer: number, p: Projection, x: string): Promise<string> => {
     const { inFeatures, outFeatures } = projectionDims(a, p);
     const base = `model.layers.${layer}.${projectionBlock(p)}.${p}`;
-    const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(readTensor(ck, `${base}.weight`, [outFeatures, inFeatures]), outFeatures, inFeatures));
+    const raw = readTensor(ck, `${base}.weight`, [outFeatures, inFeatures]);
+    const t = targetOf.get(`${layer}.${p}`);
+    // the divisor of each adapter module's relativeNorm, taken while the weight is in hand anyway
+    if (t) t.weightNorm = frobeniusNorm(raw);
+    const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(raw, outFeatures, inFeatures));
     let y = g.op('MatMul', [x, w]);
     if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) {
       y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], readTensor(ck, `${base}.bias`, [outFeatures]))]);
     }
-    const t = targetOf.get(`${layer}.${p}`);
     if (t) y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, t.inputA]), t.inputB])]);
     return y;
   };

@@ -1,0 +1,175 @@
+import { Tensor, type InferenceSession } from 'onnxruntime-node';
+import { kvCacheKeyName, kvCacheValueName, kvNewKeyName, kvNewValueName, KV_LENS, KV_ROWS, type Manifest } from '../model/manifest.js';
+import type { ResidentAdapter } from './batch.js';
+import { allocModel, tensorType, type ModelArray } from './dtype.js';
+
+/**
+ * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
+ * in one batch — row 0 without the adapter, row 1 with it — and the two rows' next-token
+ * distributions are compared at every position of the prompt.
+ *
+ * The probe walks the prompt one token per run, carrying its own small resident cache (two slots:
+ * base and adapter; each run's `kv_new` written at its position): the served graph emits logits
+ * for the last position only, so one full-sequence run would compare a single distribution. It
+ * touches nothing of the decode loop (no scheduler row, no engine KV), and the worker runs it
+ * between steps.
+ */
+
+/** The probe prompt, the same for every adapter of a model; tokenized with the model's tokenizer (BOS added). */
+export const PROBE_TEXT = 'The capital of France is Paris. Question: What is two plus three? Answer: five. Once upon a time, a little robot wrote a poem about the sea:';
+
+/** Most tokens the probe compares (its cost grows with each: one batch-2 run per token). */
+export const PROBE_MAX_TOKENS = 32;
+
+export interface ProbeResult {
+  /** next-token distributions compared */
+  probeTokens: number;
+  /** largest |log p_adapter − log p_base| over every vocabulary entry at every position */
+  maxLogprobDelta: number;
+  /** mean over positions of KL(adapter ‖ base) = Σ p_a (log p_a − log p_b), in nats */
+  klDivergence: number;
+}
+
+export type RunSession = Pick<InferenceSession, 'run'>;
+
+/** The probe's token ids for a tokenizer's output: capped in length and to the model's vocabulary and context. */
+export function probeIds(encoded: readonly number[], manifest: Pick<Manifest, 'architecture'>, contextLength = Infinity): number[] {
+  const a = manifest.architecture;
+  return encoded.filter((t) => Number.isInteger(t) && t >= 0 && t < a.vocabSize).slice(0, Math.min(PROBE_MAX_TOKENS, a.maxPositions, contextLength));
+}
+
+/** log-softmax in float64 */
+function logSoftmax(logits: Float32Array): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i]! > max) max = logits[i]!;
+  let sum = 0;
+  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i]! - max);
+  const lse = max + Math.log(sum);
+  const out = new Float64Array(logits.length);
+  for (let i = 0; i < logits.length; i++) out[i] = logits[i]! - lse;
+  return out;
+}
+
+/** KL(adapter ‖ base) and max |Δ log p| of two logit vectors (also used by the tests' reference). */
+export function compareDistributions(adapterLogits: Float32Array, baseLogits: Float32Array): { kl: number; maxDelta: number } {
+  const la = logSoftmax(adapterLogits);
+  const lb = logSoftmax(baseLogits);
+  let kl = 0;
+  let maxDelta = 0;
+  for (let i = 0; i < la.length; i++) {
+    const d = la[i]! - lb[i]!;
+    kl += Math.exp(la[i]!) * d;
+    const ad = Math.abs(d);
+    if (ad > maxDelta) maxDelta = ad;
+  }
+  // a sum of p·(log p − log q) is ≥ 0 in exact arithmetic; rounding may leave −1e-17
+  return { kl: Math.max(0, kl), maxDelta };
+}
+
+/** LoRA feeds for [base row, adapter row]: row 0 all zeros, row 1 the adapter; untouched targets rank 0. */
+function loraFeeds(manifest: Manifest, adapter: ResidentAdapter): Record<string, Tensor> {
+  const type = tensorType(manifest.dtype);
+  const feeds: Record<string, Tensor> = {};
+  manifest.loraTargets.forEach((t, i) => {
+    const m = adapter.modules[i];
+    const r = m?.rank ?? 0;
+    if (!m || r === 0) {
+      feeds[t.inputA] = new Tensor(type, allocModel(manifest.dtype, 0), [1, t.inFeatures, 0]);
+      feeds[t.inputB] = new Tensor(type, allocModel(manifest.dtype, 0), [1, 0, t.outFeatures]);
+      return;
+    }
+    const A = allocModel(manifest.dtype, 2 * t.inFeatures * r);
+    const B = allocModel(manifest.dtype, 2 * r * t.outFeatures);
+    A.set(m.A, t.inFeatures * r);
+    B.set(m.B, r * t.outFeatures);
+    feeds[t.inputA] = new Tensor(type, A, [2, t.inFeatures, r]);
+    feeds[t.inputB] = new Tensor(type, B, [2, r, t.outFeatures]);
+  });
+  return feeds;
+}
+
+/**
+ * The probe through `session` (the served graph), one batch-2 run per `step()`, so that the worker
+ * can interleave it with decode steps and no running stream waits for the whole probe. Each run
+ * blocks its thread like a decode step: use it in the inference worker only.
+ */
+export class ProbeRun {
+  private readonly lora: Record<string, Tensor>;
+  /** per layer, [probe length, 2 slots, kvHeads, headDim]: slot 0 the base row, slot 1 the adapter row */
+  private readonly keys: ModelArray[] = [];
+  private readonly values: ModelArray[] = [];
+  private readonly width: number;
+  private t = 0;
+  private klSum = 0;
+  private maxDelta = 0;
+
+  constructor(
+    private readonly session: RunSession,
+    private readonly manifest: Manifest,
+    adapter: ResidentAdapter,
+    private readonly ids: readonly number[],
+  ) {
+    if (ids.length === 0) throw new Error('the probe prompt has no tokens');
+    const a = manifest.architecture;
+    this.lora = loraFeeds(manifest, adapter);
+    this.width = a.numKvHeads * a.headDim;
+    for (let l = 0; l < a.numLayers; l++) {
+      this.keys.push(allocModel(manifest.dtype, ids.length * 2 * this.width));
+      this.values.push(allocModel(manifest.dtype, ids.length * 2 * this.width));
+    }
+  }
+
+  get done(): boolean {
+    return this.t >= this.ids.length;
+  }
+
+  /** Runs the next probe token; true when it was the last. */
+  async step(): Promise<boolean> {
+    if (this.done) return true;
+    const { manifest, t, width } = this;
+    const a = manifest.architecture;
+    const type = tensorType(manifest.dtype);
+    const id = BigInt(this.ids[t]!);
+    const feeds: Record<string, Tensor> = {
+      input_ids: new Tensor('int64', BigInt64Array.from([id, id]), [2, 1]),
+      position_ids: new Tensor('int64', BigInt64Array.from([BigInt(t), BigInt(t)]), [2, 1]),
+      [KV_ROWS]: new Tensor('int64', BigInt64Array.from([0n, 1n]), [2]),
+      [KV_LENS]: new Tensor('int64', BigInt64Array.from([BigInt(t), BigInt(t)]), [2]),
+      ...this.lora,
+    };
+    const cached = t * 2 * width;
+    for (let l = 0; l < a.numLayers; l++) {
+      feeds[kvCacheKeyName(l)] = new Tensor(type, this.keys[l]!.subarray(0, cached), [t, 2, a.numKvHeads, a.headDim]);
+      feeds[kvCacheValueName(l)] = new Tensor(type, this.values[l]!.subarray(0, cached), [t, 2, a.numKvHeads, a.headDim]);
+    }
+    const out = await this.session.run(feeds);
+    const logits = out.logits;
+    if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the graph returned no float32 logits');
+    const vocab = logits.dims[logits.dims.length - 1]!;
+    const data = logits.data;
+    // [2, 1, vocab]: row 0 is the base, row 1 the adapter
+    const rowLength = data.length / 2;
+    const c = compareDistributions(data.subarray(2 * rowLength - vocab, 2 * rowLength), data.subarray(rowLength - vocab, rowLength));
+    this.klSum += c.kl;
+    if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
+    // kv_new is [2 rows, 1 position, kvHeads, headDim]: exactly position t of both slots
+    for (let l = 0; l < a.numLayers; l++) {
+      this.keys[l]!.set(out[kvNewKeyName(l)]!.data as ModelArray, cached);
+      this.values[l]!.set(out[kvNewValueName(l)]!.data as ModelArray, cached);
+    }
+    this.t++;
+    return this.done;
+  }
+
+  result(): ProbeResult {
+    if (!this.done) throw new Error('the probe has not finished');
+    return { probeTokens: this.ids.length, maxLogprobDelta: this.maxDelta, klDivergence: this.klSum / this.ids.length };
+  }
+}
+
+/** The whole probe at once (tests, benchmarks). */
+export async function runProbe(session: RunSession, manifest: Manifest, adapter: ResidentAdapter, ids: readonly number[]): Promise<ProbeResult> {
+  const run = new ProbeRun(session, manifest, adapter, ids);
+  while (!(await run.step()));
+  return run.result();
+}
