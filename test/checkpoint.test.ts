@@ -5,7 +5,7 @@ import { encodeSafetensors } from '../src/adapters/safetensors.js';
 import { architectureFromHfConfig } from '../src/model/checkpoint/hf-config.js';
 import { openCheckpoint, readArchitecture } from '../src/model/checkpoint/index.js';
 import { ModelInputError } from '../src/model/checkpoint/types.js';
-import { HAVE_STORIES, STORIES_BIN, TINY, encodeTensor, tempDir, tinyHfConfig, tinyHfTensors, warnIfMissing, writeTinyHfFolder } from './helpers/model-io-files.js';
+import { HAVE_STORIES, STORIES_BIN, TINY, encodeTensor, exactValues, tempDir, tinyHfConfig, tinyHfTensors, warnIfMissing, writeTinyHfFolder } from './helpers/model-io-files.js';
 
 let root: string;
 beforeAll(async () => {
@@ -55,6 +55,12 @@ describe('architectureFromHfConfig', () => {
     const cfg = tinyHfConfig({ family: 'mistral' });
     delete cfg.model_type;
     expect(architectureFromHfConfig({ ...cfg, sliding_window: 32 }, 'c')).toMatchObject({ family: 'mistral', maxPositions: 32 });
+  });
+
+  it("maps Llama's attention_bias to q/k/v and o_proj biases and mlp_bias to the MLP's; qwen2 has q/k/v only", () => {
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), attention_bias: true, mlp_bias: true }, 'c')).toMatchObject({ attentionBias: true, outputBias: true, mlpBias: true });
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), mlp_bias: true }, 'c')).toMatchObject({ attentionBias: false, outputBias: false, mlpBias: true });
+    expect(architectureFromHfConfig(tinyHfConfig({ family: 'qwen2' }), 'c')).toMatchObject({ attentionBias: true, outputBias: false, mlpBias: false });
   });
 
   it('names the file and the missing key', () => {
@@ -347,6 +353,45 @@ describe('bad Hugging Face inputs name the file and the problem', () => {
     const msg = await inputError(openCheckpoint(dir));
     expect(msg).toContain('lm_head.weight is missing');
     expect(msg).toContain('model.layers.0.self_attn.q_proj.bias is missing');
+  });
+
+  it('a tensor the graph would not consume (o_proj.bias with attention_bias false, a stray tensor) is refused, each named', async () => {
+    const dir = await folder('bad-unused');
+    const want = tinyHfTensors();
+    const extra = [encodeTensor('model.layers.0.self_attn.o_proj.bias', [TINY.hidden], exactValues(TINY.hidden, 5), 'F32'), encodeTensor('model.layers.1.mlp.gate_proj.bias', [TINY.intermediate], exactValues(TINY.intermediate, 6), 'F32')];
+    await writeFile(join(dir, 'model.safetensors'), encodeSafetensors([...[...want].map(([name, t]) => encodeTensor(name, t.shape, t.values, 'F32')), ...extra]));
+    const msg = await inputError(openCheckpoint(dir));
+    expect(msg).toContain('model.layers.0.self_attn.o_proj.bias');
+    expect(msg).toContain('model.layers.1.mlp.gate_proj.bias');
+    expect(msg).toMatch(/not used by the llama graph/);
+    // with the switches that make transformers use them, the same names are required instead
+    await writeFile(join(dir, 'config.json'), JSON.stringify({ ...tinyHfConfig(), mlp_bias: true, attention_bias: true }));
+    const missing = await inputError(openCheckpoint(dir));
+    expect(missing).toContain('model.layers.0.self_attn.q_proj.bias is missing');
+    expect(missing).toContain('model.layers.0.mlp.down_proj.bias is missing');
+  });
+
+  it('a saved lm_head beside tied embeddings is accepted only when it equals them; plain inv_freq buffers are accepted', async () => {
+    const dir = await folder('tied-dup', { tied: true });
+    const want = tinyHfTensors({ tied: true });
+    const embed = want.get('model.embed_tokens.weight')!;
+    const half = TINY.hidden / TINY.heads / 2;
+    const invFreq = Float32Array.from({ length: half }, (_, i) => 1 / Math.pow(500000, (2 * i) / (TINY.hidden / TINY.heads)));
+    const write = (head: Float32Array) =>
+      writeFile(
+        join(dir, 'model.safetensors'),
+        encodeSafetensors([
+          ...[...want].map(([name, t]) => encodeTensor(name, t.shape, t.values, 'F32')),
+          encodeTensor('lm_head.weight', embed.shape, head, 'F32'),
+          encodeTensor('model.layers.0.self_attn.rotary_emb.inv_freq', [half], invFreq, 'F32'),
+        ]),
+      );
+    await write(embed.values);
+    const ck = await openCheckpoint(dir);
+    expect(ck.names()).not.toContain('lm_head.weight');
+    expect(ck.names()).not.toContain('model.layers.0.self_attn.rotary_emb.inv_freq');
+    await write(embed.values.map((v) => v + 1 / 64));
+    expect(await inputError(openCheckpoint(dir))).toContain('tensor lm_head.weight [32, 16] is not used');
   });
 
   it('a sharded index naming a missing or escaping shard', async () => {

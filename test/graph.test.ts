@@ -159,6 +159,14 @@ describe('RoPE layouts', () => {
   });
 });
 
+describe('every checkpoint tensor is consumed', () => {
+  it('the builder refuses a checkpoint holding a tensor no part of the graph reads, naming it', async () => {
+    const ck = randomCheckpoint(tinyArchitecture({ numLayers: 1 }), 17);
+    const extra = ck.with(new Map([['model.layers.0.self_attn.o_proj.bias', { shape: [64], data: new Float32Array(64) }]]), 'with-stray-bias');
+    await expect(open(extra)).rejects.toThrow(/not used by the llama graph: model\.layers\.0\.self_attn\.o_proj\.bias/);
+  });
+});
+
 describe('logits: last', () => {
   it('a logits:last graph returns [batch, 1, vocab] equal to the last position of logits:all', async () => {
     const ck = randomCheckpoint(CASES[1].arch, 12);

@@ -1,5 +1,30 @@
 import { z } from 'zod';
 
+const factor = z.number().positive();
+const positions = z.number().int().positive();
+
+/**
+ * RoPE frequency scaling, resolved from config.json's `rope_scaling` / `rope_parameters` into the
+ * numbers transformers' `modeling_rope_utils.py` uses (defaults filled in), so the graph and the
+ * checker never re-read config keys. Absent = plain RoPE.
+ */
+export const RopeScalingSchema = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('linear'), factor }),
+  z.object({ type: z.literal('llama3'), factor, lowFreqFactor: factor, highFreqFactor: factor, originalMaxPositions: positions }),
+  z.object({
+    type: z.literal('yarn'),
+    factor,
+    originalMaxPositions: positions,
+    betaFast: z.number().positive(),
+    betaSlow: z.number().positive(),
+    /** multiplies cos and sin (so attention logits by its square) */
+    attentionFactor: z.number().positive(),
+    /** round the correction range to whole dimensions (transformers' default) */
+    truncate: z.boolean(),
+  }),
+]);
+export type RopeScaling = z.infer<typeof RopeScalingSchema>;
+
 /**
  * The dimensions of a Llama-family decoder, normalised from whatever checkpoint format they came
  * from. Everything downstream (graph builder, LoRA target table, validator) reads only this.
@@ -22,9 +47,14 @@ export const ArchitectureSchema = z.object({
    * checkpoint rows (and adapter rows) are never permuted.
    */
   ropeLayout: z.enum(['rotate_half', 'interleaved']),
+  rope: RopeScalingSchema.optional(),
   tieWordEmbeddings: z.boolean(),
-  /** Qwen2 has biases on q/k/v projections. */
+  /** biases on q/k/v (Qwen2 always; Llama with `attention_bias`) */
   attentionBias: z.boolean(),
+  /** a bias on o_proj (Llama's `attention_bias` covers o_proj too; Qwen2's q/k/v biases do not) */
+  outputBias: z.boolean().optional(),
+  /** biases on gate/up/down (Llama's `mlp_bias`) */
+  mlpBias: z.boolean().optional(),
   bosTokenId: z.number().int().nonnegative().nullable(),
   eosTokenIds: z.array(z.number().int().nonnegative()),
 });
@@ -35,6 +65,13 @@ export type Projection = (typeof PROJECTIONS)[number];
 
 export function projectionBlock(p: Projection): 'self_attn' | 'mlp' {
   return p === 'q_proj' || p === 'k_proj' || p === 'v_proj' || p === 'o_proj' ? 'self_attn' : 'mlp';
+}
+
+/** whether the checkpoint carries (and the graph adds) `<module>.bias` for this projection */
+export function projectionHasBias(a: Architecture, p: Projection): boolean {
+  if (p === 'q_proj' || p === 'k_proj' || p === 'v_proj') return a.attentionBias;
+  if (p === 'o_proj') return a.outputBias ?? false;
+  return a.mlpBias ?? false;
 }
 
 /** in/out features of a projection, in PyTorch Linear terms (weight is [out, in]). */

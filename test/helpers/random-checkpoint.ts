@@ -1,5 +1,5 @@
 import type { Architecture } from '../../src/model/architecture.js';
-import { PROJECTIONS, projectionBlock, projectionDims } from '../../src/model/architecture.js';
+import { PROJECTIONS, projectionBlock, projectionDims, projectionHasBias } from '../../src/model/architecture.js';
 import type { Checkpoint, CheckpointTensor } from '../../src/model/checkpoint/types.js';
 import { mulberry32 } from '../../src/prng.js';
 
@@ -90,7 +90,7 @@ export function randomCheckpoint(a: Architecture, seed: number, modelId = `rando
       const { inFeatures, outFeatures } = projectionDims(a, p);
       const base = `model.layers.${i}.${projectionBlock(p)}.${p}`;
       put(`${base}.weight`, [outFeatures, inFeatures], 1 / Math.sqrt(inFeatures));
-      if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) put(`${base}.bias`, [outFeatures], 0.5);
+      if (projectionHasBias(a, p)) put(`${base}.bias`, [outFeatures], 0.5);
     }
   }
   put('model.norm.weight', [a.hiddenSize], 0.2, 1);

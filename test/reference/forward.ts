@@ -119,7 +119,11 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
     const x = Float64Array.from(embed.subarray(tokens[t] * dim, (tokens[t] + 1) * dim));
     for (let l = 0; l < a.numLayers; l++) {
       const p = `model.layers.${l}`;
+      // transformers: LlamaAttention's q/k/v have bias=attention_bias and o_proj too (Qwen2: q/k/v
+      // only); LlamaMLP's three projections have bias=mlp_bias
       const bias = (name: string) => (a.attentionBias ? w.get(`${p}.self_attn.${name}.bias`) : undefined);
+      const oBias = a.outputBias ? w.get(`${p}.self_attn.o_proj.bias`) : undefined;
+      const mlpBias = (name: string) => (a.mlpBias ? w.get(`${p}.mlp.${name}.bias`) : undefined);
       const xb = rmsnorm(x, w.get(`${p}.input_layernorm.weight`), a.rmsNormEps);
       const q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
       const k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
@@ -151,14 +155,14 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
           for (let i = 0; i < hd; i++) att[h * hd + i] += weight * value[kvh * hd + i];
         }
       }
-      const o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim);
+      const o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim, oBias);
       for (let i = 0; i < dim; i++) x[i] += o[i];
 
       const xb2 = rmsnorm(x, w.get(`${p}.post_attention_layernorm.weight`), a.rmsNormEps);
-      const gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize);
-      const up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize);
+      const gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize, mlpBias('gate_proj'));
+      const up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize, mlpBias('up_proj'));
       for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
-      const down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim);
+      const down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim, mlpBias('down_proj'));
       for (let i = 0; i < dim; i++) x[i] += down[i];
     }
     const xf = rmsnorm(x, w.get('model.norm.weight'), a.rmsNormEps);

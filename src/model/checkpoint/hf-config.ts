@@ -37,6 +37,7 @@ const HfConfigSchema = z.object({
   rope_parameters: z.record(z.string(), z.unknown()).nullish(),
   tie_word_embeddings: z.boolean().nullish(),
   attention_bias: z.boolean().nullish(),
+  mlp_bias: z.boolean().nullish(),
   hidden_act: z.string().nullish(),
   sliding_window: posInt.nullish(),
   use_sliding_window: z.boolean().nullish(),
@@ -125,6 +126,10 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     tieWordEmbeddings: c.tie_word_embeddings ?? false,
     // Qwen2's attention always carries q/k/v biases (its config has no switch for it)
     attentionBias: family === 'qwen2' ? true : (c.attention_bias ?? false),
+    // LlamaAttention gives o_proj `bias=attention_bias` and LlamaMLP every projection `bias=mlp_bias`;
+    // Mistral's and Qwen2's o_proj and MLP never carry one
+    outputBias: family === 'llama' && c.attention_bias === true,
+    mlpBias: family === 'llama' && c.mlp_bias === true,
     bosTokenId: c.bos_token_id ?? null,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? [...new Set(eos)] : [eos],
   };

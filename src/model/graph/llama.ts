@@ -1,5 +1,5 @@
 import type { Architecture, Projection } from '../architecture.js';
-import { projectionBlock, projectionDims } from '../architecture.js';
+import { projectionBlock, projectionDims, projectionHasBias } from '../architecture.js';
 import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
 import {
@@ -14,7 +14,7 @@ import {
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '1';
+export const BUILDER_VERSION = '2';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -89,7 +89,29 @@ function checkArchitecture(a: Architecture, modelId: string): void {
   if (a.numHeads % a.numKvHeads !== 0) throw bad(`numHeads ${a.numHeads} is not a multiple of numKvHeads ${a.numKvHeads}`);
 }
 
-/** reads a checkpoint tensor and checks its shape, so a wrong file fails here with its name, not inside onnxruntime */
+/**
+ * Reads checkpoint tensors, checking each shape (so a wrong file fails here with its name, not
+ * inside onnxruntime) and remembering what was read: after the build, a checkpoint tensor that no
+ * part of the graph read is an error naming it, whatever the reader let through.
+ */
+class TensorReader {
+  private readonly consumed = new Set<string>();
+  constructor(private readonly ck: Checkpoint) {}
+
+  read(name: string, shape: readonly number[]): Float32Array {
+    this.consumed.add(name);
+    return readTensor(this.ck, name, shape);
+  }
+
+  assertAllConsumed(): void {
+    const left = this.ck.names().filter((n) => !this.consumed.has(n));
+    if (left.length) {
+      const shown = left.slice(0, 8).join(', ') + (left.length > 8 ? ` (and ${left.length - 8} more)` : '');
+      throw new ModelInputError(this.ck.modelId, `checkpoint tensors not used by the ${this.ck.architecture.family} graph: ${shown}; refusing to serve a model without them.`);
+    }
+  }
+}
+
 function readTensor(ck: Checkpoint, name: string, shape: readonly number[]): Float32Array {
   const t = ck.tensor(name);
   if (!t) throw new ModelInputError(ck.modelId, `tensor ${name} is missing`);
@@ -132,6 +154,7 @@ export async function buildLlamaGraph(
   const KVH = a.numKvHeads;
   const hd = a.headDim;
   const g = new GraphBuilder(data);
+  const tensors = new TensorReader(ck);
   const targets = opts.lora ? loraTargetsFor(a) : [];
   const targetOf = new Map(targets.map((t) => [`${t.layer}.${t.module}`, t]));
   const scalar = (v: number) => g.constFloat(new Float32Array([v]), [], T);
@@ -153,7 +176,7 @@ export async function buildLlamaGraph(
   // ---- shared pieces
   onProgress('writing embeddings');
   const embedName = 'model.embed_tokens.weight';
-  const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], readTensor(ck, embedName, [a.vocabSize, a.hiddenSize]));
+  const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], tensors.read(embedName, [a.vocabSize, a.hiddenSize]));
   g.scope = '/model/rope';
   const rope = ropeTables(a);
   const cosTable = await g.weight('rope.cos', T, [a.maxPositions, hd], rope.cos);
@@ -181,10 +204,10 @@ export async function buildLlamaGraph(
   const projection = async (layer: number, p: Projection, x: string): Promise<string> => {
     const { inFeatures, outFeatures } = projectionDims(a, p);
     const base = `model.layers.${layer}.${projectionBlock(p)}.${p}`;
-    const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(readTensor(ck, `${base}.weight`, [outFeatures, inFeatures]), outFeatures, inFeatures));
+    const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(tensors.read(`${base}.weight`, [outFeatures, inFeatures]), outFeatures, inFeatures));
     let y = g.op('MatMul', [x, w]);
-    if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) {
-      y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], readTensor(ck, `${base}.bias`, [outFeatures]))]);
+    if (projectionHasBias(a, p)) {
+      y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], tensors.read(`${base}.bias`, [outFeatures]))]);
     }
     const t = targetOf.get(`${layer}.${p}`);
     if (t) y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, t.inputA]), t.inputB])]);
@@ -197,7 +220,7 @@ export async function buildLlamaGraph(
     onProgress(`building layer ${i + 1}/${a.numLayers}…`);
     g.scope = `/model/layers.${i}`;
     const pre = `model.layers.${i}`;
-    const inNorm = await g.weight(`${pre}.input_layernorm.weight`, T, [a.hiddenSize], readTensor(ck, `${pre}.input_layernorm.weight`, [a.hiddenSize]));
+    const inNorm = await g.weight(`${pre}.input_layernorm.weight`, T, [a.hiddenSize], tensors.read(`${pre}.input_layernorm.weight`, [a.hiddenSize]));
     const x = rmsNorm(h, inNorm);
     const q = applyRope(g.op('Reshape', [await projection(i, 'q_proj', x), toHeads]));
     const k = applyRope(g.op('Reshape', [await projection(i, 'k_proj', x), toKvHeads]));
@@ -213,7 +236,7 @@ export async function buildLlamaGraph(
     const merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads])], perm), mergeHeads]);
     h = g.op('Add', [h, await projection(i, 'o_proj', merged)]);
 
-    const postNorm = await g.weight(`${pre}.post_attention_layernorm.weight`, T, [a.hiddenSize], readTensor(ck, `${pre}.post_attention_layernorm.weight`, [a.hiddenSize]));
+    const postNorm = await g.weight(`${pre}.post_attention_layernorm.weight`, T, [a.hiddenSize], tensors.read(`${pre}.post_attention_layernorm.weight`, [a.hiddenSize]));
     const y = rmsNorm(h, postNorm);
     const gate = await projection(i, 'gate_proj', y);
     const up = await projection(i, 'up_proj', y);
@@ -224,11 +247,11 @@ export async function buildLlamaGraph(
   // ---- head
   onProgress('writing lm_head');
   g.scope = '/model/head';
-  const finalNorm = await g.weight('model.norm.weight', T, [a.hiddenSize], readTensor(ck, 'model.norm.weight', [a.hiddenSize]));
+  const finalNorm = await g.weight('model.norm.weight', T, [a.hiddenSize], tensors.read('model.norm.weight', [a.hiddenSize]));
   let hn = rmsNorm(h, finalNorm);
   if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
   // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
-  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], readTensor(ck, 'lm_head.weight', [a.vocabSize, a.hiddenSize]));
+  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
   const rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
   const outShape = g.op('Concat', [g.op('Shape', [hn], { start: int(0), end: int(2) }), shape([a.vocabSize])], { axis: int(0) });
@@ -240,6 +263,7 @@ export async function buildLlamaGraph(
     g.output(presentKeyName(i), T, ['batch', KVH, 'total', hd]);
     g.output(presentValueName(i), T, ['batch', KVH, 'total', hd]);
   }
+  tensors.assertAllConsumed();
   onProgress('encoding graph');
   return { model: g.encode(`loraserve-${a.family}`, OPSETS, BUILDER_VERSION), maskValue, loraTargets: targets };
 }

@@ -1,0 +1,61 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { Architecture } from '../src/model/architecture.js';
+import { FAMILY_VOCAB, checkAdapterAgainstReference, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
+import { randomCheckpoint, tinyArchitecture } from './helpers/random-checkpoint.js';
+
+/**
+ * Every supported family, served through HTTP from a checkpoint in its real layout, against the
+ * independent reference forward pass (test/reference/forward.ts) with an adapter merged as
+ * W + scale·B·A: greedy ids equal and logprobs within 1e-4.
+ */
+
+/** config.json as transformers' LlamaConfig.to_json_string writes it (the keys that matter) */
+function llamaConfig(a: Architecture, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_size: a.hiddenSize,
+    intermediate_size: a.intermediateSize,
+    num_hidden_layers: a.numLayers,
+    num_attention_heads: a.numHeads,
+    num_key_value_heads: a.numKvHeads,
+    head_dim: a.headDim,
+    vocab_size: a.vocabSize,
+    max_position_embeddings: a.maxPositions,
+    rms_norm_eps: a.rmsNormEps,
+    rope_theta: a.ropeTheta,
+    rope_scaling: null,
+    hidden_act: 'silu',
+    attention_bias: a.attentionBias,
+    attention_dropout: 0.0,
+    mlp_bias: a.mlpBias ?? false,
+    pretraining_tp: 1,
+    tie_word_embeddings: a.tieWordEmbeddings,
+    torch_dtype: 'bfloat16',
+    bos_token_id: a.bosTokenId,
+    eos_token_id: a.eosTokenIds[0],
+    ...extra,
+  };
+}
+
+const baseDims: Partial<Architecture> = { vocabSize: FAMILY_VOCAB, maxPositions: 256, bosTokenId: 506, eosTokenIds: [507] };
+
+describe('Llama with attention_bias and mlp_bias (every bias transformers applies: q/k/v/o and gate/up/down)', () => {
+  const arch = tinyArchitecture({ ...baseDims, attentionBias: true, outputBias: true, mlpBias: true, tieWordEmbeddings: false, ropeTheta: 500000 });
+  const folder: FamilyFolder = { config: llamaConfig(arch), tensors: randomCheckpoint(arch, 41).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily('llama-biases', folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('applies o_proj.bias and the MLP biases: served tokens and logprobs equal the merged reference', async () => {
+    expect(served.app.runtime.manifest.architecture).toMatchObject({ attentionBias: true, outputBias: true, mlpBias: true });
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder));
+    console.info(`[llama biases] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
+    expect(r.effect).toBeGreaterThan(1e-2);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+});
