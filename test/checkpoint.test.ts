@@ -79,9 +79,29 @@ describe('architectureFromHfConfig', () => {
     expect(msg).toContain('Qwen2ForCausalLM');
   });
 
-  it('refuses rope_scaling, saying it is unsupported', () => {
-    const msg = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'llama3', factor: 8 } }, 'config.json'));
-    expect(msg).toMatch(/rope_scaling.*not supported/);
+  it("reads Llama 3.2's rope_scaling, the rope_parameters layout (transformers >= 4.57), linear and yarn with transformers' defaults", () => {
+    const llama32 = { factor: 32.0, high_freq_factor: 4.0, low_freq_factor: 1.0, original_max_position_embeddings: 8192, rope_type: 'llama3' };
+    const expected = { type: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 };
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_theta: 500000, rope_scaling: llama32 }, 'c')).toMatchObject({ ropeTheta: 500000, rope: expected });
+    const params = { ...tinyHfConfig(), rope_parameters: { ...llama32, rope_theta: 250000 } };
+    delete params.rope_theta;
+    delete params.rope_scaling;
+    expect(architectureFromHfConfig(params, 'c')).toMatchObject({ ropeTheta: 250000, rope: expected });
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { type: 'linear', factor: 2 } }, 'c').rope).toEqual({ type: 'linear', factor: 2 });
+    const yarn = architectureFromHfConfig({ ...tinyHfConfig(), max_position_embeddings: 131072, rope_scaling: { rope_type: 'yarn', factor: 4, original_max_position_embeddings: 32768 } }, 'c').rope;
+    expect(yarn).toEqual({ type: 'yarn', factor: 4, originalMaxPositions: 32768, betaFast: 32, betaSlow: 1, attentionFactor: 0.1 * Math.log(4) + 1, truncate: true });
+    const given = architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'yarn', factor: 4, attention_factor: 1.5, beta_fast: 16, truncate: false } }, 'c').rope;
+    expect(given).toMatchObject({ attentionFactor: 1.5, betaFast: 16, originalMaxPositions: TINY.maxPos, truncate: false });
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'default' } }, 'c').rope).toBeUndefined();
+  });
+
+  it('refuses dynamic NTK, unknown rope types and incomplete llama3 settings, naming the key', () => {
+    const dynamic = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { type: 'dynamic', factor: 2 } }, 'config.json'));
+    expect(dynamic).toMatch(/rope_scaling.*"dynamic".*not supported.*length of each sequence/);
+    const unknown = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_parameters: { rope_type: 'su', rope_theta: 1e4 } }, 'config.json'));
+    expect(unknown).toMatch(/rope_parameters.*"su" is not supported.*default, linear, llama3, yarn/);
+    const partial = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'llama3', factor: 8 } }, 'config.json'));
+    expect(partial).toContain('missing required key "rope_scaling.low_freq_factor"');
   });
 });
 

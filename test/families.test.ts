@@ -59,3 +59,37 @@ describe('Llama with attention_bias and mlp_bias (every bias transformers applie
     expect(r.worst).toBeLessThan(1e-4);
   });
 });
+
+const LONG_PROMPT = 'Once upon a time there was a little model. It liked to read long stories about dogs, cats and the sea, and every night it told them again to anyone who would listen.';
+
+describe.each([
+  {
+    label: 'Llama 3.2 layout: rope_scaling llama3 (tied embeddings)',
+    extra: { rope_scaling: { factor: 8.0, high_freq_factor: 4.0, low_freq_factor: 1.0, original_max_position_embeddings: 16, rope_type: 'llama3' } },
+    type: 'llama3',
+  },
+  {
+    label: 'rope_parameters layout (transformers >= 4.57): yarn with its attention factor',
+    extra: { rope_theta: undefined, rope_scaling: undefined, rope_parameters: { rope_type: 'yarn', rope_theta: 500000.0, factor: 16.0, original_max_position_embeddings: 16 } },
+    type: 'yarn',
+  },
+])('$label, served past original_max_position_embeddings', ({ extra, type }) => {
+  const arch = tinyArchitecture({ ...baseDims, tieWordEmbeddings: true, ropeTheta: 500000 });
+  const folder: FamilyFolder = { config: JSON.parse(JSON.stringify(llamaConfig(arch, extra))) as Record<string, unknown>, tensors: randomCheckpoint(arch, 43).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily(`llama-${type}`, folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('greedy tokens and logprobs equal the merged reference at every position', async () => {
+    const a = served.app.runtime.manifest.architecture;
+    expect(a.rope?.type).toBe(type);
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    console.info(`[llama ${type}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt (original context 16): max |Δ logprob| ${r.worst.toExponential(2)}`);
+    expect(r.promptLength).toBeGreaterThan(2 * 16);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+});

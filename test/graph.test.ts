@@ -159,6 +159,33 @@ describe('RoPE layouts', () => {
   });
 });
 
+describe('scaled RoPE (linear, llama3, yarn) at positions beyond original_max_position_embeddings', () => {
+  const SCALED: { label: string; rope: NonNullable<Architecture['rope']> }[] = [
+    { label: 'linear ×4', rope: { type: 'linear', factor: 4 } },
+    // original 64: with head_dim 16 and theta 5e5 the pairs fall in all three bands (kept, blended, divided)
+    { label: 'llama3 (factor 8, low 1, high 4)', rope: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64 } },
+    // original 256 of 512: the correction ramp spans pairs 0..3, so some pairs are partly interpolated
+    { label: 'yarn ×2 with its attention factor', rope: { type: 'yarn', factor: 2, originalMaxPositions: 256, betaFast: 32, betaSlow: 1, attentionFactor: 0.1 * Math.log(2) + 1, truncate: true } },
+    { label: 'yarn ×2, truncate false', rope: { type: 'yarn', factor: 2, originalMaxPositions: 256, betaFast: 32, betaSlow: 1, attentionFactor: 1.1, truncate: false } },
+  ];
+  it.each(SCALED)('$label: logits equal the reference and differ from plain RoPE', async ({ rope }) => {
+    const arch = tinyArchitecture({ maxPositions: 512, ropeTheta: 500000, rope });
+    const ck = randomCheckpoint(arch, 19);
+    const tokens = randomTokens(new Rng(23), 8, arch.vocabSize);
+    const positions = tokens.map((_, i) => (i < 2 ? i : 300 + 30 * i));
+    const { session, manifest } = await open(ck);
+    const got = real((await runStep(session, new KvState(manifest, 1), [tokens], emptyLoraFeeds(manifest, 1), [positions]))[0]);
+    const ref = referenceForward(ck, tokens, { positions });
+    const plain = referenceForward(new MemoryCheckpoint({ ...arch, rope: undefined }, ck.tensors), tokens, { positions });
+    const diff = maxDiffAll(got, ref);
+    const fromPlain = maxDiffAll(ref.slice(2), plain.slice(2));
+    console.info(`[rope ${rope.type}] positions up to ${positions.at(-1)}: vs reference ${diff.toExponential(2)}, reference vs plain RoPE ${fromPlain.toFixed(3)}`);
+    expect(diff).toBeLessThanOrEqual(1e-4);
+    expect(fromPlain).toBeGreaterThan(1e-2);
+    await session.release();
+  });
+});
+
 describe('every checkpoint tensor is consumed', () => {
   it('the builder refuses a checkpoint holding a tensor no part of the graph reads, naming it', async () => {
     const ck = randomCheckpoint(tinyArchitecture({ numLayers: 1 }), 17);

@@ -52,10 +52,40 @@ function rmsnorm(x: Float64Array, weight: Float32Array, eps: number): Float64Arr
   return out;
 }
 
+/**
+ * Frequency of pair i, as transformers' modeling_rope_utils.py computes `inv_freq` for each
+ * rope_type (written out per pair here, float32 where torch holds float32).
+ */
+function ropeFrequency(a: Architecture, i: number): number {
+  const d = a.headDim;
+  const base = Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / d)));
+  const freq = Math.fround(1 / base);
+  const s = a.rope;
+  if (!s) return freq;
+  if (s.type === 'linear') return Math.fround(freq / s.factor);
+  if (s.type === 'llama3') {
+    const wavelen = (2 * Math.PI) / freq;
+    if (wavelen < s.originalMaxPositions / s.highFreqFactor) return freq;
+    if (wavelen > s.originalMaxPositions / s.lowFreqFactor) return Math.fround(freq / s.factor);
+    const smooth = (s.originalMaxPositions / wavelen - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+    return Math.fround(((1 - smooth) * freq) / s.factor + smooth * freq);
+  }
+  // yarn: find_correction_range(beta_fast, beta_slow) over the original context, linear_ramp_factor between
+  const rotationsToDim = (rot: number) => (d * Math.log(s.originalMaxPositions / (rot * 2 * Math.PI))) / (2 * Math.log(a.ropeTheta));
+  const lo = Math.max(s.truncate ? Math.floor(rotationsToDim(s.betaFast)) : rotationsToDim(s.betaFast), 0);
+  let hi = Math.min(s.truncate ? Math.ceil(rotationsToDim(s.betaSlow)) : rotationsToDim(s.betaSlow), d - 1);
+  if (hi === lo) hi += 0.001;
+  const ramp = Math.min(Math.max((i - lo) / (hi - lo), 0), 1);
+  const keep = 1 - ramp;
+  return Math.fround((1 / (s.factor * base)) * ramp + (1 / base) * keep);
+}
+
+/** cos/sin multiplier: YaRN's attention_factor (`attention_scaling` in LlamaRotaryEmbedding), else 1 */
+const ropeScale = (a: Architecture) => (a.rope?.type === 'yarn' ? a.rope.attentionFactor : 1);
+
 /** the angle of frequency pair i at position pos, rounded to float32 as run.c (powf, pos * freq) and HF (float32 inv_freq) do */
 function ropeAngle(a: Architecture, pairIndex: number, pos: number): number {
-  const freq = Math.fround(1 / Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * pairIndex) / a.headDim))));
-  return Math.fround(pos * freq);
+  return Math.fround(pos * ropeFrequency(a, pairIndex));
 }
 
 /** run.c: rotate adjacent pairs (2i, 2i+1) of each head in place */
@@ -83,8 +113,8 @@ function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: nu
   for (let j = 0; j < hd; j++) {
     // HF: emb = cat(freqs, freqs), so entry j uses frequency j mod hd/2
     const ang = ropeAngle(a, j % half, pos);
-    cos[j] = Math.fround(Math.cos(ang));
-    sin[j] = Math.fround(Math.sin(ang));
+    cos[j] = Math.fround(Math.cos(ang)) * ropeScale(a);
+    sin[j] = Math.fround(Math.sin(ang)) * ropeScale(a);
   }
   for (let h = 0; h < heads; h++) {
     const x = v.slice(h * hd, (h + 1) * hd);

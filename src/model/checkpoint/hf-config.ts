@@ -1,11 +1,11 @@
 import { z } from 'zod';
-import { ArchitectureSchema, type Architecture } from '../architecture.js';
+import { ArchitectureSchema, type Architecture, type RopeScaling } from '../architecture.js';
 import { ModelInputError } from './types.js';
 
 /**
  * Pure: turns a Hugging Face `config.json` (already JSON-parsed) into our Architecture.
  * Only the decoder shapes the graph builder implements are accepted; anything that would change
- * the maths without us noticing (RoPE scaling, another activation) is refused with a sentence.
+ * the maths without us noticing (an unknown RoPE scaling, another activation) is refused with a sentence.
  */
 
 const FAMILIES = {
@@ -71,22 +71,62 @@ function describeIssues(error: z.ZodError, json: Record<string, unknown>): strin
     .join('; ');
 }
 
-/** RoPE settings: plain rotary only; any scaling would silently change every position's angle. */
-function ropeThetaOf(c: z.infer<typeof HfConfigSchema>, file: string): number {
-  const rp = c.rope_parameters;
-  if (rp) {
-    const type = rp.rope_type ?? rp.type ?? 'default';
-    if (type !== 'default') throw new ModelInputError(file, `rope_parameters.rope_type "${String(type)}" is not supported (only plain RoPE without scaling).`);
-  }
-  const scaling = c.rope_scaling;
-  if (scaling !== undefined && scaling !== null) {
-    const type = typeof scaling === 'object' ? ((scaling as Record<string, unknown>).rope_type ?? (scaling as Record<string, unknown>).type) : undefined;
-    if (type !== 'default') {
-      throw new ModelInputError(file, `rope_scaling ${JSON.stringify(scaling)} is not supported: only plain RoPE (rope_scaling null) is implemented.`);
+/** The RoPE kinds the graph implements (README lists them); "dynamic" NTK is refused on purpose. */
+export const ROPE_TYPES = ['default', 'linear', 'llama3', 'yarn'] as const;
+
+/**
+ * RoPE settings from either layout: `rope_parameters` (transformers >= 4.57: rope_type,
+ * rope_theta and the scaling keys in one object) or the older `rope_theta` + `rope_scaling`
+ * (whose kind may be under `rope_type` or the legacy `type`). Defaults are transformers'.
+ */
+function ropeOf(c: z.infer<typeof HfConfigSchema>, file: string): { theta: number; rope: RopeScaling | undefined } {
+  const fromParams = c.rope_parameters ?? null;
+  const scaling = fromParams ?? c.rope_scaling ?? null;
+  const key = fromParams ? 'rope_parameters' : 'rope_scaling';
+  const theta = c.rope_theta ?? (fromParams && typeof fromParams.rope_theta === 'number' && fromParams.rope_theta > 0 ? fromParams.rope_theta : undefined) ?? 10000;
+  if (scaling === null) return { theta, rope: undefined };
+  if (typeof scaling !== 'object' || Array.isArray(scaling)) throw new ModelInputError(file, `${key} ${JSON.stringify(scaling)} is not an object.`);
+  const p = scaling as Record<string, unknown>;
+  const type = p.rope_type ?? p.type ?? 'default';
+  const bad = (detail: string) => new ModelInputError(file, `${key}: ${detail}`);
+  const num = (name: string, fallback?: number): number => {
+    const v = p[name] ?? fallback;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw bad(v === undefined || v === null ? `missing required key "${key}.${name}" for rope_type "${String(type)}".` : `key "${key}.${name}" must be a positive number, got ${JSON.stringify(v)}.`);
+    return v;
+  };
+  const origMax = (fallback?: number) => {
+    const v = num('original_max_position_embeddings', fallback);
+    if (!Number.isInteger(v)) throw bad(`key "${key}.original_max_position_embeddings" must be an integer, got ${v}.`);
+    return v;
+  };
+  switch (type) {
+    case 'default':
+      return { theta, rope: undefined };
+    case 'linear':
+      return { theta, rope: { type: 'linear', factor: num('factor') } };
+    case 'llama3':
+      return { theta, rope: { type: 'llama3', factor: num('factor'), lowFreqFactor: num('low_freq_factor'), highFreqFactor: num('high_freq_factor'), originalMaxPositions: origMax() } };
+    case 'yarn': {
+      const originalMaxPositions = origMax(c.max_position_embeddings);
+      const factor = num('factor', c.max_position_embeddings / originalMaxPositions);
+      // transformers: 0.1·mscale·ln(factor) + 1 (1 when factor <= 1); DeepSeek-style configs give a ratio of two
+      const mscaleOf = (m: number) => (factor <= 1 ? 1 : 0.1 * m * Math.log(factor) + 1);
+      const mscale = typeof p.mscale === 'number' ? p.mscale : 0;
+      const mscaleAllDim = typeof p.mscale_all_dim === 'number' ? p.mscale_all_dim : 0;
+      const attentionFactor = p.attention_factor != null ? num('attention_factor') : mscale && mscaleAllDim ? mscaleOf(mscale) / mscaleOf(mscaleAllDim) : mscaleOf(1);
+      const truncate = p.truncate ?? true;
+      if (typeof truncate !== 'boolean') throw bad(`key "${key}.truncate" must be a boolean, got ${JSON.stringify(truncate)}.`);
+      // `beta_fast or 32` in transformers: a null or 0 falls back too
+      const beta = (name: string, fallback: number) => (p[name] ? num(name) : fallback);
+      return { theta, rope: { type: 'yarn', factor, originalMaxPositions, betaFast: beta('beta_fast', 32), betaSlow: beta('beta_slow', 1), attentionFactor, truncate } };
     }
+    case 'dynamic':
+      throw bad(
+        `rope_type "dynamic" (dynamic NTK) is not supported: its frequencies change with the length of each sequence, so cached keys and new ones would be rotated by different tables. Supported rope types: ${ROPE_TYPES.join(', ')}.`,
+      );
+    default:
+      throw bad(`rope_type ${JSON.stringify(type)} is not supported; supported rope types: ${ROPE_TYPES.join(', ')}.`);
   }
-  const fromParams = rp && typeof rp.rope_theta === 'number' && rp.rope_theta > 0 ? rp.rope_theta : undefined;
-  return c.rope_theta ?? fromParams ?? 10000;
 }
 
 export function architectureFromHfConfig(json: unknown, file: string): Architecture {
@@ -109,6 +149,7 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
   const windowed = family === 'mistral' || (family === 'qwen2' && c.use_sliding_window === true);
   const maxPositions = windowed && c.sliding_window && c.sliding_window < c.max_position_embeddings ? c.sliding_window : c.max_position_embeddings;
 
+  const rope = ropeOf(c, file);
   const eos = c.eos_token_id;
   const arch: Architecture = {
     family,
@@ -121,7 +162,8 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     vocabSize: c.vocab_size,
     maxPositions,
     rmsNormEps: c.rms_norm_eps,
-    ropeTheta: ropeThetaOf(c, file),
+    ropeTheta: rope.theta,
+    ...(rope.rope ? { rope: rope.rope } : {}),
     ropeLayout: 'rotate_half',
     tieWordEmbeddings: c.tie_word_embeddings ?? false,
     // Qwen2's attention always carries q/k/v biases (its config has no switch for it)

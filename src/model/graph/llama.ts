@@ -11,10 +11,11 @@ import {
   type LoraTarget,
   type ModelDtype,
 } from '../manifest.js';
+import { ropeFrequencies } from './rope.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '2';
+export const BUILDER_VERSION = '3';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -53,20 +54,20 @@ const OPSETS = { '': 17 };
  * and the cos/sin tables repeat each frequency over its pair. So checkpoint rows are never permuted.
  * Angles are rounded to float32 at each step as HF (`inv_freq` float32 @ positions) and llama2.c
  * (`powf`, `pos * freq`) do, so long positions agree with them rather than with exact math.
+ * Scaled RoPE (rope.ts) changes only the frequencies and a factor on both tables.
  */
 export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Array; rotation: Float32Array } {
   const hd = a.headDim;
   const half = hd / 2;
-  const invFreq = new Float32Array(half);
-  for (let i = 0; i < half; i++) invFreq[i] = Math.fround(1 / Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / hd))));
+  const { invFreq, attentionFactor } = ropeFrequencies(a);
   const freqIndex = (j: number) => (a.ropeLayout === 'rotate_half' ? j % half : j >> 1);
   const cos = new Float32Array(a.maxPositions * hd);
   const sin = new Float32Array(a.maxPositions * hd);
   for (let p = 0; p < a.maxPositions; p++) {
     for (let j = 0; j < hd; j++) {
       const angle = Math.fround(p * invFreq[freqIndex(j)]);
-      cos[p * hd + j] = Math.cos(angle);
-      sin[p * hd + j] = Math.sin(angle);
+      cos[p * hd + j] = Math.cos(angle) * attentionFactor;
+      sin[p * hd + j] = Math.sin(angle) * attentionFactor;
     }
   }
   const rotation = new Float32Array(hd * hd);
