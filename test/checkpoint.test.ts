@@ -83,7 +83,7 @@ describe('architectureFromHfConfig', () => {
     const llama32 = { factor: 32.0, high_freq_factor: 4.0, low_freq_factor: 1.0, original_max_position_embeddings: 8192, rope_type: 'llama3' };
     const expected = { type: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 };
     expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_theta: 500000, rope_scaling: llama32 }, 'c')).toMatchObject({ ropeTheta: 500000, rope: expected });
-    const params = { ...tinyHfConfig(), rope_parameters: { ...llama32, rope_theta: 250000 } };
+    const params: Record<string, unknown> = { ...tinyHfConfig(), rope_parameters: { ...llama32, rope_theta: 250000 } };
     delete params.rope_theta;
     delete params.rope_scaling;
     expect(architectureFromHfConfig(params, 'c')).toMatchObject({ ropeTheta: 250000, rope: expected });
