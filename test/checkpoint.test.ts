@@ -63,6 +63,12 @@ describe('architectureFromHfConfig', () => {
     expect(architectureFromHfConfig(tinyHfConfig({ family: 'qwen2' }), 'c')).toMatchObject({ attentionBias: true, outputBias: false, mlpBias: false });
   });
 
+  it('reads qwen3: explicit head_dim, q/k norms, attention_bias for q/k/v/o', () => {
+    const cfg = { ...tinyHfConfig(), model_type: 'qwen3', architectures: ['Qwen3ForCausalLM'], head_dim: 8, attention_bias: false, use_sliding_window: false, sliding_window: null };
+    expect(architectureFromHfConfig(cfg, 'c')).toMatchObject({ family: 'qwen3', headDim: 8, qkNorm: true, attentionBias: false, outputBias: false, mlpBias: false });
+    expect(architectureFromHfConfig({ ...cfg, attention_bias: true }, 'c')).toMatchObject({ attentionBias: true, outputBias: true });
+  });
+
   it('names the file and the missing key', () => {
     const cfg = tinyHfConfig();
     delete cfg.hidden_size;

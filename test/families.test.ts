@@ -93,3 +93,58 @@ describe.each([
     expect(r.worst).toBeLessThan(1e-4);
   });
 });
+
+describe('Qwen3: q_norm / k_norm per head before RoPE, explicit head_dim (heads × head_dim ≠ hidden), no biases', () => {
+  const arch = tinyArchitecture({ ...baseDims, family: 'qwen3', numHeads: 4, numKvHeads: 2, headDim: 24, qkNorm: true, tieWordEmbeddings: true, ropeTheta: 1_000_000, rmsNormEps: 1e-6 });
+  // config.json as Qwen3-0.6B's (transformers' Qwen3Config), at test size
+  const config = {
+    architectures: ['Qwen3ForCausalLM'],
+    attention_bias: false,
+    attention_dropout: 0.0,
+    bos_token_id: arch.bosTokenId,
+    eos_token_id: arch.eosTokenIds[0],
+    head_dim: arch.headDim,
+    hidden_act: 'silu',
+    hidden_size: arch.hiddenSize,
+    initializer_range: 0.02,
+    intermediate_size: arch.intermediateSize,
+    max_position_embeddings: arch.maxPositions,
+    max_window_layers: arch.numLayers,
+    model_type: 'qwen3',
+    num_attention_heads: arch.numHeads,
+    num_hidden_layers: arch.numLayers,
+    num_key_value_heads: arch.numKvHeads,
+    rms_norm_eps: arch.rmsNormEps,
+    rope_scaling: null,
+    rope_theta: arch.ropeTheta,
+    sliding_window: null,
+    tie_word_embeddings: true,
+    torch_dtype: 'bfloat16',
+    use_cache: true,
+    use_sliding_window: false,
+    vocab_size: arch.vocabSize,
+  };
+  const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 47).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily('qwen3', folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('greedy tokens and logprobs equal the merged reference', async () => {
+    expect(served.app.runtime.manifest.architecture).toMatchObject({ family: 'qwen3', headDim: 24, qkNorm: true, attentionBias: false });
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    console.info(`[qwen3] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
+    expect(r.effect).toBeGreaterThan(1e-2);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+
+  it('the checker knows its projection shapes: q_proj out = heads × head_dim (96), o_proj in = 96', () => {
+    const targets = served.app.runtime.manifest.loraTargets.filter((t) => t.layer === 0);
+    expect(targets.find((t) => t.module === 'q_proj')).toMatchObject({ inFeatures: 64, outFeatures: 96 });
+    expect(targets.find((t) => t.module === 'k_proj')).toMatchObject({ inFeatures: 64, outFeatures: 48 });
+    expect(targets.find((t) => t.module === 'o_proj')).toMatchObject({ inFeatures: 96, outFeatures: 64 });
+  });
+});

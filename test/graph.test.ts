@@ -51,6 +51,11 @@ const CASES: { label: string; arch: Architecture; seed: number }[] = [
     seed: 12,
   },
   {
+    label: 'qwen3: q/k norms, head_dim 12 with 4 heads over hidden 32',
+    arch: tinyArchitecture({ family: 'qwen3', hiddenSize: 32, numHeads: 4, numKvHeads: 2, headDim: 12, qkNorm: true, ropeTheta: 1e6 }),
+    seed: 14,
+  },
+  {
     label: 'llama2.c-style: interleaved RoPE, 3 layers, MHA',
     arch: tinyArchitecture({ hiddenSize: 32, intermediateSize: 72, numLayers: 3, numHeads: 4, numKvHeads: 4, headDim: 8, vocabSize: 64, ropeLayout: 'interleaved', tieWordEmbeddings: false }),
     seed: 13,

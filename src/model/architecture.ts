@@ -30,7 +30,7 @@ export type RopeScaling = z.infer<typeof RopeScalingSchema>;
  * from. Everything downstream (graph builder, LoRA target table, validator) reads only this.
  */
 export const ArchitectureSchema = z.object({
-  family: z.enum(['llama', 'mistral', 'qwen2']),
+  family: z.enum(['llama', 'mistral', 'qwen2', 'qwen3']),
   hiddenSize: z.number().int().positive(),
   intermediateSize: z.number().int().positive(),
   numLayers: z.number().int().positive(),
@@ -55,6 +55,8 @@ export const ArchitectureSchema = z.object({
   outputBias: z.boolean().optional(),
   /** biases on gate/up/down (Llama's `mlp_bias`) */
   mlpBias: z.boolean().optional(),
+  /** RMSNorm over head_dim on each query and key head before RoPE (Qwen3's q_norm / k_norm) */
+  qkNorm: z.boolean().optional(),
   bosTokenId: z.number().int().nonnegative().nullable(),
   eosTokenIds: z.array(z.number().int().nonnegative()),
 });

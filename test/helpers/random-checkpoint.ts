@@ -86,6 +86,10 @@ export function randomCheckpoint(a: Architecture, seed: number, modelId = `rando
   for (let i = 0; i < a.numLayers; i++) {
     put(`model.layers.${i}.input_layernorm.weight`, [a.hiddenSize], 0.2, 1);
     put(`model.layers.${i}.post_attention_layernorm.weight`, [a.hiddenSize], 0.2, 1);
+    if (a.qkNorm) {
+      put(`model.layers.${i}.self_attn.q_norm.weight`, [a.headDim], 0.2, 1);
+      put(`model.layers.${i}.self_attn.k_norm.weight`, [a.headDim], 0.2, 1);
+    }
     for (const p of PROJECTIONS) {
       const { inFeatures, outFeatures } = projectionDims(a, p);
       const base = `model.layers.${i}.${projectionBlock(p)}.${p}`;

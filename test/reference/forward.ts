@@ -158,6 +158,14 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       const q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
       const k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
       const v = linear(w.get(`${p}.self_attn.v_proj.weight`), xb, kvDim, bias('v_proj'));
+      if (a.qkNorm) {
+        // Qwen3Attention: q_norm / k_norm (RMSNorm over head_dim) on each head, then RoPE
+        const perHead = (v: Float64Array, heads: number, weight: Float32Array) => {
+          for (let h = 0; h < heads; h++) v.set(rmsnorm(v.slice(h * hd, (h + 1) * hd), weight, a.rmsNormEps), h * hd);
+        };
+        perHead(q, a.numHeads, w.get(`${p}.self_attn.q_norm.weight`));
+        perHead(k, a.numKvHeads, w.get(`${p}.self_attn.k_norm.weight`));
+      }
       const rope = a.ropeLayout === 'interleaved' ? ropeInterleaved : ropeRotateHalf;
       rope(a, q, a.numHeads, pos);
       rope(a, k, a.numKvHeads, pos);

@@ -8,13 +8,46 @@ import { ModelInputError } from './types.js';
  * the maths without us noticing (an unknown RoPE scaling, another activation) is refused with a sentence.
  */
 
-const FAMILIES = {
-  llama: 'LlamaForCausalLM',
-  mistral: 'MistralForCausalLM',
-  qwen2: 'Qwen2ForCausalLM',
-} as const;
-type Family = keyof typeof FAMILIES;
-const SUPPORTED = Object.entries(FAMILIES).map(([t, a]) => `${t} (${a})`).join(', ');
+type HfConfig = z.infer<typeof HfConfigSchema>;
+
+/**
+ * What a family changes relative to Llama, read off its config the way its transformers
+ * `modeling_<model_type>.py` reads it. The graph builder and the tensor list follow from these
+ * fields alone (architecture.ts, tensors.ts); a new family is a row here plus its hooks there.
+ */
+interface FamilyTraits {
+  attentionBias: boolean;
+  outputBias: boolean;
+  mlpBias: boolean;
+  qkNorm: boolean;
+  /** whether config.sliding_window limits attention (no window mask yet: the context is capped at it) */
+  windowed: boolean;
+}
+
+const FAMILIES: Record<string, { architecture: string; traits(c: HfConfig): FamilyTraits }> = {
+  // LlamaAttention: q/k/v/o all `bias=attention_bias`; LlamaMLP: `bias=mlp_bias`
+  llama: {
+    architecture: 'LlamaForCausalLM',
+    traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: c.mlp_bias ?? false, qkNorm: false, windowed: false }),
+  },
+  mistral: {
+    architecture: 'MistralForCausalLM',
+    traits: () => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, windowed: true }),
+  },
+  // Qwen2Attention: q/k/v always biased (no config switch), o_proj never
+  qwen2: {
+    architecture: 'Qwen2ForCausalLM',
+    traits: (c) => ({ attentionBias: true, outputBias: false, mlpBias: false, qkNorm: false, windowed: c.use_sliding_window === true }),
+  },
+  // Qwen3Attention: q/k/v/o `bias=attention_bias` (false in every released model), RMSNorm over
+  // head_dim on q and k before RoPE
+  qwen3: {
+    architecture: 'Qwen3ForCausalLM',
+    traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: false, qkNorm: true, windowed: c.use_sliding_window === true }),
+  },
+};
+type Family = Architecture['family'];
+const SUPPORTED = Object.entries(FAMILIES).map(([t, f]) => `${t} (${f.architecture})`).join(', ');
 
 const posInt = z.number().int().positive();
 const tokenId = z.number().int().nonnegative();
@@ -49,11 +82,11 @@ function familyOf(json: Record<string, unknown>, file: string): Family {
   const modelType = json.model_type;
   const archs = Array.isArray(json.architectures) ? json.architectures.filter((a): a is string => typeof a === 'string') : [];
   if (typeof modelType === 'string') {
-    if (modelType in FAMILIES) return modelType as Family;
+    if (Object.hasOwn(FAMILIES, modelType)) return modelType as Family;
     throw new ModelInputError(file, `model_type "${modelType}"${archs.length ? ` (${archs.join(', ')})` : ''} is not supported; supported: ${SUPPORTED}.`);
   }
   for (const a of archs) {
-    const hit = (Object.entries(FAMILIES) as [Family, string][]).find(([, cls]) => cls === a);
+    const hit = (Object.entries(FAMILIES) as [Family, { architecture: string }][]).find(([, f]) => f.architecture === a);
     if (hit) return hit[0];
   }
   if (archs.length) throw new ModelInputError(file, `architectures ${JSON.stringify(archs)} are not supported; supported: ${SUPPORTED}.`);
@@ -79,7 +112,7 @@ export const ROPE_TYPES = ['default', 'linear', 'llama3', 'yarn'] as const;
  * rope_theta and the scaling keys in one object) or the older `rope_theta` + `rope_scaling`
  * (whose kind may be under `rope_type` or the legacy `type`). Defaults are transformers'.
  */
-function ropeOf(c: z.infer<typeof HfConfigSchema>, file: string): { theta: number; rope: RopeScaling | undefined } {
+function ropeOf(c: HfConfig, file: string): { theta: number; rope: RopeScaling | undefined } {
   const fromParams = c.rope_parameters ?? null;
   const scaling = fromParams ?? c.rope_scaling ?? null;
   const key = fromParams ? 'rope_parameters' : 'rope_scaling';
@@ -145,9 +178,9 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
   if (!Number.isInteger(headDim)) throw new ModelInputError(file, `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${numHeads} and no head_dim is given.`);
   if (headDim % 2 !== 0) throw new ModelInputError(file, `head_dim ${headDim} is odd; rotary embeddings need an even head_dim.`);
 
+  const traits = FAMILIES[family]!.traits(c);
   // The graph has no sliding-window mask: cap the context at the window so attention stays exact.
-  const windowed = family === 'mistral' || (family === 'qwen2' && c.use_sliding_window === true);
-  const maxPositions = windowed && c.sliding_window && c.sliding_window < c.max_position_embeddings ? c.sliding_window : c.max_position_embeddings;
+  const maxPositions = traits.windowed && c.sliding_window && c.sliding_window < c.max_position_embeddings ? c.sliding_window : c.max_position_embeddings;
 
   const rope = ropeOf(c, file);
   const eos = c.eos_token_id;
@@ -166,12 +199,10 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     ...(rope.rope ? { rope: rope.rope } : {}),
     ropeLayout: 'rotate_half',
     tieWordEmbeddings: c.tie_word_embeddings ?? false,
-    // Qwen2's attention always carries q/k/v biases (its config has no switch for it)
-    attentionBias: family === 'qwen2' ? true : (c.attention_bias ?? false),
-    // LlamaAttention gives o_proj `bias=attention_bias` and LlamaMLP every projection `bias=mlp_bias`;
-    // Mistral's and Qwen2's o_proj and MLP never carry one
-    outputBias: family === 'llama' && c.attention_bias === true,
-    mlpBias: family === 'llama' && c.mlp_bias === true,
+    attentionBias: traits.attentionBias,
+    outputBias: traits.outputBias,
+    mlpBias: traits.mlpBias,
+    ...(traits.qkNorm ? { qkNorm: true } : {}),
     bosTokenId: c.bos_token_id ?? null,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? [...new Set(eos)] : [eos],
   };

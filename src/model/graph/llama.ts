@@ -15,7 +15,7 @@ import { ropeFrequencies } from './rope.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '3';
+export const BUILDER_VERSION = '4';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -223,8 +223,11 @@ export async function buildLlamaGraph(
     const pre = `model.layers.${i}`;
     const inNorm = await g.weight(`${pre}.input_layernorm.weight`, T, [a.hiddenSize], tensors.read(`${pre}.input_layernorm.weight`, [a.hiddenSize]));
     const x = rmsNorm(h, inNorm);
-    const q = applyRope(g.op('Reshape', [await projection(i, 'q_proj', x), toHeads]));
-    const k = applyRope(g.op('Reshape', [await projection(i, 'k_proj', x), toKvHeads]));
+    // Qwen3: RMSNorm over head_dim of every query and key head, before RoPE
+    const headNorm = async (heads: string, which: 'q_norm' | 'k_norm') =>
+      a.qkNorm ? rmsNorm(heads, await g.weight(`${pre}.self_attn.${which}.weight`, T, [hd], tensors.read(`${pre}.self_attn.${which}.weight`, [hd]))) : heads;
+    const q = applyRope(await headNorm(g.op('Reshape', [await projection(i, 'q_proj', x), toHeads]), 'q_norm'));
+    const k = applyRope(await headNorm(g.op('Reshape', [await projection(i, 'k_proj', x), toKvHeads]), 'k_norm'));
     const v = g.op('Reshape', [await projection(i, 'v_proj', x), toKvHeads]);
     const perm = { perm: ints([0, 2, 1, 3]) };
     const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
