@@ -69,6 +69,16 @@ describe('architectureFromHfConfig', () => {
     expect(architectureFromHfConfig({ ...cfg, attention_bias: true }, 'c')).toMatchObject({ attentionBias: true, outputBias: true });
   });
 
+  it('reads phi3: fused projections, LongRoPE with the top-level original_max_position_embeddings; refuses partial rotary and short factor lists', () => {
+    const half = TINY.hidden / TINY.heads / 2;
+    const cfg = { ...tinyHfConfig(), model_type: 'phi3', architectures: ['Phi3ForCausalLM'], max_position_embeddings: 1024, original_max_position_embeddings: 64, sliding_window: 2047, rope_scaling: { type: 'longrope', short_factor: new Array(half).fill(1), long_factor: new Array(half).fill(4) } };
+    const a = architectureFromHfConfig(cfg, 'c');
+    expect(a).toMatchObject({ family: 'phi3', fusedProjections: true, attentionBias: false, maxPositions: 1024, rope: { type: 'longrope', originalMaxPositions: 64, longFactor: [4, 4] } });
+    expect(a.rope?.type === 'longrope' && a.rope.attentionFactor).toBeCloseTo(Math.sqrt(1 + Math.log(16) / Math.log(64)), 12);
+    expect(syncInputError(() => architectureFromHfConfig({ ...cfg, partial_rotary_factor: 0.75 }, 'c'))).toContain('partial_rotary_factor 0.75 is not supported');
+    expect(syncInputError(() => architectureFromHfConfig({ ...cfg, rope_scaling: { ...cfg.rope_scaling, long_factor: [1] } }, 'c'))).toContain(`"rope_scaling.long_factor" must list ${half} positive numbers`);
+  });
+
   it('names the file and the missing key', () => {
     const cfg = tinyHfConfig();
     delete cfg.hidden_size;

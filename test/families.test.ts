@@ -1,5 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Architecture } from '../src/model/architecture.js';
+import { encodeSafetensors } from '../src/adapters/safetensors.js';
+import { makePeftTensors, peftConfig } from './helpers/adapter-fixtures.js';
+import { form } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, checkAdapterAgainstReference, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { randomCheckpoint, tinyArchitecture } from './helpers/random-checkpoint.js';
 
@@ -146,5 +149,100 @@ describe('Qwen3: q_norm / k_norm per head before RoPE, explicit head_dim (heads 
     expect(targets.find((t) => t.module === 'q_proj')).toMatchObject({ inFeatures: 64, outFeatures: 96 });
     expect(targets.find((t) => t.module === 'k_proj')).toMatchObject({ inFeatures: 64, outFeatures: 48 });
     expect(targets.find((t) => t.module === 'o_proj')).toMatchObject({ inFeatures: 96, outFeatures: 64 });
+  });
+});
+
+describe('Phi-3.5 layout: fused qkv_proj and gate_up_proj, LongRoPE short/long factors, adapters on the fused modules', () => {
+  const arch = tinyArchitecture({ ...baseDims, family: 'phi3', fusedProjections: true, numHeads: 4, numKvHeads: 2, headDim: 16, tieWordEmbeddings: false, ropeTheta: 10000 });
+  const half = arch.headDim / 2;
+  const shortFactor = Array.from({ length: half }, (_, i) => 1 + 0.05 * i);
+  const longFactor = Array.from({ length: half }, (_, i) => 1 + 1.5 * i);
+  // config.json as Phi-3.5-mini-instruct's, at test size (original context 16 of 256)
+  const config = {
+    architectures: ['Phi3ForCausalLM'],
+    attention_bias: false,
+    attention_dropout: 0.0,
+    bos_token_id: arch.bosTokenId,
+    embd_pdrop: 0.0,
+    eos_token_id: arch.eosTokenIds[0],
+    hidden_act: 'silu',
+    hidden_size: arch.hiddenSize,
+    initializer_range: 0.02,
+    intermediate_size: arch.intermediateSize,
+    max_position_embeddings: arch.maxPositions,
+    model_type: 'phi3',
+    num_attention_heads: arch.numHeads,
+    num_hidden_layers: arch.numLayers,
+    num_key_value_heads: arch.numKvHeads,
+    original_max_position_embeddings: 16,
+    pad_token_id: arch.eosTokenIds[0],
+    resid_pdrop: 0.0,
+    rms_norm_eps: 1e-5,
+    rope_scaling: { long_factor: longFactor, short_factor: shortFactor, type: 'longrope' },
+    rope_theta: 10000.0,
+    sliding_window: 262144,
+    tie_word_embeddings: false,
+    torch_dtype: 'bfloat16',
+    use_cache: true,
+    vocab_size: arch.vocabSize,
+  };
+  const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 53).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily('phi3', folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('reads the fused layout and offers the fused modules as LoRA targets', () => {
+    const m = served.app.runtime.manifest;
+    expect(m.architecture).toMatchObject({ family: 'phi3', fusedProjections: true, rope: { type: 'longrope', originalMaxPositions: 16, attentionFactor: Math.sqrt(1 + Math.log(256 / 16) / Math.log(16)) } });
+    expect(m.loraTargets.filter((t) => t.layer === 0).map((t) => [t.module, t.inFeatures, t.outFeatures])).toEqual([
+      ['qkv_proj', 64, 64 + 2 * 32],
+      ['o_proj', 64, 64],
+      ['gate_up_proj', 64, 2 * 96],
+      ['down_proj', 96, 64],
+    ]);
+  });
+
+  it('a short prompt whose generation crosses the original context (short factors, then long): equal to the merged reference', async () => {
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder));
+    console.info(`[phi3 longrope] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt (original context 16): max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
+    expect(r.promptLength).toBeLessThan(16);
+    expect(r.promptLength + r.tokens.length).toBeGreaterThan(16);
+    expect(r.effect).toBeGreaterThan(1e-2);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+
+  it('a prompt longer than the original context (long factors throughout): equal to the merged reference', async () => {
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    console.info(`[phi3 longrope] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}`);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+
+  it('an adapter whose qkv_proj lora_B has the q slice of another model is a 422 naming the slice', async () => {
+    const a = served.app.runtime.manifest.architecture;
+    const peft = makePeftTensors(a, {
+      r: 4,
+      targets: ['qkv_proj', 'gate_up_proj'],
+      seed: 3,
+      // a model with 6 query heads of 16 (96 rows of q) but the same 2 KV heads
+      shapeOverride: ({ projection, part, shape }) => (projection === 'qkv_proj' && part === 'B' ? [96 + 64, 4] : projection === 'gate_up_proj' && part === 'B' ? [2 * 80, 4] : shape),
+    });
+    const res = await served.app.inject({
+      method: 'POST',
+      url: '/v1/adapters/validate',
+      payload: form([
+        ['config', Buffer.from(JSON.stringify(peftConfig({ r: 4, target_modules: ['qkv_proj', 'gate_up_proj'] }))), 'adapter_config.json'],
+        ['weights', encodeSafetensors(peft.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+      ]),
+    });
+    expect(res.statusCode, res.body).toBe(422);
+    const errors = (res.json() as { errors: { code: string; tensor?: string; message: string }[] }).errors;
+    const qkv = errors.find((e) => e.code === 'shape_mismatch' && e.tensor?.includes('layers.0.self_attn.qkv_proj.lora_B'));
+    expect(qkv?.message).toContain('the q slice has 96 rows (6 heads) where this model has 64; k and v agree (32 each)');
+    const gateUp = errors.find((e) => e.code === 'shape_mismatch' && e.tensor?.includes('layers.0.mlp.gate_up_proj.lora_B'));
+    expect(gateUp?.message).toContain("halves are 80 rows each where this model's intermediate_size is 96");
   });
 });

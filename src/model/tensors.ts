@@ -1,4 +1,4 @@
-import { PROJECTIONS, projectionBlock, projectionDims, projectionHasBias, type Architecture } from './architecture.js';
+import { projectionsOf, projectionBlock, projectionDims, projectionHasBias, type Architecture } from './architecture.js';
 
 /**
  * The exact set of checkpoint tensors (Hugging Face names, [out, in] or [n] shapes) that the
@@ -16,7 +16,7 @@ export function checkpointTensorShapes(a: Architecture): Map<string, number[]> {
       m.set(`${p}.self_attn.q_norm.weight`, [a.headDim]);
       m.set(`${p}.self_attn.k_norm.weight`, [a.headDim]);
     }
-    for (const proj of PROJECTIONS) {
+    for (const proj of projectionsOf(a)) {
       const { inFeatures, outFeatures } = projectionDims(a, proj);
       m.set(`${p}.${projectionBlock(proj)}.${proj}.weight`, [outFeatures, inFeatures]);
       if (projectionHasBias(a, proj)) m.set(`${p}.${projectionBlock(proj)}.${proj}.bias`, [outFeatures]);

@@ -1,5 +1,5 @@
 import type { Architecture } from '../../src/model/architecture.js';
-import { PROJECTIONS, projectionBlock, projectionDims, projectionHasBias } from '../../src/model/architecture.js';
+import { projectionBlock, projectionDims, projectionHasBias, projectionsOf } from '../../src/model/architecture.js';
 import type { Checkpoint, CheckpointTensor } from '../../src/model/checkpoint/types.js';
 import { mulberry32 } from '../../src/prng.js';
 
@@ -90,7 +90,7 @@ export function randomCheckpoint(a: Architecture, seed: number, modelId = `rando
       put(`model.layers.${i}.self_attn.q_norm.weight`, [a.headDim], 0.2, 1);
       put(`model.layers.${i}.self_attn.k_norm.weight`, [a.headDim], 0.2, 1);
     }
-    for (const p of PROJECTIONS) {
+    for (const p of projectionsOf(a)) {
       const { inFeatures, outFeatures } = projectionDims(a, p);
       const base = `model.layers.${i}.${projectionBlock(p)}.${p}`;
       put(`${base}.weight`, [outFeatures, inFeatures], 1 / Math.sqrt(inFeatures));

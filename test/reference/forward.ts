@@ -56,13 +56,16 @@ function rmsnorm(x: Float64Array, weight: Float32Array, eps: number): Float64Arr
  * Frequency of pair i, as transformers' modeling_rope_utils.py computes `inv_freq` for each
  * rope_type (written out per pair here, float32 where torch holds float32).
  */
-function ropeFrequency(a: Architecture, i: number): number {
+function ropeFrequency(a: Architecture, i: number, longStep: boolean): number {
   const d = a.headDim;
   const base = Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / d)));
   const freq = Math.fround(1 / base);
   const s = a.rope;
   if (!s) return freq;
   if (s.type === 'linear') return Math.fround(freq / s.factor);
+  // longrope (Phi3): inv_freq = 1 / (ext_factors * base ** (2i / d)), long factors once the
+  // forward's max(position_ids) + 1 exceeds original_max_position_embeddings
+  if (s.type === 'longrope') return Math.fround(1 / Math.fround(Math.fround((longStep ? s.longFactor : s.shortFactor)[i]!) * base));
   if (s.type === 'llama3') {
     const wavelen = (2 * Math.PI) / freq;
     if (wavelen < s.originalMaxPositions / s.highFreqFactor) return freq;
@@ -81,15 +84,15 @@ function ropeFrequency(a: Architecture, i: number): number {
 }
 
 /** cos/sin multiplier: YaRN's attention_factor (`attention_scaling` in LlamaRotaryEmbedding), else 1 */
-const ropeScale = (a: Architecture) => (a.rope?.type === 'yarn' ? a.rope.attentionFactor : 1);
+const ropeScale = (a: Architecture) => (a.rope?.type === 'yarn' || a.rope?.type === 'longrope' ? a.rope.attentionFactor : 1);
 
 /** the angle of frequency pair i at position pos, rounded to float32 as run.c (powf, pos * freq) and HF (float32 inv_freq) do */
-function ropeAngle(a: Architecture, pairIndex: number, pos: number): number {
-  return Math.fround(pos * ropeFrequency(a, pairIndex));
+function ropeAngle(a: Architecture, pairIndex: number, pos: number, longStep = false): number {
+  return Math.fround(pos * ropeFrequency(a, pairIndex, longStep));
 }
 
 /** run.c: rotate adjacent pairs (2i, 2i+1) of each head in place */
-function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: number): void {
+function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: number, _longStep = false): void {
   const hd = a.headDim;
   for (let h = 0; h < heads; h++) {
     for (let i = 0; i < hd; i += 2) {
@@ -105,14 +108,14 @@ function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: n
 }
 
 /** HF apply_rotary_pos_emb: q·cos + rotate_half(q)·sin, rotate_half(x) = cat(-x[hd/2:], x[:hd/2]) */
-function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: number): void {
+function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: number, longStep = false): void {
   const hd = a.headDim;
   const half = hd / 2;
   const cos = new Float64Array(hd);
   const sin = new Float64Array(hd);
   for (let j = 0; j < hd; j++) {
     // HF: emb = cat(freqs, freqs), so entry j uses frequency j mod hd/2
-    const ang = ropeAngle(a, j % half, pos);
+    const ang = ropeAngle(a, j % half, pos, longStep);
     cos[j] = Math.fround(Math.cos(ang)) * ropeScale(a);
     sin[j] = Math.fround(Math.sin(ang)) * ropeScale(a);
   }
@@ -128,6 +131,11 @@ function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: nu
 export interface ReferenceOptions {
   /** position of each token (default 0, 1, 2, …) */
   positions?: number[];
+  /**
+   * the first `prefill` tokens form one forward call, as transformers' generate() runs a prompt
+   * (only LongRoPE looks at it: its table is chosen by the call's max position); default 1
+   */
+  prefill?: number;
 }
 
 /** logits [vocab] for every position of `tokens`, each seeing tokens 0..itself */
@@ -145,7 +153,11 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
   const out: Float32Array[] = [];
 
   for (let t = 0; t < tokens.length; t++) {
-    const pos = options.positions ? options.positions[t] : t;
+    const posOf = (i: number) => (options.positions ? options.positions[i]! : i);
+    const pos = posOf(t);
+    const prefill = options.prefill ?? 1;
+    const callMax = t < prefill ? Math.max(...Array.from({ length: Math.min(prefill, tokens.length) }, (_, i) => posOf(i))) : pos;
+    const longStep = a.rope?.type === 'longrope' && callMax + 1 > a.rope.originalMaxPositions;
     const x = Float64Array.from(embed.subarray(tokens[t] * dim, (tokens[t] + 1) * dim));
     for (let l = 0; l < a.numLayers; l++) {
       const p = `model.layers.${l}`;
@@ -155,9 +167,16 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       const oBias = a.outputBias ? w.get(`${p}.self_attn.o_proj.bias`) : undefined;
       const mlpBias = (name: string) => (a.mlpBias ? w.get(`${p}.mlp.${name}.bias`) : undefined);
       const xb = rmsnorm(x, w.get(`${p}.input_layernorm.weight`), a.rmsNormEps);
-      const q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
-      const k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
-      const v = linear(w.get(`${p}.self_attn.v_proj.weight`), xb, kvDim, bias('v_proj'));
+      let q: Float64Array, k: Float64Array, v: Float64Array;
+      if (a.fusedProjections) {
+        // Phi3Attention: qkv = qkv_proj(x); q = qkv[..., :q], k = next kv, v = the rest
+        const qkv = linear(w.get(`${p}.self_attn.qkv_proj.weight`), xb, qDim + 2 * kvDim);
+        [q, k, v] = [qkv.slice(0, qDim), qkv.slice(qDim, qDim + kvDim), qkv.slice(qDim + kvDim)];
+      } else {
+        q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
+        k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
+        v = linear(w.get(`${p}.self_attn.v_proj.weight`), xb, kvDim, bias('v_proj'));
+      }
       if (a.qkNorm) {
         // Qwen3Attention: q_norm / k_norm (RMSNorm over head_dim) on each head, then RoPE
         const perHead = (v: Float64Array, heads: number, weight: Float32Array) => {
@@ -167,8 +186,8 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
         perHead(k, a.numKvHeads, w.get(`${p}.self_attn.k_norm.weight`));
       }
       const rope = a.ropeLayout === 'interleaved' ? ropeInterleaved : ropeRotateHalf;
-      rope(a, q, a.numHeads, pos);
-      rope(a, k, a.numKvHeads, pos);
+      rope(a, q, a.numHeads, pos, longStep);
+      rope(a, k, a.numKvHeads, pos, longStep);
       keyCache[l].push(k);
       valueCache[l].push(v);
 
@@ -197,8 +216,15 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       for (let i = 0; i < dim; i++) x[i] += o[i];
 
       const xb2 = rmsnorm(x, w.get(`${p}.post_attention_layernorm.weight`), a.rmsNormEps);
-      const gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize, mlpBias('gate_proj'));
-      const up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize, mlpBias('up_proj'));
+      let gate: Float64Array, up: Float64Array;
+      if (a.fusedProjections) {
+        // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        const gu = linear(w.get(`${p}.mlp.gate_up_proj.weight`), xb2, 2 * a.intermediateSize);
+        [gate, up] = [gu.slice(0, a.intermediateSize), gu.slice(a.intermediateSize)];
+      } else {
+        gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize, mlpBias('gate_proj'));
+        up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize, mlpBias('up_proj'));
+      }
       for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
       const down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim, mlpBias('down_proj'));
       for (let i = 0; i < dim; i++) x[i] += down[i];

@@ -20,6 +20,7 @@ interface FamilyTraits {
   outputBias: boolean;
   mlpBias: boolean;
   qkNorm: boolean;
+  fusedProjections?: boolean;
   /** whether config.sliding_window limits attention (no window mask yet: the context is capped at it) */
   windowed: boolean;
 }
@@ -44,6 +45,11 @@ const FAMILIES: Record<string, { architecture: string; traits(c: HfConfig): Fami
   qwen3: {
     architecture: 'Qwen3ForCausalLM',
     traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: false, qkNorm: true, windowed: c.use_sliding_window === true }),
+  },
+  // Phi3Attention: one qkv_proj and Phi3MLP one gate_up_proj, never biased; the window is Phi3's own sliding_window
+  phi3: {
+    architecture: 'Phi3ForCausalLM',
+    traits: (c) => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, fusedProjections: true, windowed: c.sliding_window != null }),
   },
 };
 type Family = Architecture['family'];
@@ -74,6 +80,9 @@ const HfConfigSchema = z.object({
   hidden_act: z.string().nullish(),
   sliding_window: posInt.nullish(),
   use_sliding_window: z.boolean().nullish(),
+  // Phi-3 keeps the pretraining context here (LongRoPE), older transformers at the top level
+  original_max_position_embeddings: posInt.nullish(),
+  partial_rotary_factor: z.number().positive().max(1).nullish(),
   bos_token_id: tokenId.nullish(),
   eos_token_id: z.union([tokenId, z.array(tokenId)]).nullish(),
 });
@@ -105,7 +114,7 @@ function describeIssues(error: z.ZodError, json: Record<string, unknown>): strin
 }
 
 /** The RoPE kinds the graph implements (README lists them); "dynamic" NTK is refused on purpose. */
-export const ROPE_TYPES = ['default', 'linear', 'llama3', 'yarn'] as const;
+export const ROPE_TYPES = ['default', 'linear', 'llama3', 'yarn', 'longrope'] as const;
 
 /**
  * RoPE settings from either layout: `rope_parameters` (transformers >= 4.57: rope_type,
@@ -153,6 +162,20 @@ function ropeOf(c: HfConfig, file: string): { theta: number; rope: RopeScaling |
       const beta = (name: string, fallback: number) => (p[name] ? num(name) : fallback);
       return { theta, rope: { type: 'yarn', factor, originalMaxPositions, betaFast: beta('beta_fast', 32), betaSlow: beta('beta_slow', 1), attentionFactor, truncate } };
     }
+    case 'longrope': {
+      const originalMaxPositions = origMax(c.original_max_position_embeddings ?? undefined);
+      const factor = num('factor', c.max_position_embeddings / originalMaxPositions);
+      const attentionFactor = p.attention_factor != null ? num('attention_factor') : factor <= 1 ? 1 : Math.sqrt(1 + Math.log(factor) / Math.log(originalMaxPositions));
+      const factors = (name: string): number[] => {
+        const v = p[name];
+        const half = (c.head_dim ?? c.hidden_size / c.num_attention_heads) / 2;
+        if (!Array.isArray(v) || v.length !== half || !v.every((x) => typeof x === 'number' && Number.isFinite(x) && x > 0)) {
+          throw bad(`key "${key}.${name}" must list ${half} positive numbers (one per rotated pair of head_dim), got ${Array.isArray(v) ? `${v.length} entries` : JSON.stringify(v)}.`);
+        }
+        return v as number[];
+      };
+      return { theta, rope: { type: 'longrope', shortFactor: factors('short_factor'), longFactor: factors('long_factor'), originalMaxPositions, attentionFactor } };
+    }
     case 'dynamic':
       throw bad(
         `rope_type "dynamic" (dynamic NTK) is not supported: its frequencies change with the length of each sequence, so cached keys and new ones would be rotated by different tables. Supported rope types: ${ROPE_TYPES.join(', ')}.`,
@@ -183,6 +206,8 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
   const maxPositions = traits.windowed && c.sliding_window && c.sliding_window < c.max_position_embeddings ? c.sliding_window : c.max_position_embeddings;
 
   const rope = ropeOf(c, file);
+  const partial = c.partial_rotary_factor ?? (c.rope_parameters && typeof c.rope_parameters.partial_rotary_factor === 'number' ? c.rope_parameters.partial_rotary_factor : 1);
+  if (partial !== 1) throw new ModelInputError(file, `partial_rotary_factor ${partial} is not supported (RoPE over the whole head_dim only).`);
   const eos = c.eos_token_id;
   const arch: Architecture = {
     family,
@@ -203,6 +228,7 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     outputBias: traits.outputBias,
     mlpBias: traits.mlpBias,
     ...(traits.qkNorm ? { qkNorm: true } : {}),
+    ...(traits.fusedProjections ? { fusedProjections: true } : {}),
     bosTokenId: c.bos_token_id ?? null,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? [...new Set(eos)] : [eos],
   };

@@ -15,7 +15,7 @@ import { ropeFrequencies } from './rope.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '4';
+export const BUILDER_VERSION = '5';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -56,20 +56,25 @@ const OPSETS = { '': 17 };
  * (`powf`, `pos * freq`) do, so long positions agree with them rather than with exact math.
  * Scaled RoPE (rope.ts) changes only the frequencies and a factor on both tables.
  */
-export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Array; rotation: Float32Array } {
+export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Array; rotation: Float32Array; long?: { cos: Float32Array; sin: Float32Array } } {
   const hd = a.headDim;
   const half = hd / 2;
-  const { invFreq, attentionFactor } = ropeFrequencies(a);
+  const { invFreq, attentionFactor, longInvFreq } = ropeFrequencies(a);
   const freqIndex = (j: number) => (a.ropeLayout === 'rotate_half' ? j % half : j >> 1);
-  const cos = new Float32Array(a.maxPositions * hd);
-  const sin = new Float32Array(a.maxPositions * hd);
-  for (let p = 0; p < a.maxPositions; p++) {
-    for (let j = 0; j < hd; j++) {
-      const angle = Math.fround(p * invFreq[freqIndex(j)]);
-      cos[p * hd + j] = Math.cos(angle) * attentionFactor;
-      sin[p * hd + j] = Math.sin(angle) * attentionFactor;
+  const table = (inv: Float32Array) => {
+    const cos = new Float32Array(a.maxPositions * hd);
+    const sin = new Float32Array(a.maxPositions * hd);
+    for (let p = 0; p < a.maxPositions; p++) {
+      for (let j = 0; j < hd; j++) {
+        const angle = Math.fround(p * inv[freqIndex(j)]);
+        cos[p * hd + j] = Math.cos(angle) * attentionFactor;
+        sin[p * hd + j] = Math.sin(angle) * attentionFactor;
+      }
     }
-  }
+    return { cos, sin };
+  };
+  const { cos, sin } = table(invFreq);
+  const long = longInvFreq ? table(longInvFreq) : undefined;
   const rotation = new Float32Array(hd * hd);
   const set = (from: number, to: number, v: number) => (rotation[from * hd + to] = v);
   for (let i = 0; i < half; i++) {
@@ -81,7 +86,7 @@ export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Ar
       set(2 * i, 2 * i + 1, 1); // out[2i+1] = x[2i]
     }
   }
-  return { cos, sin, rotation };
+  return { cos, sin, rotation, long };
 }
 
 function checkArchitecture(a: Architecture, modelId: string): void {
@@ -185,8 +190,18 @@ export async function buildLlamaGraph(
   const rotation = g.constFloat(rope.rotation, [hd, hd], T);
   const axis2 = g.constInt64([2]);
   // [B, S, 1, hd]: broadcast over heads of q [B, S, H, hd] and k [B, S, KVH, hd]
-  const cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
-  const sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
+  let cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
+  let sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
+  if (rope.long && a.rope?.type === 'longrope') {
+    // LongRoPE (transformers' dynamic update): a step whose max(position_ids) + 1 exceeds the
+    // original context uses the long factors, per row here
+    const longCos = await g.weight('rope.cos_long', T, [a.maxPositions, hd], rope.long.cos);
+    const longSin = await g.weight('rope.sin_long', T, [a.maxPositions, hd], rope.long.sin);
+    const lastPos = g.op('ReduceMax', [positionIds], { axes: ints([1]), keepdims: int(1) }); // [B, 1] (opset 17: axes is an attribute)
+    const isLong = g.op('Unsqueeze', [g.op('Greater', [lastPos, g.constInt64([a.rope.originalMaxPositions - 1], [])]), g.constInt64([2, 3])]); // [B, 1, 1, 1]
+    cos = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longCos, positionIds], { axis: int(0) }), axis2]), cos]);
+    sin = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longSin, positionIds], { axis: int(0) }), axis2]), sin]);
+  }
   const applyRope = (x: string) => g.op('Add', [g.op('Mul', [x, cos]), g.op('Mul', [g.op('MatMul', [x, rotation]), sin])]);
 
   const qScale = scalar(1 / Math.sqrt(hd));
@@ -226,9 +241,13 @@ export async function buildLlamaGraph(
     // Qwen3: RMSNorm over head_dim of every query and key head, before RoPE
     const headNorm = async (heads: string, which: 'q_norm' | 'k_norm') =>
       a.qkNorm ? rmsNorm(heads, await g.weight(`${pre}.self_attn.${which}.weight`, T, [hd], tensors.read(`${pre}.self_attn.${which}.weight`, [hd]))) : heads;
-    const q = applyRope(await headNorm(g.op('Reshape', [await projection(i, 'q_proj', x), toHeads]), 'q_norm'));
-    const k = applyRope(await headNorm(g.op('Reshape', [await projection(i, 'k_proj', x), toKvHeads]), 'k_norm'));
-    const v = g.op('Reshape', [await projection(i, 'v_proj', x), toKvHeads]);
+    // Phi-3: one qkv_proj (rows [q; k; v]) split after its LoRA delta, as Phi3Attention slices it
+    const [qp, kp, vp] = a.fusedProjections
+      ? g.node('Split', [await projection(i, 'qkv_proj', x), g.constInt64([H * hd, KVH * hd, KVH * hd])], { attrs: { axis: int(-1) }, count: 3 })
+      : [await projection(i, 'q_proj', x), await projection(i, 'k_proj', x), await projection(i, 'v_proj', x)];
+    const q = applyRope(await headNorm(g.op('Reshape', [qp, toHeads]), 'q_norm'));
+    const k = applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads]), 'k_norm'));
+    const v = g.op('Reshape', [vp, toKvHeads]);
     const perm = { perm: ints([0, 2, 1, 3]) };
     const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
     const [presentK] = g.node('Concat', [pastKeyName(i), g.op('Transpose', [k], perm)], { attrs: { axis: int(2) }, outputs: [presentKeyName(i)] });
@@ -242,8 +261,10 @@ export async function buildLlamaGraph(
 
     const postNorm = await g.weight(`${pre}.post_attention_layernorm.weight`, T, [a.hiddenSize], tensors.read(`${pre}.post_attention_layernorm.weight`, [a.hiddenSize]));
     const y = rmsNorm(h, postNorm);
-    const gate = await projection(i, 'gate_proj', y);
-    const up = await projection(i, 'up_proj', y);
+    // Phi-3: gate_up_proj rows are [gate; up] (Phi3MLP's chunk(2, dim=-1))
+    const [gate, up] = a.fusedProjections
+      ? g.node('Split', [await projection(i, 'gate_up_proj', y), g.constInt64([a.intermediateSize, a.intermediateSize])], { attrs: { axis: int(-1) }, count: 2 })
+      : [await projection(i, 'gate_proj', y), await projection(i, 'up_proj', y)];
     const act = g.op('Mul', [g.op('Mul', [gate, g.op('Sigmoid', [gate])]), up]);
     h = g.op('Add', [h, await projection(i, 'down_proj', act)]);
   }

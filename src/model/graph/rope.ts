@@ -3,14 +3,17 @@ import type { Architecture } from '../architecture.js';
 /**
  * RoPE inverse frequencies and the factor on cos/sin, per scaling kind, with the semantics of
  * transformers' `modeling_rope_utils.py` (`_compute_*_parameters`). All of these are static
- * tables: they depend on the configuration only, never on the sequence length ("dynamic" NTK,
- * which does, is refused when config.json is read).
+ * tables: they depend on the configuration only ("dynamic" NTK, whose table depends on the
+ * sequence length, is refused when config.json is read). LongRoPE has two static tables and the
+ * graph picks one per row and step.
  */
 export interface RopeFrequencies {
   /** one per rotated pair, float32-rounded as torch holds `inv_freq` */
   invFreq: Float32Array;
-  /** multiplies cos and sin (YaRN's attention factor; 1 elsewhere) */
+  /** multiplies cos and sin (YaRN's and LongRoPE's attention factor; 1 elsewhere) */
   attentionFactor: number;
+  /** LongRoPE only: the table for steps whose sequence is longer than the original context */
+  longInvFreq?: Float32Array;
 }
 
 export function ropeFrequencies(a: Architecture): RopeFrequencies {
@@ -59,6 +62,11 @@ export function ropeFrequencies(a: Architecture): RopeFrequencies {
         return interpolation * (1 - extrapolationWeight) + extrapolation * extrapolationWeight;
       });
       return { invFreq: Float32Array.from(inv), attentionFactor: s.attentionFactor };
+    }
+    case 'longrope': {
+      // transformers: 1 / (ext_factors * base ** (arange(0, dim, 2) / dim)), in float32
+      const scaled = (ext: readonly number[]) => Float32Array.from(plain, (_, i) => 1 / Math.fround(Math.fround(ext[i]!) * Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / dim)))));
+      return { invFreq: scaled(s.shortFactor), longInvFreq: scaled(s.longFactor), attentionFactor: s.attentionFactor };
     }
   }
 }
