@@ -51,10 +51,17 @@ describe('architectureFromHfConfig', () => {
     expect(architectureFromHfConfig({ ...tinyHfConfig(), attention_bias: true, head_dim: 8 }, 'c')).toMatchObject({ attentionBias: true, headDim: 8 });
   });
 
-  it('accepts architectures without model_type and caps mistral context at its sliding window', () => {
+  it('accepts architectures without model_type; windows: mistral every layer, qwen2 from max_window_layers or layer_types, at full context', () => {
     const cfg = tinyHfConfig({ family: 'mistral' });
     delete cfg.model_type;
-    expect(architectureFromHfConfig({ ...cfg, sliding_window: 32 }, 'c')).toMatchObject({ family: 'mistral', maxPositions: 32 });
+    expect(architectureFromHfConfig({ ...cfg, sliding_window: 32 }, 'c')).toMatchObject({ family: 'mistral', maxPositions: TINY.maxPos, slidingWindow: 32, slidingWindowLayers: [0, 1] });
+    // a window as long as the context never masks anything
+    expect(architectureFromHfConfig({ ...cfg, sliding_window: TINY.maxPos }, 'c').slidingWindow).toBeUndefined();
+    expect(architectureFromHfConfig({ ...cfg, sliding_window: null }, 'c').slidingWindow).toBeUndefined();
+    const qwen = { ...tinyHfConfig({ family: 'qwen2' }), sliding_window: 8, max_window_layers: 1 };
+    expect(architectureFromHfConfig(qwen, 'c').slidingWindow).toBeUndefined();
+    expect(architectureFromHfConfig({ ...qwen, use_sliding_window: true }, 'c')).toMatchObject({ slidingWindow: 8, slidingWindowLayers: [1] });
+    expect(architectureFromHfConfig({ ...qwen, use_sliding_window: true, layer_types: ['sliding_attention', 'full_attention'] }, 'c')).toMatchObject({ slidingWindowLayers: [0] });
   });
 
   it("maps Llama's attention_bias to q/k/v and o_proj biases and mlp_bias to the MLP's; qwen2 has q/k/v only", () => {

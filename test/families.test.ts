@@ -246,3 +246,46 @@ describe('Phi-3.5 layout: fused qkv_proj and gate_up_proj, LongRoPE short/long f
     expect(gateUp?.message).toContain("halves are 80 rows each where this model's intermediate_size is 96");
   });
 });
+
+describe('Mistral with its sliding window: the full context, a prompt longer than the window', () => {
+  const W = 16;
+  const arch = tinyArchitecture({ ...baseDims, family: 'mistral', slidingWindow: W, slidingWindowLayers: [0, 1], tieWordEmbeddings: false, ropeTheta: 10000 });
+  // config.json as Mistral-7B-v0.1's (sliding_window 4096 of 32768), at test size
+  const config = {
+    architectures: ['MistralForCausalLM'],
+    bos_token_id: arch.bosTokenId,
+    eos_token_id: arch.eosTokenIds[0],
+    hidden_act: 'silu',
+    hidden_size: arch.hiddenSize,
+    initializer_range: 0.02,
+    intermediate_size: arch.intermediateSize,
+    max_position_embeddings: arch.maxPositions,
+    model_type: 'mistral',
+    num_attention_heads: arch.numHeads,
+    num_hidden_layers: arch.numLayers,
+    num_key_value_heads: arch.numKvHeads,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000.0,
+    sliding_window: W,
+    tie_word_embeddings: false,
+    torch_dtype: 'bfloat16',
+    use_cache: true,
+    vocab_size: arch.vocabSize,
+  };
+  const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 59).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily('mistral', folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('keeps max_position_embeddings as the context and matches the merged reference past the window', async () => {
+    expect(served.app.runtime.manifest.architecture).toMatchObject({ family: 'mistral', maxPositions: 256, slidingWindow: W, slidingWindowLayers: [0, 1] });
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    console.info(`[mistral window ${W}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}`);
+    expect(r.promptLength).toBeGreaterThan(2 * W);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+});

@@ -191,6 +191,32 @@ describe('scaled RoPE (linear, llama3, yarn) at positions beyond original_max_po
   });
 });
 
+describe('sliding window: a query sees only the last W keys', () => {
+  it.each([
+    { label: 'every layer (Mistral), W = 3', window: 3, layers: [0, 1] },
+    { label: 'layer 1 only (Qwen2 past max_window_layers), W = 4', window: 4, layers: [1] },
+  ])('$label: prompt, KV decode and a left-padded batch equal the reference; without the window they would not', async ({ window, layers }) => {
+    const arch = tinyArchitecture({ family: 'mistral', slidingWindow: window, slidingWindowLayers: layers });
+    const ck = randomCheckpoint(arch, 29);
+    const rng = new Rng(31);
+    const prompt = randomTokens(rng, 9, arch.vocabSize);
+    const short = randomTokens(rng, 5, arch.vocabSize);
+    const { session, manifest } = await open(ck);
+    const ref = referenceForward(ck, [...prompt, 5, 6]);
+    const state = new KvState(manifest, 1);
+    const lora = emptyLoraFeeds(manifest, 1);
+    const got = real((await runStep(session, state, [prompt], lora))[0]);
+    for (const t of [5, 6]) got.push(...real((await runStep(session, state, [[t]], lora))[0]));
+    const batch = await prefill(session, manifest, [prompt, short]);
+    const d = [maxDiffAll(got, ref), maxDiffAll(batch.logits[1], referenceForward(ck, short)), maxDiffAll(batch.logits[0], ref.slice(0, 9))];
+    const unwindowed = maxDiffAll(ref, referenceForward(new MemoryCheckpoint({ ...arch, slidingWindow: undefined, slidingWindowLayers: undefined }, ck.tensors), [...prompt, 5, 6]));
+    console.info(`[window ${window} on layers ${layers.join(',')}] prompt+decode ${d[0].toExponential(2)}, padded short row ${d[1].toExponential(2)}, long row ${d[2].toExponential(2)}; the window moves logits by ${unwindowed.toFixed(2)}`);
+    for (const x of d) expect(x).toBeLessThanOrEqual(1e-4);
+    expect(unwindowed).toBeGreaterThan(1e-2);
+    await session.release();
+  });
+});
+
 describe('every checkpoint tensor is consumed', () => {
   it('the builder refuses a checkpoint holding a tensor no part of the graph reads, naming it', async () => {
     const ck = randomCheckpoint(tinyArchitecture({ numLayers: 1 }), 17);

@@ -68,6 +68,9 @@ export const ArchitectureSchema = z.object({
   qkNorm: z.boolean().optional(),
   /** Phi-3: q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`, in the checkpoint and as LoRA targets */
   fusedProjections: z.boolean().optional(),
+  /** a query sees only the last `slidingWindow` keys (itself included) in these layers */
+  slidingWindow: z.number().int().positive().optional(),
+  slidingWindowLayers: z.array(z.number().int().nonnegative()).optional(),
   bosTokenId: z.number().int().nonnegative().nullable(),
   eosTokenIds: z.array(z.number().int().nonnegative()),
 });

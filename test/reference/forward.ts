@@ -149,6 +149,7 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
   const kvMul = a.numHeads / a.numKvHeads;
   const keyCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
   const valueCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
+  const positionCache: number[][] = Array.from({ length: a.numLayers }, () => []);
   const embed = w.get('model.embed_tokens.weight');
   const out: Float32Array[] = [];
 
@@ -190,6 +191,9 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       rope(a, k, a.numKvHeads, pos, longStep);
       keyCache[l].push(k);
       valueCache[l].push(v);
+      positionCache[l].push(pos);
+      // sliding_window_overlay: key k is visible to query q iff pos_k > pos_q - W
+      const window = a.slidingWindow && a.slidingWindowLayers?.includes(l) ? a.slidingWindow : Infinity;
 
       const att = new Float64Array(qDim);
       const steps = keyCache[l].length;
@@ -198,6 +202,10 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
         const scores = new Float64Array(steps);
         let max = -Infinity;
         for (let s = 0; s < steps; s++) {
+          if (!(positionCache[l][s]! > pos - window)) {
+            scores[s] = -Infinity;
+            continue;
+          }
           let dot = 0;
           const key = keyCache[l][s];
           for (let i = 0; i < hd; i++) dot += q[h * hd + i] * key[kvh * hd + i];

@@ -21,35 +21,49 @@ interface FamilyTraits {
   mlpBias: boolean;
   qkNorm: boolean;
   fusedProjections?: boolean;
-  /** whether config.sliding_window limits attention (no window mask yet: the context is capped at it) */
-  windowed: boolean;
+  /** the layers whose attention config.sliding_window limits (none when null) */
+  windowLayers: number[] | null;
+}
+
+const allLayers = (c: HfConfig) => Array.from({ length: c.num_hidden_layers }, (_, i) => i);
+
+/**
+ * Qwen2/Qwen3: the window applies only with use_sliding_window, and then to the layers
+ * `layer_types` marks "sliding_attention" (transformers >= 4.53 writes it), else to layers from
+ * max_window_layers on.
+ */
+function qwenWindowLayers(c: HfConfig): number[] | null {
+  if (c.use_sliding_window !== true || !c.sliding_window) return null;
+  if (c.layer_types) return c.layer_types.flatMap((t, i) => (t === 'sliding_attention' ? [i] : []));
+  const from = c.max_window_layers ?? 28;
+  return allLayers(c).filter((i) => i >= from);
 }
 
 const FAMILIES: Record<string, { architecture: string; traits(c: HfConfig): FamilyTraits }> = {
   // LlamaAttention: q/k/v/o all `bias=attention_bias`; LlamaMLP: `bias=mlp_bias`
   llama: {
     architecture: 'LlamaForCausalLM',
-    traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: c.mlp_bias ?? false, qkNorm: false, windowed: false }),
+    traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: c.mlp_bias ?? false, qkNorm: false, windowLayers: null }),
   },
   mistral: {
     architecture: 'MistralForCausalLM',
-    traits: () => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, windowed: true }),
+    traits: (c) => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, windowLayers: c.sliding_window ? allLayers(c) : null }),
   },
   // Qwen2Attention: q/k/v always biased (no config switch), o_proj never
   qwen2: {
     architecture: 'Qwen2ForCausalLM',
-    traits: (c) => ({ attentionBias: true, outputBias: false, mlpBias: false, qkNorm: false, windowed: c.use_sliding_window === true }),
+    traits: (c) => ({ attentionBias: true, outputBias: false, mlpBias: false, qkNorm: false, windowLayers: qwenWindowLayers(c) }),
   },
   // Qwen3Attention: q/k/v/o `bias=attention_bias` (false in every released model), RMSNorm over
   // head_dim on q and k before RoPE
   qwen3: {
     architecture: 'Qwen3ForCausalLM',
-    traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: false, qkNorm: true, windowed: c.use_sliding_window === true }),
+    traits: (c) => ({ attentionBias: c.attention_bias ?? false, outputBias: c.attention_bias ?? false, mlpBias: false, qkNorm: true, windowLayers: qwenWindowLayers(c) }),
   },
   // Phi3Attention: one qkv_proj and Phi3MLP one gate_up_proj, never biased; the window is Phi3's own sliding_window
   phi3: {
     architecture: 'Phi3ForCausalLM',
-    traits: (c) => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, fusedProjections: true, windowed: c.sliding_window != null }),
+    traits: (c) => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, fusedProjections: true, windowLayers: c.sliding_window ? allLayers(c) : null }),
   },
 };
 type Family = Architecture['family'];
@@ -80,6 +94,8 @@ const HfConfigSchema = z.object({
   hidden_act: z.string().nullish(),
   sliding_window: posInt.nullish(),
   use_sliding_window: z.boolean().nullish(),
+  max_window_layers: z.number().int().nonnegative().nullish(),
+  layer_types: z.array(z.string()).nullish(),
   // Phi-3 keeps the pretraining context here (LongRoPE), older transformers at the top level
   original_max_position_embeddings: posInt.nullish(),
   partial_rotary_factor: z.number().positive().max(1).nullish(),
@@ -202,8 +218,9 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
   if (headDim % 2 !== 0) throw new ModelInputError(file, `head_dim ${headDim} is odd; rotary embeddings need an even head_dim.`);
 
   const traits = FAMILIES[family]!.traits(c);
-  // The graph has no sliding-window mask: cap the context at the window so attention stays exact.
-  const maxPositions = traits.windowed && c.sliding_window && c.sliding_window < c.max_position_embeddings ? c.sliding_window : c.max_position_embeddings;
+  if (c.layer_types && c.layer_types.length !== c.num_hidden_layers) throw new ModelInputError(file, `layer_types lists ${c.layer_types.length} layers but num_hidden_layers is ${c.num_hidden_layers}.`);
+  const windowLayers = traits.windowLayers && traits.windowLayers.length > 0 && c.sliding_window && c.sliding_window < c.max_position_embeddings ? traits.windowLayers : null;
+  const maxPositions = c.max_position_embeddings;
 
   const rope = ropeOf(c, file);
   const partial = c.partial_rotary_factor ?? (c.rope_parameters && typeof c.rope_parameters.partial_rotary_factor === 'number' ? c.rope_parameters.partial_rotary_factor : 1);
@@ -229,6 +246,7 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     mlpBias: traits.mlpBias,
     ...(traits.qkNorm ? { qkNorm: true } : {}),
     ...(traits.fusedProjections ? { fusedProjections: true } : {}),
+    ...(windowLayers ? { slidingWindow: c.sliding_window!, slidingWindowLayers: windowLayers } : {}),
     bosTokenId: c.bos_token_id ?? null,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? [...new Set(eos)] : [eos],
   };

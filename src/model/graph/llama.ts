@@ -12,10 +12,11 @@ import {
   type ModelDtype,
 } from '../manifest.js';
 import { ropeFrequencies } from './rope.js';
+import { slidingWindowBias } from './window.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '5';
+export const BUILDER_VERSION = '6';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -179,6 +180,10 @@ export async function buildLlamaGraph(
     g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
   }
 
+  // sliding window (Mistral, Phi-3, windowed Qwen layers): only the bias of those layers changes
+  const windowed = new Set(a.slidingWindow ? (a.slidingWindowLayers ?? []) : []);
+  const windowBias = a.slidingWindow && windowed.size ? slidingWindowBias(g, attnBias, a.slidingWindow, maskValue, T) : attnBias;
+
   // ---- shared pieces
   onProgress('writing embeddings');
   const embedName = 'model.embed_tokens.weight';
@@ -253,7 +258,7 @@ export async function buildLlamaGraph(
     const [presentK] = g.node('Concat', [pastKeyName(i), g.op('Transpose', [k], perm)], { attrs: { axis: int(2) }, outputs: [presentKeyName(i)] });
     const [presentV] = g.node('Concat', [pastValueName(i), g.op('Transpose', [v], perm)], { attrs: { axis: int(2) }, outputs: [presentValueName(i)] });
     const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
-    const biased = g.op('Add', [g.op('Reshape', [scores, scoresToHeads]), attnBias]);
+    const biased = g.op('Add', [g.op('Reshape', [scores, scoresToHeads]), windowed.has(i) ? windowBias : attnBias]);
     const probs = g.op('Softmax', [biased], { axis: int(-1) });
     const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups]), presentV]);
     const merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads])], perm), mergeHeads]);
