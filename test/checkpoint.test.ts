@@ -2,6 +2,7 @@ import { copyFile, readFile, rm, truncate, writeFile, open } from 'node:fs/promi
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeSafetensors } from '../src/adapters/safetensors.js';
+import { presetConfig } from '../bench/presets.js';
 import { architectureFromHfConfig } from '../src/model/checkpoint/hf-config.js';
 import { openCheckpoint, readArchitecture } from '../src/model/checkpoint/index.js';
 import { ModelInputError } from '../src/model/checkpoint/types.js';
@@ -116,6 +117,12 @@ describe('architectureFromHfConfig', () => {
     const given = architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'yarn', factor: 4, attention_factor: 1.5, beta_fast: 16, truncate: false } }, 'c').rope;
     expect(given).toMatchObject({ attentionFactor: 1.5, betaFast: 16, originalMaxPositions: TINY.maxPos, truncate: false });
     expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'default' } }, 'c').rope).toBeUndefined();
+  });
+
+  it("the llama-3.2-1b bench preset writes Llama 3.2 1B's config: real dims and its llama3 rope_scaling", () => {
+    const a = architectureFromHfConfig(presetConfig('llama-3.2-1b'), 'config.json');
+    expect(a).toMatchObject({ family: 'llama', hiddenSize: 2048, intermediateSize: 8192, numLayers: 16, numHeads: 32, numKvHeads: 8, headDim: 64, vocabSize: 128256, maxPositions: 131072, ropeTheta: 500000, tieWordEmbeddings: true });
+    expect(a.rope).toEqual({ type: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 });
   });
 
   it('refuses dynamic NTK, unknown rope types and incomplete llama3 settings, naming the key', () => {
