@@ -87,6 +87,16 @@ describe('architectureFromHfConfig', () => {
     expect(syncInputError(() => architectureFromHfConfig({ ...cfg, rope_scaling: { ...cfg.rope_scaling, long_factor: [1] } }, 'c'))).toContain(`"rope_scaling.long_factor" must list ${half} positive numbers`);
   });
 
+  it('reads gemma2 / gemma3_text: tied by default, soft-caps, layer patterns, local RoPE base; refuses another activation', () => {
+    const base = { ...tinyHfConfig(), hidden_activation: 'gelu_pytorch_tanh', hidden_act: undefined, head_dim: 8, query_pre_attn_scalar: 8, sliding_window: 16, tie_word_embeddings: undefined };
+    const g2 = architectureFromHfConfig({ ...base, model_type: 'gemma2', architectures: ['Gemma2ForCausalLM'], num_hidden_layers: 4, attn_logit_softcapping: 50, final_logit_softcapping: 30 }, 'c');
+    expect(g2).toMatchObject({ family: 'gemma2', tieWordEmbeddings: true, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh', attnSoftcap: 50, finalSoftcap: 30, queryPreAttnScalar: 8, slidingWindowLayers: [0, 2] });
+    const g3 = architectureFromHfConfig({ ...base, model_type: 'gemma3_text', architectures: ['Gemma3ForCausalLM'], num_hidden_layers: 7, rope_theta: 1e6, rope_local_base_freq: 10000, sliding_window_pattern: 6, attn_logit_softcapping: null }, 'c');
+    expect(g3).toMatchObject({ family: 'gemma3_text', qkNorm: true, localRopeTheta: 10000, ropeTheta: 1e6, slidingWindowLayers: [0, 1, 2, 3, 4, 6] });
+    expect(g3.attnSoftcap).toBeUndefined();
+    expect(syncInputError(() => architectureFromHfConfig({ ...base, model_type: 'gemma2', hidden_activation: 'gelu' }, 'c'))).toContain('hidden_activation "gelu" is not supported for gemma2 (only gelu_pytorch_tanh)');
+  });
+
   it('names the file and the missing key', () => {
     const cfg = tinyHfConfig();
     delete cfg.hidden_size;

@@ -4,7 +4,9 @@ import { encodeSafetensors } from '../src/adapters/safetensors.js';
 import { makePeftTensors, peftConfig } from './helpers/adapter-fixtures.js';
 import { form } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, checkAdapterAgainstReference, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
-import { randomCheckpoint, tinyArchitecture } from './helpers/random-checkpoint.js';
+import { maxAbsDiff } from './helpers/lora-feeds.js';
+import { MemoryCheckpoint, randomCheckpoint, tinyArchitecture } from './helpers/random-checkpoint.js';
+import { referenceForward } from './reference/forward.js';
 
 /**
  * Every supported family, served through HTTP from a checkpoint in its real layout, against the
@@ -287,5 +289,124 @@ describe('Mistral with its sliding window: the full context, a prompt longer tha
     console.info(`[mistral window ${W}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}`);
     expect(r.promptLength).toBeGreaterThan(2 * W);
     expect(r.worst).toBeLessThan(1e-4);
+  });
+});
+
+const gemmaCommon = (a: Architecture) => ({
+  attention_bias: false,
+  attention_dropout: 0.0,
+  bos_token_id: a.bosTokenId,
+  cache_implementation: 'hybrid',
+  eos_token_id: [a.eosTokenIds[0], 505],
+  head_dim: a.headDim,
+  hidden_activation: 'gelu_pytorch_tanh',
+  hidden_size: a.hiddenSize,
+  initializer_range: 0.02,
+  intermediate_size: a.intermediateSize,
+  max_position_embeddings: a.maxPositions,
+  num_attention_heads: a.numHeads,
+  num_hidden_layers: a.numLayers,
+  num_key_value_heads: a.numKvHeads,
+  pad_token_id: 0,
+  rms_norm_eps: 1e-6,
+  torch_dtype: 'bfloat16',
+  use_cache: true,
+  vocab_size: a.vocabSize,
+});
+
+describe.each([
+  {
+    label: 'Gemma 2 (gemma-2-2b layout): (1+w) norms, √hidden embeddings, GELU-tanh, sandwich norms, soft-capping, query_pre_attn_scalar, even layers sliding',
+    arch: tinyArchitecture({ ...baseDims, family: 'gemma2', numLayers: 3, numHeads: 4, numKvHeads: 2, headDim: 24, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh', tieWordEmbeddings: true }),
+    config: (a: Architecture) => ({
+      ...gemmaCommon(a),
+      architectures: ['Gemma2ForCausalLM'],
+      model_type: 'gemma2',
+      hidden_act: 'gelu_pytorch_tanh',
+      attn_logit_softcapping: 5.0,
+      final_logit_softcapping: 8.0,
+      query_pre_attn_scalar: 20,
+      rope_theta: 10000.0,
+      sliding_window: 16,
+    }),
+    expected: { family: 'gemma2', attnSoftcap: 5, finalSoftcap: 8, queryPreAttnScalar: 20, slidingWindow: 16, slidingWindowLayers: [0, 2], tieWordEmbeddings: true },
+  },
+  {
+    label: 'Gemma 3 text (gemma-3-4b layout): q/k (1+w) norms, local layers at rope_local_base_freq, the global layer with rope_theta and linear scaling',
+    arch: tinyArchitecture({ ...baseDims, family: 'gemma3_text', numLayers: 3, numHeads: 4, numKvHeads: 1, headDim: 16, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh', qkNorm: true, tieWordEmbeddings: true }),
+    config: (a: Architecture) => ({
+      ...gemmaCommon(a),
+      architectures: ['Gemma3ForCausalLM'],
+      model_type: 'gemma3_text',
+      attn_logit_softcapping: null,
+      final_logit_softcapping: null,
+      query_pre_attn_scalar: 16,
+      rope_local_base_freq: 10000.0,
+      rope_scaling: { factor: 8.0, rope_type: 'linear' },
+      rope_theta: 1000000.0,
+      sliding_window: 16,
+      sliding_window_pattern: 3,
+    }),
+    expected: { family: 'gemma3_text', qkNorm: true, localRopeTheta: 10000, ropeTheta: 1e6, rope: { type: 'linear', factor: 8 }, slidingWindow: 16, slidingWindowLayers: [0, 1] },
+  },
+])('$label', ({ arch, config, expected }) => {
+  const folder: FamilyFolder = { config: config(arch), tensors: randomCheckpoint(arch, 61).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily(arch.family, folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('served greedy tokens and logprobs equal the merged reference past the window', async () => {
+    expect(served.app.runtime.manifest.architecture).toMatchObject({ ...expected, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh' });
+    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    console.info(`[${arch.family}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
+    expect(r.promptLength).toBeGreaterThan(16);
+    expect(r.effect).toBeGreaterThan(1e-2);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+});
+
+describe('each Gemma hook changes the model (so the served tests above can fail)', () => {
+  it('removing any one of them from the reference moves the logits', () => {
+    const arch = tinyArchitecture({
+      ...baseDims,
+      family: 'gemma3_text',
+      numLayers: 3,
+      headDim: 16,
+      normPlusOne: true,
+      embedScale: true,
+      sandwichNorms: true,
+      activation: 'gelu_tanh',
+      qkNorm: true,
+      attnSoftcap: 3,
+      finalSoftcap: 4,
+      queryPreAttnScalar: 9,
+      localRopeTheta: 10000,
+      ropeTheta: 1e6,
+      slidingWindow: 4,
+      slidingWindowLayers: [0, 1],
+    });
+    const ck = randomCheckpoint(arch, 67);
+    const tokens = Array.from({ length: 12 }, (_, i) => (i * 37 + 5) % arch.vocabSize);
+    const full = referenceForward(ck, tokens);
+    const without: Partial<Architecture>[] = [
+      { normPlusOne: undefined },
+      { embedScale: undefined },
+      { sandwichNorms: undefined },
+      { activation: undefined },
+      { attnSoftcap: undefined },
+      { finalSoftcap: undefined },
+      { queryPreAttnScalar: undefined },
+      { localRopeTheta: undefined },
+      { slidingWindow: undefined },
+    ];
+    for (const change of without) {
+      const other = referenceForward(new MemoryCheckpoint({ ...arch, ...change }, ck.tensors), tokens);
+      const d = Math.max(...full.map((row, i) => maxAbsDiff(row, other[i]!)));
+      expect(d, `without ${Object.keys(change)[0]}`).toBeGreaterThan(1e-3);
+    }
   });
 });

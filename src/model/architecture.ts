@@ -39,7 +39,7 @@ export type RopeScaling = z.infer<typeof RopeScalingSchema>;
  * from. Everything downstream (graph builder, LoRA target table, validator) reads only this.
  */
 export const ArchitectureSchema = z.object({
-  family: z.enum(['llama', 'mistral', 'qwen2', 'qwen3', 'phi3']),
+  family: z.enum(['llama', 'mistral', 'qwen2', 'qwen3', 'phi3', 'gemma2', 'gemma3_text']),
   hiddenSize: z.number().int().positive(),
   intermediateSize: z.number().int().positive(),
   numLayers: z.number().int().positive(),
@@ -71,6 +71,23 @@ export const ArchitectureSchema = z.object({
   /** a query sees only the last `slidingWindow` keys (itself included) in these layers */
   slidingWindow: z.number().int().positive().optional(),
   slidingWindowLayers: z.array(z.number().int().nonnegative()).optional(),
+  // ---- Gemma 2 / Gemma 3 (all absent for the Llama-style families)
+  /** RMSNorm scales by (1 + weight) (GemmaRMSNorm), every norm including q/k norms */
+  normPlusOne: z.boolean().optional(),
+  /** embeddings are multiplied by sqrt(hidden_size) (not the tied lm_head) */
+  embedScale: z.boolean().optional(),
+  /** the gated MLP's activation; absent = silu */
+  activation: z.enum(['silu', 'gelu_tanh']).optional(),
+  /** a norm on the attention output and pre/post norms around the MLP (pre/post_feedforward_layernorm) */
+  sandwichNorms: z.boolean().optional(),
+  /** attention scores scale by query_pre_attn_scalar^-0.5 instead of head_dim^-0.5 */
+  queryPreAttnScalar: z.number().positive().optional(),
+  /** scores → tanh(scores / cap) · cap before the mask */
+  attnSoftcap: z.number().positive().optional(),
+  /** logits → tanh(logits / cap) · cap */
+  finalSoftcap: z.number().positive().optional(),
+  /** Gemma 3: sliding-window layers use plain RoPE at this theta; `ropeTheta`/`rope` are the global layers' */
+  localRopeTheta: z.number().positive().optional(),
   bosTokenId: z.number().int().nonnegative().nullable(),
   eosTokenIds: z.array(z.number().int().nonnegative()),
 });

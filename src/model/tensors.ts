@@ -12,6 +12,10 @@ export function checkpointTensorShapes(a: Architecture): Map<string, number[]> {
     const p = `model.layers.${i}`;
     m.set(`${p}.input_layernorm.weight`, [a.hiddenSize]);
     m.set(`${p}.post_attention_layernorm.weight`, [a.hiddenSize]);
+    if (a.sandwichNorms) {
+      m.set(`${p}.pre_feedforward_layernorm.weight`, [a.hiddenSize]);
+      m.set(`${p}.post_feedforward_layernorm.weight`, [a.hiddenSize]);
+    }
     if (a.qkNorm) {
       m.set(`${p}.self_attn.q_norm.weight`, [a.headDim]);
       m.set(`${p}.self_attn.k_norm.weight`, [a.headDim]);

@@ -58,7 +58,7 @@ export const LLAMA2_13B: Architecture = smallArch({ hiddenSize: 5120, intermedia
 /** The Hugging Face config.json for an architecture (what readArchitecture parses back). */
 export function hfConfigJson(a: Architecture): Record<string, unknown> {
   const modelType = a.family;
-  const cls = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM', phi3: 'Phi3ForCausalLM' }[a.family];
+  const cls = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM', phi3: 'Phi3ForCausalLM', gemma2: 'Gemma2ForCausalLM', gemma3_text: 'Gemma3ForCausalLM' }[a.family];
   return {
     architectures: [cls],
     model_type: modelType,

@@ -151,6 +151,13 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
   const valueCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
   const positionCache: number[][] = Array.from({ length: a.numLayers }, () => []);
   const embed = w.get('model.embed_tokens.weight');
+  // GemmaRMSNorm: x / rms(x) · (1 + weight); every other family: · weight
+  const norm = (x: Float64Array, weight: Float32Array) => rmsnorm(x, a.normPlusOne ? weight.map((v) => 1 + v) : weight, a.rmsNormEps);
+  // Gemma2/3 attention: scores · query_pre_attn_scalar^-0.5, then tanh soft-capping
+  const scoreScale = 1 / Math.sqrt(a.queryPreAttnScalar ?? a.headDim);
+  const cap = (v: number, c: number | undefined) => (c ? Math.tanh(v / c) * c : v);
+  // gelu_pytorch_tanh: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))); silu: x·σ(x)
+  const act = (v: number) => (a.activation === 'gelu_tanh' ? 0.5 * v * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (v + 0.044715 * v * v * v))) : v / (1 + Math.exp(-v)));
   const out: Float32Array[] = [];
 
   for (let t = 0; t < tokens.length; t++) {
@@ -160,6 +167,8 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
     const callMax = t < prefill ? Math.max(...Array.from({ length: Math.min(prefill, tokens.length) }, (_, i) => posOf(i))) : pos;
     const longStep = a.rope?.type === 'longrope' && callMax + 1 > a.rope.originalMaxPositions;
     const x = Float64Array.from(embed.subarray(tokens[t] * dim, (tokens[t] + 1) * dim));
+    // Gemma: the embedding normalizer sqrt(hidden_size), a float32 tensor in a float32 model
+    if (a.embedScale) for (let i = 0; i < dim; i++) x[i] *= Math.fround(Math.sqrt(dim));
     for (let l = 0; l < a.numLayers; l++) {
       const p = `model.layers.${l}`;
       // transformers: LlamaAttention's q/k/v have bias=attention_bias and o_proj too (Qwen2: q/k/v
@@ -167,7 +176,7 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       const bias = (name: string) => (a.attentionBias ? w.get(`${p}.self_attn.${name}.bias`) : undefined);
       const oBias = a.outputBias ? w.get(`${p}.self_attn.o_proj.bias`) : undefined;
       const mlpBias = (name: string) => (a.mlpBias ? w.get(`${p}.mlp.${name}.bias`) : undefined);
-      const xb = rmsnorm(x, w.get(`${p}.input_layernorm.weight`), a.rmsNormEps);
+      const xb = norm(x, w.get(`${p}.input_layernorm.weight`));
       let q: Float64Array, k: Float64Array, v: Float64Array;
       if (a.fusedProjections) {
         // Phi3Attention: qkv = qkv_proj(x); q = qkv[..., :q], k = next kv, v = the rest
@@ -181,14 +190,17 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       if (a.qkNorm) {
         // Qwen3Attention: q_norm / k_norm (RMSNorm over head_dim) on each head, then RoPE
         const perHead = (v: Float64Array, heads: number, weight: Float32Array) => {
-          for (let h = 0; h < heads; h++) v.set(rmsnorm(v.slice(h * hd, (h + 1) * hd), weight, a.rmsNormEps), h * hd);
+          for (let h = 0; h < heads; h++) v.set(norm(v.slice(h * hd, (h + 1) * hd), weight), h * hd);
         };
         perHead(q, a.numHeads, w.get(`${p}.self_attn.q_norm.weight`));
         perHead(k, a.numKvHeads, w.get(`${p}.self_attn.k_norm.weight`));
       }
       const rope = a.ropeLayout === 'interleaved' ? ropeInterleaved : ropeRotateHalf;
-      rope(a, q, a.numHeads, pos, longStep);
-      rope(a, k, a.numKvHeads, pos, longStep);
+      // Gemma 3: sliding layers rotate by plain RoPE at rope_local_base_freq
+      const local = a.localRopeTheta !== undefined && a.slidingWindowLayers?.includes(l);
+      const ra: Architecture = local ? { ...a, ropeTheta: a.localRopeTheta!, rope: undefined } : a;
+      rope(ra, q, a.numHeads, pos, longStep);
+      rope(ra, k, a.numKvHeads, pos, longStep);
       keyCache[l].push(k);
       valueCache[l].push(v);
       positionCache[l].push(pos);
@@ -209,7 +221,7 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
           let dot = 0;
           const key = keyCache[l][s];
           for (let i = 0; i < hd; i++) dot += q[h * hd + i] * key[kvh * hd + i];
-          scores[s] = dot / Math.sqrt(hd);
+          scores[s] = cap(dot * scoreScale, a.attnSoftcap);
           max = Math.max(max, scores[s]);
         }
         let sum = 0;
@@ -220,10 +232,12 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
           for (let i = 0; i < hd; i++) att[h * hd + i] += weight * value[kvh * hd + i];
         }
       }
-      const o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim, oBias);
+      let o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim, oBias);
+      // Gemma2DecoderLayer: post_attention_layernorm on the attention output, pre_feedforward_layernorm before the MLP
+      if (a.sandwichNorms) o = norm(o, w.get(`${p}.post_attention_layernorm.weight`));
       for (let i = 0; i < dim; i++) x[i] += o[i];
 
-      const xb2 = rmsnorm(x, w.get(`${p}.post_attention_layernorm.weight`), a.rmsNormEps);
+      const xb2 = norm(x, w.get(`${p}.${a.sandwichNorms ? 'pre_feedforward_layernorm' : 'post_attention_layernorm'}.weight`));
       let gate: Float64Array, up: Float64Array;
       if (a.fusedProjections) {
         // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1)
@@ -233,13 +247,14 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
         gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize, mlpBias('gate_proj'));
         up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize, mlpBias('up_proj'));
       }
-      for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
-      const down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim, mlpBias('down_proj'));
+      for (let i = 0; i < gate.length; i++) gate[i] = act(gate[i]) * up[i];
+      let down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim, mlpBias('down_proj'));
+      if (a.sandwichNorms) down = norm(down, w.get(`${p}.post_feedforward_layernorm.weight`));
       for (let i = 0; i < dim; i++) x[i] += down[i];
     }
-    const xf = rmsnorm(x, w.get('model.norm.weight'), a.rmsNormEps);
+    const xf = norm(x, w.get('model.norm.weight'));
     const head = a.tieWordEmbeddings ? embed : w.get('lm_head.weight');
-    out.push(Float32Array.from(linear(head, xf, a.vocabSize)));
+    out.push(Float32Array.from(linear(head, xf, a.vocabSize), (v) => cap(v, a.finalSoftcap)));
   }
   return out;
 }

@@ -21,6 +21,12 @@ interface FamilyTraits {
   mlpBias: boolean;
   qkNorm: boolean;
   fusedProjections?: boolean;
+  /** Gemma's differences from Llama (architecture.ts), read from its config */
+  extras?: Partial<Architecture>;
+  /** tie_word_embeddings when config.json leaves it out (Gemma's configs default to true) */
+  tiedByDefault?: boolean;
+  /** the activation transformers' MLP uses (config key, value); others are refused */
+  activation?: { key: 'hidden_act' | 'hidden_activation'; value: string };
   /** the layers whose attention config.sliding_window limits (none when null) */
   windowLayers: number[] | null;
 }
@@ -65,8 +71,50 @@ const FAMILIES: Record<string, { architecture: string; traits(c: HfConfig): Fami
     architecture: 'Phi3ForCausalLM',
     traits: (c) => ({ attentionBias: false, outputBias: false, mlpBias: false, qkNorm: false, fusedProjections: true, windowLayers: c.sliding_window ? allLayers(c) : null }),
   },
+  // Gemma2: (1 + w) RMSNorm, embeddings × sqrt(hidden), gelu_pytorch_tanh, pre/post feed-forward
+  // norms, query_pre_attn_scalar, attention and final logit soft-capping, sliding window on even layers
+  gemma2: {
+    architecture: 'Gemma2ForCausalLM',
+    traits: (c) => ({
+      ...gemmaCommon(c),
+      windowLayers: c.sliding_window ? (c.layer_types ? slidingOf(c.layer_types) : allLayers(c).filter((i) => i % 2 === 0)) : null,
+      extras: { ...gemmaCommon(c).extras, ...(c.attn_logit_softcapping ? { attnSoftcap: c.attn_logit_softcapping } : {}), ...(c.final_logit_softcapping ? { finalSoftcap: c.final_logit_softcapping } : {}) },
+    }),
+  },
+  // Gemma3 text: as Gemma2 plus (1 + w) q/k norms, no soft-capping in released models, every
+  // sliding_window_pattern-th layer global with rope_theta (+ rope_scaling), the others local at rope_local_base_freq
+  gemma3_text: {
+    architecture: 'Gemma3ForCausalLM',
+    traits: (c) => ({
+      ...gemmaCommon(c),
+      qkNorm: true,
+      windowLayers: c.sliding_window ? (c.layer_types ? slidingOf(c.layer_types) : allLayers(c).filter((i) => (i + 1) % (c.sliding_window_pattern ?? 6) !== 0)) : null,
+      extras: {
+        ...gemmaCommon(c).extras,
+        ...(c.attn_logit_softcapping ? { attnSoftcap: c.attn_logit_softcapping } : {}),
+        ...(c.final_logit_softcapping ? { finalSoftcap: c.final_logit_softcapping } : {}),
+        localRopeTheta: c.rope_local_base_freq ?? 10000,
+      },
+    }),
+  },
 };
 type Family = Architecture['family'];
+
+const slidingOf = (types: string[]) => types.flatMap((t, i) => (t === 'sliding_attention' ? [i] : []));
+
+function gemmaCommon(c: HfConfig): FamilyTraits & { extras: Partial<Architecture> } {
+  const bias = c.attention_bias ?? false;
+  return {
+    attentionBias: bias,
+    outputBias: bias,
+    mlpBias: false,
+    qkNorm: false,
+    windowLayers: null,
+    tiedByDefault: true,
+    activation: c.hidden_activation ? { key: 'hidden_activation', value: c.hidden_activation } : { key: 'hidden_act', value: c.hidden_act ?? 'gelu_pytorch_tanh' },
+    extras: { normPlusOne: true, embedScale: true, activation: 'gelu_tanh', sandwichNorms: true, queryPreAttnScalar: c.query_pre_attn_scalar ?? 256 },
+  };
+}
 const SUPPORTED = Object.entries(FAMILIES).map(([t, f]) => `${t} (${f.architecture})`).join(', ');
 
 const posInt = z.number().int().positive();
@@ -92,6 +140,12 @@ const HfConfigSchema = z.object({
   attention_bias: z.boolean().nullish(),
   mlp_bias: z.boolean().nullish(),
   hidden_act: z.string().nullish(),
+  hidden_activation: z.string().nullish(),
+  query_pre_attn_scalar: z.number().positive().nullish(),
+  attn_logit_softcapping: z.number().positive().nullish(),
+  final_logit_softcapping: z.number().positive().nullish(),
+  rope_local_base_freq: z.number().positive().nullish(),
+  sliding_window_pattern: posInt.nullish(),
   sliding_window: posInt.nullish(),
   use_sliding_window: z.boolean().nullish(),
   max_window_layers: z.number().int().nonnegative().nullish(),
@@ -209,7 +263,10 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
   if (!parsed.success) throw new ModelInputError(file, describeIssues(parsed.error, obj));
   const c = parsed.data;
 
-  if (c.hidden_act && c.hidden_act !== 'silu') throw new ModelInputError(file, `hidden_act "${c.hidden_act}" is not supported (only silu).`);
+  const traits = FAMILIES[family]!.traits(c);
+  const act = traits.activation ?? { key: 'hidden_act', value: c.hidden_act ?? 'silu' };
+  const expectedAct = traits.activation ? 'gelu_pytorch_tanh' : 'silu';
+  if (act.value !== expectedAct) throw new ModelInputError(file, `${act.key} "${act.value}" is not supported for ${family} (only ${expectedAct}).`);
   const numHeads = c.num_attention_heads;
   const numKvHeads = c.num_key_value_heads ?? numHeads;
   if (numHeads % numKvHeads !== 0) throw new ModelInputError(file, `num_attention_heads ${numHeads} is not a multiple of num_key_value_heads ${numKvHeads}.`);
@@ -217,9 +274,11 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
   if (!Number.isInteger(headDim)) throw new ModelInputError(file, `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${numHeads} and no head_dim is given.`);
   if (headDim % 2 !== 0) throw new ModelInputError(file, `head_dim ${headDim} is odd; rotary embeddings need an even head_dim.`);
 
-  const traits = FAMILIES[family]!.traits(c);
   if (c.layer_types && c.layer_types.length !== c.num_hidden_layers) throw new ModelInputError(file, `layer_types lists ${c.layer_types.length} layers but num_hidden_layers is ${c.num_hidden_layers}.`);
-  const windowLayers = traits.windowLayers && traits.windowLayers.length > 0 && c.sliding_window && c.sliding_window < c.max_position_embeddings ? traits.windowLayers : null;
+  // a window as long as the context never masks anything and is dropped, except where the local
+  // layers also differ in their RoPE (Gemma 3)
+  const keepWindow = traits.extras?.localRopeTheta !== undefined;
+  const windowLayers = traits.windowLayers && traits.windowLayers.length > 0 && c.sliding_window && (keepWindow || c.sliding_window < c.max_position_embeddings) ? traits.windowLayers : null;
   const maxPositions = c.max_position_embeddings;
 
   const rope = ropeOf(c, file);
@@ -240,13 +299,14 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     ropeTheta: rope.theta,
     ...(rope.rope ? { rope: rope.rope } : {}),
     ropeLayout: 'rotate_half',
-    tieWordEmbeddings: c.tie_word_embeddings ?? false,
+    tieWordEmbeddings: c.tie_word_embeddings ?? traits.tiedByDefault ?? false,
     attentionBias: traits.attentionBias,
     outputBias: traits.outputBias,
     mlpBias: traits.mlpBias,
     ...(traits.qkNorm ? { qkNorm: true } : {}),
     ...(traits.fusedProjections ? { fusedProjections: true } : {}),
     ...(windowLayers ? { slidingWindow: c.sliding_window!, slidingWindowLayers: windowLayers } : {}),
+    ...traits.extras,
     bosTokenId: c.bos_token_id ?? null,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? [...new Set(eos)] : [eos],
   };
