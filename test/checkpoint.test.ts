@@ -94,6 +94,9 @@ describe('architectureFromHfConfig', () => {
     const g3 = architectureFromHfConfig({ ...base, model_type: 'gemma3_text', architectures: ['Gemma3ForCausalLM'], num_hidden_layers: 7, rope_theta: 1e6, rope_local_base_freq: 10000, sliding_window_pattern: 6, attn_logit_softcapping: null }, 'c');
     expect(g3).toMatchObject({ family: 'gemma3_text', qkNorm: true, localRopeTheta: 10000, ropeTheta: 1e6, slidingWindowLayers: [0, 1, 2, 3, 4, 6] });
     expect(g3.attnSoftcap).toBeUndefined();
+    // transformers >= 4.57 writes Gemma 3's RoPE per layer type
+    const perType: Record<string, unknown> = { ...base, model_type: 'gemma3_text', num_hidden_layers: 7, rope_parameters: { full_attention: { rope_type: 'linear', factor: 8, rope_theta: 1e6 }, sliding_attention: { rope_type: 'default', rope_theta: 10000 } } };
+    expect(architectureFromHfConfig(perType, 'c')).toMatchObject({ ropeTheta: 1e6, rope: { type: 'linear', factor: 8 }, localRopeTheta: 10000 });
     expect(syncInputError(() => architectureFromHfConfig({ ...base, model_type: 'gemma2', hidden_activation: 'gelu' }, 'c'))).toContain('hidden_activation "gelu" is not supported for gemma2 (only gelu_pytorch_tanh)');
   });
 

@@ -100,6 +100,12 @@ const FAMILIES: Record<string, { architecture: string; traits(c: HfConfig): Fami
 };
 type Family = Architecture['family'];
 
+/** a per-layer-type rope_parameters: its local theta is Gemma 3's; elsewhere both types must agree */
+function localThetaFor(traits: FamilyTraits, localTheta: number, file: string): Partial<Architecture> {
+  if (traits.extras?.localRopeTheta !== undefined) return { localRopeTheta: localTheta };
+  throw new ModelInputError(file, `rope_parameters gives sliding_attention layers their own RoPE (rope_theta ${localTheta}), which this model_type does not have.`);
+}
+
 const slidingOf = (types: string[]) => types.flatMap((t, i) => (t === 'sliding_attention' ? [i] : []));
 
 function gemmaCommon(c: HfConfig): FamilyTraits & { extras: Partial<Architecture> } {
@@ -191,7 +197,18 @@ export const ROPE_TYPES = ['default', 'linear', 'llama3', 'yarn', 'longrope'] as
  * rope_theta and the scaling keys in one object) or the older `rope_theta` + `rope_scaling`
  * (whose kind may be under `rope_type` or the legacy `type`). Defaults are transformers'.
  */
-function ropeOf(c: HfConfig, file: string): { theta: number; rope: RopeScaling | undefined } {
+function ropeOf(c: HfConfig, file: string): { theta: number; rope: RopeScaling | undefined; localTheta?: number } {
+  const perType = c.rope_parameters && typeof c.rope_parameters.full_attention === 'object' && c.rope_parameters.full_attention !== null;
+  if (perType) {
+    // transformers >= 4.57 for models with local and global layers (Gemma 3): one entry per layer type
+    const params = c.rope_parameters as Record<string, unknown>;
+    const global = ropeOf({ ...c, rope_theta: undefined, rope_scaling: undefined, rope_parameters: params.full_attention as Record<string, unknown> }, file);
+    const sliding = params.sliding_attention;
+    if (sliding === undefined) return global;
+    const local = ropeOf({ ...c, rope_theta: undefined, rope_scaling: undefined, rope_parameters: sliding as Record<string, unknown> }, file);
+    if (local.rope) throw new ModelInputError(file, `rope_parameters.sliding_attention: only plain RoPE is supported on local layers, got ${JSON.stringify(sliding)}.`);
+    return { ...global, localTheta: local.theta };
+  }
   const fromParams = c.rope_parameters ?? null;
   const scaling = fromParams ?? c.rope_scaling ?? null;
   const key = fromParams ? 'rope_parameters' : 'rope_scaling';
@@ -307,6 +324,7 @@ export function architectureFromHfConfig(json: unknown, file: string): Architect
     ...(traits.fusedProjections ? { fusedProjections: true } : {}),
     ...(windowLayers ? { slidingWindow: c.sliding_window!, slidingWindowLayers: windowLayers } : {}),
     ...traits.extras,
+    ...(rope.localTheta !== undefined ? localThetaFor(traits, rope.localTheta, file) : {}),
     bosTokenId: c.bos_token_id ?? null,
     eosTokenIds: eos === undefined || eos === null ? [] : Array.isArray(eos) ? [...new Set(eos)] : [eos],
   };
