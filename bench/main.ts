@@ -20,7 +20,7 @@ import { formatReport, target, type BenchReport } from './report.js';
 import { now, throughput } from './timing.js';
 
 /**
- * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b | --model <dir>] [--quick] [--json]
+ * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b|llama-3.2-1b | --model <dir>] [--quick] [--json]
  *   [--tokens N] [--adapters N] [--rank N] [--reps N] [--cache <dir>]`
  * Prints a table and then the JSON report (with --json: the JSON only). Progress goes to stderr.
  * Sections run in this order, one session at a time so the 0.5B preset fits: upload (a child

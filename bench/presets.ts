@@ -16,7 +16,7 @@ import { mulberry32 } from '../src/prng.js';
  * a stream early, so every stream runs its full length and runs stay comparable.
  */
 
-export const PRESET_NAMES = ['tiny', 'llama-60m', 'qwen2.5-0.5b'] as const;
+export const PRESET_NAMES = ['tiny', 'llama-60m', 'qwen2.5-0.5b', 'llama-3.2-1b'] as const;
 export type PresetName = (typeof PRESET_NAMES)[number];
 
 /** Bump when the bytes a preset writes change: the cached folder is then rewritten. */
@@ -38,6 +38,8 @@ interface PresetSpec {
   rmsEps: number;
   tied: boolean;
   seed: number;
+  /** config.json's rope_scaling, as the real model writes it (null when absent) */
+  ropeScaling?: Record<string, unknown>;
 }
 
 const PRESETS: Record<PresetName, PresetSpec> = {
@@ -46,7 +48,28 @@ const PRESETS: Record<PresetName, PresetSpec> = {
   'llama-60m': { modelType: 'llama', hidden: 512, intermediate: 1376, layers: 8, heads: 8, kvHeads: 8, vocab: 32000, maxPositions: 2048, ropeTheta: 10000, rmsEps: 1e-5, tied: false, seed: 0x6060 },
   // Qwen2.5-0.5B's config.json dimensions (q/k/v biases are implied by model_type qwen2)
   'qwen2.5-0.5b': { modelType: 'qwen2', hidden: 896, intermediate: 4864, layers: 24, heads: 14, kvHeads: 2, vocab: 151936, maxPositions: 32768, ropeTheta: 1_000_000, rmsEps: 1e-6, tied: true, seed: 0x0505 },
+  // meta-llama/Llama-3.2-1B's config.json: GQA 32/8, head_dim 64, tied embeddings, llama3 RoPE scaling over 128k
+  'llama-3.2-1b': {
+    modelType: 'llama',
+    hidden: 2048,
+    intermediate: 8192,
+    layers: 16,
+    heads: 32,
+    kvHeads: 8,
+    vocab: 128256,
+    maxPositions: 131072,
+    ropeTheta: 500000,
+    rmsEps: 1e-5,
+    tied: true,
+    seed: 0x3201,
+    ropeScaling: { factor: 32.0, high_freq_factor: 4.0, low_freq_factor: 1.0, original_max_position_embeddings: 8192, rope_type: 'llama3' },
+  },
 };
+
+/** the config.json a preset writes (for `loraserve check --base` and tests) */
+export function presetConfig(name: PresetName): Record<string, unknown> {
+  return configJson(name, PRESETS[name]);
+}
 
 export function isPresetName(s: string): s is PresetName {
   return (PRESET_NAMES as readonly string[]).includes(s);
@@ -66,7 +89,7 @@ function configJson(name: PresetName, p: PresetSpec): Record<string, unknown> {
     max_position_embeddings: p.maxPositions,
     rms_norm_eps: p.rmsEps,
     rope_theta: p.ropeTheta,
-    rope_scaling: null,
+    rope_scaling: p.ropeScaling ?? null,
     hidden_act: 'silu',
     attention_bias: p.modelType === 'qwen2',
     tie_word_embeddings: p.tied,

@@ -2,10 +2,11 @@ import { copyFile, readFile, rm, truncate, writeFile, open } from 'node:fs/promi
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeSafetensors } from '../src/adapters/safetensors.js';
+import { presetConfig } from '../bench/presets.js';
 import { architectureFromHfConfig } from '../src/model/checkpoint/hf-config.js';
 import { openCheckpoint, readArchitecture } from '../src/model/checkpoint/index.js';
 import { ModelInputError } from '../src/model/checkpoint/types.js';
-import { HAVE_STORIES, STORIES_BIN, TINY, encodeTensor, tempDir, tinyHfConfig, tinyHfTensors, warnIfMissing, writeTinyHfFolder } from './helpers/model-io-files.js';
+import { HAVE_STORIES, STORIES_BIN, TINY, encodeTensor, exactValues, tempDir, tinyHfConfig, tinyHfTensors, warnIfMissing, writeTinyHfFolder } from './helpers/model-io-files.js';
 
 let root: string;
 beforeAll(async () => {
@@ -51,10 +52,52 @@ describe('architectureFromHfConfig', () => {
     expect(architectureFromHfConfig({ ...tinyHfConfig(), attention_bias: true, head_dim: 8 }, 'c')).toMatchObject({ attentionBias: true, headDim: 8 });
   });
 
-  it('accepts architectures without model_type and caps mistral context at its sliding window', () => {
+  it('accepts architectures without model_type; windows: mistral every layer, qwen2 from max_window_layers or layer_types, at full context', () => {
     const cfg = tinyHfConfig({ family: 'mistral' });
     delete cfg.model_type;
-    expect(architectureFromHfConfig({ ...cfg, sliding_window: 32 }, 'c')).toMatchObject({ family: 'mistral', maxPositions: 32 });
+    expect(architectureFromHfConfig({ ...cfg, sliding_window: 32 }, 'c')).toMatchObject({ family: 'mistral', maxPositions: TINY.maxPos, slidingWindow: 32, slidingWindowLayers: [0, 1] });
+    // a window as long as the context never masks anything
+    expect(architectureFromHfConfig({ ...cfg, sliding_window: TINY.maxPos }, 'c').slidingWindow).toBeUndefined();
+    expect(architectureFromHfConfig({ ...cfg, sliding_window: null }, 'c').slidingWindow).toBeUndefined();
+    const qwen = { ...tinyHfConfig({ family: 'qwen2' }), sliding_window: 8, max_window_layers: 1 };
+    expect(architectureFromHfConfig(qwen, 'c').slidingWindow).toBeUndefined();
+    expect(architectureFromHfConfig({ ...qwen, use_sliding_window: true }, 'c')).toMatchObject({ slidingWindow: 8, slidingWindowLayers: [1] });
+    expect(architectureFromHfConfig({ ...qwen, use_sliding_window: true, layer_types: ['sliding_attention', 'full_attention'] }, 'c')).toMatchObject({ slidingWindowLayers: [0] });
+  });
+
+  it("maps Llama's attention_bias to q/k/v and o_proj biases and mlp_bias to the MLP's; qwen2 has q/k/v only", () => {
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), attention_bias: true, mlp_bias: true }, 'c')).toMatchObject({ attentionBias: true, outputBias: true, mlpBias: true });
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), mlp_bias: true }, 'c')).toMatchObject({ attentionBias: false, outputBias: false, mlpBias: true });
+    expect(architectureFromHfConfig(tinyHfConfig({ family: 'qwen2' }), 'c')).toMatchObject({ attentionBias: true, outputBias: false, mlpBias: false });
+  });
+
+  it('reads qwen3: explicit head_dim, q/k norms, attention_bias for q/k/v/o', () => {
+    const cfg = { ...tinyHfConfig(), model_type: 'qwen3', architectures: ['Qwen3ForCausalLM'], head_dim: 8, attention_bias: false, use_sliding_window: false, sliding_window: null };
+    expect(architectureFromHfConfig(cfg, 'c')).toMatchObject({ family: 'qwen3', headDim: 8, qkNorm: true, attentionBias: false, outputBias: false, mlpBias: false });
+    expect(architectureFromHfConfig({ ...cfg, attention_bias: true }, 'c')).toMatchObject({ attentionBias: true, outputBias: true });
+  });
+
+  it('reads phi3: fused projections, LongRoPE with the top-level original_max_position_embeddings; refuses partial rotary and short factor lists', () => {
+    const half = TINY.hidden / TINY.heads / 2;
+    const cfg = { ...tinyHfConfig(), model_type: 'phi3', architectures: ['Phi3ForCausalLM'], max_position_embeddings: 1024, original_max_position_embeddings: 64, sliding_window: 2047, rope_scaling: { type: 'longrope', short_factor: new Array(half).fill(1), long_factor: new Array(half).fill(4) } };
+    const a = architectureFromHfConfig(cfg, 'c');
+    expect(a).toMatchObject({ family: 'phi3', fusedProjections: true, attentionBias: false, maxPositions: 1024, rope: { type: 'longrope', originalMaxPositions: 64, longFactor: [4, 4] } });
+    expect(a.rope?.type === 'longrope' && a.rope.attentionFactor).toBeCloseTo(Math.sqrt(1 + Math.log(16) / Math.log(64)), 12);
+    expect(syncInputError(() => architectureFromHfConfig({ ...cfg, partial_rotary_factor: 0.75 }, 'c'))).toContain('partial_rotary_factor 0.75 is not supported');
+    expect(syncInputError(() => architectureFromHfConfig({ ...cfg, rope_scaling: { ...cfg.rope_scaling, long_factor: [1] } }, 'c'))).toContain(`"rope_scaling.long_factor" must list ${half} positive numbers`);
+  });
+
+  it('reads gemma2 / gemma3_text: tied by default, soft-caps, layer patterns, local RoPE base; refuses another activation', () => {
+    const base = { ...tinyHfConfig(), hidden_activation: 'gelu_pytorch_tanh', hidden_act: undefined, head_dim: 8, query_pre_attn_scalar: 8, sliding_window: 16, tie_word_embeddings: undefined };
+    const g2 = architectureFromHfConfig({ ...base, model_type: 'gemma2', architectures: ['Gemma2ForCausalLM'], num_hidden_layers: 4, attn_logit_softcapping: 50, final_logit_softcapping: 30 }, 'c');
+    expect(g2).toMatchObject({ family: 'gemma2', tieWordEmbeddings: true, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh', attnSoftcap: 50, finalSoftcap: 30, queryPreAttnScalar: 8, slidingWindowLayers: [0, 2] });
+    const g3 = architectureFromHfConfig({ ...base, model_type: 'gemma3_text', architectures: ['Gemma3ForCausalLM'], num_hidden_layers: 7, rope_theta: 1e6, rope_local_base_freq: 10000, sliding_window_pattern: 6, attn_logit_softcapping: null }, 'c');
+    expect(g3).toMatchObject({ family: 'gemma3_text', qkNorm: true, localRopeTheta: 10000, ropeTheta: 1e6, slidingWindowLayers: [0, 1, 2, 3, 4, 6] });
+    expect(g3.attnSoftcap).toBeUndefined();
+    // transformers >= 4.57 writes Gemma 3's RoPE per layer type
+    const perType: Record<string, unknown> = { ...base, model_type: 'gemma3_text', num_hidden_layers: 7, rope_parameters: { full_attention: { rope_type: 'linear', factor: 8, rope_theta: 1e6 }, sliding_attention: { rope_type: 'default', rope_theta: 10000 } } };
+    expect(architectureFromHfConfig(perType, 'c')).toMatchObject({ ropeTheta: 1e6, rope: { type: 'linear', factor: 8 }, localRopeTheta: 10000 });
+    expect(syncInputError(() => architectureFromHfConfig({ ...base, model_type: 'gemma2', hidden_activation: 'gelu' }, 'c'))).toContain('hidden_activation "gelu" is not supported for gemma2 (only gelu_pytorch_tanh)');
   });
 
   it('names the file and the missing key', () => {
@@ -73,9 +116,35 @@ describe('architectureFromHfConfig', () => {
     expect(msg).toContain('Qwen2ForCausalLM');
   });
 
-  it('refuses rope_scaling, saying it is unsupported', () => {
-    const msg = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'llama3', factor: 8 } }, 'config.json'));
-    expect(msg).toMatch(/rope_scaling.*not supported/);
+  it("reads Llama 3.2's rope_scaling, the rope_parameters layout (transformers >= 4.57), linear and yarn with transformers' defaults", () => {
+    const llama32 = { factor: 32.0, high_freq_factor: 4.0, low_freq_factor: 1.0, original_max_position_embeddings: 8192, rope_type: 'llama3' };
+    const expected = { type: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 };
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_theta: 500000, rope_scaling: llama32 }, 'c')).toMatchObject({ ropeTheta: 500000, rope: expected });
+    const params: Record<string, unknown> = { ...tinyHfConfig(), rope_parameters: { ...llama32, rope_theta: 250000 } };
+    delete params.rope_theta;
+    delete params.rope_scaling;
+    expect(architectureFromHfConfig(params, 'c')).toMatchObject({ ropeTheta: 250000, rope: expected });
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { type: 'linear', factor: 2 } }, 'c').rope).toEqual({ type: 'linear', factor: 2 });
+    const yarn = architectureFromHfConfig({ ...tinyHfConfig(), max_position_embeddings: 131072, rope_scaling: { rope_type: 'yarn', factor: 4, original_max_position_embeddings: 32768 } }, 'c').rope;
+    expect(yarn).toEqual({ type: 'yarn', factor: 4, originalMaxPositions: 32768, betaFast: 32, betaSlow: 1, attentionFactor: 0.1 * Math.log(4) + 1, truncate: true });
+    const given = architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'yarn', factor: 4, attention_factor: 1.5, beta_fast: 16, truncate: false } }, 'c').rope;
+    expect(given).toMatchObject({ attentionFactor: 1.5, betaFast: 16, originalMaxPositions: TINY.maxPos, truncate: false });
+    expect(architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'default' } }, 'c').rope).toBeUndefined();
+  });
+
+  it("the llama-3.2-1b bench preset writes Llama 3.2 1B's config: real dims and its llama3 rope_scaling", () => {
+    const a = architectureFromHfConfig(presetConfig('llama-3.2-1b'), 'config.json');
+    expect(a).toMatchObject({ family: 'llama', hiddenSize: 2048, intermediateSize: 8192, numLayers: 16, numHeads: 32, numKvHeads: 8, headDim: 64, vocabSize: 128256, maxPositions: 131072, ropeTheta: 500000, tieWordEmbeddings: true });
+    expect(a.rope).toEqual({ type: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 8192 });
+  });
+
+  it('refuses dynamic NTK, unknown rope types and incomplete llama3 settings, naming the key', () => {
+    const dynamic = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { type: 'dynamic', factor: 2 } }, 'config.json'));
+    expect(dynamic).toMatch(/rope_scaling.*"dynamic".*not supported.*length of each sequence/);
+    const unknown = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_parameters: { rope_type: 'su', rope_theta: 1e4 } }, 'config.json'));
+    expect(unknown).toMatch(/rope_parameters.*"su" is not supported.*default, linear, llama3, yarn/);
+    const partial = syncInputError(() => architectureFromHfConfig({ ...tinyHfConfig(), rope_scaling: { rope_type: 'llama3', factor: 8 } }, 'config.json'));
+    expect(partial).toContain('missing required key "rope_scaling.low_freq_factor"');
   });
 });
 
@@ -347,6 +416,45 @@ describe('bad Hugging Face inputs name the file and the problem', () => {
     const msg = await inputError(openCheckpoint(dir));
     expect(msg).toContain('lm_head.weight is missing');
     expect(msg).toContain('model.layers.0.self_attn.q_proj.bias is missing');
+  });
+
+  it('a tensor the graph would not consume (o_proj.bias with attention_bias false, a stray tensor) is refused, each named', async () => {
+    const dir = await folder('bad-unused');
+    const want = tinyHfTensors();
+    const extra = [encodeTensor('model.layers.0.self_attn.o_proj.bias', [TINY.hidden], exactValues(TINY.hidden, 5), 'F32'), encodeTensor('model.layers.1.mlp.gate_proj.bias', [TINY.intermediate], exactValues(TINY.intermediate, 6), 'F32')];
+    await writeFile(join(dir, 'model.safetensors'), encodeSafetensors([...[...want].map(([name, t]) => encodeTensor(name, t.shape, t.values, 'F32')), ...extra]));
+    const msg = await inputError(openCheckpoint(dir));
+    expect(msg).toContain('model.layers.0.self_attn.o_proj.bias');
+    expect(msg).toContain('model.layers.1.mlp.gate_proj.bias');
+    expect(msg).toMatch(/not used by the llama graph/);
+    // with the switches that make transformers use them, the same names are required instead
+    await writeFile(join(dir, 'config.json'), JSON.stringify({ ...tinyHfConfig(), mlp_bias: true, attention_bias: true }));
+    const missing = await inputError(openCheckpoint(dir));
+    expect(missing).toContain('model.layers.0.self_attn.q_proj.bias is missing');
+    expect(missing).toContain('model.layers.0.mlp.down_proj.bias is missing');
+  });
+
+  it('a saved lm_head beside tied embeddings is accepted only when it equals them; plain inv_freq buffers are accepted', async () => {
+    const dir = await folder('tied-dup', { tied: true });
+    const want = tinyHfTensors({ tied: true });
+    const embed = want.get('model.embed_tokens.weight')!;
+    const half = TINY.hidden / TINY.heads / 2;
+    const invFreq = Float32Array.from({ length: half }, (_, i) => 1 / Math.pow(500000, (2 * i) / (TINY.hidden / TINY.heads)));
+    const write = (head: Float32Array) =>
+      writeFile(
+        join(dir, 'model.safetensors'),
+        encodeSafetensors([
+          ...[...want].map(([name, t]) => encodeTensor(name, t.shape, t.values, 'F32')),
+          encodeTensor('lm_head.weight', embed.shape, head, 'F32'),
+          encodeTensor('model.layers.0.self_attn.rotary_emb.inv_freq', [half], invFreq, 'F32'),
+        ]),
+      );
+    await write(embed.values);
+    const ck = await openCheckpoint(dir);
+    expect(ck.names()).not.toContain('lm_head.weight');
+    expect(ck.names()).not.toContain('model.layers.0.self_attn.rotary_emb.inv_freq');
+    await write(embed.values.map((v) => v + 1 / 64));
+    expect(await inputError(openCheckpoint(dir))).toContain('tensor lm_head.weight [32, 16] is not used');
   });
 
   it('a sharded index naming a missing or escaping shard', async () => {

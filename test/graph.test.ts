@@ -51,6 +51,11 @@ const CASES: { label: string; arch: Architecture; seed: number }[] = [
     seed: 12,
   },
   {
+    label: 'qwen3: q/k norms, head_dim 12 with 4 heads over hidden 32',
+    arch: tinyArchitecture({ family: 'qwen3', hiddenSize: 32, numHeads: 4, numKvHeads: 2, headDim: 12, qkNorm: true, ropeTheta: 1e6 }),
+    seed: 14,
+  },
+  {
     label: 'llama2.c-style: interleaved RoPE, 3 layers, MHA',
     arch: tinyArchitecture({ hiddenSize: 32, intermediateSize: 72, numLayers: 3, numHeads: 4, numKvHeads: 4, headDim: 8, vocabSize: 64, ropeLayout: 'interleaved', tieWordEmbeddings: false }),
     seed: 13,
@@ -130,8 +135,8 @@ describe.each(CASES)('$label', ({ arch, seed }) => {
 
 describe('RoPE layouts', () => {
   it('the two layouts are different functions of the same weights (the layout tests can fail)', async () => {
-    const arch = CASES[2].arch;
-    const ck = randomCheckpoint(arch, 13);
+    const { arch, seed } = CASES.find((c) => c.arch.ropeLayout === 'interleaved')!;
+    const ck = randomCheckpoint(arch, seed);
     const other = new MemoryCheckpoint({ ...arch, ropeLayout: 'rotate_half' }, ck.tensors);
     const tokens = randomTokens(new Rng(5), 6, arch.vocabSize);
     const { session, manifest } = await open(ck);
@@ -156,6 +161,67 @@ describe('RoPE layouts', () => {
       const pairs = ropeLayout === 'rotate_half' ? [0, 1, 2, 3].map((i) => [i, i + 4]) : [0, 1, 2, 3].map((i) => [2 * i, 2 * i + 1]);
       for (const [i, j] of pairs) expect(Math.hypot(y[i], y[j])).toBeCloseTo(Math.hypot(x[i], x[j]), 5);
     }
+  });
+});
+
+describe('scaled RoPE (linear, llama3, yarn) at positions beyond original_max_position_embeddings', () => {
+  const SCALED: { label: string; rope: NonNullable<Architecture['rope']> }[] = [
+    { label: 'linear ×4', rope: { type: 'linear', factor: 4 } },
+    // original 64: with head_dim 16 and theta 5e5 the pairs fall in all three bands (kept, blended, divided)
+    { label: 'llama3 (factor 8, low 1, high 4)', rope: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64 } },
+    // original 256 of 512: the correction ramp spans pairs 0..3, so some pairs are partly interpolated
+    { label: 'yarn ×2 with its attention factor', rope: { type: 'yarn', factor: 2, originalMaxPositions: 256, betaFast: 32, betaSlow: 1, attentionFactor: 0.1 * Math.log(2) + 1, truncate: true } },
+    { label: 'yarn ×2, truncate false', rope: { type: 'yarn', factor: 2, originalMaxPositions: 256, betaFast: 32, betaSlow: 1, attentionFactor: 1.1, truncate: false } },
+  ];
+  it.each(SCALED)('$label: logits equal the reference and differ from plain RoPE', async ({ rope }) => {
+    const arch = tinyArchitecture({ maxPositions: 512, ropeTheta: 500000, rope });
+    const ck = randomCheckpoint(arch, 19);
+    const tokens = randomTokens(new Rng(23), 8, arch.vocabSize);
+    const positions = tokens.map((_, i) => (i < 2 ? i : 300 + 30 * i));
+    const { session, manifest } = await open(ck);
+    const got = real((await runStep(session, new KvState(manifest, 1), [tokens], emptyLoraFeeds(manifest, 1), [positions]))[0]);
+    const ref = referenceForward(ck, tokens, { positions });
+    const plain = referenceForward(new MemoryCheckpoint({ ...arch, rope: undefined }, ck.tensors), tokens, { positions });
+    const diff = maxDiffAll(got, ref);
+    const fromPlain = maxDiffAll(ref.slice(2), plain.slice(2));
+    console.info(`[rope ${rope.type}] positions up to ${positions.at(-1)}: vs reference ${diff.toExponential(2)}, reference vs plain RoPE ${fromPlain.toFixed(3)}`);
+    expect(diff).toBeLessThanOrEqual(1e-4);
+    expect(fromPlain).toBeGreaterThan(1e-2);
+    await session.release();
+  });
+});
+
+describe('sliding window: a query sees only the last W keys', () => {
+  it.each([
+    { label: 'every layer (Mistral), W = 3', window: 3, layers: [0, 1] },
+    { label: 'layer 1 only (Qwen2 past max_window_layers), W = 4', window: 4, layers: [1] },
+  ])('$label: prompt, KV decode and a left-padded batch equal the reference; without the window they would not', async ({ window, layers }) => {
+    const arch = tinyArchitecture({ family: 'mistral', slidingWindow: window, slidingWindowLayers: layers });
+    const ck = randomCheckpoint(arch, 29);
+    const rng = new Rng(31);
+    const prompt = randomTokens(rng, 9, arch.vocabSize);
+    const short = randomTokens(rng, 5, arch.vocabSize);
+    const { session, manifest } = await open(ck);
+    const ref = referenceForward(ck, [...prompt, 5, 6]);
+    const state = new KvState(manifest, 1);
+    const lora = emptyLoraFeeds(manifest, 1);
+    const got = real((await runStep(session, state, [prompt], lora))[0]);
+    for (const t of [5, 6]) got.push(...real((await runStep(session, state, [[t]], lora))[0]));
+    const batch = await prefill(session, manifest, [prompt, short]);
+    const d = [maxDiffAll(got, ref), maxDiffAll(batch.logits[1], referenceForward(ck, short)), maxDiffAll(batch.logits[0], ref.slice(0, 9))];
+    const unwindowed = maxDiffAll(ref, referenceForward(new MemoryCheckpoint({ ...arch, slidingWindow: undefined, slidingWindowLayers: undefined }, ck.tensors), [...prompt, 5, 6]));
+    console.info(`[window ${window} on layers ${layers.join(',')}] prompt+decode ${d[0].toExponential(2)}, padded short row ${d[1].toExponential(2)}, long row ${d[2].toExponential(2)}; the window moves logits by ${unwindowed.toFixed(2)}`);
+    for (const x of d) expect(x).toBeLessThanOrEqual(1e-4);
+    expect(unwindowed).toBeGreaterThan(1e-2);
+    await session.release();
+  });
+});
+
+describe('every checkpoint tensor is consumed', () => {
+  it('the builder refuses a checkpoint holding a tensor no part of the graph reads, naming it', async () => {
+    const ck = randomCheckpoint(tinyArchitecture({ numLayers: 1 }), 17);
+    const extra = ck.with(new Map([['model.layers.0.self_attn.o_proj.bias', { shape: [64], data: new Float32Array(64) }]]), 'with-stray-bias');
+    await expect(open(extra)).rejects.toThrow(/not used by the llama graph: model\.layers\.0\.self_attn\.o_proj\.bias/);
   });
 });
 

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { PROJECTIONS, type Architecture } from '../src/model/architecture.js';
+import { ALL_PROJECTIONS, type Architecture } from '../src/model/architecture.js';
 import { buildModel } from '../src/model/build.js';
 import type { LoraTarget, Manifest } from '../src/model/manifest.js';
 import { createSession, emptyLoraFeeds } from '../src/model/session.js';
@@ -42,7 +42,7 @@ async function open(ck: MemoryCheckpoint, opts: { dtype?: 'fp32' | 'fp16'; lora?
 }
 
 /** ranks 0..4 varying by layer and module, so one step mixes ranks, including rank-0 modules */
-const mixedRanks = (t: LoraTarget) => (t.layer * 3 + PROJECTIONS.indexOf(t.module)) % 5;
+const mixedRanks = (t: LoraTarget) => (t.layer * 3 + ALL_PROJECTIONS.indexOf(t.module)) % 5;
 /** attention only, rank 6; down_proj rank 2; gate/up not targeted */
 const attentionRanks = (t: LoraTarget) => (t.module.endsWith('_proj') && ['q_proj', 'k_proj', 'v_proj', 'o_proj'].includes(t.module) ? 6 : t.module === 'down_proj' ? 2 : -1);
 

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { PROJECTIONS } from '../model/architecture.js';
+import { ALL_PROJECTIONS } from '../model/architecture.js';
 
 /** Stable, machine-readable problem codes (DESIGN.md "Adapters: format, resolution, validation"). */
 export const PROBLEM_CODES = [
@@ -59,7 +59,7 @@ export function warning(p: Omit<Problem, 'severity'>): Problem {
 export const ModuleReportSchema = z.object({
   module: z.string(),
   layer: z.number().int().nonnegative(),
-  projection: z.enum(PROJECTIONS),
+  projection: z.enum(ALL_PROJECTIONS),
   rank: z.number().int().positive(),
   alpha: z.number(),
   /** alpha / rank, or alpha / √rank with use_rslora: folded into B by the converter */

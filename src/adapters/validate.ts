@@ -1,4 +1,4 @@
-import type { Architecture } from '../model/architecture.js';
+import { fusedMismatch, type Architecture } from '../model/architecture.js';
 import type { LoraTarget } from '../model/manifest.js';
 import { assessEffect, peftGrams, type TensorGram } from './effect.js';
 import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
@@ -426,7 +426,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
             module: name,
             expected,
             actual: shape,
-            message: `${shown} has shape ${fmt(shape)}; this model's ${proj} has ${which} ${want}, so ${fmt(expected)} was expected. The adapter was probably trained on a model of another size or a pruned variant.`,
+            message: `${shown} has shape ${fmt(shape)}; this model's ${proj} has ${which} ${want}, so ${fmt(expected)} was expected.${(part === 'B' && fusedMismatch(model.architecture, proj, feat)) || ''} The adapter was probably trained on a model of another size or a pruned variant.`,
           }),
         );
       }

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ArchitectureSchema, PROJECTIONS, projectionBlock, projectionDims, type Architecture, type Projection } from './architecture.js';
+import { ALL_PROJECTIONS, ArchitectureSchema, projectionBlock, projectionDims, projectionsOf, type Architecture, type Projection } from './architecture.js';
 
 /**
  * One LoRA-capable projection of the built graph. `name` is the module name relative to the base
@@ -9,7 +9,7 @@ import { ArchitectureSchema, PROJECTIONS, projectionBlock, projectionDims, type 
 export const LoraTargetSchema = z.object({
   name: z.string(),
   layer: z.number().int().nonnegative(),
-  module: z.enum(PROJECTIONS),
+  module: z.enum(ALL_PROJECTIONS),
   inFeatures: z.number().int().positive(),
   outFeatures: z.number().int().positive(),
   /** graph input names: A is [batch, in, r], B is [batch, r, out] (scale folded into B). */
@@ -84,7 +84,7 @@ export function moduleName(layer: number, p: Projection): string {
 export function loraTargetsFor(a: Architecture): LoraTarget[] {
   const out: LoraTarget[] = [];
   for (let layer = 0; layer < a.numLayers; layer++) {
-    for (const module of PROJECTIONS) {
+    for (const module of projectionsOf(a)) {
       const { inFeatures, outFeatures } = projectionDims(a, module);
       out.push({
         name: moduleName(layer, module),

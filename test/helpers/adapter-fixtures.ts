@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Architecture, Projection } from '../../src/model/architecture.js';
-import { PROJECTIONS, projectionDims } from '../../src/model/architecture.js';
+import { projectionDims, projectionsOf } from '../../src/model/architecture.js';
 import { moduleName } from '../../src/model/manifest.js';
 import { encodeSafetensors, type TensorToWrite } from '../../src/adapters/safetensors.js';
 import { mulberry32 } from '../../src/prng.js';
@@ -58,7 +58,7 @@ export const LLAMA2_13B: Architecture = smallArch({ hiddenSize: 5120, intermedia
 /** The Hugging Face config.json for an architecture (what readArchitecture parses back). */
 export function hfConfigJson(a: Architecture): Record<string, unknown> {
   const modelType = a.family;
-  const cls = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM' }[a.family];
+  const cls = { llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM', phi3: 'Phi3ForCausalLM', gemma2: 'Gemma2ForCausalLM', gemma3_text: 'Gemma3ForCausalLM' }[a.family];
   return {
     architectures: [cls],
     model_type: modelType,
@@ -156,7 +156,7 @@ export function makePeftTensors(arch: Architecture, o: MakePeftTensorsOptions): 
   const layers = o.layers ?? Array.from({ length: arch.numLayers }, (_, i) => i);
   const out: PeftTensor[] = [];
   for (const layer of layers) {
-    for (const projection of PROJECTIONS) {
+    for (const projection of projectionsOf(arch)) {
       if (!o.targets.includes(projection)) continue;
       const canonical = moduleName(layer, projection);
       const module = o.modulePrefix ? canonical.replace(/^model\./, o.modulePrefix) : canonical;

@@ -1,5 +1,5 @@
 import type { Architecture } from '../../src/model/architecture.js';
-import { PROJECTIONS, projectionBlock, projectionDims } from '../../src/model/architecture.js';
+import { projectionBlock, projectionDims, projectionHasBias, projectionsOf } from '../../src/model/architecture.js';
 import type { Checkpoint, CheckpointTensor } from '../../src/model/checkpoint/types.js';
 import { mulberry32 } from '../../src/prng.js';
 
@@ -82,18 +82,29 @@ export function randomCheckpoint(a: Architecture, seed: number, modelId = `rando
   const rng = new Rng(seed);
   const t = new Map<string, MemoryTensor>();
   const put = (name: string, shape: number[], std: number, mean = 0) => t.set(name, { shape, data: rng.array(shape.reduce((x, y) => x * y, 1), std, mean) });
-  put('model.embed_tokens.weight', [a.vocabSize, a.hiddenSize], 1);
+  // Gemma stores norm weights as offsets from 1 (its RMSNorm scales by 1 + w)
+  const normMean = a.normPlusOne ? 0 : 1;
+  // Gemma scales embeddings by sqrt(hidden): keep the residual stream O(1) all the same
+  put('model.embed_tokens.weight', [a.vocabSize, a.hiddenSize], a.embedScale ? 1 / Math.sqrt(a.hiddenSize) : 1);
   for (let i = 0; i < a.numLayers; i++) {
-    put(`model.layers.${i}.input_layernorm.weight`, [a.hiddenSize], 0.2, 1);
-    put(`model.layers.${i}.post_attention_layernorm.weight`, [a.hiddenSize], 0.2, 1);
-    for (const p of PROJECTIONS) {
+    put(`model.layers.${i}.input_layernorm.weight`, [a.hiddenSize], 0.2, normMean);
+    put(`model.layers.${i}.post_attention_layernorm.weight`, [a.hiddenSize], 0.2, normMean);
+    if (a.sandwichNorms) {
+      put(`model.layers.${i}.pre_feedforward_layernorm.weight`, [a.hiddenSize], 0.2, normMean);
+      put(`model.layers.${i}.post_feedforward_layernorm.weight`, [a.hiddenSize], 0.2, normMean);
+    }
+    if (a.qkNorm) {
+      put(`model.layers.${i}.self_attn.q_norm.weight`, [a.headDim], 0.2, normMean);
+      put(`model.layers.${i}.self_attn.k_norm.weight`, [a.headDim], 0.2, normMean);
+    }
+    for (const p of projectionsOf(a)) {
       const { inFeatures, outFeatures } = projectionDims(a, p);
       const base = `model.layers.${i}.${projectionBlock(p)}.${p}`;
       put(`${base}.weight`, [outFeatures, inFeatures], 1 / Math.sqrt(inFeatures));
-      if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) put(`${base}.bias`, [outFeatures], 0.5);
+      if (projectionHasBias(a, p)) put(`${base}.bias`, [outFeatures], 0.5);
     }
   }
-  put('model.norm.weight', [a.hiddenSize], 0.2, 1);
+  put('model.norm.weight', [a.hiddenSize], 0.2, normMean);
   if (!a.tieWordEmbeddings) put('lm_head.weight', [a.vocabSize, a.hiddenSize], 0.5);
   return new MemoryCheckpoint(a, t, modelId);
 }

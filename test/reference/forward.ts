@@ -52,14 +52,47 @@ function rmsnorm(x: Float64Array, weight: Float32Array, eps: number): Float64Arr
   return out;
 }
 
+/**
+ * Frequency of pair i, as transformers' modeling_rope_utils.py computes `inv_freq` for each
+ * rope_type (written out per pair here, float32 where torch holds float32).
+ */
+function ropeFrequency(a: Architecture, i: number, longStep: boolean): number {
+  const d = a.headDim;
+  const base = Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / d)));
+  const freq = Math.fround(1 / base);
+  const s = a.rope;
+  if (!s) return freq;
+  if (s.type === 'linear') return Math.fround(freq / s.factor);
+  // longrope (Phi3): inv_freq = 1 / (ext_factors * base ** (2i / d)), long factors once the
+  // forward's max(position_ids) + 1 exceeds original_max_position_embeddings
+  if (s.type === 'longrope') return Math.fround(1 / Math.fround(Math.fround((longStep ? s.longFactor : s.shortFactor)[i]!) * base));
+  if (s.type === 'llama3') {
+    const wavelen = (2 * Math.PI) / freq;
+    if (wavelen < s.originalMaxPositions / s.highFreqFactor) return freq;
+    if (wavelen > s.originalMaxPositions / s.lowFreqFactor) return Math.fround(freq / s.factor);
+    const smooth = (s.originalMaxPositions / wavelen - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+    return Math.fround(((1 - smooth) * freq) / s.factor + smooth * freq);
+  }
+  // yarn: find_correction_range(beta_fast, beta_slow) over the original context, linear_ramp_factor between
+  const rotationsToDim = (rot: number) => (d * Math.log(s.originalMaxPositions / (rot * 2 * Math.PI))) / (2 * Math.log(a.ropeTheta));
+  const lo = Math.max(s.truncate ? Math.floor(rotationsToDim(s.betaFast)) : rotationsToDim(s.betaFast), 0);
+  let hi = Math.min(s.truncate ? Math.ceil(rotationsToDim(s.betaSlow)) : rotationsToDim(s.betaSlow), d - 1);
+  if (hi === lo) hi += 0.001;
+  const ramp = Math.min(Math.max((i - lo) / (hi - lo), 0), 1);
+  const keep = 1 - ramp;
+  return Math.fround((1 / (s.factor * base)) * ramp + (1 / base) * keep);
+}
+
+/** cos/sin multiplier: YaRN's attention_factor (`attention_scaling` in LlamaRotaryEmbedding), else 1 */
+const ropeScale = (a: Architecture) => (a.rope?.type === 'yarn' || a.rope?.type === 'longrope' ? a.rope.attentionFactor : 1);
+
 /** the angle of frequency pair i at position pos, rounded to float32 as run.c (powf, pos * freq) and HF (float32 inv_freq) do */
-function ropeAngle(a: Architecture, pairIndex: number, pos: number): number {
-  const freq = Math.fround(1 / Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * pairIndex) / a.headDim))));
-  return Math.fround(pos * freq);
+function ropeAngle(a: Architecture, pairIndex: number, pos: number, longStep = false): number {
+  return Math.fround(pos * ropeFrequency(a, pairIndex, longStep));
 }
 
 /** run.c: rotate adjacent pairs (2i, 2i+1) of each head in place */
-function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: number): void {
+function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: number, _longStep = false): void {
   const hd = a.headDim;
   for (let h = 0; h < heads; h++) {
     for (let i = 0; i < hd; i += 2) {
@@ -75,16 +108,16 @@ function ropeInterleaved(a: Architecture, v: Float64Array, heads: number, pos: n
 }
 
 /** HF apply_rotary_pos_emb: q·cos + rotate_half(q)·sin, rotate_half(x) = cat(-x[hd/2:], x[:hd/2]) */
-function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: number): void {
+function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: number, longStep = false): void {
   const hd = a.headDim;
   const half = hd / 2;
   const cos = new Float64Array(hd);
   const sin = new Float64Array(hd);
   for (let j = 0; j < hd; j++) {
     // HF: emb = cat(freqs, freqs), so entry j uses frequency j mod hd/2
-    const ang = ropeAngle(a, j % half, pos);
-    cos[j] = Math.fround(Math.cos(ang));
-    sin[j] = Math.fround(Math.sin(ang));
+    const ang = ropeAngle(a, j % half, pos, longStep);
+    cos[j] = Math.fround(Math.cos(ang)) * ropeScale(a);
+    sin[j] = Math.fround(Math.sin(ang)) * ropeScale(a);
   }
   for (let h = 0; h < heads; h++) {
     const x = v.slice(h * hd, (h + 1) * hd);
@@ -98,6 +131,11 @@ function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: nu
 export interface ReferenceOptions {
   /** position of each token (default 0, 1, 2, …) */
   positions?: number[];
+  /**
+   * the first `prefill` tokens form one forward call, as transformers' generate() runs a prompt
+   * (only LongRoPE looks at it: its table is chosen by the call's max position); default 1
+   */
+  prefill?: number;
 }
 
 /** logits [vocab] for every position of `tokens`, each seeing tokens 0..itself */
@@ -111,24 +149,63 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
   const kvMul = a.numHeads / a.numKvHeads;
   const keyCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
   const valueCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
+  const positionCache: number[][] = Array.from({ length: a.numLayers }, () => []);
   const embed = w.get('model.embed_tokens.weight');
+  // GemmaRMSNorm: x / rms(x) · (1 + weight); every other family: · weight
+  const norm = (x: Float64Array, weight: Float32Array) => rmsnorm(x, a.normPlusOne ? weight.map((v) => 1 + v) : weight, a.rmsNormEps);
+  // Gemma2/3 attention: scores · query_pre_attn_scalar^-0.5, then tanh soft-capping
+  const scoreScale = 1 / Math.sqrt(a.queryPreAttnScalar ?? a.headDim);
+  const cap = (v: number, c: number | undefined) => (c ? Math.tanh(v / c) * c : v);
+  // gelu_pytorch_tanh: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))); silu: x·σ(x)
+  const act = (v: number) => (a.activation === 'gelu_tanh' ? 0.5 * v * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (v + 0.044715 * v * v * v))) : v / (1 + Math.exp(-v)));
   const out: Float32Array[] = [];
 
   for (let t = 0; t < tokens.length; t++) {
-    const pos = options.positions ? options.positions[t] : t;
+    const posOf = (i: number) => (options.positions ? options.positions[i]! : i);
+    const pos = posOf(t);
+    const prefill = options.prefill ?? 1;
+    const callMax = t < prefill ? Math.max(...Array.from({ length: Math.min(prefill, tokens.length) }, (_, i) => posOf(i))) : pos;
+    const longStep = a.rope?.type === 'longrope' && callMax + 1 > a.rope.originalMaxPositions;
     const x = Float64Array.from(embed.subarray(tokens[t] * dim, (tokens[t] + 1) * dim));
+    // Gemma: the embedding normalizer sqrt(hidden_size), a float32 tensor in a float32 model
+    if (a.embedScale) for (let i = 0; i < dim; i++) x[i] *= Math.fround(Math.sqrt(dim));
     for (let l = 0; l < a.numLayers; l++) {
       const p = `model.layers.${l}`;
+      // transformers: LlamaAttention's q/k/v have bias=attention_bias and o_proj too (Qwen2: q/k/v
+      // only); LlamaMLP's three projections have bias=mlp_bias
       const bias = (name: string) => (a.attentionBias ? w.get(`${p}.self_attn.${name}.bias`) : undefined);
-      const xb = rmsnorm(x, w.get(`${p}.input_layernorm.weight`), a.rmsNormEps);
-      const q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
-      const k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
-      const v = linear(w.get(`${p}.self_attn.v_proj.weight`), xb, kvDim, bias('v_proj'));
+      const oBias = a.outputBias ? w.get(`${p}.self_attn.o_proj.bias`) : undefined;
+      const mlpBias = (name: string) => (a.mlpBias ? w.get(`${p}.mlp.${name}.bias`) : undefined);
+      const xb = norm(x, w.get(`${p}.input_layernorm.weight`));
+      let q: Float64Array, k: Float64Array, v: Float64Array;
+      if (a.fusedProjections) {
+        // Phi3Attention: qkv = qkv_proj(x); q = qkv[..., :q], k = next kv, v = the rest
+        const qkv = linear(w.get(`${p}.self_attn.qkv_proj.weight`), xb, qDim + 2 * kvDim);
+        [q, k, v] = [qkv.slice(0, qDim), qkv.slice(qDim, qDim + kvDim), qkv.slice(qDim + kvDim)];
+      } else {
+        q = linear(w.get(`${p}.self_attn.q_proj.weight`), xb, qDim, bias('q_proj'));
+        k = linear(w.get(`${p}.self_attn.k_proj.weight`), xb, kvDim, bias('k_proj'));
+        v = linear(w.get(`${p}.self_attn.v_proj.weight`), xb, kvDim, bias('v_proj'));
+      }
+      if (a.qkNorm) {
+        // Qwen3Attention: q_norm / k_norm (RMSNorm over head_dim) on each head, then RoPE
+        const perHead = (v: Float64Array, heads: number, weight: Float32Array) => {
+          for (let h = 0; h < heads; h++) v.set(norm(v.slice(h * hd, (h + 1) * hd), weight), h * hd);
+        };
+        perHead(q, a.numHeads, w.get(`${p}.self_attn.q_norm.weight`));
+        perHead(k, a.numKvHeads, w.get(`${p}.self_attn.k_norm.weight`));
+      }
       const rope = a.ropeLayout === 'interleaved' ? ropeInterleaved : ropeRotateHalf;
-      rope(a, q, a.numHeads, pos);
-      rope(a, k, a.numKvHeads, pos);
+      // Gemma 3: sliding layers rotate by plain RoPE at rope_local_base_freq
+      const local = a.localRopeTheta !== undefined && a.slidingWindowLayers?.includes(l);
+      const ra: Architecture = local ? { ...a, ropeTheta: a.localRopeTheta!, rope: undefined } : a;
+      rope(ra, q, a.numHeads, pos, longStep);
+      rope(ra, k, a.numKvHeads, pos, longStep);
       keyCache[l].push(k);
       valueCache[l].push(v);
+      positionCache[l].push(pos);
+      // sliding_window_overlay: key k is visible to query q iff pos_k > pos_q - W
+      const window = a.slidingWindow && a.slidingWindowLayers?.includes(l) ? a.slidingWindow : Infinity;
 
       const att = new Float64Array(qDim);
       const steps = keyCache[l].length;
@@ -137,10 +214,14 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
         const scores = new Float64Array(steps);
         let max = -Infinity;
         for (let s = 0; s < steps; s++) {
+          if (!(positionCache[l][s]! > pos - window)) {
+            scores[s] = -Infinity;
+            continue;
+          }
           let dot = 0;
           const key = keyCache[l][s];
           for (let i = 0; i < hd; i++) dot += q[h * hd + i] * key[kvh * hd + i];
-          scores[s] = dot / Math.sqrt(hd);
+          scores[s] = cap(dot * scoreScale, a.attnSoftcap);
           max = Math.max(max, scores[s]);
         }
         let sum = 0;
@@ -151,19 +232,29 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
           for (let i = 0; i < hd; i++) att[h * hd + i] += weight * value[kvh * hd + i];
         }
       }
-      const o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim);
+      let o = linear(w.get(`${p}.self_attn.o_proj.weight`), att, dim, oBias);
+      // Gemma2DecoderLayer: post_attention_layernorm on the attention output, pre_feedforward_layernorm before the MLP
+      if (a.sandwichNorms) o = norm(o, w.get(`${p}.post_attention_layernorm.weight`));
       for (let i = 0; i < dim; i++) x[i] += o[i];
 
-      const xb2 = rmsnorm(x, w.get(`${p}.post_attention_layernorm.weight`), a.rmsNormEps);
-      const gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize);
-      const up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize);
-      for (let i = 0; i < gate.length; i++) gate[i] = (gate[i] / (1 + Math.exp(-gate[i]))) * up[i];
-      const down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim);
+      const xb2 = norm(x, w.get(`${p}.${a.sandwichNorms ? 'pre_feedforward_layernorm' : 'post_attention_layernorm'}.weight`));
+      let gate: Float64Array, up: Float64Array;
+      if (a.fusedProjections) {
+        // Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        const gu = linear(w.get(`${p}.mlp.gate_up_proj.weight`), xb2, 2 * a.intermediateSize);
+        [gate, up] = [gu.slice(0, a.intermediateSize), gu.slice(a.intermediateSize)];
+      } else {
+        gate = linear(w.get(`${p}.mlp.gate_proj.weight`), xb2, a.intermediateSize, mlpBias('gate_proj'));
+        up = linear(w.get(`${p}.mlp.up_proj.weight`), xb2, a.intermediateSize, mlpBias('up_proj'));
+      }
+      for (let i = 0; i < gate.length; i++) gate[i] = act(gate[i]) * up[i];
+      let down = linear(w.get(`${p}.mlp.down_proj.weight`), gate, dim, mlpBias('down_proj'));
+      if (a.sandwichNorms) down = norm(down, w.get(`${p}.post_feedforward_layernorm.weight`));
       for (let i = 0; i < dim; i++) x[i] += down[i];
     }
-    const xf = rmsnorm(x, w.get('model.norm.weight'), a.rmsNormEps);
+    const xf = norm(x, w.get('model.norm.weight'));
     const head = a.tieWordEmbeddings ? embed : w.get('lm_head.weight');
-    out.push(Float32Array.from(linear(head, xf, a.vocabSize)));
+    out.push(Float32Array.from(linear(head, xf, a.vocabSize), (v) => cap(v, a.finalSoftcap)));
   }
   return out;
 }

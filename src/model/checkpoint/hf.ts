@@ -1,7 +1,8 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { readFile, stat } from 'node:fs/promises';
 import { basename, join, resolve } from 'node:path';
-import { PROJECTIONS, projectionBlock, projectionDims, type Architecture } from '../architecture.js';
+import type { Architecture } from '../architecture.js';
+import { checkpointTensorShapes } from '../tensors.js';
 import { isFloatDtype, readHeader, toFloat32, type SafetensorsHeader, type TensorHeader } from '../../adapters/safetensors.js';
 import { architectureFromHfConfig, eosFromGenerationConfig } from './hf-config.js';
 import { ModelInputError, type Checkpoint, type CheckpointTensor, type TokenizerSource } from './types.js';
@@ -55,25 +56,7 @@ export async function readHfArchitecture(dir: string): Promise<{ architecture: A
 }
 
 /** Every tensor the graph needs, with its [out, in] (or [n]) shape, in HF names. */
-export function requiredTensorShapes(a: Architecture): Map<string, number[]> {
-  const m = new Map<string, number[]>();
-  m.set('model.embed_tokens.weight', [a.vocabSize, a.hiddenSize]);
-  for (let i = 0; i < a.numLayers; i++) {
-    const p = `model.layers.${i}`;
-    m.set(`${p}.input_layernorm.weight`, [a.hiddenSize]);
-    m.set(`${p}.post_attention_layernorm.weight`, [a.hiddenSize]);
-    for (const proj of PROJECTIONS) {
-      const { inFeatures, outFeatures } = projectionDims(a, proj);
-      m.set(`${p}.${projectionBlock(proj)}.${proj}.weight`, [outFeatures, inFeatures]);
-      if (a.attentionBias && (proj === 'q_proj' || proj === 'k_proj' || proj === 'v_proj')) {
-        m.set(`${p}.self_attn.${proj}.bias`, [outFeatures]);
-      }
-    }
-  }
-  m.set('model.norm.weight', [a.hiddenSize]);
-  if (!a.tieWordEmbeddings) m.set('lm_head.weight', [a.vocabSize, a.hiddenSize]);
-  return m;
-}
+export const requiredTensorShapes = checkpointTensorShapes;
 
 interface Located {
   file: string;
@@ -140,17 +123,22 @@ async function locateTensors(dir: string): Promise<{ tensors: Map<string, Locate
 }
 
 /**
- * Every dtype and shape problem at once. Missing tensors are charged to the file that lists the
+ * Every dtype and shape problem at once, and every tensor the graph would not consume. Missing tensors are charged to the file that lists the
  * tensors (model.safetensors or the index); when all problems are in one file it is the one named.
  */
-function checkTensors(dir: string, listing: string, arch: Architecture, tensors: Map<string, Located>): void {
+function checkTensors(dir: string, listing: string, arch: Architecture, tensors: Map<string, Located>, redundant: ReadonlySet<string>): void {
   const problems: { file: string; text: string }[] = [];
   for (const [name, loc] of tensors) {
     if (!isFloatDtype(loc.tensor.dtype)) {
       problems.push({ file: loc.file, text: `tensor ${name}: dtype ${loc.tensor.dtype} not supported (only F32, F16, BF16).` });
     }
   }
-  for (const [name, shape] of requiredTensorShapes(arch)) {
+  const required = requiredTensorShapes(arch);
+  for (const [name, loc] of tensors) {
+    if (required.has(name) || redundant.has(name)) continue;
+    problems.push({ file: loc.file, text: `tensor ${name} [${loc.tensor.shape.join(', ')}] is not used by the ${arch.family} graph built from config.json; serving without it would not be the trained model, so it is refused (is config.json the one this checkpoint was saved with?).` });
+  }
+  for (const [name, shape] of required) {
     const loc = tensors.get(name);
     if (!loc) {
       problems.push({ file: listing, text: `tensor ${name} is missing; expected shape [${shape.join(', ')}], actual: absent.` });
@@ -218,11 +206,41 @@ async function readTokenizerSource(dir: string): Promise<{ source: TokenizerSour
   return { source: { kind: 'hf', tokenizerJson, tokenizerConfigJson }, files };
 }
 
+/**
+ * Tensors transformers loads and then discards, accepted only when they provably carry nothing
+ * of their own: an `lm_head.weight` saved beside tied embeddings (tie_weights overwrites it) when
+ * it equals them, and the `rotary_emb.inv_freq` buffers of older exports when they equal the
+ * table of plain RoPE at this rope_theta. Anything else unused is refused by checkTensors.
+ */
+function redundantTensors(arch: Architecture, tensors: Map<string, Located>): Set<string> {
+  const out = new Set<string>();
+  const head = tensors.get('lm_head.weight');
+  const embed = tensors.get('model.embed_tokens.weight');
+  if (arch.tieWordEmbeddings && head && embed && sameShape(head.tensor.shape, embed.tensor.shape)) {
+    const a = lazyTensor(head).read();
+    const b = lazyTensor(embed).read();
+    if (a.every((v, i) => v === b[i])) out.add('lm_head.weight');
+  }
+  const half = arch.headDim / 2;
+  for (const [name, loc] of tensors) {
+    if (!/^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$/.test(name) || arch.rope || !sameShape(loc.tensor.shape, [half])) continue;
+    const v = lazyTensor(loc).read();
+    const plain = (i: number) => 1 / Math.pow(arch.ropeTheta, (2 * i) / arch.headDim);
+    if (v.every((x, i) => Math.abs(x - plain(i)) <= 1e-6 * plain(i))) out.add(name);
+  }
+  return out;
+}
+
+const sameShape = (a: readonly number[], b: readonly number[]) => a.length === b.length && a.every((d, i) => d === b[i]);
+
 export async function openHfFolder(dirIn: string): Promise<Checkpoint> {
   const dir = resolve(dirIn);
   const { architecture, files: configFiles } = await readHfArchitecture(dir);
-  const { tensors, files: weightFiles } = await locateTensors(dir);
-  checkTensors(dir, weightFiles[0]!, architecture, tensors);
+  const { tensors: located, files: weightFiles } = await locateTensors(dir);
+  const redundant = redundantTensors(architecture, located);
+  checkTensors(dir, weightFiles[0]!, architecture, located, redundant);
+  // what the graph never reads is not exposed, so the builder's own "all consumed" check holds too
+  const tensors = new Map([...located].filter(([name]) => !redundant.has(name)));
   const { source, files: tokenizerFiles } = await readTokenizerSource(dir);
   const views = new Map<string, CheckpointTensor>();
   return {

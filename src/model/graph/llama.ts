@@ -1,14 +1,16 @@
 import type { Architecture, Projection } from '../architecture.js';
-import { projectionBlock, projectionDims } from '../architecture.js';
+import { projectionBlock, projectionDims, projectionHasBias } from '../architecture.js';
 import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
 import { loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
 import { concatKv, residentKv, type KvLayout } from './kv.js';
 import { frobeniusNorm } from '../../adapters/effect.js';
+import { ropeFrequencies } from './rope.js';
+import { slidingWindowBias } from './window.js';
 import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '2';
+export const BUILDER_VERSION = '8';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -49,22 +51,27 @@ const OPSETS = { '': 17 };
  * and the cos/sin tables repeat each frequency over its pair. So checkpoint rows are never permuted.
  * Angles are rounded to float32 at each step as HF (`inv_freq` float32 @ positions) and llama2.c
  * (`powf`, `pos * freq`) do, so long positions agree with them rather than with exact math.
+ * Scaled RoPE (rope.ts) changes only the frequencies and a factor on both tables.
  */
-export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Array; rotation: Float32Array } {
+export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Array; rotation: Float32Array; long?: { cos: Float32Array; sin: Float32Array } } {
   const hd = a.headDim;
   const half = hd / 2;
-  const invFreq = new Float32Array(half);
-  for (let i = 0; i < half; i++) invFreq[i] = Math.fround(1 / Math.fround(Math.pow(a.ropeTheta, Math.fround((2 * i) / hd))));
+  const { invFreq, attentionFactor, longInvFreq } = ropeFrequencies(a);
   const freqIndex = (j: number) => (a.ropeLayout === 'rotate_half' ? j % half : j >> 1);
-  const cos = new Float32Array(a.maxPositions * hd);
-  const sin = new Float32Array(a.maxPositions * hd);
-  for (let p = 0; p < a.maxPositions; p++) {
-    for (let j = 0; j < hd; j++) {
-      const angle = Math.fround(p * invFreq[freqIndex(j)]);
-      cos[p * hd + j] = Math.cos(angle);
-      sin[p * hd + j] = Math.sin(angle);
+  const table = (inv: Float32Array) => {
+    const cos = new Float32Array(a.maxPositions * hd);
+    const sin = new Float32Array(a.maxPositions * hd);
+    for (let p = 0; p < a.maxPositions; p++) {
+      for (let j = 0; j < hd; j++) {
+        const angle = Math.fround(p * inv[freqIndex(j)]);
+        cos[p * hd + j] = Math.cos(angle) * attentionFactor;
+        sin[p * hd + j] = Math.sin(angle) * attentionFactor;
+      }
     }
-  }
+    return { cos, sin };
+  };
+  const { cos, sin } = table(invFreq);
+  const long = longInvFreq ? table(longInvFreq) : undefined;
   const rotation = new Float32Array(hd * hd);
   const set = (from: number, to: number, v: number) => (rotation[from * hd + to] = v);
   for (let i = 0; i < half; i++) {
@@ -76,7 +83,7 @@ export function ropeTables(a: Architecture): { cos: Float32Array; sin: Float32Ar
       set(2 * i, 2 * i + 1, 1); // out[2i+1] = x[2i]
     }
   }
-  return { cos, sin, rotation };
+  return { cos, sin, rotation, long };
 }
 
 function checkArchitecture(a: Architecture, modelId: string): void {
@@ -85,7 +92,29 @@ function checkArchitecture(a: Architecture, modelId: string): void {
   if (a.numHeads % a.numKvHeads !== 0) throw bad(`numHeads ${a.numHeads} is not a multiple of numKvHeads ${a.numKvHeads}`);
 }
 
-/** reads a checkpoint tensor and checks its shape, so a wrong file fails here with its name, not inside onnxruntime */
+/**
+ * Reads checkpoint tensors, checking each shape (so a wrong file fails here with its name, not
+ * inside onnxruntime) and remembering what was read: after the build, a checkpoint tensor that no
+ * part of the graph read is an error naming it, whatever the reader let through.
+ */
+class TensorReader {
+  private readonly consumed = new Set<string>();
+  constructor(private readonly ck: Checkpoint) {}
+
+  read(name: string, shape: readonly number[]): Float32Array {
+    this.consumed.add(name);
+    return readTensor(this.ck, name, shape);
+  }
+
+  assertAllConsumed(): void {
+    const left = this.ck.names().filter((n) => !this.consumed.has(n));
+    if (left.length) {
+      const shown = left.slice(0, 8).join(', ') + (left.length > 8 ? ` (and ${left.length - 8} more)` : '');
+      throw new ModelInputError(this.ck.modelId, `checkpoint tensors not used by the ${this.ck.architecture.family} graph: ${shown}; refusing to serve a model without them.`);
+    }
+  }
+}
+
 function readTensor(ck: Checkpoint, name: string, shape: readonly number[]): Float32Array {
   const t = ck.tensor(name);
   if (!t) throw new ModelInputError(ck.modelId, `tensor ${name} is missing`);
@@ -128,6 +157,7 @@ export async function buildLlamaGraph(
   const KVH = a.numKvHeads;
   const hd = a.headDim;
   const g = new GraphBuilder(data);
+  const tensors = new TensorReader(ck);
   const targets = opts.lora ? loraTargetsFor(a) : [];
   const targetOf = new Map(targets.map((t) => [`${t.layer}.${t.module}`, t]));
   const scalar = (v: number) => g.constFloat(new Float32Array([v]), [], T);
@@ -150,22 +180,43 @@ export async function buildLlamaGraph(
     g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
   }
 
+  // sliding window (Mistral, Phi-3, windowed Qwen layers): only the bias of those layers changes
+  const windowed = new Set(a.slidingWindow ? (a.slidingWindowLayers ?? []) : []);
+  const windowBias = a.slidingWindow && windowed.size ? slidingWindowBias(g, attnBias, a.slidingWindow, maskValue, T) : attnBias;
+
   // ---- shared pieces
   onProgress('writing embeddings');
   const embedName = 'model.embed_tokens.weight';
-  const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], readTensor(ck, embedName, [a.vocabSize, a.hiddenSize]));
-  g.scope = '/model/rope';
-  const rope = ropeTables(a);
-  const cosTable = await g.weight('rope.cos', T, [a.maxPositions, hd], rope.cos);
-  const sinTable = await g.weight('rope.sin', T, [a.maxPositions, hd], rope.sin);
-  const rotation = g.constFloat(rope.rotation, [hd, hd], T);
+  const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], tensors.read(embedName, [a.vocabSize, a.hiddenSize]));
   const axis2 = g.constInt64([2]);
-  // [B, S, 1, hd]: broadcast over heads of q [B, S, H, hd] and k [B, S, KVH, hd]
-  const cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
-  const sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
-  const applyRope = (x: string) => g.op('Add', [g.op('Mul', [x, cos]), g.op('Mul', [g.op('MatMul', [x, rotation]), sin])]);
+  /** rot(x) = x·cos + (x·R)·sin with the tables of `ra` (`a`, or Gemma 3's local layers' variant) */
+  const ropeFor = async (ra: Architecture, suffix: string): Promise<(x: string) => string> => {
+    g.scope = '/model/rope';
+    const rope = ropeTables(ra);
+    const cosTable = await g.weight(`rope.cos${suffix}`, T, [a.maxPositions, hd], rope.cos);
+    const sinTable = await g.weight(`rope.sin${suffix}`, T, [a.maxPositions, hd], rope.sin);
+    const rotation = g.constFloat(rope.rotation, [hd, hd], T);
+    // [B, S, 1, hd]: broadcast over heads of q [B, S, H, hd] and k [B, S, KVH, hd]
+    let cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
+    let sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
+    if (rope.long && ra.rope?.type === 'longrope') {
+      // LongRoPE (transformers' dynamic update): a step whose max(position_ids) + 1 exceeds the
+      // original context uses the long factors, per row here
+      const longCos = await g.weight(`rope.cos_long${suffix}`, T, [a.maxPositions, hd], rope.long.cos);
+      const longSin = await g.weight(`rope.sin_long${suffix}`, T, [a.maxPositions, hd], rope.long.sin);
+      const lastPos = g.op('ReduceMax', [positionIds], { axes: ints([1]), keepdims: int(1) }); // [B, 1] (opset 17: axes is an attribute)
+      const isLong = g.op('Unsqueeze', [g.op('Greater', [lastPos, g.constInt64([ra.rope.originalMaxPositions - 1], [])]), g.constInt64([2, 3])]); // [B, 1, 1, 1]
+      cos = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longCos, positionIds], { axis: int(0) }), axis2]), cos]);
+      sin = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longSin, positionIds], { axis: int(0) }), axis2]), sin]);
+    }
+    const [c, s] = [cos, sin];
+    return (x: string) => g.op('Add', [g.op('Mul', [x, c]), g.op('Mul', [g.op('MatMul', [x, rotation]), s])]);
+  };
+  const globalRope = await ropeFor(a, '');
+  // Gemma 3: sliding-window layers rotate with plain RoPE at rope_local_base_freq
+  const localRope = a.localRopeTheta !== undefined ? await ropeFor({ ...a, ropeTheta: a.localRopeTheta, rope: undefined }, '.local') : globalRope;
 
-  const qScale = scalar(1 / Math.sqrt(hd));
+  const qScale = scalar(1 / Math.sqrt(a.queryPreAttnScalar ?? hd));
   const shape = (dims: number[]) => g.constInt64(dims);
   const toHeads = shape([0, 0, H, hd]);
   const toKvHeads = shape([0, 0, KVH, hd]);
@@ -177,18 +228,31 @@ export async function buildLlamaGraph(
 
   const rmsNorm = (x: string, weight: string) =>
     g.op('SimplifiedLayerNormalization', [x, weight], { axis: int(-1), epsilon: float(a.rmsNormEps), stash_type: int(1) });
+  /** a norm's weight as the graph multiplies by it: Gemma's RMSNorm scales by (1 + w) */
+  const normWeight = async (name: string, n: number) => {
+    const w = tensors.read(name, [n]);
+    return g.weight(name, T, [n], a.normPlusOne ? w.map((v) => 1 + v) : w);
+  };
+  /** Gemma 2 soft-capping: tanh(x / cap) · cap */
+  const softcap = (x: string, cap: number) => g.op('Mul', [g.op('Tanh', [g.op('Mul', [x, scalar(1 / cap)])]), scalar(cap)]);
+  /** the gated MLP's activation: silu, or GELU with the tanh approximation (gelu_pytorch_tanh) */
+  const activation = (x: string) => {
+    if (a.activation !== 'gelu_tanh') return g.op('Mul', [x, g.op('Sigmoid', [x])]);
+    const inner = g.op('Mul', [g.op('Add', [x, g.op('Mul', [g.op('Mul', [g.op('Mul', [x, x]), x]), scalar(0.044715)])]), scalar(Math.sqrt(2 / Math.PI))]);
+    return g.op('Mul', [g.op('Mul', [x, scalar(0.5)]), g.op('Add', [g.op('Tanh', [inner]), scalar(1)])]);
+  };
 
   const projection = async (layer: number, p: Projection, x: string): Promise<string> => {
     const { inFeatures, outFeatures } = projectionDims(a, p);
     const base = `model.layers.${layer}.${projectionBlock(p)}.${p}`;
-    const raw = readTensor(ck, `${base}.weight`, [outFeatures, inFeatures]);
+    const raw = tensors.read(`${base}.weight`, [outFeatures, inFeatures]);
     const t = targetOf.get(`${layer}.${p}`);
     // the divisor of each adapter module's relativeNorm, taken while the weight is in hand anyway
     if (t) t.weightNorm = frobeniusNorm(raw);
     const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(raw, outFeatures, inFeatures));
     let y = g.op('MatMul', [x, w]);
-    if (a.attentionBias && (p === 'q_proj' || p === 'k_proj' || p === 'v_proj')) {
-      y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], readTensor(ck, `${base}.bias`, [outFeatures]))]);
+    if (projectionHasBias(a, p)) {
+      y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], tensors.read(`${base}.bias`, [outFeatures]))]);
     }
     if (t) y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, t.inputA]), t.inputB])]);
     return y;
@@ -196,49 +260,65 @@ export async function buildLlamaGraph(
 
   // ---- layers
   let h = g.op('Gather', [embed, inputIds], { axis: int(0) });
+  // Gemma: embeddings × sqrt(hidden_size), rounded to the compute dtype as transformers' normalizer is
+  if (a.embedScale) h = g.op('Mul', [h, scalar(Math.fround(Math.sqrt(a.hiddenSize)))]);
   for (let i = 0; i < a.numLayers; i++) {
     onProgress(`building layer ${i + 1}/${a.numLayers}…`);
     g.scope = `/model/layers.${i}`;
     const pre = `model.layers.${i}`;
-    const inNorm = await g.weight(`${pre}.input_layernorm.weight`, T, [a.hiddenSize], readTensor(ck, `${pre}.input_layernorm.weight`, [a.hiddenSize]));
+    const inNorm = await normWeight(`${pre}.input_layernorm.weight`, a.hiddenSize);
     const x = rmsNorm(h, inNorm);
-    const q = applyRope(g.op('Reshape', [await projection(i, 'q_proj', x), toHeads]));
-    const k = applyRope(g.op('Reshape', [await projection(i, 'k_proj', x), toKvHeads]));
-    const v = g.op('Reshape', [await projection(i, 'v_proj', x), toKvHeads]);
+    // Qwen3: RMSNorm over head_dim of every query and key head, before RoPE
+    const headNorm = async (heads: string, which: 'q_norm' | 'k_norm') =>
+      a.qkNorm ? rmsNorm(heads, await normWeight(`${pre}.self_attn.${which}.weight`, hd)) : heads;
+    // Phi-3: one qkv_proj (rows [q; k; v]) split after its LoRA delta, as Phi3Attention slices it
+    const [qp, kp, vp] = a.fusedProjections
+      ? g.node('Split', [await projection(i, 'qkv_proj', x), g.constInt64([H * hd, KVH * hd, KVH * hd])], { attrs: { axis: int(-1) }, count: 3 })
+      : [await projection(i, 'q_proj', x), await projection(i, 'k_proj', x), await projection(i, 'v_proj', x)];
+    const applyRope = windowed.has(i) ? localRope : globalRope;
+    const q = applyRope(await headNorm(g.op('Reshape', [qp, toHeads]), 'q_norm'));
+    const k = applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads]), 'k_norm'));
+    const v = g.op('Reshape', [vp, toKvHeads]);
     const perm = { perm: ints([0, 2, 1, 3]) };
     const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
     const { keys: presentK, values: presentV } = kv.layer(i, k, v);
     const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
-    const biased = g.op('Add', [g.op('Reshape', [scores, scoresToHeads]), attnBias]);
+    const capped = a.attnSoftcap ? softcap(scores, a.attnSoftcap) : scores;
+    const biased = g.op('Add', [g.op('Reshape', [capped, scoresToHeads]), windowed.has(i) ? windowBias : attnBias]);
     const probs = g.op('Softmax', [biased], { axis: int(-1) });
     const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups]), presentV]);
     const merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads])], perm), mergeHeads]);
-    h = g.op('Add', [h, await projection(i, 'o_proj', merged)]);
-
-    const postNorm = await g.weight(`${pre}.post_attention_layernorm.weight`, T, [a.hiddenSize], readTensor(ck, `${pre}.post_attention_layernorm.weight`, [a.hiddenSize]));
-    const y = rmsNorm(h, postNorm);
-    const gate = await projection(i, 'gate_proj', y);
-    const up = await projection(i, 'up_proj', y);
-    const act = g.op('Mul', [g.op('Mul', [gate, g.op('Sigmoid', [gate])]), up]);
-    h = g.op('Add', [h, await projection(i, 'down_proj', act)]);
+    const attnOut = await projection(i, 'o_proj', merged);
+    const postNorm = await normWeight(`${pre}.post_attention_layernorm.weight`, a.hiddenSize);
+    // Gemma: post_attention_layernorm normalises the attention output, pre_feedforward_layernorm the MLP input
+    h = g.op('Add', [h, a.sandwichNorms ? rmsNorm(attnOut, postNorm) : attnOut]);
+    const y = rmsNorm(h, a.sandwichNorms ? await normWeight(`${pre}.pre_feedforward_layernorm.weight`, a.hiddenSize) : postNorm);
+    // Phi-3: gate_up_proj rows are [gate; up] (Phi3MLP's chunk(2, dim=-1))
+    const [gate, up] = a.fusedProjections
+      ? g.node('Split', [await projection(i, 'gate_up_proj', y), g.constInt64([a.intermediateSize, a.intermediateSize])], { attrs: { axis: int(-1) }, count: 2 })
+      : [await projection(i, 'gate_proj', y), await projection(i, 'up_proj', y)];
+    const act = g.op('Mul', [activation(gate), up]);
+    const mlpOut = await projection(i, 'down_proj', act);
+    h = g.op('Add', [h, a.sandwichNorms ? rmsNorm(mlpOut, await normWeight(`${pre}.post_feedforward_layernorm.weight`, a.hiddenSize)) : mlpOut]);
   }
 
   // ---- head
   onProgress('writing lm_head');
   g.scope = '/model/head';
-  const finalNorm = await g.weight('model.norm.weight', T, [a.hiddenSize], readTensor(ck, 'model.norm.weight', [a.hiddenSize]));
+  const finalNorm = await normWeight('model.norm.weight', a.hiddenSize);
   let hn = rmsNorm(h, finalNorm);
   if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
   // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
-  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], readTensor(ck, 'lm_head.weight', [a.vocabSize, a.hiddenSize]));
+  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
   const rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
   const outShape = g.op('Concat', [g.op('Shape', [hn], { start: int(0), end: int(2) }), shape([a.vocabSize])], { axis: int(0) });
-  const logits3 = g.op('Reshape', [rows, outShape]);
+  const logits3 = g.op('Reshape', [a.finalSoftcap ? softcap(rows, a.finalSoftcap) : rows, outShape]);
   g.node(T === 'float16' ? 'Cast' : 'Identity', [logits3], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: ['logits'] });
 
   g.output('logits', 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.vocabSize]);
   kv.outputs();
+  tensors.assertAllConsumed();
   onProgress('encoding graph');
   return { model: g.encode(`loraserve-${a.family}`, OPSETS, BUILDER_VERSION), maskValue, loraTargets: targets };
 }
