@@ -23,7 +23,7 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
     const adapter = body.adapter ?? null;
     request.log.info({ adapter }, 'generate');
     const ac = disconnectSignal(request, reply);
-    const gen = startGeneration(
+    const gen = await startGeneration(
       runtime,
       {
         adapter,

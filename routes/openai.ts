@@ -92,7 +92,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
     request.log.info({ adapter }, 'completion');
     const wantLogprobs = body.logprobs != null;
     const ac = disconnectSignal(request, reply);
-    const gen = startGeneration(runtime, { adapter, text: { prompt: body.prompt, ...textOptions(body, wantLogprobs ? (body.logprobs ?? 0) : undefined) } }, ac.signal);
+    const gen = await startGeneration(runtime, { adapter, text: { prompt: body.prompt, ...textOptions(body, wantLogprobs ? (body.logprobs ?? 0) : undefined) } }, ac.signal);
     const id = `cmpl-${randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     const head = { id, object: 'text_completion' as const, created, model: body.model };
@@ -139,7 +139,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
     }
     const wantLogprobs = body.logprobs === true;
     const ac = disconnectSignal(request, reply);
-    const gen = startGeneration(
+    const gen = await startGeneration(
       runtime,
       {
         adapter,

@@ -67,6 +67,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     provider: engine.provider,
     draining: false,
     async close() {
+      await registry.close();
       await engine.close();
     },
   };

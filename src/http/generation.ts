@@ -33,15 +33,20 @@ export function engineProblem(e: unknown): HttpProblem | null {
 }
 
 /**
- * Resolves the adapter and submits to the engine in one synchronous turn, so a concurrent
- * replace/delete cannot unload the version in between (see AdapterRegistry.resolveForGeneration).
+ * Holds the adapter (loading it on this replica first if needed, see AdapterRegistry.acquire) and
+ * submits to the engine; the hold ends with the request, so the version is not evicted under it.
  */
-export function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): TextGeneration {
-  if (runtime.draining) throw new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': '1' });
-  const adapterVersion = call.adapter === null ? null : runtime.registry.resolveForGeneration(call.adapter);
+export async function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): Promise<TextGeneration> {
+  const draining = () => new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': '1' });
+  if (runtime.draining) throw draining();
+  const lease = call.adapter === null ? null : await runtime.registry.acquire(call.adapter);
   try {
-    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion }, signal);
+    if (runtime.draining) throw draining();
+    const gen = generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion: lease?.versionId ?? null }, signal);
+    if (lease) void gen.result.then(lease.release, lease.release);
+    return gen;
   } catch (e) {
+    lease?.release();
     throw engineProblem(e) ?? e;
   }
 }
