@@ -219,6 +219,7 @@ export class AdapterRegistry {
   private reserved = 0;
   private readonly locks = new Map<string, Promise<unknown>>();
   private readonly counters = { loads: 0, evictions: 0, loadSeconds: 0 };
+  private readonly loadTimes: number[] = [];
   private syncTimer: NodeJS.Timeout | null = null;
   private closed = false;
 
@@ -352,15 +353,17 @@ export class AdapterRegistry {
         this.resident.set(name, { name, ref: ready.ref, versionId, lastUsed: performance.now(), inUse: 0 });
         this.counters.loads++;
         this.counters.loadSeconds += (performance.now() - t0) / 1000;
-        this.onLoad?.((performance.now() - t0) / 1000);
+        if (this.loadTimes.length < 10_000) this.loadTimes.push((performance.now() - t0) / 1000);
       }
       this.versions.set(name, ready);
       return ready;
     }
   }
 
-  /** Observer for the load latency histogram (metrics). */
-  onLoad: ((seconds: number) => void) | null = null;
+  /** The seconds of each load since the last call (bounded), for the metrics' histogram. */
+  takeLoadSeconds(): number[] {
+    return this.loadTimes.splice(0);
+  }
 
   /**
    * Tells the engine that no new request may use a version. The engine stops handing it out at
