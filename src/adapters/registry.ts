@@ -1,3 +1,4 @@
+import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
@@ -9,6 +10,7 @@ import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
 import { error, type Problem, type ValidationReport } from './report.js';
 import { AdapterStore, NameTakenError, NotStoredError, adapterNameProblem, pauseHookFromEnv, type AdapterBackend, type AdapterMeta, type FileDigest, type StoreHooks, type StoredEntry } from './store.js';
 import { SharedFolderStore } from './shared-folder.js';
+import { S3Store, parseS3Url } from './s3-store.js';
 import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
 import type { ModelFacts, ValidationLimits } from './validate.js';
 
@@ -244,8 +246,18 @@ export class AdapterRegistry {
     const { config, manifest, engine, log } = opts;
     const hooks = opts.hooks ?? pauseHookFromEnv();
     const logRecovery = (r: { entry: string; action: string }) => log.warn({ entry: r.entry, action: r.action }, 'adapter store: recovered from an interrupted write');
-    const { store, recovered } =
-      config.ADAPTER_STORE === 'shared'
+    const { store, recovered } = parseS3Url(config.ADAPTER_DIR)
+      ? await S3Store.open({
+          url: config.ADAPTER_DIR,
+          endpoint: config.S3_ENDPOINT,
+          region: config.AWS_REGION,
+          cacheDir: path.join(config.CACHE_DIR, 'adapters-s3'),
+          leaseMs: config.ADAPTER_LEASE_MS,
+          hooks,
+          log: logRecovery,
+          warn: (message) => log.warn(message),
+        })
+      : config.ADAPTER_STORE === 'shared'
         ? await SharedFolderStore.open(config.ADAPTER_DIR, { leaseMs: config.ADAPTER_LEASE_MS, hooks, log: logRecovery })
         : await AdapterStore.open(config.ADAPTER_DIR, hooks);
     recovered.forEach(logRecovery);
