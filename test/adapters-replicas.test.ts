@@ -245,6 +245,41 @@ describe('three replicas sharing one ADAPTER_DIR (ADAPTER_STORE=shared)', () => 
     expect((await versionDirs()).filter((d) => d.startsWith('shared@'))).toHaveLength(1);
   }, 120_000);
 
+  it('a request running on A when a replace through B reaches it finishes on the version it started with', async () => {
+    const maxTokens = 400;
+    const reference = await generate(A, 'shared', maxTokens);
+    expect(reference.status).toBe(200);
+    const v2Output = await output(B, 'shared');
+    const res = await fetch(`${A.url}/v1/generate`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'Once upon a time', adapter: 'shared', max_tokens: maxTokens, temperature: 0, stream: true }),
+    });
+    expect(res.status).toBe(200);
+    const reader = res.body!.getReader();
+    const decoder = new TextDecoder();
+    let text = '';
+    let ended = false;
+    const pump = (async () => {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        text += decoder.decode(value, { stream: true });
+        if (text.includes('event: done')) ended = true;
+      }
+    })();
+    await waitFor('the first token', () => text.includes('"token"'));
+    expect((await upload(B, 'shared', v1, 'PUT')).status).toBe(200);
+    await waitFor('the replace to reach A', async () => (await detail(A, 'shared')).body.version === 3, 10_000);
+    expect(ended, 'the stream ended before the replace reached A: make it longer').toBe(false);
+    await pump;
+    const tokens = [...text.matchAll(/"token":(\d+)/g)].map((m) => Number(m[1]));
+    expect(tokens).toEqual(reference.body.tokens);
+    // new requests get the new version
+    expect(same(await output(A, 'shared'), v2Output)).toBe(false);
+    expectSame(await output(A, 'shared'), v1Output);
+  }, 120_000);
+
   it('a delete through C answers 404 on A and B within ADAPTER_SYNC_MS', async () => {
     const res = await fetch(`${C.url}/v1/adapters/burst`, { method: 'DELETE' });
     expect(res.status).toBe(204);
