@@ -372,6 +372,39 @@ describe('AdapterRegistry with the real engine', () => {
     await reopened.delete('copied-in');
     expect((await readdir(dir)).sort()).toEqual(['intact', 'tampered']);
   });
+
+  it('MAX_LOADED_ADAPTERS: the least recently used idle adapter is unloaded, one in use never; a held load over the bound is trimmed when it ends', async () => {
+    const dir = await fresh('reg');
+    const registry = await AdapterRegistry.open({ config: { ...runtime.config, ADAPTER_DIR: dir, MAX_LOADED_ADAPTERS: 1 }, manifest: runtime.manifest, engine, log: createLogger({ LOG_LEVEL: 'silent' }) });
+    await registry.create('a', await stageGood());
+    await registry.create('b', await stageGood());
+    expect(registry.loadedNames()).toEqual(['b']);
+    expect(registry.list().map((x) => [x.name, x.state, x.loaded])).toEqual([
+      ['a', 'ready', false],
+      ['b', 'ready', true],
+    ]);
+    // b is held by a running request: loading a must not unload it
+    const holdB = await registry.acquire('b');
+    const holdA = await registry.acquire('a');
+    expect(runtime.engine.hasAdapter(holdB.versionId)).toBe(true);
+    expect(runtime.engine.hasAdapter(holdA.versionId)).toBe(true);
+    expect(registry.loadedNames()).toEqual(['a', 'b']);
+    holdA.release();
+    // still over the bound while b is held, a is idle: a goes
+    expect(registry.loadedNames()).toEqual(['b']);
+    holdB.release();
+    expect(registry.stats()).toMatchObject({ stored: 2, loaded: 1, evictions: 2, loads: 1 });
+    // at start: both validated (ready), one loaded; the other is loaded by its first request
+    const reopened = await AdapterRegistry.open({ config: { ...runtime.config, ADAPTER_DIR: dir, MAX_LOADED_ADAPTERS: 1 }, manifest: runtime.manifest, engine, log: createLogger({ LOG_LEVEL: 'silent' }) });
+    expect(reopened.list().map((x) => [x.name, x.state, x.loaded])).toEqual([
+      ['a', 'ready', true],
+      ['b', 'ready', false],
+    ]);
+    const lease = await reopened.acquire('b');
+    expect(reopened.loadedNames()).toEqual(['b']);
+    lease.release();
+    await expect(reopened.acquire('nope')).rejects.toMatchObject({ status: 404 });
+  });
 });
 
 describe('SharedFolderStore (ADAPTER_STORE=shared)', () => {
