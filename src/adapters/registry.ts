@@ -146,7 +146,6 @@ export interface RegistryStats {
   loaded: number;
   loads: number;
   evictions: number;
-  loadSeconds: number;
 }
 
 function summarize(v: AdapterVersion, loaded = false): AdapterSummary {
@@ -220,7 +219,7 @@ export class AdapterRegistry {
   /** creates under way, so concurrent uploads cannot overshoot MAX_ADAPTERS */
   private reserved = 0;
   private readonly locks = new Map<string, Promise<unknown>>();
-  private readonly counters = { loads: 0, evictions: 0, loadSeconds: 0 };
+  private readonly counters = { loads: 0, evictions: 0 };
   private readonly loadTimes: number[] = [];
   private syncTimer: NodeJS.Timeout | null = null;
   private closed = false;
@@ -322,7 +321,9 @@ export class AdapterRegistry {
     for (let attempt = 0; ; attempt++) {
       const { entry } = v;
       const meta = entry.meta;
+      const t0 = performance.now();
       const diffs = await this.store.verify(entry);
+      const verified = performance.now();
       if (diffs.length && this.store.shared && attempt < 3) {
         // a replace or delete through another replica removes the old version's files: follow the pointer
         const fresh = await this.store.find(name);
@@ -346,8 +347,8 @@ export class AdapterRegistry {
         this.markIncompatible(v, failedReport(problems));
         return this.versions.get(name)!;
       }
-      const t0 = performance.now();
       const { report, weights } = await readAdapterFolder(entry.dir, this.model, this.limits, { readValues: true });
+      const validated = performance.now();
       if (!report.ok || (load && !weights)) {
         this.markIncompatible(v, report);
         return this.versions.get(name)!;
@@ -364,8 +365,9 @@ export class AdapterRegistry {
         }
         this.resident.set(name, { name, ref: ready.ref, versionId, lastUsed: performance.now(), inUse: 0 });
         this.counters.loads++;
-        this.counters.loadSeconds += (performance.now() - t0) / 1000;
-        if (this.loadTimes.length < 10_000) this.loadTimes.push((performance.now() - t0) / 1000);
+        const done = performance.now();
+        if (this.loadTimes.length < 10_000) this.loadTimes.push((done - t0) / 1000);
+        this.log.info({ adapter: name, version: ready.version, versionId, verifyMs: Math.round(verified - t0), validateMs: Math.round(validated - verified), engineMs: Math.round(done - validated) }, 'adapter loaded from the store');
       }
       this.versions.set(name, ready);
       return ready;
