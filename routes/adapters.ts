@@ -1,6 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
-import { HttpProblem, badRequest } from '../src/http/problem.js';
+import { z } from 'zod';
+import { HttpProblem, badRequest, zodProblem } from '../src/http/problem.js';
 import { UploadSlots, receiveAdapterUpload, type ReceivedUpload } from '../src/adapters/upload.js';
 import { rejectedProblem } from '../src/adapters/registry.js';
 import { adapterNameProblem } from '../src/adapters/store.js';
@@ -17,12 +18,18 @@ function allowNoEffect(value: string | undefined): boolean {
  *   POST   /v1/adapters            201 stored | 400 bad request | 409 name taken or MAX_ADAPTERS reached | 413 | 415 | 422 report
  *                                   | 429 MAX_CONCURRENT_UPLOADS reached (Retry-After)
  *   PUT    /v1/adapters/:name      create-or-replace, atomic: 201 created | 200 replaced | same errors as POST
- *   GET    /v1/adapters            200 {adapters: [...]}
+ *   GET    /v1/adapters            200 {adapters: [...], next}: by name, ?limit= (default 100, at most 1000) and ?after=<next>
  *   GET    /v1/adapters/:name      200 detail with report | 404
  *   DELETE /v1/adapters/:name      204 | 404
  *   POST   /v1/adapters/validate   200 report when it fits | 422 problem with the report; stores nothing
  * Every error is application/problem+json; a 422 carries errors[], warnings[] and report.
  */
+const ListQuery = z.object({
+  limit: z.coerce.number().int().min(1).max(1000).default(100),
+  /** the `next` of the previous page: names after it */
+  after: z.string().min(1).optional(),
+});
+
 export default async function adapterRoutes(app: FastifyInstance): Promise<void> {
   const { registry, config } = app.runtime;
   const maxBytes = config.MAX_UPLOAD_BYTES;
@@ -65,9 +72,13 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
     app.metrics?.adapterRejected((e.extra.errors as { code?: unknown }[]).map((p) => String(p.code)));
   }
 
-  app.get('/v1/adapters', async () => ({ adapters: registry.list() }));
+  app.get('/v1/adapters', async (request) => {
+    const parsed = ListQuery.safeParse(request.query);
+    if (!parsed.success) throw zodProblem(parsed.error.issues);
+    return registry.page(parsed.data.after ?? null, parsed.data.limit);
+  });
 
-  app.get<{ Params: { name: string } }>('/v1/adapters/:name', async (request) => registry.get(request.params.name));
+  app.get<{ Params: { name: string } }>('/v1/adapters/:name', async (request) => registry.describe(request.params.name));
 
   app.post('/v1/adapters', async (request, reply) => {
     const adapter = await withUpload(request, async (u) => {

@@ -23,6 +23,18 @@ export const ConfigSchema = z.object({
   /** where built graphs are cached, one subfolder per source hash (model folders may be read-only) */
   CACHE_DIR: z.string().default('./data/model-cache'),
   ADAPTER_DIR: z.string().default('./data/adapters'),
+  /** `shared`: ADAPTER_DIR is mounted by several replicas at once (see src/adapters/shared-folder.ts) */
+  ADAPTER_STORE: z.enum(['local', 'shared']).default('local'),
+  /** shared store: how often a replica looks for adapters replaced or deleted through another one */
+  ADAPTER_SYNC_MS: z.coerce.number().int().positive().default(2000),
+  /** shared store: a crashed replica's leftovers are removed once unrenewed for this long */
+  ADAPTER_LEASE_MS: z.coerce.number().int().positive().default(60_000),
+  /** ADAPTER_DIR=s3://bucket/prefix: the S3-compatible server (MinIO, R2, …); unset → AWS */
+  S3_ENDPOINT: z.string().url().optional(),
+  /** region for S3 (the SDK's standard credential chain supplies the keys) */
+  AWS_REGION: z.string().optional(),
+  /** adapters held in memory per replica (least recently used idle one unloaded); 0 = no limit */
+  MAX_LOADED_ADAPTERS: int(0),
   DEVICE: z.enum(['auto', 'cpu', 'cuda']).default('auto'),
   DTYPE: z.enum(['auto', 'fp32', 'fp16']).default('auto'),
   MAX_LORA_RANK: int(64),

@@ -78,6 +78,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     provider: engine.provider,
     draining: false,
     async close() {
+      await registry.close();
       await Promise.all([engine.close(), prompts.close()]);
     },
   };

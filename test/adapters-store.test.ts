@@ -3,7 +3,8 @@ import { cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/pr
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AdapterStore, adapterNameProblem, pauseHookFromEnv, type AdapterMeta, type PausePoint } from '../src/adapters/store.js';
+import { AdapterStore, NameTakenError, NotStoredError, adapterNameProblem, pauseHookFromEnv, type AdapterMeta, type PausePoint } from '../src/adapters/store.js';
+import { SharedFolderStore } from '../src/adapters/shared-folder.js';
 import { AdapterRegistry, type AdapterEngine } from '../src/adapters/registry.js';
 import type { AdapterWeights } from '../src/adapters/convert.js';
 import { HttpProblem } from '../src/http/problem.js';
@@ -370,5 +371,153 @@ describe('AdapterRegistry with the real engine', () => {
     expect(reopened.get('tampered').state).toBe('ready');
     await reopened.delete('copied-in');
     expect((await readdir(dir)).sort()).toEqual(['intact', 'tampered']);
+  });
+
+  it('MAX_LOADED_ADAPTERS: the least recently used idle adapter is unloaded, one in use never; a held load over the bound is trimmed when it ends', async () => {
+    const dir = await fresh('reg');
+    const registry = await AdapterRegistry.open({ config: { ...runtime.config, ADAPTER_DIR: dir, MAX_LOADED_ADAPTERS: 1 }, manifest: runtime.manifest, engine, log: createLogger({ LOG_LEVEL: 'silent' }) });
+    await registry.create('a', await stageGood());
+    await registry.create('b', await stageGood());
+    expect(registry.loadedNames()).toEqual(['b']);
+    expect(registry.list().map((x) => [x.name, x.state, x.loaded])).toEqual([
+      ['a', 'ready', false],
+      ['b', 'ready', true],
+    ]);
+    // b is held by a running request: loading a must not unload it
+    const holdB = await registry.acquire('b');
+    const holdA = await registry.acquire('a');
+    expect(runtime.engine.hasAdapter(holdB.versionId)).toBe(true);
+    expect(runtime.engine.hasAdapter(holdA.versionId)).toBe(true);
+    expect(registry.loadedNames()).toEqual(['a', 'b']);
+    holdA.release();
+    // still over the bound while b is held, a is idle: a goes
+    expect(registry.loadedNames()).toEqual(['b']);
+    holdB.release();
+    expect(registry.stats()).toMatchObject({ stored: 2, loaded: 1, evictions: 2, loads: 1 });
+    // at start: both validated (ready), one loaded; the other is loaded by its first request
+    const reopened = await AdapterRegistry.open({ config: { ...runtime.config, ADAPTER_DIR: dir, MAX_LOADED_ADAPTERS: 1 }, manifest: runtime.manifest, engine, log: createLogger({ LOG_LEVEL: 'silent' }) });
+    expect(reopened.list().map((x) => [x.name, x.state, x.loaded])).toEqual([
+      ['a', 'ready', true],
+      ['b', 'ready', false],
+    ]);
+    const lease = await reopened.acquire('b');
+    expect(reopened.loadedNames()).toEqual(['b']);
+    lease.release();
+    await expect(reopened.acquire('nope')).rejects.toMatchObject({ status: 404 });
+  });
+});
+
+describe('SharedFolderStore (ADAPTER_STORE=shared)', () => {
+  const opened: SharedFolderStore[] = [];
+  afterAll(async () => {
+    for (const s of opened) await s.close();
+  });
+  async function openShared(dir: string, leaseMs = 60_000, hooks = {}): Promise<SharedFolderStore> {
+    const { store } = await SharedFolderStore.open(dir, { leaseMs, hooks });
+    opened.push(store);
+    return store;
+  }
+
+  /** What the shared store names `name`: 'A', 'B', 'absent', or a description of anything else. */
+  async function sharedHolds(store: SharedFolderStore, name: string): Promise<string> {
+    const entry = await store.find(name);
+    if (!entry) return 'absent';
+    if ((await store.verify(entry)).length) return `damaged: ${(await store.verify(entry)).join('; ')}`;
+    const config = await readFile(path.join(entry.dir, 'adapter_config.json'), 'utf8');
+    for (const [label, v, ver] of [['A', versionA, 1], ['B', versionB, 2]] as const) if (config === v.config && entry.meta?.version === ver) return label;
+    return `other: ${config}`;
+  }
+  const versionsOf = async (dir: string) => readdir(path.join(dir, '.versions'));
+
+  it('create, replace, delete: one immutable folder per version, the pointer switched; nothing left over', async () => {
+    const dir = await fresh('shared');
+    const store = await openShared(dir);
+    const a = await store.create(metaFor('alpha', 1, versionA), await stage(versionA));
+    expect(await sharedHolds(store, 'alpha')).toBe('A');
+    const b = await store.replace(metaFor('alpha', 2, versionB), await stage(versionB));
+    expect(b.ref).not.toBe(a.ref);
+    expect(await sharedHolds(store, 'alpha')).toBe('B');
+    expect(await versionsOf(dir)).toEqual([b.ref]);
+    expect(await store.refs()).toEqual(new Map([['alpha', b.ref]]));
+    await store.delete('alpha');
+    await expect(store.delete('alpha')).rejects.toBeInstanceOf(NotStoredError);
+    expect(await store.find('alpha')).toBeNull();
+    expect(await versionsOf(dir)).toEqual([]);
+    expect(await readdir(path.join(dir, '.work'))).toEqual([]);
+    // a local store on the same folder sees no adapter in it
+    const { store: local } = await AdapterStore.open(dir);
+    expect(await local.list()).toEqual([]);
+  });
+
+  it('concurrent creates of one name through two stores on one folder: exactly one wins, the other gets NameTakenError and leaves nothing', async () => {
+    const dir = await fresh('shared');
+    const [s1, s2] = [await openShared(dir), await openShared(dir)];
+    for (let i = 0; i < 5; i++) {
+      const name = `n${i}`;
+      const results = await Promise.allSettled([s1.create(metaFor(name, 1, versionA), await stage(versionA)), s2.create(metaFor(name, 1, versionB), await stage(versionB))]);
+      expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+      const lost = results.find((r) => r.status === 'rejected') as PromiseRejectedResult;
+      expect(lost.reason).toBeInstanceOf(NameTakenError);
+      expect((await versionsOf(dir)).filter((v) => v.startsWith(`${name}@`))).toHaveLength(1);
+    }
+    expect(await readdir(path.join(dir, '.work'))).toEqual([]);
+  });
+
+  describe('a crash at each point of a write leaves the old or the new version whole', () => {
+    const expectations: [PausePoint, 'create' | 'replace', string][] = [
+      ['mid-write', 'create', 'absent'],
+      ['before-swap', 'create', 'absent'],
+      ['mid-write', 'replace', 'A'],
+      ['before-swap', 'replace', 'A'],
+      ['mid-swap', 'replace', 'A'],
+      ['after-swap', 'replace', 'B'],
+    ];
+    for (const [point, op, want] of expectations) {
+      it(`${op}, crash at ${point} → ${want}; the clean-up removes the rest once the lease ran out`, async () => {
+        const dir = await fresh('shared-live');
+        const snapshot = path.join(await fresh('shared-snap'), 'adapters');
+        let reached = false;
+        const store = await openShared(dir, 60_000, {
+          pause: async (at: PausePoint) => {
+            if (at !== point) return;
+            reached = true;
+            await cp(dir, snapshot, { recursive: true });
+          },
+        });
+        if (op === 'replace') {
+          await (await openShared(dir)).create(metaFor('alpha', 1, versionA), await stage(versionA));
+          await store.replace(metaFor('alpha', 2, versionB), await stage(versionB));
+        } else {
+          await store.create(metaFor('alpha', 2, versionB), await stage(versionB));
+        }
+        expect(reached).toBe(true);
+        // the copy is what a SIGKILL at that point leaves; a replica opening it after the lease cleans up
+        await new Promise((r) => setTimeout(r, 30));
+        const { store: after, recovered } = await SharedFolderStore.open(snapshot, { leaseMs: 20 });
+        opened.push(after);
+        expect(await sharedHolds(after, 'alpha')).toBe(want);
+        const referenced = [...(await after.refs()).values()];
+        expect(await versionsOf(snapshot)).toEqual(referenced);
+        expect(await readdir(path.join(snapshot, '.work'))).toEqual([]);
+        if (point === 'mid-write' || point === 'before-swap') expect(recovered.length).toBeGreaterThan(0);
+        expect(await sharedHolds(store, 'alpha')).toBe('B');
+      });
+    }
+  });
+
+  it("leases: another replica's clean-up leaves a live writer's upload folder alone however old it is, and removes it once the writer stops renewing", async () => {
+    const dir = await fresh('shared');
+    const writer = await openShared(dir, 150);
+    const other = await openShared(dir, 150);
+    const upload = await writer.uploadDir();
+    await new Promise((r) => setTimeout(r, 600));
+    expect(await other.collect()).toEqual([]);
+    expect(await readdir(path.join(dir, '.work'))).toEqual([path.basename(upload)]);
+    // the writer dies: nothing renews the lease any more
+    await writer.close();
+    // (the other's own clean-up runs every lease; an explicit pass makes the end certain)
+    await new Promise((r) => setTimeout(r, 400));
+    await other.collect();
+    expect(await readdir(path.join(dir, '.work'))).toEqual([]);
   });
 });

@@ -25,7 +25,9 @@ import { fsyncPath } from '../durable-fs.js';
  * `<name>` means the swap finished (the old copy is removed), `.old-<name>` alone means it was
  * interrupted between the renames (it is renamed back: rolled back).
  * Names never start with a dot, so no temporary entry can be mistaken for an adapter.
- * One server process owns an ADAPTER_DIR; two sharing one would remove each other's temp folders.
+ * One server process owns an ADAPTER_DIR; two sharing one would remove each other's temp folders:
+ * replicas share a store through another backend of the same interface (`AdapterBackend`), the
+ * shared folder of shared-folder.ts (`ADAPTER_STORE=shared`).
  */
 
 export { CONFIG_FILE, WEIGHTS_FILE };
@@ -65,6 +67,12 @@ export interface AdapterMeta {
 
 export interface StoredEntry {
   name: string;
+  /**
+   * Which stored version this is: changes whenever the name is pointed at another version (the
+   * background sync of shared stores compares refs). The local store keeps one version per name.
+   */
+  ref: string;
+  /** a local folder holding the version's files */
   dir: string;
   /** null when meta.json is missing or unreadable; `metaError` says why */
   meta: AdapterMeta | null;
@@ -98,7 +106,99 @@ export function pauseHookFromEnv(env: Record<string, string | undefined> = proce
 
 export interface RecoveryAction {
   entry: string;
-  action: 'removed temp' | 'completed swap' | 'rolled back swap' | 'removed deleted';
+  action: 'removed temp' | 'completed swap' | 'rolled back swap' | 'removed deleted' | 'removed unreferenced version';
+}
+
+/** Another replica stored the name first (shared stores: the conditional create lost). */
+export class NameTakenError extends Error {
+  override name = 'NameTakenError';
+}
+
+/** The name is not (or no longer) in the store. */
+export class NotStoredError extends Error {
+  override name = 'NotStoredError';
+}
+
+/**
+ * What the registry needs of a store. The local folder (AdapterStore, one server per folder) and
+ * the folder shared by replicas (SharedFolderStore) implement it; a version once stored never
+ * changes, and a name is switched from one version to the next atomically.
+ */
+export interface AdapterBackend {
+  /** where it lives, for logs */
+  readonly location: string;
+  /** a local folder under which uploads are staged (uploadDir) */
+  readonly dir: string;
+  /** other replicas may change it: the registry loads on demand and syncs in the background */
+  readonly shared: boolean;
+  /** every stored name, sorted */
+  list(): Promise<StoredEntry[]>;
+  /** name → ref of its current version, without reading the versions (the sync calls it often) */
+  refs(): Promise<Map<string, string>>;
+  /** the current version of a name, or null when none is stored */
+  find(name: string): Promise<StoredEntry | null>;
+  /** whether anything occupies the name (an adapter, or a foreign folder on a local store) */
+  has(name: string): Promise<boolean>;
+  verify(entry: StoredEntry): Promise<string[]>;
+  uploadDir(): Promise<string>;
+  flushStaged(stagedDir: string): Promise<void>;
+  digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>>;
+  /** stores a new name; NameTakenError when it exists (across replicas on a shared store) */
+  create(meta: AdapterMeta, stagedDir: string): Promise<StoredEntry>;
+  /** create-or-replace */
+  replace(meta: AdapterMeta, stagedDir: string): Promise<StoredEntry>;
+  /** NotStoredError when the name is not stored */
+  delete(name: string): Promise<void>;
+  /** stops background work (lease renewal, clean-up) */
+  close(): Promise<void>;
+}
+
+/** Checks that the stored files are exactly the ones meta.json describes; returns one line per difference. */
+export async function verifyEntry(entry: StoredEntry): Promise<string[]> {
+  if (!entry.meta) return [entry.metaError ?? `${META_FILE} is missing`];
+  const diffs: string[] = [];
+  for (const f of ADAPTER_FILES) {
+    const want = entry.meta.files[f];
+    let got: FileDigest;
+    try {
+      got = await sha256File(path.join(entry.dir, f));
+    } catch (e) {
+      diffs.push(`${f}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : (e as Error).message}`);
+      continue;
+    }
+    if (got.bytes !== want.bytes || got.sha256 !== want.sha256) {
+      diffs.push(`${f} is ${got.bytes} bytes with sha256 ${got.sha256}; ${META_FILE} recorded ${want.bytes} bytes with sha256 ${want.sha256}`);
+    }
+  }
+  return diffs;
+}
+
+/** See AdapterBackend.flushStaged: starts flushing a staged folder's files; never rejects. */
+export function flushStagedFiles(stagedDir: string): Promise<void> {
+  return Promise.all(ADAPTER_FILES.map((f) => fsyncPath(path.join(stagedDir, f)).catch(() => undefined))).then(() => undefined);
+}
+
+/** sha256 and size of the two adapter files of a folder. */
+export async function digestFolder(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
+  const [config, weights] = await Promise.all(ADAPTER_FILES.map((f) => sha256File(path.join(stagedDir, f))));
+  return { [CONFIG_FILE]: config!, [WEIGHTS_FILE]: weights! } as Record<AdapterFile, FileDigest>;
+}
+
+/**
+ * Writes a complete version into `dir` (which must exist): moves the staged files in (the staged
+ * folder is consumed), writes meta.json last, fsyncs all of it. A folder with meta.json is
+ * complete by construction.
+ */
+export async function writeVersionFiles(dir: string, meta: AdapterMeta, stagedDir: string, hooks: StoreHooks): Promise<void> {
+  for (const [i, f] of ADAPTER_FILES.entries()) {
+    await moveFile(path.join(stagedDir, f), path.join(dir, f));
+    await fsyncPath(path.join(dir, f));
+    if (i === 0) await hooks.pause?.('mid-write', meta.name);
+  }
+  const metaPath = path.join(dir, META_FILE);
+  await writeFile(metaPath, `${JSON.stringify(meta, null, 2)}\n`, { flag: 'wx' });
+  await fsyncPath(metaPath);
+  await fsyncPath(dir);
 }
 
 export async function sha256File(file: string): Promise<FileDigest> {
@@ -113,7 +213,7 @@ export async function sha256File(file: string): Promise<FileDigest> {
   return { bytes, sha256: hash.digest('hex') };
 }
 
-async function exists(p: string): Promise<boolean> {
+export async function exists(p: string): Promise<boolean> {
   try {
     await lstat(p);
     return true;
@@ -124,7 +224,7 @@ async function exists(p: string): Promise<boolean> {
 }
 
 /** Moves a file (rename; a copy when the source is on another filesystem). */
-async function moveFile(from: string, to: string): Promise<void> {
+export async function moveFile(from: string, to: string): Promise<void> {
   try {
     await rename(from, to);
   } catch (e) {
@@ -134,7 +234,7 @@ async function moveFile(from: string, to: string): Promise<void> {
   }
 }
 
-function parseMeta(raw: string, name: string): AdapterMeta {
+export function parseMeta(raw: string, name: string): AdapterMeta {
   const m = JSON.parse(raw) as Partial<AdapterMeta> | null;
   const digestOk = (d: unknown): d is FileDigest =>
     typeof d === 'object' && d !== null && typeof (d as FileDigest).bytes === 'number' && typeof (d as FileDigest).sha256 === 'string';
@@ -153,7 +253,9 @@ function parseMeta(raw: string, name: string): AdapterMeta {
   return m as AdapterMeta;
 }
 
-export class AdapterStore {
+export class AdapterStore implements AdapterBackend {
+  readonly shared = false;
+
   private constructor(
     readonly dir: string,
     private readonly hooks: StoreHooks,
@@ -167,6 +269,12 @@ export class AdapterStore {
     const recovered = await store.recover();
     return { store, recovered };
   }
+
+  get location(): string {
+    return this.dir;
+  }
+
+  async close(): Promise<void> {}
 
   pathOf(name: string): string {
     const why = adapterNameProblem(name);
@@ -216,39 +324,31 @@ export class AdapterStore {
     const dir = this.pathOf(name);
     try {
       const meta = parseMeta(await readFile(path.join(dir, META_FILE), 'utf8'), name);
-      return { name, dir, meta };
+      return { name, ref: `${meta.version}:${meta.created}`, dir, meta };
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
       const metaError =
         code === 'ENOENT'
           ? `${META_FILE} is missing: the folder was not written by loraserve (copy adapters in through the API, POST /v1/adapters)`
           : `${META_FILE} is unreadable: ${(e as Error).message}`;
-      return { name, dir, meta: null, metaError };
+      return { name, ref: 'unreadable', dir, meta: null, metaError };
     }
+  }
+
+  async refs(): Promise<Map<string, string>> {
+    return new Map((await this.list()).map((e) => [e.name, e.ref]));
+  }
+
+  async find(name: string): Promise<StoredEntry | null> {
+    return (await this.has(name)) ? this.read(name) : null;
   }
 
   async has(name: string): Promise<boolean> {
     return exists(this.pathOf(name));
   }
 
-  /** Checks that the stored files are exactly the ones meta.json describes; returns one line per difference. */
-  async verify(entry: StoredEntry): Promise<string[]> {
-    if (!entry.meta) return [entry.metaError ?? `${META_FILE} is missing`];
-    const diffs: string[] = [];
-    for (const f of ADAPTER_FILES) {
-      const want = entry.meta.files[f];
-      let got: FileDigest;
-      try {
-        got = await sha256File(path.join(entry.dir, f));
-      } catch (e) {
-        diffs.push(`${f}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'missing' : (e as Error).message}`);
-        continue;
-      }
-      if (got.bytes !== want.bytes || got.sha256 !== want.sha256) {
-        diffs.push(`${f} is ${got.bytes} bytes with sha256 ${got.sha256}; ${META_FILE} recorded ${want.bytes} bytes with sha256 ${want.sha256}`);
-      }
-    }
-    return diffs;
+  verify(entry: StoredEntry): Promise<string[]> {
+    return verifyEntry(entry);
   }
 
   /** A fresh folder for an upload in progress, inside ADAPTER_DIR so that storing it is a rename; removed at startup if a crash leaves it. */
@@ -264,13 +364,11 @@ export class AdapterStore {
    * here shows again, and is reported, in writeVersion.
    */
   flushStaged(stagedDir: string): Promise<void> {
-    return Promise.all(ADAPTER_FILES.map((f) => fsyncPath(path.join(stagedDir, f)).catch(() => undefined))).then(() => undefined);
+    return flushStagedFiles(stagedDir);
   }
 
-  /** sha256 and size of the two adapter files of a folder. */
-  async digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
-    const [config, weights] = await Promise.all(ADAPTER_FILES.map((f) => sha256File(path.join(stagedDir, f))));
-    return { [CONFIG_FILE]: config!, [WEIGHTS_FILE]: weights! } as Record<AdapterFile, FileDigest>;
+  digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
+    return digestFolder(stagedDir);
   }
 
   /**
@@ -281,16 +379,7 @@ export class AdapterStore {
     const tmp = path.join(this.dir, `.tmp-${randomUUID()}`);
     await mkdir(tmp);
     try {
-      for (const [i, f] of ADAPTER_FILES.entries()) {
-        await moveFile(path.join(stagedDir, f), path.join(tmp, f));
-        await fsyncPath(path.join(tmp, f));
-        if (i === 0) await this.hooks.pause?.('mid-write', meta.name);
-      }
-      // meta.json last: a folder with meta.json is complete by construction
-      const metaPath = path.join(tmp, META_FILE);
-      await writeFile(metaPath, `${JSON.stringify(meta, null, 2)}\n`, { flag: 'wx' });
-      await fsyncPath(metaPath);
-      await fsyncPath(tmp);
+      await writeVersionFiles(tmp, meta, stagedDir, this.hooks);
       return tmp;
     } catch (e) {
       await rm(tmp, { recursive: true, force: true });
@@ -299,9 +388,9 @@ export class AdapterStore {
   }
 
   /** Stores a new adapter; throws if the name is taken on disk. */
-  async create(meta: AdapterMeta, stagedDir: string): Promise<AdapterMeta> {
+  async create(meta: AdapterMeta, stagedDir: string): Promise<StoredEntry> {
     const target = this.pathOf(meta.name);
-    if (await exists(target)) throw new Error(`${target} already exists`);
+    if (await exists(target)) throw new NameTakenError(`${target} already exists`);
     const tmp = await this.writeVersion(meta, stagedDir);
     try {
       await this.hooks.pause?.('before-swap', meta.name);
@@ -311,11 +400,11 @@ export class AdapterStore {
       throw e;
     }
     await fsyncPath(this.dir);
-    return meta;
+    return this.read(meta.name);
   }
 
   /** Replaces a stored adapter (or stores it when absent) with the crash-safe swap described above. */
-  async replace(meta: AdapterMeta, stagedDir: string): Promise<AdapterMeta> {
+  async replace(meta: AdapterMeta, stagedDir: string): Promise<StoredEntry> {
     const target = this.pathOf(meta.name);
     const old = path.join(this.dir, `.old-${meta.name}`);
     const tmp = await this.writeVersion(meta, stagedDir);
@@ -339,14 +428,19 @@ export class AdapterStore {
     }
     await this.hooks.pause?.('after-swap', meta.name);
     await rm(old, { recursive: true, force: true });
-    return meta;
+    return this.read(meta.name);
   }
 
   /** Removes an adapter: one atomic rename out of the namespace, then the files. */
   async delete(name: string): Promise<void> {
     const target = this.pathOf(name);
     const gone = path.join(this.dir, `.del-${randomUUID()}`);
-    await rename(target, gone);
+    try {
+      await rename(target, gone);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new NotStoredError(`no adapter named ${JSON.stringify(name)} is stored`);
+      throw e;
+    }
     await fsyncPath(this.dir);
     await rm(gone, { recursive: true, force: true });
   }

@@ -38,32 +38,41 @@ export function engineProblem(e: unknown): HttpProblem | null {
 }
 
 /**
- * Encodes the prompt (off the HTTP thread when it is long), then resolves the adapter and submits
- * to the engine in one synchronous turn, so a concurrent replace/delete cannot unload the version
- * in between (see AdapterRegistry.resolveForGeneration). A prompt that cannot fit the context is
- * refused before any encoding work: its length bound is linear in the text.
+ * Holds the adapter (loading it on this replica first if needed, see AdapterRegistry.acquire: a
+ * missing one is a 404 before the prompt is encoded), encodes the prompt (off the HTTP thread when
+ * it is long) and submits to the engine; the hold ends with the request, so the version is not
+ * evicted under it. A prompt that cannot fit the context is refused before any encoding work: its
+ * length bound is linear in the text.
  */
 export async function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): Promise<TextGeneration> {
   const refuseIfDraining = () => {
     if (runtime.draining) throw drainingProblem('draining: this replica is shutting down');
   };
   refuseIfDraining();
-  // a missing adapter is a 404 before the prompt is encoded
-  if (call.adapter !== null) runtime.registry.resolveForGeneration(call.adapter);
-  let { promptIds } = call.text;
-  if (promptIds === undefined) {
-    const text = call.text.prompt ?? '';
-    const opts = { addBos: call.text.addBos ?? true };
-    const context = runtime.engine.contextLength;
-    const atLeast = runtime.prompts.minTokens(text, opts);
-    if (atLeast + 1 > context) throw engineProblem(new ContextLengthError(atLeast, context, true))!;
-    promptIds = await runtime.prompts.encode(text, opts);
-    refuseIfDraining();
-  }
-  const adapterVersion = call.adapter === null ? null : runtime.registry.resolveForGeneration(call.adapter);
+  let lease = call.adapter === null ? null : await runtime.registry.acquire(call.adapter);
   try {
-    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion }, signal);
+    let { promptIds } = call.text;
+    if (promptIds === undefined) {
+      const text = call.text.prompt ?? '';
+      const opts = { addBos: call.text.addBos ?? true };
+      const context = runtime.engine.contextLength;
+      const atLeast = runtime.prompts.minTokens(text, opts);
+      if (atLeast + 1 > context) throw engineProblem(new ContextLengthError(atLeast, context, true))!;
+      promptIds = await runtime.prompts.encode(text, opts);
+      refuseIfDraining();
+      if (lease && call.adapter !== null) {
+        // replaced while the prompt was encoded: hold the current version, submitted in this same turn
+        const fresh = await runtime.registry.acquire(call.adapter);
+        lease.release();
+        lease = fresh;
+      }
+    }
+    const held = lease;
+    const gen = generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion: held?.versionId ?? null }, signal);
+    if (held) void gen.result.then(held.release, held.release);
+    return gen;
   } catch (e) {
+    lease?.release();
     throw engineProblem(e) ?? e;
   }
 }

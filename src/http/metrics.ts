@@ -44,6 +44,14 @@ export interface EngineStatsLike {
 export interface AdapterStateLike {
   name: string;
   state: string;
+  /** held in this replica's memory (absent: a ready adapter counts as loaded) */
+  loaded?: boolean;
+}
+
+/** The adapter store's counters (AdapterRegistry.stats()). */
+export interface AdapterStoreStatsLike {
+  loads: number;
+  evictions: number;
 }
 
 /** The live state behind the scrape-time gauges. */
@@ -57,6 +65,10 @@ export interface MetricsSource {
    * row may carry its own adapter, so min(MAX_BATCH, MAX_ADAPTERS).
    */
   maxLora: number;
+  /** loads and evictions so far; absent: not reported */
+  storeStats?(): AdapterStoreStatsLike;
+  /** seconds of each adapter load since the last call (for the load latency histogram) */
+  takeLoadSeconds?(): number[];
 }
 
 export interface GenerationTimer {
@@ -156,15 +168,62 @@ export class Metrics {
         for (const [state, n] of counts) this.set({ state }, n);
       },
     });
+    const isLoaded = (a: AdapterStateLike) => a.loaded ?? a.state === 'ready';
     new Gauge({
       name: 'loraserve_adapters_loaded',
-      help: 'adapters ready to serve',
+      help: 'adapters held in memory on this replica (MAX_LOADED_ADAPTERS bounds it); the others are loaded on demand',
       registers,
       collect() {
         const snap = self.read();
-        this.set(snap ? snap.adapters.filter((a) => a.state === 'ready').length : 0);
+        this.set(snap ? snap.adapters.filter(isLoaded).length : 0);
       },
     });
+    new Gauge({
+      name: 'loraserve_adapters_stored',
+      help: 'adapters in the store (shared by every replica with ADAPTER_STORE=shared), loaded or not',
+      registers,
+      collect() {
+        const snap = self.read();
+        this.set(snap ? snap.adapters.length : 0);
+      },
+    });
+    new Gauge({
+      name: 'loraserve_adapter_loaded',
+      help: '1 for each adapter held in memory on this replica, by name (for adapter-affinity routing)',
+      labelNames: ['adapter'],
+      registers,
+      collect() {
+        this.reset();
+        const snap = self.read();
+        for (const a of snap?.adapters ?? []) if (isLoaded(a)) this.set({ adapter: a.name }, 1);
+      },
+    });
+    const loadSeconds = new Histogram({
+      name: 'loraserve_adapter_load_seconds',
+      help: 'time to load an adapter on demand or at start: verify its files, validate, hand it to the engine',
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers,
+      collect() {
+        for (const s of self.source()?.takeLoadSeconds?.() ?? []) loadSeconds.observe(s);
+      },
+    });
+    const storeCounter = (name: string, help: string, read: (s: AdapterStoreStatsLike) => number) => {
+      let last = 0;
+      new Counter({
+        name,
+        help,
+        registers,
+        collect() {
+          const stats = self.source()?.storeStats?.();
+          if (!stats) return;
+          const now = read(stats);
+          if (now > last) this.inc(now - last);
+          last = now;
+        },
+      });
+    };
+    storeCounter('loraserve_adapter_loads_total', 'adapters loaded into memory (at start, on demand, after an eviction)', (s) => s.loads);
+    storeCounter('loraserve_adapter_evictions_total', 'idle adapters unloaded to stay within MAX_LOADED_ADAPTERS', (s) => s.evictions);
 
     // cumulative engine counters → Prometheus counters (increase by what the engine added)
     const mirror = (name: string, help: string, read: (s: EngineStatsLike) => number) => {
@@ -366,9 +425,11 @@ export function runtimeSource(app: FastifyInstance): () => MetricsSource | null 
     const { engine, registry, config } = app.runtime;
     return {
       stats: () => engine.stats(),
-      adapters: () => registry.list().map((a) => ({ name: a.name, state: a.state })),
+      adapters: () => registry.list().map((a) => ({ name: a.name, state: a.state, loaded: a.loaded })),
       adapterName: adapterNameOfVersion,
-      maxLora: Math.min(config.MAX_BATCH, config.MAX_ADAPTERS),
+      maxLora: Math.min(config.MAX_BATCH, config.MAX_LOADED_ADAPTERS || config.MAX_ADAPTERS || config.MAX_BATCH),
+      storeStats: () => registry.stats(),
+      takeLoadSeconds: () => registry.takeLoadSeconds(),
     };
   };
 }
