@@ -56,10 +56,11 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
   const head: HeaderResult = files.includes(WEIGHTS_FILE) ? await readHeader(weightsPath, DEFAULT_SAFETENSORS_LIMITS, WEIGHTS_FILE) : { header: null, problems: [] };
 
   const readable = opts.readValues && head.header && head.problems.length === 0 ? head.header : null;
-  const ingested = readable && opts.ingested && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
+  // a decode that left a fitting tensor out lacks what the overflow check needs: read the file
+  const ingested = readable && opts.ingested?.keptAll && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
   const values = readable && !ingested ? await readValues(weightsPath, readable) : undefined;
   const otherFiles = files.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
-  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, otherFiles }, model, limits);
+  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, maxAbs: ingested?.maxAbs, otherFiles }, model, limits);
   if (!report.ok) return { report, weights: null, source: null };
   if (values) return { report, weights: toEngineWeights(report, values, model), source: 'file' };
   if (ingested && readable) {

@@ -186,7 +186,7 @@ export class AdapterRegistry {
     for (const r of recovered) log.warn({ entry: r.entry, action: r.action }, 'adapter store: recovered from an interrupted write');
     const registry = new AdapterRegistry(
       store,
-      { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId },
+      { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId, dtype: manifest.dtype },
       { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL },
       config.MAX_ADAPTERS,
       engine,
