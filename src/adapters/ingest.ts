@@ -3,7 +3,7 @@ import type { LoraTarget } from '../model/manifest.js';
 import { parseTensorKey } from './keys.js';
 import { parsePeftConfig } from './peft-config.js';
 import { resolveModules } from './resolve.js';
-import { DEFAULT_SAFETENSORS_LIMITS, DTYPE_BYTES, f16ToF32, isFloatDtype, parseHeader, type FloatDtype, type SafetensorsHeader, type SafetensorsLimits, type TensorHeader } from './safetensors.js';
+import { checkHeaderEntries, decodeHeaderJson, DEFAULT_SAFETENSORS_LIMITS, DTYPE_BYTES, f16ToF32, isFloatDtype, type FloatDtype, type SafetensorsHeader, type SafetensorsLimits, type TensorHeader } from './safetensors.js';
 import type { NonFiniteCount } from './validate.js';
 
 /**
@@ -231,11 +231,13 @@ export class AdapterIngest {
       this.phase = 'header';
       return;
     }
-    // first pass learns where the data section ends, the second checks the header against it
-    const loose = parseHeader(this.opts.file, bytes, Number.MAX_SAFE_INTEGER, limits);
+    // decoded once; the first check learns where the data section ends, the second checks against it
+    const decoded = decodeHeaderJson(this.opts.file, bytes, limits);
+    if ('problem' in decoded) return this.giveUp('the header does not parse');
+    const loose = checkHeaderEntries(this.opts.file, decoded.json, this.headerLength, Number.MAX_SAFE_INTEGER, limits);
     if (!loose.header) return this.giveUp('the header does not parse');
     const dataBytes = loose.header.tensors.reduce((m, t) => Math.max(m, t.end), 0);
-    const exact = parseHeader(this.opts.file, bytes, 8 + this.headerLength + dataBytes, limits);
+    const exact = checkHeaderEntries(this.opts.file, decoded.json, this.headerLength, 8 + this.headerLength + dataBytes, limits);
     if (!exact.header || exact.problems.length) return this.giveUp(`the header has problems: ${exact.problems[0]?.message ?? 'unparsable'}`);
     this.header = exact.header;
     this.order = exact.header.tensors.filter((t) => t.end > t.begin).sort((a, b) => a.begin - b.begin);
