@@ -383,7 +383,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
       tensorProblems.push(error({ code: 'unexpected_tensor', file, tensor: u.key, module: u.module!, message: `${u.normalized} is for ${u.module}, which this model does not have (it has ${model.architecture.numLayers} layers with q/k/v/o_proj and gate/up/down_proj).`, hint: 'The adapter was probably trained on a model with more layers or other module names.' }));
     }
   }
-  if (header && loraTensors === 0 && input.headerProblems.length === 0) {
+  if (header && loraTensors === 0 && input.headerProblems.length === 0 && !foreign) {
     tensorProblems.push(error({ code: 'no_modules_matched', file, message: `${file} holds no LoRA tensors (lora_A / lora_B), so the adapter would change nothing.` }));
   }
 
