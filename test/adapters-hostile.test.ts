@@ -490,3 +490,59 @@ describe('issue 11 on a server that takes 8 MiB uploads', () => {
     expect(detail.warnings.map((w) => w.code)).toEqual(['rank_pattern_unmatched']);
   });
 });
+
+describe('issue 11: every echoed value is bounded, in the 422 body and in the log (trace level)', () => {
+  let logged: string[] = [];
+  let logServer: FastifyInstance;
+  let logUrl: string;
+  let logTmp: string;
+  beforeAll(async () => {
+    const { buildApp } = await import('../src/app.js');
+    const { makeConfig } = await import('../src/config.js');
+    const { ensureEmbeddedModel } = await import('../src/model/embedded.js');
+    const { pino } = await import('pino');
+    logTmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-hostile-log-'));
+    const model = await ensureEmbeddedModel(path.join(logTmp, 'model'));
+    const logger = pino({ level: 'trace' }, { write: (line: string) => void logged.push(line) });
+    logServer = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: path.join(logTmp, 'adapters'), CACHE_DIR: path.join(logTmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'trace', MAX_UPLOAD_BYTES: MAX_UPLOAD }), { logger });
+    logUrl = await logServer.listen({ port: 0, host: '127.0.0.1' });
+  });
+  afterAll(async () => {
+    await logServer?.close();
+    if (logTmp) await rm(logTmp, { recursive: true, force: true });
+  });
+
+  const longName = `base_model.model.model.layers.0.self_attn.q_proj${'.x'.repeat(60_000)}.lora_A.weight`;
+  const bounded: [string, () => FormPart[]][] = [
+    ['a tensor name of 120 000 characters', () => withWeights(editWeights((h, d) => {
+      const [name, entry] = tensorsOf(h)[0]!;
+      delete h[name];
+      h[longName] = entry;
+      return { header: h, data: d };
+    }))],
+    ['a shape of 30 000 dimensions', () => withWeights(editWeights((h, d) => {
+      tensorsOf(h)[0]![1].shape = new Array(30_000).fill(7);
+      return { header: h, data: d };
+    }))],
+    ['a target_modules regex of 100 000 characters', () => withConfig({ target_modules: `(${'q_proj|'.repeat(14_000)}v_proj)` })],
+    ['a target_modules list of 5 000 names that match nothing', () => withConfig({ target_modules: Array.from({ length: 5000 }, (_, i) => `transformer.h.${i}.attn.c_attn`) })],
+    ['a dtype of 100 000 characters', () => withWeights(editWeights((h, d) => {
+      tensorsOf(h)[0]![1].dtype = 'F'.repeat(100_000);
+      return { header: h, data: d };
+    }))],
+  ];
+  for (const [label, parts] of bounded) {
+    it(`${label}: 422, the body and every log line short`, async () => {
+      logged = [];
+      const res = await fetch(`${logUrl}/v1/adapters`, { method: 'POST', body: form(parts()) });
+      const text = await res.text();
+      expect(res.status, text.slice(0, 500)).toBe(422);
+      // at most a few hundred characters per problem (16 tensors here, each listed in errors and in report.errors)
+      expect(text.length).toBeLessThan(64_000);
+      for (const e of (JSON.parse(text) as { errors: { message: string }[] }).errors) expect(e.message.length).toBeLessThan(1000);
+      await new Promise((r) => setTimeout(r, 50));
+      expect(logged.length).toBeGreaterThan(0);
+      expect(Math.max(...logged.map((l) => l.length))).toBeLessThan(16_000);
+    });
+  }
+});
