@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { toEngineWeights, transpose } from '../src/adapters/convert.js';
 import { readAdapterFolder } from '../src/adapters/folder.js';
+import { AdapterIngest, moduleScales } from '../src/adapters/ingest.js';
 import type { Problem, ValidationReport } from '../src/adapters/report.js';
 import { encodeSafetensors, parseHeader, type TensorToWrite } from '../src/adapters/safetensors.js';
 import { sameBaseModel, validateAdapter, type AdapterInput, type ModelFacts } from '../src/adapters/validate.js';
@@ -546,6 +547,25 @@ describe('hostile configs and headers: bounded answers (issue 11)', () => {
     expect(codes(report)).toEqual(['non_finite']);
     expect(report.errors[0]).toMatchObject({ key: 'layers.2.self_attn.v_proj', module: 'model.layers.2.self_attn.v_proj' });
     expect(report.errors[0]!.hint).toContain('alpha_pattern');
+  });
+
+  it('the maxima measured while the upload streams in (B scaled on the way, or not) give the same answer', () => {
+    const tensors = qv();
+    const bytes = encodeSafetensors(tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data })));
+    const cfg = peftConfig({ lora_alpha: 1e30 });
+    for (const scales of [moduleScales(JSON.stringify(cfg), MODEL.loraTargets), undefined]) {
+      const ing = new AdapterIngest({ loraTargets: MODEL.loraTargets, maxRank: 64, maxBytes: 1 << 30, file: 'adapter_model.safetensors', scales });
+      ing.push(bytes);
+      const res = ing.finish()!;
+      expect(res.keptAll).toBe(true);
+      for (const t of tensors.filter((x) => x.name.includes('lora_B'))) expect(res.maxAbs.get(t.name)! / maxAbs(t.data)).toBeCloseTo(1, 6);
+      const report = validateAdapter({ ...input(cfg, tensors), nonFinite: res.nonFinite, maxAbs: res.maxAbs }, MODEL, LIMITS);
+      expect(codes(report)).toEqual(['non_finite']);
+    }
+    // a decode that had to leave a fitting tensor out says so: the caller reads the file instead
+    const small = new AdapterIngest({ loraTargets: MODEL.loraTargets, maxRank: 64, maxBytes: 1000, file: 'adapter_model.safetensors' });
+    small.push(bytes);
+    expect(small.finish()!.keptAll).toBe(false);
   });
 
   it('an AdaLoRA config (rank_pattern of boolean masks) → one unsupported_feature naming AdaLoRA, no dump', () => {
