@@ -6,7 +6,7 @@ import { toEngineWeights, transpose } from '../src/adapters/convert.js';
 import { readAdapterFolder } from '../src/adapters/folder.js';
 import { AdapterIngest, moduleScales } from '../src/adapters/ingest.js';
 import type { Problem, ValidationReport } from '../src/adapters/report.js';
-import { encodeSafetensors, parseHeader, type TensorToWrite } from '../src/adapters/safetensors.js';
+import { ADAPTER_SAFETENSORS_LIMITS, DEFAULT_SAFETENSORS_LIMITS, encodeSafetensors, parseHeader, type TensorToWrite } from '../src/adapters/safetensors.js';
 import { sameBaseModel, validateAdapter, type AdapterInput, type ModelFacts } from '../src/adapters/validate.js';
 import type { Architecture, Projection } from '../src/model/architecture.js';
 import { PROJECTIONS, projectionDims } from '../src/model/architecture.js';
@@ -628,7 +628,8 @@ describe('hostile configs and headers: bounded answers (issue 11)', () => {
   });
 
   describe('safetensors headers', () => {
-    const header = (json: string, dataBytes = 0) => parseHeader('adapter_model.safetensors', Buffer.from(json), 8 + Buffer.byteLength(json) + dataBytes);
+    // as an upload is read (folder.ts, ingest.ts): the adapter limits
+    const header = (json: string, dataBytes = 0) => parseHeader('adapter_model.safetensors', Buffer.from(json), 8 + Buffer.byteLength(json) + dataBytes, ADAPTER_SAFETENSORS_LIMITS);
     const entry = (shape: string, end = 4) => `{"dtype":"F32","shape":${shape},"data_offsets":[0,${end}]}`;
 
     it('a tensor named twice (JSON.parse would keep the last) → corrupt_file naming it', () => {
@@ -654,6 +655,9 @@ describe('hostile configs and headers: bounded answers (issue 11)', () => {
       expect(JSON.stringify(r.problems).length).toBeLessThan(600);
       // a 3-D shape is no corruption: the validator says a LoRA matrix is 2-D
       expect(header(`{"t":${entry('[1,1,1]')}}`, 4).problems).toEqual([]);
+      // model checkpoints (the operator's files) keep the format's wider bounds: a Conv3d patch embedding is 5-D
+      const conv3d = '{"t":{"dtype":"F32","shape":[1,1,1,1,1],"data_offsets":[0,4]}}';
+      expect(parseHeader('model.safetensors', Buffer.from(conv3d), 8 + conv3d.length + 4, DEFAULT_SAFETENSORS_LIMITS).problems).toEqual([]);
     });
 
     it('nesting deeper than the format is refused', () => {

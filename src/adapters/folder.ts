@@ -4,7 +4,7 @@ import { fromIngested, toEngineWeights, type AdapterWeights } from './convert.js
 import type { IngestedWeights } from './ingest.js';
 import { CONFIG_FILE } from './peft-config.js';
 import type { ValidationReport } from './report.js';
-import { DEFAULT_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
+import { ADAPTER_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
 import { validateAdapter, WEIGHTS_FILE, type ModelFacts, type ValidationLimits } from './validate.js';
 
 /**
@@ -53,7 +53,7 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
   const files = await readdir(dir);
   const configText = files.includes(CONFIG_FILE) ? await readFile(join(dir, CONFIG_FILE), 'utf8') : null;
   const weightsPath = join(dir, WEIGHTS_FILE);
-  const head: HeaderResult = files.includes(WEIGHTS_FILE) ? await readHeader(weightsPath, DEFAULT_SAFETENSORS_LIMITS, WEIGHTS_FILE) : { header: null, problems: [] };
+  const head: HeaderResult = files.includes(WEIGHTS_FILE) ? await readHeader(weightsPath, ADAPTER_SAFETENSORS_LIMITS, WEIGHTS_FILE) : { header: null, problems: [] };
 
   const readable = opts.readValues && head.header && head.problems.length === 0 ? head.header : null;
   // a decode that left a fitting tensor out lacks what the overflow check needs: read the file

@@ -3,7 +3,7 @@ import type { LoraTarget } from '../model/manifest.js';
 import { parseTensorKey } from './keys.js';
 import { parsePeftConfig } from './peft-config.js';
 import { resolveModules } from './resolve.js';
-import { checkHeaderEntries, decodeHeaderJson, DEFAULT_SAFETENSORS_LIMITS, DTYPE_BYTES, f16ToF32, isFloatDtype, type FloatDtype, type SafetensorsHeader, type SafetensorsLimits, type TensorHeader } from './safetensors.js';
+import { ADAPTER_SAFETENSORS_LIMITS, checkHeaderEntries, decodeHeaderJson, DTYPE_BYTES, f16ToF32, isFloatDtype, type FloatDtype, type SafetensorsHeader, type SafetensorsLimits, type TensorHeader } from './safetensors.js';
 import type { NonFiniteCount } from './validate.js';
 
 /**
@@ -223,7 +223,7 @@ export class AdapterIngest {
 
   private completePending(): void {
     const bytes = this.takePending();
-    const limits = this.opts.limits ?? DEFAULT_SAFETENSORS_LIMITS;
+    const limits = this.opts.limits ?? ADAPTER_SAFETENSORS_LIMITS;
     if (this.phase === 'prefix') {
       const n = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true);
       if (n < 2n || n > BigInt(limits.maxHeaderBytes)) return this.giveUp(`header length ${n} is out of bounds`);

@@ -41,23 +41,28 @@ export interface SafetensorsLimits {
   maxHeaderBytes: number;
   /** the file may not hold more tensors than this */
   maxTensors: number;
+  /** a shape may not have more dimensions than this (checked while scanning, before it is built) */
+  maxDims: number;
 }
 
 /**
- * 2 MiB of header. PEFT writes about 135 bytes per tensor: 80 layers × 7 projections × (A, B) is
+ * What an uploaded adapter's header may hold. 2 MiB of header: PEFT writes about 135 bytes per tensor: 80 layers × 7 projections × (A, B) is
  * 150 KB, Llama 3.1 405B's 126 layers 240 KB, and DoRA vectors or biases add a third at most, so
  * the cap leaves a margin of 8× over the largest model this server serves. Parsing is linear in
  * the header, and this bounds what one upload's header may hold the event loop for (about 0.1 s
  * for a full 2 MiB on a busy 2-core machine). The reference implementation's cap is 100 MB, for
  * whole models.
  */
-export const DEFAULT_SAFETENSORS_LIMITS: SafetensorsLimits = { maxHeaderBytes: 2 * 1024 * 1024, maxTensors: 100_000 };
+export const ADAPTER_SAFETENSORS_LIMITS: SafetensorsLimits = { maxHeaderBytes: 2 * 1024 * 1024, maxTensors: 100_000, maxDims: 4 };
+
+/** Model checkpoints (the operator's files, not uploads): the reference implementation's 100 MB, 8 dimensions. */
+export const DEFAULT_SAFETENSORS_LIMITS: SafetensorsLimits = { maxHeaderBytes: 100 * 1024 * 1024, maxTensors: 100_000, maxDims: 8 };
 
 /**
- * A LoRA tensor has 2 dimensions (lora_A, lora_B); a convolution's has 4; data_offsets has 2.
- * A longer array in the header is refused while it is scanned, before anything is built from it.
+ * A LoRA tensor has 2 dimensions (lora_A, lora_B), a convolution's 4 (maxDims of an adapter);
+ * data_offsets has 2. A longer array in the header is refused while it is scanned, before anything
+ * is built from it.
  */
-export const MAX_HEADER_ARRAY = 4;
 /** top-level object → tensor entry → shape / data_offsets */
 const MAX_HEADER_DEPTH = 3;
 /** Real tensor names are under 200 characters; longer ones are refused, not echoed. */
@@ -105,9 +110,9 @@ export function scanHeaderJson(file: string, text: string, limits: SafetensorsLi
   const elementOf = (parent: Frame | undefined): Problem | null => {
     if (!parent?.array) return null;
     parent.count++;
-    if (parent.count <= MAX_HEADER_ARRAY) return null;
+    if (parent.count <= limits.maxDims) return null;
     const where = tensor === null ? file : nameExcerpt(tensor);
-    return corrupt(file, `${where}: its ${JSON.stringify(parent.key ?? '?')} lists more than ${MAX_HEADER_ARRAY} values (the rest was not read); a tensor of a LoRA adapter has 2 dimensions (a convolution's 4), and data_offsets has 2.`, { tensor: tensor === null ? undefined : nameExcerpt(tensor), expected: `<= ${MAX_HEADER_ARRAY} values` });
+    return corrupt(file, `${where}: its ${JSON.stringify(parent.key ?? '?')} lists more than ${limits.maxDims} values (the rest was not read); a shape has at most ${limits.maxDims} dimensions here (a LoRA matrix has 2), and data_offsets has 2.`, { tensor: tensor === null ? undefined : nameExcerpt(tensor), expected: `<= ${limits.maxDims} values` });
   };
   while (i < n) {
     const c = text.charCodeAt(i);
@@ -253,8 +258,8 @@ export function checkHeaderEntries(file: string, json: Record<string, unknown>, 
       problems.push(error({ code: 'bad_dtype', file, tensor: name, actual: shown, expected: Object.keys(DTYPE_BYTES), message: `${name} has dtype ${JSON.stringify(shown)}, which is not a safetensors dtype.` }));
       continue;
     }
-    if (!Array.isArray(shape) || !shape.every(isNonNegInt) || shape.length > MAX_HEADER_ARRAY) {
-      problems.push(corrupt(file, `${name} has shape ${JSON.stringify(shape).slice(0, 120)}; a shape is a list of at most ${MAX_HEADER_ARRAY} non-negative integers.`, { tensor: name, actual: Array.isArray(shape) ? shape.slice(0, MAX_HEADER_ARRAY) : typeof shape }));
+    if (!Array.isArray(shape) || !shape.every(isNonNegInt) || shape.length > limits.maxDims) {
+      problems.push(corrupt(file, `${name} has shape ${String(JSON.stringify(shape)).slice(0, 120)}; a shape is a list of at most ${limits.maxDims} non-negative integers.`, { tensor: name, actual: Array.isArray(shape) ? shape.slice(0, limits.maxDims) : typeof shape }));
       continue;
     }
     if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isNonNegInt) || offsets[0] > offsets[1]) {
