@@ -1,6 +1,6 @@
 import type { LoraTarget } from '../model/manifest.js';
 import type { PeftConfig } from './peft-config.js';
-import { CONFIG_FILE } from './peft-config.js';
+import { CONFIG_FILE, jsonExcerpt } from './peft-config.js';
 import { fullMatch, isPlainPattern, layerIndexOf, MAX_REGEX_SOURCE, moduleOrChildMatch, PatternError, patternKeyMatch, type NameTest } from './pattern.js';
 import { error, warning, type Problem } from './report.js';
 
@@ -62,10 +62,6 @@ export function getPatternKey(keys: readonly { key: string; test: NameTest }[], 
 
 const listMatches = (entries: readonly string[], name: string) => entries.some((e) => name === e || name.endsWith(`.${e}`));
 
-
-/** A config value quoted in a message: short, whatever the upload holds. */
-export const excerpt = (s: string, max = 80): string => (s.length <= max ? JSON.stringify(s) : `${JSON.stringify(s.slice(0, max))}… (${s.length} characters)`);
-
 /**
  * Compiles each pattern of one config field; a pattern RE2 cannot evaluate in linear time (or at
  * all) is an `invalid_config` naming the field (and, for rank/alpha_pattern, the key).
@@ -88,7 +84,7 @@ function compileAll<T>(keys: readonly string[], make: (k: string) => T, field: s
           file: CONFIG_FILE,
           key: perKey ? key.slice(0, 200) : field,
           actual: key.length > 200 ? `${key.slice(0, 200)}…` : key,
-          message: `${perKey ? `${field} key ${excerpt(key)}` : `${field} ${excerpt(key)}`} is not a pattern that can be matched in bounded time: ${e.message}.`,
+          message: `${perKey ? `${field} key ${jsonExcerpt(key)}` : `${field} ${jsonExcerpt(key)}`} is not a pattern that can be matched in bounded time: ${e.message}.`,
           hint: 'Use plain module names such as "q_proj" or "layers.1.self_attn.q_proj", or a simple regular expression such as ".*\\.(q|v)_proj".',
         }),
       );
@@ -151,8 +147,8 @@ function targetMatcher(config: PeftConfig, modelLinear: readonly string[], probl
     if (!listMatches(list, name)) return false;
     if (!usingLayers) return true;
     let index: number | null = null;
-    for (const of of layerIndex) {
-      index = of(name);
+    for (const indexIn of layerIndex) {
+      index = indexIn(name);
       if (index !== null) break;
     }
     if (index === null) return false;
@@ -219,7 +215,7 @@ export function resolveModules(config: PeftConfig, targets: readonly LoraTarget[
           code,
           file: CONFIG_FILE,
           key: k.key.slice(0, 200),
-          message: `${field} key ${excerpt(k.key)} matches no adapted module of this model, so it has no effect.${why}`,
+          message: `${field} key ${jsonExcerpt(k.key)} matches no adapted module of this model, so it has no effect.${why}`,
           hint: `A key matches a module when it matches a dot-separated suffix of its name, e.g. "q_proj" or "layers.1.self_attn.q_proj".`,
         }),
       );

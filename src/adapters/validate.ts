@@ -1,7 +1,6 @@
 import type { Architecture } from '../model/architecture.js';
-import type { LoraTarget } from '../model/manifest.js';
+import type { LoraTarget, ModelDtype } from '../model/manifest.js';
 import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
-import type { ModelDtype } from '../model/manifest.js';
 import { maxAbsFinite, scaleOverflowProblems, type ScaledModule } from './overflow.js';
 import { CONFIG_FILE, foreignPeftType, jsonExcerpt, parsePeftConfig, type PeftConfig } from './peft-config.js';
 import { boundProblems, error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
