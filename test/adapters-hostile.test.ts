@@ -1,4 +1,6 @@
-import { readdir } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Architecture } from '../src/model/architecture.js';
@@ -307,4 +309,241 @@ describe('pure pieces of the upload path', () => {
     expect(classifyPart('weights', 'model.pt')).toBe('pickle');
     expect(classifyPart('notes', 'notes.txt')).toBeNull();
   });
+});
+
+// ---- issue 11: requests that stalled the server or were answered with unbounded or wrong reports ----
+
+/**
+ * /healthz must keep answering, within a generous bound (not a timing), for as long as a hostile
+ * request is in flight: probed every 20 ms until its response arrives, no gap between two answers
+ * may reach 5 s. (The server shares this process's event loop, so a stall shows as such a gap.)
+ */
+async function whileHealthy<T>(base: string, work: Promise<T>): Promise<T> {
+  let done = false;
+  const result = work.finally(() => {
+    done = true;
+  });
+  let last = performance.now();
+  do {
+    const res = await fetch(`${base}/healthz`, { signal: AbortSignal.timeout(5000) });
+    expect(res.status).toBe(200);
+    const now = performance.now();
+    expect(now - last, 'ms since /healthz last answered').toBeLessThan(5000);
+    last = now;
+    if (!done) await new Promise((r) => setTimeout(r, 20));
+  } while (!done);
+  return result;
+}
+
+function withConfig(edit: Record<string, unknown>, opts: { weights?: Uint8Array; weightsFirst?: boolean } = {}): FormPart[] {
+  const cfg: FormPart = ['config', Buffer.from(JSON.stringify({ ...(JSON.parse(good.config.toString()) as Record<string, unknown>), ...edit })), 'adapter_config.json'];
+  const w: FormPart = ['weights', opts.weights ?? good.weights, 'adapter_model.safetensors'];
+  return [['name', 'hostile'], ...(opts.weightsFirst ? [w, cfg] : [cfg, w])];
+}
+
+// the pattern of the report: 35 s on the event loop with JavaScript's backtracking RegExp
+const DOS = `${'.*'.repeat(8)}X`;
+
+type Issue11Case = { label: string; parts: () => FormPart[]; path?: string; status: number; code?: string; check?: (body: Record<string, unknown>, text: string) => void };
+
+const issue11Cases: Issue11Case[] = [
+  { label: 'target_modules of catastrophic backtracking (validate)', path: '/v1/adapters/validate', parts: () => withConfig({ target_modules: DOS }), status: 422, code: 'no_modules_matched' },
+  { label: 'target_modules of catastrophic backtracking (upload)', parts: () => withConfig({ target_modules: DOS }), status: 422, code: 'no_modules_matched' },
+  {
+    label: 'rank_pattern and exclude_modules of catastrophic backtracking (validate: fits, with a warning)',
+    path: '/v1/adapters/validate',
+    parts: () => withConfig({ rank_pattern: { [DOS]: 4 }, exclude_modules: DOS }),
+    status: 200,
+    // the fixture's random B outweighs the embedded model's small random weights: large_delta is right there too
+    check: (body) => expect((body.warnings as { code: string }[]).map((w) => w.code).filter((c) => c !== 'large_delta')).toEqual(['rank_pattern_unmatched']),
+  },
+  {
+    label: 'a backreference in target_modules',
+    parts: () => withConfig({ target_modules: '.*(q)_proj\\1' }),
+    status: 422,
+    code: 'invalid_config',
+    check: (body) => expect((body.errors as { code: string; key?: string }[]).find((e) => e.code === 'invalid_config')!.key).toBe('target_modules'),
+  },
+  { label: 'a lookahead in a rank_pattern key', parts: () => withConfig({ rank_pattern: { '^(?!.*vision).*q_proj': 4 } }), status: 422, code: 'invalid_config' },
+  {
+    label: 'lora_alpha 1e30 (config first: B scaled in the stream)',
+    parts: () => withConfig({ lora_alpha: 1e30 }),
+    status: 422,
+    code: 'non_finite',
+    check: (body) => expect((body.errors as { code: string; key?: string; module?: string }[]).find((e) => e.code === 'non_finite')).toMatchObject({ key: 'lora_alpha', module: expect.stringMatching(/^model\.layers\.\d+\.self_attn\.[qv]_proj$/) }),
+  },
+  { label: 'lora_alpha 1e308 (weights first)', parts: () => withConfig({ lora_alpha: 1e308 }, { weightsFirst: true }), status: 422, code: 'non_finite' },
+  {
+    label: 'one alpha_pattern key of 1e35',
+    parts: () => withConfig({ alpha_pattern: { 'layers.1.self_attn.v_proj': 1e35 } }),
+    status: 422,
+    code: 'non_finite',
+    check: (body) => expect((body.errors as { code: string; key?: string }[])[0]).toMatchObject({ code: 'non_finite', key: 'layers.1.self_attn.v_proj' }),
+  },
+  {
+    label: 'a shape of 30 000 dimensions',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          tensorsOf(h)[0]![1].shape = new Array(30_000).fill(1);
+          return { header: h, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'corrupt_file',
+    check: (_b, text) => expect(text.length).toBeLessThan(8_000),
+  },
+  {
+    label: 'a tensor named twice in the header',
+    parts: () =>
+      withWeights(
+        editWeights((h, d) => {
+          const [name, entry] = tensorsOf(h)[0]!;
+          const json = JSON.stringify(h);
+          return { header: `{${JSON.stringify(name)}:${JSON.stringify(entry)},${json.slice(1)}`, data: d };
+        }),
+      ),
+    status: 422,
+    code: 'corrupt_file',
+    check: (body) => expect((body.errors as { message: string }[])[0]!.message).toContain('twice'),
+  },
+  {
+    label: 'an AdaLoRA adapter_config.json (rank_pattern of boolean masks)',
+    parts: () => {
+      const masks = Object.fromEntries(Array.from({ length: 196 }, (_, i) => [`base_model.model.model.layers.${i}.self_attn.q_proj.lora_E`, new Array(12).fill(true)]));
+      return withConfig({ peft_type: 'ADALORA', init_r: 12, target_r: 8, tinit: 200, tfinal: 1000, deltaT: 10, beta1: 0.85, beta2: 0.85, orth_reg_weight: 0.5, rank_pattern: masks });
+    },
+    status: 422,
+    code: 'unsupported_feature',
+    check: (body, text) => {
+      expect((body.errors as unknown[]).length).toBe(1);
+      expect(body.detail).toContain('AdaLoRA');
+      expect(text.length).toBeLessThan(6_000);
+    },
+  },
+  {
+    label: 'unexpected tensors under a 196-entry target_modules',
+    parts: () => withConfig({ target_modules: Array.from({ length: 196 }, (_, i) => `model.layers.${i}.self_attn.q_proj`) }),
+    status: 422,
+    code: 'unexpected_tensor',
+    check: (body) => {
+      for (const e of body.errors as { code: string; message: string }[]) if (e.code === 'unexpected_tensor') expect(e.message.length).toBeLessThan(400);
+    },
+  },
+];
+
+describe('issue 11: no hostile config or header stalls the server or earns an unbounded answer', () => {
+  for (const c of issue11Cases) {
+    it(`${c.label} → ${c.status}${c.code ? ` ${c.code}` : ''}, /healthz answering meanwhile`, async () => {
+      const before = await listing(adapterDir);
+      const res = await whileHealthy(url, fetch(url + (c.path ?? '/v1/adapters'), { method: 'POST', body: form(c.parts()) }));
+      const text = await res.text();
+      expect(res.status, text.slice(0, 2000)).toBe(c.status);
+      const body = JSON.parse(text) as Record<string, unknown>;
+      if (c.status === 422) {
+        expect(res.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+        expect((body.errors as { code: string }[]).map((e) => e.code)).toContain(c.code);
+      }
+      c.check?.(body, text);
+      expect((await fetch(`${url}/healthz`)).status).toBe(200);
+      expect(await listing(adapterDir)).toEqual(before);
+      expect(await hidden()).toEqual([]);
+    });
+  }
+});
+
+describe('issue 11 on a server that takes 8 MiB uploads', () => {
+  let big: EmbeddedApp | null = null;
+  let dir: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(path.join(os.tmpdir(), 'loraserve-hostile-store-'));
+    big = await startEmbeddedApp('adapters-hostile-big', { MAX_UPLOAD_BYTES: 8 * 1024 * 1024, ADAPTER_DIR: dir });
+  });
+  afterAll(async () => {
+    await big?.close();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('a 3 MiB header (over the 2 MiB cap) → 422 corrupt_file, /healthz answering meanwhile', async () => {
+    const names = Array.from({ length: 27_000 }, (_, i) => `"base_model.model.model.layers.${i}.self_attn.q_proj.lora_A.weight":{"dtype":"F32","shape":[0,64],"data_offsets":[0,0]}`);
+    const weights = joinSafetensors(`{${names.join(',')}}`, Buffer.alloc(0));
+    expect(weights.length).toBeGreaterThan(3 * 1024 * 1024);
+    const res = await whileHealthy(big!.url, fetch(`${big!.url}/v1/adapters/validate`, { method: 'POST', body: form(withConfig({}, { weights })) }));
+    const text = await res.text();
+    expect(res.status).toBe(422);
+    const body = JSON.parse(text) as { errors: { code: string; message: string }[] };
+    expect(body.errors.map((e) => e.code)).toContain('corrupt_file');
+    expect(body.errors.find((e) => e.code === 'corrupt_file')!.message).toMatch(/over the 2097152-byte cap/);
+    expect(text.length).toBeLessThan(8_000);
+  });
+
+  it('a stored adapter whose patterns backtrack catastrophically does not hold up the next start', async () => {
+    const patterned = withConfig({ target_modules: `${'.*'.repeat(8)}\\.(q|v)_proj`, rank_pattern: { [DOS]: 4 } }).slice(1);
+    const res = await fetch(`${big!.url}/v1/adapters`, { method: 'POST', body: form([['name', 'patterned'], ...patterned]) });
+    expect(res.status, await res.clone().text()).toBe(201);
+    await big!.close();
+    big = null;
+    // the same store, re-validated at start: with a backtracking engine this start would never end
+    big = await startEmbeddedApp('adapters-hostile-restart', { MAX_UPLOAD_BYTES: 8 * 1024 * 1024, ADAPTER_DIR: dir });
+    expect((await fetch(`${big.url}/readyz`)).status).toBe(200);
+    const detail = (await (await fetch(`${big.url}/v1/adapters/patterned`)).json()) as { state: string; warnings: { code: string }[] };
+    expect(detail.state).toBe('ready');
+    expect(detail.warnings.map((w) => w.code).filter((c) => c !== 'large_delta')).toEqual(['rank_pattern_unmatched']);
+  });
+});
+
+describe('issue 11: every echoed value is bounded, in the 422 body and in the log (trace level)', () => {
+  let logged: string[] = [];
+  let logServer: FastifyInstance;
+  let logUrl: string;
+  let logTmp: string;
+  beforeAll(async () => {
+    const { buildApp } = await import('../src/app.js');
+    const { makeConfig } = await import('../src/config.js');
+    const { ensureEmbeddedModel } = await import('../src/model/embedded.js');
+    const { pino } = await import('pino');
+    logTmp = await mkdtemp(path.join(os.tmpdir(), 'loraserve-hostile-log-'));
+    const model = await ensureEmbeddedModel(path.join(logTmp, 'model'));
+    const logger = pino({ level: 'trace' }, { write: (line: string) => void logged.push(line) });
+    logServer = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: path.join(logTmp, 'adapters'), CACHE_DIR: path.join(logTmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'trace', MAX_UPLOAD_BYTES: MAX_UPLOAD }), { logger });
+    logUrl = await logServer.listen({ port: 0, host: '127.0.0.1' });
+  });
+  afterAll(async () => {
+    await logServer?.close();
+    if (logTmp) await rm(logTmp, { recursive: true, force: true });
+  });
+
+  const longName = `base_model.model.model.layers.0.self_attn.q_proj${'.x'.repeat(60_000)}.lora_A.weight`;
+  const bounded: [string, () => FormPart[]][] = [
+    ['a tensor name of 120 000 characters', () => withWeights(editWeights((h, d) => {
+      const [name, entry] = tensorsOf(h)[0]!;
+      delete h[name];
+      h[longName] = entry;
+      return { header: h, data: d };
+    }))],
+    ['a shape of 30 000 dimensions', () => withWeights(editWeights((h, d) => {
+      tensorsOf(h)[0]![1].shape = new Array(30_000).fill(7);
+      return { header: h, data: d };
+    }))],
+    ['a target_modules regex of 100 000 characters', () => withConfig({ target_modules: `(${'q_proj|'.repeat(14_000)}v_proj)` })],
+    ['a target_modules list of 5 000 names that match nothing', () => withConfig({ target_modules: Array.from({ length: 5000 }, (_, i) => `transformer.h.${i}.attn.c_attn`) })],
+    ['a dtype of 100 000 characters', () => withWeights(editWeights((h, d) => {
+      tensorsOf(h)[0]![1].dtype = 'F'.repeat(100_000);
+      return { header: h, data: d };
+    }))],
+  ];
+  for (const [label, parts] of bounded) {
+    it(`${label}: 422, the body and every log line short`, async () => {
+      logged = [];
+      const res = await fetch(`${logUrl}/v1/adapters`, { method: 'POST', body: form(parts()) });
+      const text = await res.text();
+      expect(res.status, text.slice(0, 500)).toBe(422);
+      // at most a few hundred characters per problem (16 tensors here, each listed in errors and in report.errors)
+      expect(text.length).toBeLessThan(64_000);
+      for (const e of (JSON.parse(text) as { errors: { message: string }[] }).errors) expect(e.message.length).toBeLessThan(1000);
+      await new Promise((r) => setTimeout(r, 50));
+      expect(logged.length).toBeGreaterThan(0);
+      expect(Math.max(...logged.map((l) => l.length))).toBeLessThan(16_000);
+    });
+  }
 });

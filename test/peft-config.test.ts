@@ -100,6 +100,24 @@ describe('parsePeftConfig problems (never throws)', () => {
     expect(res.problems.find((p) => p.key === 'r')!.actual).toBe('8');
   });
 
+  it('peft_type is read first: an AdaLoRA config (rank_pattern of boolean masks) parses as AdaLoRA, its other keys unread', () => {
+    const masks = Object.fromEntries(Array.from({ length: 196 }, (_, i) => [`base_model.model.model.layers.${i}.self_attn.q_proj.lora_E`, new Array(64).fill(false)]));
+    const res = parse({ peft_type: 'ADALORA', r: 8, init_r: 12, target_r: 8, rank_pattern: masks, base_model_name_or_path: 'meta-llama/Llama-2-7b-hf' });
+    expect(res.problems).toEqual([]);
+    expect(res.config).toMatchObject({ peftType: 'ADALORA', baseModel: 'meta-llama/Llama-2-7b-hf', rankPattern: {} });
+  });
+
+  it('wrong values are quoted as short excerpts, and at most 20 are listed', () => {
+    const res = parse(peftConfig({ target_modules: { nested: 'x'.repeat(100_000) }, rank_pattern: Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, 'x'.repeat(1000)])) }));
+    expect(res.problems).toHaveLength(21);
+    expect(res.problems.at(-1)!.message).toMatch(/81 more values/);
+    const tm = res.problems.find((p) => p.key === 'target_modules')!;
+    expect(tm.message.length).toBeLessThan(400);
+    expect(JSON.stringify(tm.actual).length).toBeLessThan(300);
+    // the value at the issue's path, not the whole rank_pattern
+    expect(JSON.stringify(res.problems.find((p) => p.key === 'rank_pattern.k0')!.actual).length).toBeLessThan(300);
+  });
+
   it('r = 0 is refused (a rank is positive)', () => {
     expect(parse(peftConfig({ r: 0 })).problems[0]).toMatchObject({ code: 'invalid_config', key: 'r' });
   });

@@ -181,3 +181,88 @@ describe.skipIf(!peftFixturesExist)('real configs', () => {
     expect(t.every((m) => m.scale === 1 && m.rank === 16)).toBe(true);
   });
 });
+
+describe('patterns are evaluated in bounded time, with Python re semantics (RE2)', () => {
+  // With JavaScript's backtracking RegExp, each extra ".*" multiplied the time by ~5: 8 of them
+  // took 35 s on the event loop. 30 of them would take longer than this test run; on RE2 it is linear.
+  const dos = `${'.*'.repeat(30)}X`;
+  const invalid = (r: Resolution) => r.problems.filter((p) => p.code === 'invalid_config');
+
+  it('a catastrophic-backtracking target_modules resolves at once, as re.fullmatch would: nothing matches', () => {
+    const r = resolve({ target_modules: dos });
+    expect(invalid(r)).toEqual([]);
+    expect(targetedNames(r)).toEqual([]);
+    // and the same shape of pattern that does match: ".*.*…q_proj"
+    expect(targetedNames(resolve({ target_modules: `${'.*'.repeat(30)}q_proj` }))).toHaveLength(12);
+  });
+
+  it('the same pattern as a rank_pattern / alpha_pattern key or exclude_modules is bounded too', () => {
+    const r = resolve({ target_modules: ['q_proj'], rank_pattern: { [dos]: 4 }, alpha_pattern: { [`${'(.*)*'.repeat(20)}q_proj`]: 3 }, exclude_modules: dos });
+    expect(invalid(r)).toEqual([]);
+    expect(byName(r, 'model.layers.0.self_attn.q_proj')).toMatchObject({ rank: 8, alpha: 3 });
+    expect(r.problems.map((p) => p.code)).toEqual(['rank_pattern_unmatched']);
+  });
+
+  it.each([
+    ['a backreference', '(q)_proj\\1'],
+    ['a named backreference', '(?P<p>q)_(?P=p)proj'],
+    ['a lookahead', '^(?!.*vision).*q_proj'],
+    ['a lookbehind', '.*(?<=self_attn\\.)q_proj'],
+    ['an atomic group', '(?>.*)q_proj'],
+    ['a possessive quantifier', '.*+q_proj'],
+    ['verbose mode', '(?x) .* q_proj'],
+    ['a syntax error', 'q_proj('],
+  ])('%s in target_modules is an invalid_config naming target_modules', (_label, pattern) => {
+    const parsed = parsePeftConfig(JSON.stringify(peftConfig({ target_modules: pattern })));
+    const r = resolveModules(parsed.config!, TARGETS);
+    expect(invalid(r)).toHaveLength(1);
+    expect(invalid(r)[0]).toMatchObject({ code: 'invalid_config', key: 'target_modules' });
+    expect(invalid(r)[0]!.message).toContain('bounded time');
+    expect(targetedNames(r)).toEqual([]);
+  });
+
+  it('an unsupported rank_pattern key is an invalid_config naming that key; the other keys still apply', () => {
+    const r = resolve({ target_modules: ['q_proj', 'v_proj'], rank_pattern: { '(?<=attn\\.)q_proj': 4, v_proj: 2 } });
+    expect(invalid(r)).toHaveLength(1);
+    expect(invalid(r)[0]).toMatchObject({ key: '(?<=attn\\.)q_proj' });
+    expect(byName(r, 'model.layers.3.self_attn.v_proj').rank).toBe(2);
+    expect(byName(r, 'model.layers.3.self_attn.q_proj').rank).toBe(8);
+  });
+
+  it('Python syntax that differs from RE2: \\Z, x{,n}, (?i), (?P<name>…)', () => {
+    // re.fullmatch(r".*q_proj\Z", name), re.fullmatch(r"(?i).*Q_PROJ", name), …
+    expect(targetedNames(resolve({ target_modules: '.*q_proj\\Z' }))).toHaveLength(12);
+    expect(targetedNames(resolve({ target_modules: '(?i).*\\.Q_PROJ' }))).toHaveLength(12);
+    expect(targetedNames(resolve({ target_modules: '.*\\.(?P<which>q|v)_proj' }))).toHaveLength(24);
+    // Python: 1{,1} is at most one "1": layer 1, not 11 (RegExp read "{,1}" as literal text and matched nothing)
+    const r = resolve({ target_modules: 'model\\.layers\\.1{,1}\\.self_attn\\.q_proj' });
+    expect(targetedNames(r)).toEqual(['model.layers.1.self_attn.q_proj']);
+  });
+
+  it('plain keys (a shortcut without an automaton) match exactly as the regular expression does', () => {
+    // the reference: JavaScript's RegExp, harmless on these patterns, with get_pattern_key's rule
+    const names = [...TARGETS.map((t) => t.name), 'lm_head', 'model.embed_tokens', 'model.layers.1', 'model.layers.11.self_attn'];
+    const keys = ['q_proj', 'self.attn.q_proj', 'layers.1.self_attn.q_proj', 'model.layers.0.mlp.up_proj', 'proj', '', '.q_proj', 'layers.1', 'layers.1.', 'lm.head', 'model.layers.1.self_attn.q_proj.x', '1.self_attn.q_proj'];
+    for (const key of keys) {
+      const reference = new RegExp(`^(.*\\.)?(${key})$`);
+      const r = resolve({ target_modules: ['q_proj', 'v_proj', 'up_proj'], rank_pattern: { [key]: 4 } });
+      for (const m of r.modules) expect(m.rank === 4, `${key} on ${m.target.name}`).toBe(reference.test(m.target.name));
+      const fullRef = new RegExp(`^(?:${key})$`);
+      const full = resolve({ target_modules: key === '' ? 'x' : key });
+      for (const n of names.filter((x) => TARGETS.some((t) => t.name === x))) expect(targetedNames(full).includes(n), `fullmatch ${key} on ${n}`).toBe(key !== '' && fullRef.test(n));
+    }
+  });
+
+  it('a pattern longer than any real one, or past the per-config budget, is refused with a bounded excerpt', () => {
+    const long = `(q|k)${'_?'.repeat(600)}proj`;
+    const r = resolve({ target_modules: long });
+    expect(invalid(r)[0]).toMatchObject({ key: 'target_modules' });
+    expect(invalid(r)[0]!.message).toMatch(/characters long/);
+    expect(invalid(r)[0]!.message.length).toBeLessThan(600);
+    // 40 regular expressions of 100 characters: the budget (2048) is spent by the 21st
+    const many = Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`(layers\\.${i}\\.)?${'[a-z_]*'.repeat(12)}q_proj`, 4]));
+    const r2 = resolve({ target_modules: ['q_proj'], rank_pattern: many });
+    expect(invalid(r2).length).toBeGreaterThan(15);
+    expect(invalid(r2)[0]!.message).toMatch(/together pass 2048 characters/);
+  });
+});

@@ -4,8 +4,9 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { toEngineWeights, transpose } from '../src/adapters/convert.js';
 import { readAdapterFolder } from '../src/adapters/folder.js';
+import { AdapterIngest, moduleScales } from '../src/adapters/ingest.js';
 import type { Problem, ValidationReport } from '../src/adapters/report.js';
-import { encodeSafetensors, parseHeader, type TensorToWrite } from '../src/adapters/safetensors.js';
+import { ADAPTER_SAFETENSORS_LIMITS, DEFAULT_SAFETENSORS_LIMITS, encodeSafetensors, parseHeader, type TensorToWrite } from '../src/adapters/safetensors.js';
 import { sameBaseModel, validateAdapter, type AdapterInput, type ModelFacts } from '../src/adapters/validate.js';
 import type { Architecture, Projection } from '../src/model/architecture.js';
 import { PROJECTIONS, projectionDims } from '../src/model/architecture.js';
@@ -504,6 +505,198 @@ describe('readAdapterFolder (files on disk)', () => {
       // nothing else is blamed on the corrupt tensor itself
       expect(codes(report).filter((c) => c !== 'corrupt_file' && c !== 'missing_tensor')).toEqual([]);
       expect(weights).toBeNull();
+    });
+  });
+});
+
+describe('hostile configs and headers: bounded answers (issue 11)', () => {
+  const qv = () => makePeftTensors(ARCH, { r: 8, targets: QV, seed: 41 });
+  const maxAbs = (v: Float32Array) => v.reduce((m, x) => Math.max(m, Math.abs(x)), 0);
+
+  it.each([
+    ['lora_alpha 1e308 (scale·B overflows float32)', 1e308],
+    ['lora_alpha 1e30 (finite weights, but their square is not)', 1e30],
+  ])('%s → non_finite naming the module and lora_alpha', (_label, alpha) => {
+    const tensors = qv();
+    const report = validateAdapter(input(peftConfig({ lora_alpha: alpha }), tensors, { values: true }), MODEL, LIMITS);
+    const p = only(report, 'non_finite');
+    expect(report.ok).toBe(false);
+    expect(p).toHaveLength(1);
+    // the module with the largest |B|, and the product the engine would hold
+    const bs = tensors.filter((t) => t.name.includes('lora_B'));
+    const worst = bs.reduce((a, b) => (maxAbs(b.data) > maxAbs(a.data) ? b : a));
+    expect(p[0]).toMatchObject({ key: 'lora_alpha', tensor: worst.name, module: worst.name.replace('base_model.model.', '').replace('.lora_B.weight', '') });
+    expect(p[0]!.actual).toBeCloseTo((maxAbs(worst.data) * alpha) / 8, -Math.log10((maxAbs(worst.data) * alpha) / 8) + 5);
+    expect(p[0]!.message).toContain(`these ${bs.length} modules`);
+  });
+
+  it('the bound follows the dtype the engine runs in: fp16 refuses what fp32 holds', () => {
+    const tensors = qv();
+    const alpha = 2e6; // max|B| ≈ 0.5 → scale·B ≈ 1.2e5: over 65504, far under float32's bound
+    const fp32 = validateAdapter(input(peftConfig({ lora_alpha: alpha }), tensors, { values: true }), MODEL, LIMITS);
+    const fp16 = validateAdapter(input(peftConfig({ lora_alpha: alpha }), tensors, { values: true }), { ...MODEL, dtype: 'fp16' }, LIMITS);
+    expect(fp32.ok).toBe(true);
+    expect(codes(fp16)).toEqual(['non_finite']);
+    expect(fp16.errors[0]!.message).toContain('float16');
+    // a normal adapter is far from either bound
+    expect(validateAdapter(input(peftConfig(), tensors, { values: true }), { ...MODEL, dtype: 'fp16' }, LIMITS).ok).toBe(true);
+  });
+
+  it('an alpha_pattern key that sets an overflowing scale is the key named; the maxima counted in the stream serve as well', () => {
+    const tensors = qv();
+    const streamed = new Map(tensors.filter((t) => t.name.includes('lora_B')).map((t) => [t.name, maxAbs(t.data)]));
+    const inp = { ...input(peftConfig({ alpha_pattern: { 'layers.2.self_attn.v_proj': 1e35 } }), tensors), maxAbs: streamed };
+    const report = validateAdapter(inp, MODEL, LIMITS);
+    expect(codes(report)).toEqual(['non_finite']);
+    expect(report.errors[0]).toMatchObject({ key: 'layers.2.self_attn.v_proj', module: 'model.layers.2.self_attn.v_proj' });
+    expect(report.errors[0]!.hint).toContain('alpha_pattern');
+  });
+
+  it('the maxima measured while the upload streams in (B scaled on the way, or not) give the same answer', () => {
+    const tensors = qv();
+    const bytes = encodeSafetensors(tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data })));
+    const cfg = peftConfig({ lora_alpha: 1e30 });
+    for (const scales of [moduleScales(JSON.stringify(cfg), MODEL.loraTargets), undefined]) {
+      const ing = new AdapterIngest({ loraTargets: MODEL.loraTargets, maxRank: 64, maxBytes: 1 << 30, file: 'adapter_model.safetensors', scales });
+      ing.push(bytes);
+      const res = ing.finish()!;
+      expect(res.keptAll).toBe(true);
+      for (const t of tensors.filter((x) => x.name.includes('lora_B'))) expect(res.maxAbs.get(t.name)! / maxAbs(t.data)).toBeCloseTo(1, 6);
+      const report = validateAdapter({ ...input(cfg, tensors), nonFinite: res.nonFinite, maxAbs: res.maxAbs }, MODEL, LIMITS);
+      expect(codes(report)).toEqual(['non_finite']);
+    }
+    // a decode that had to leave a fitting tensor out says so: the caller reads the file instead
+    const small = new AdapterIngest({ loraTargets: MODEL.loraTargets, maxRank: 64, maxBytes: 1000, file: 'adapter_model.safetensors' });
+    small.push(bytes);
+    expect(small.finish()!.keptAll).toBe(false);
+  });
+
+  it('an AdaLoRA config (rank_pattern of boolean masks) → one unsupported_feature naming AdaLoRA, no dump', () => {
+    // as PEFT's AdaLoraModel saves it: lora_E per module, rank_pattern = kept-rank masks per lora_E
+    const initR = 12;
+    const masks: Record<string, boolean[]> = {};
+    const tensors: PeftTensor[] = [];
+    for (const t of loraTargetsFor(ARCH)) {
+      masks[`base_model.model.${t.name}.lora_E`] = Array.from({ length: initR }, (_, i) => i % 3 !== 0);
+      tensors.push({ name: `base_model.model.${t.name}.lora_A`, shape: [initR, t.inFeatures], data: new Float32Array(initR * t.inFeatures) });
+      tensors.push({ name: `base_model.model.${t.name}.lora_B`, shape: [t.outFeatures, initR], data: new Float32Array(initR * t.outFeatures) });
+      tensors.push({ name: `base_model.model.${t.name}.lora_E`, shape: [initR, 1], data: new Float32Array(initR) });
+    }
+    const config = { peft_type: 'ADALORA', task_type: 'CAUSAL_LM', r: 8, lora_alpha: 32, init_r: initR, target_r: 8, tinit: 200, tfinal: 1000, deltaT: 10, beta1: 0.85, beta2: 0.85, orth_reg_weight: 0.5, total_step: 5000, target_modules: [...PROJECTIONS], rank_pattern: masks, base_model_name_or_path: 'small-llama' };
+    expect(JSON.stringify(config).length).toBeGreaterThan(1000);
+    const report = validateAdapter(input(config, tensors), MODEL, LIMITS);
+    expect(codes(report)).toEqual(['unsupported_feature']);
+    expect(report.errors[0]).toMatchObject({ key: 'peft_type', actual: 'ADALORA' });
+    expect(report.errors[0]!.message).toContain('AdaLoRA');
+    expect(report.errors[0]!.hint).toMatch(/merge_and_unload[\s\S]*peft_type "LORA"/);
+    expect(JSON.stringify(report.errors).length).toBeLessThan(1500);
+    expect(report.summary.tensors).toBe(tensors.length);
+  });
+
+  it('other PEFT methods are named the same way (IA3, LoHa)', () => {
+    for (const type of ['IA3', 'LOHA']) {
+      const report = validateAdapter(input({ peft_type: type, target_modules: ['k_proj'], feedforward_modules: ['down_proj'] }, qv()), MODEL, LIMITS);
+      expect(codes(report)).toEqual(['unsupported_feature']);
+      expect(report.errors[0]!.message).toContain(type);
+    }
+  });
+
+  it('wrong types in a huge rank_pattern: a bounded number of invalid_config problems, each short', () => {
+    const rp = Object.fromEntries(Array.from({ length: 500 }, (_, i) => [`layers.${i}.self_attn.q_proj`, Array(50).fill(true)]));
+    const report = validateAdapter(input({ r: 8, lora_alpha: 16, target_modules: ['q_proj'], rank_pattern: rp }, qv()), MODEL, LIMITS);
+    const p = only(report, 'invalid_config');
+    expect(p.length).toBeLessThanOrEqual(21);
+    expect(p.at(-1)!.message).toMatch(/480 more values/);
+    expect(JSON.stringify(p).length).toBeLessThan(10_000);
+  });
+
+  it('unexpected_tensor quotes a bounded excerpt of a 196-entry target_modules', () => {
+    const list = Array.from({ length: 196 }, (_, i) => `model.layers.${i}.self_attn.q_proj`);
+    const report = validateAdapter(input(peftConfig({ target_modules: list }), qv()), MODEL, LIMITS);
+    const p = only(report, 'unexpected_tensor');
+    expect(p.length).toBe(6); // the v_proj A and B of 3 layers
+    for (const q of p) {
+      expect(q.message).toContain('model.layers.0.self_attn.q_proj');
+      expect(q.message).toMatch(/characters\)/);
+      expect(q.message.length).toBeLessThan(400);
+    }
+  });
+
+  it('no_modules_matched quotes a bounded excerpt of target_modules', () => {
+    const list = Array.from({ length: 5000 }, (_, i) => `transformer.h.${i}.attn.c_attn`);
+    const report = validateAdapter(input(peftConfig({ target_modules: list }), qv()), MODEL, LIMITS);
+    const p = only(report, 'no_modules_matched')[0]!;
+    expect(p.message.length).toBeLessThan(600);
+    expect(JSON.stringify(p.actual).length).toBeLessThan(600);
+  });
+
+  describe('safetensors headers', () => {
+    // as an upload is read (folder.ts, ingest.ts): the adapter limits
+    const header = (json: string, dataBytes = 0) => parseHeader('adapter_model.safetensors', Buffer.from(json), 8 + Buffer.byteLength(json) + dataBytes, ADAPTER_SAFETENSORS_LIMITS);
+    const entry = (shape: string, end = 4) => `{"dtype":"F32","shape":${shape},"data_offsets":[0,${end}]}`;
+
+    it('a tensor named twice (JSON.parse would keep the last) → corrupt_file naming it', () => {
+      const r = header(`{"a.lora_A.weight":${entry('[1]')},"a.lora_A.weight":${entry('[1]')}}`, 4);
+      expect(r.header).toBeNull();
+      expect(r.problems).toHaveLength(1);
+      expect(r.problems[0]).toMatchObject({ code: 'corrupt_file', tensor: 'a.lora_A.weight' });
+      expect(r.problems[0]!.message).toContain('twice');
+      // the same name spelled with an escape is the same name
+      expect(header(`{"ab":${entry('[1]')},"a\\u0062":${entry('[1]')}}`, 4).problems[0]!.message).toContain('twice');
+      // and a key repeated inside one entry is as ambiguous
+      expect(header(`{"t":{"dtype":"F32","dtype":"F16","shape":[1],"data_offsets":[0,4]}}`, 4).problems[0]!.message).toMatch(/key "dtype" of t twice/);
+      // distinct names pass
+      expect(header(`{"a":${entry('[1]')},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}`, 8).problems).toEqual([]);
+    });
+
+    it('a shape with more dimensions than a LoRA tensor has is refused while scanning, before it is built', () => {
+      const dims = 900_000; // 1.8 MB of "1,": under the 2 MiB cap
+      const r = header(`{"t":${entry(`[${'1,'.repeat(dims)}1]`)}}`, 4);
+      expect(r.problems).toHaveLength(1);
+      expect(r.problems[0]).toMatchObject({ code: 'corrupt_file', tensor: 't' });
+      expect(r.problems[0]!.message).toMatch(/more than 4 values/);
+      expect(JSON.stringify(r.problems).length).toBeLessThan(600);
+      // a 3-D shape is no corruption: the validator says a LoRA matrix is 2-D
+      expect(header(`{"t":${entry('[1,1,1]')}}`, 4).problems).toEqual([]);
+      // model checkpoints (the operator's files) keep the format's wider bounds: a Conv3d patch embedding is 5-D
+      const conv3d = '{"t":{"dtype":"F32","shape":[1,1,1,1,1],"data_offsets":[0,4]}}';
+      expect(parseHeader('model.safetensors', Buffer.from(conv3d), 8 + conv3d.length + 4, DEFAULT_SAFETENSORS_LIMITS).problems).toEqual([]);
+    });
+
+    it('nesting deeper than the format is refused', () => {
+      const r = header(`{"t":{"dtype":"F32","shape":[[[[[1]]]]],"data_offsets":[0,4]}}`, 4);
+      expect(r.problems[0]!.message).toMatch(/nested deeper/);
+    });
+
+    it('a tensor name of 5000 characters and 5000 bad entries: every echoed value bounded', () => {
+      const long = `${'x'.repeat(5000)}.lora_A.weight`;
+      const bad = Array.from({ length: 5000 }, (_, i) => `"t${i}":{"dtype":"Q4_K${'!'.repeat(100)}","shape":[1],"data_offsets":[0,4]}`).join(',');
+      const json = `{${JSON.stringify(long)}:${entry('[1]')},${bad}}`;
+      const parsed = header(json, 4);
+      const report = validateAdapter({ configText: JSON.stringify(peftConfig()), weightsFile: 'adapter_model.safetensors', header: parsed.header, headerProblems: parsed.problems }, MODEL, LIMITS);
+      const longName = only(report, 'corrupt_file').find((p) => p.message.includes('characters'))!;
+      expect(longName.message.length).toBeLessThan(500);
+      expect(only(report, 'bad_dtype')).toHaveLength(51);
+      expect(only(report, 'bad_dtype').at(-1)!.message).toMatch(/4950 more bad_dtype problems/);
+      expect(JSON.stringify(report).length).toBeLessThan(40_000);
+    });
+
+    it('a header over the 2 MiB cap is refused from its length prefix alone', async () => {
+      const root = await mkdtemp(join(tmpdir(), 'loraserve-cap-'));
+      try {
+        const { dir } = await writeAdapterFolder(join(root, 'a'), { config: peftConfig(), tensors: null });
+        const names = Array.from({ length: 24_000 }, (_, i) => `"base_model.model.model.layers.${i}.self_attn.q_proj.lora_A.weight":{"dtype":"F32","shape":[0,24],"data_offsets":[0,0]}`);
+        const json = Buffer.from(`{${names.join(',')}}`);
+        expect(json.length).toBeGreaterThan(2 * 1024 * 1024);
+        const prefix = Buffer.alloc(8);
+        prefix.writeBigUInt64LE(BigInt(json.length));
+        await writeFile(join(dir, 'adapter_model.safetensors'), Buffer.concat([prefix, json]));
+        const { report } = await readAdapterFolder(dir, MODEL, LIMITS);
+        expect(codes(report)).toContain('corrupt_file');
+        expect(report.errors.find((p) => p.code === 'corrupt_file')!.message).toMatch(/over the 2097152-byte cap/);
+      } finally {
+        await rm(root, { recursive: true, force: true });
+      }
     });
   });
 });

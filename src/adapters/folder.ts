@@ -5,7 +5,7 @@ import { fromIngested, toEngineWeights, type AdapterWeights } from './convert.js
 import type { IngestedWeights } from './ingest.js';
 import { CONFIG_FILE } from './peft-config.js';
 import type { ValidationReport } from './report.js';
-import { DEFAULT_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
+import { ADAPTER_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
 import { validateAdapter, WEIGHTS_FILE, type ModelFacts, type ValidationLimits } from './validate.js';
 
 /**
@@ -54,15 +54,16 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
   const files = await readdir(dir);
   const configText = files.includes(CONFIG_FILE) ? await readFile(join(dir, CONFIG_FILE), 'utf8') : null;
   const weightsPath = join(dir, WEIGHTS_FILE);
-  const head: HeaderResult = files.includes(WEIGHTS_FILE) ? await readHeader(weightsPath, DEFAULT_SAFETENSORS_LIMITS, WEIGHTS_FILE) : { header: null, problems: [] };
+  const head: HeaderResult = files.includes(WEIGHTS_FILE) ? await readHeader(weightsPath, ADAPTER_SAFETENSORS_LIMITS, WEIGHTS_FILE) : { header: null, problems: [] };
 
   const readable = opts.readValues && head.header && head.problems.length === 0 ? head.header : null;
-  const ingested = readable && opts.ingested && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
+  // a decode that left a fitting tensor out lacks what the overflow check needs: read the file
+  const ingested = readable && opts.ingested?.keptAll && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
   const values = readable && !ingested ? await readValues(weightsPath, readable) : undefined;
   const otherFiles = files.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
   // before fromIngested consumes the arrays (it folds the scale into B in place)
   const grams = ingested ? engineGrams(ingested.header.tensors, ingested.engineLayout, ingested.scaled) : undefined;
-  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, otherFiles, grams }, model, limits);
+  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, maxAbs: ingested?.maxAbs, otherFiles, grams }, model, limits);
   if (!report.ok) return { report, weights: null, source: null };
   if (values) return { report, weights: toEngineWeights(report, values, model), source: 'file' };
   if (ingested && readable) {

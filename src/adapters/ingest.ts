@@ -3,7 +3,7 @@ import type { LoraTarget } from '../model/manifest.js';
 import { parseTensorKey } from './keys.js';
 import { parsePeftConfig } from './peft-config.js';
 import { resolveModules } from './resolve.js';
-import { DEFAULT_SAFETENSORS_LIMITS, DTYPE_BYTES, f16ToF32, isFloatDtype, parseHeader, type FloatDtype, type SafetensorsHeader, type SafetensorsLimits, type TensorHeader } from './safetensors.js';
+import { ADAPTER_SAFETENSORS_LIMITS, checkHeaderEntries, decodeHeaderJson, DTYPE_BYTES, f16ToF32, isFloatDtype, type FloatDtype, type SafetensorsHeader, type SafetensorsLimits, type TensorHeader } from './safetensors.js';
 import type { NonFiniteCount } from './validate.js';
 
 /**
@@ -35,6 +35,13 @@ export interface IngestedWeights {
   scaled: Map<string, number>;
   /** NaN/±Inf counts of every float tensor (key absent = nothing counted: the tensor was empty) */
   nonFinite: Map<string, NonFiniteCount>;
+  /** largest |value| of each kept lora_B as the file holds it (before the scale): the overflow check's input */
+  maxAbs: Map<string, number>;
+  /**
+   * false when a LoRA tensor that fits the model was left out for maxBytes: the validator then
+   * lacks its largest value, so the caller reads the file instead
+   */
+  keptAll: boolean;
 }
 
 export interface IngestOptions {
@@ -120,6 +127,7 @@ export class AdapterIngest {
   private readonly engineLayout = new Map<string, Float32Array>();
   private readonly nonFinite = new Map<string, NonFiniteCount>();
   private readonly scaled = new Map<string, number>();
+  private keptAll = true;
   private readonly targets: Map<string, LoraTarget>;
   /** why the decoder gave up; null while it has not */
   reason: string | null = null;
@@ -167,7 +175,27 @@ export class AdapterIngest {
       if (expected === null || this.received !== expected) this.giveUp(`the stream carried ${this.received} bytes; the header accounts for ${expected ?? 'an unread header'}`);
     }
     if (this.phase === 'off' || !this.header) return null;
-    return { header: this.header, engineLayout: this.engineLayout, scaled: this.scaled, nonFinite: this.nonFinite };
+    return { header: this.header, engineLayout: this.engineLayout, scaled: this.scaled, nonFinite: this.nonFinite, maxAbs: this.maxAbsOfB(), keptAll: this.keptAll };
+  }
+
+  /**
+   * One pass over the kept lora_B arrays once the stream has ended (they are a fraction of the
+   * upload). A B scaled on the way holds fp32(x · scale): an overflow there is ±Inf, and stays one.
+   */
+  private maxAbsOfB(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const [name, { scale }] of this.keptShape) {
+      if (parseTensorKey(name).part !== 'B' || scale === 0) continue;
+      const v = this.engineLayout.get(name)!;
+      let max = 0;
+      for (let i = 0; i < v.length; i++) {
+        const a = Math.abs(v[i]!);
+        // NaN fails the comparison: non-finite values are counted and reported on their own
+        if (a > max) max = a;
+      }
+      out.set(name, max / Math.abs(scale));
+    }
+    return out;
   }
 
   private gaveUp(): boolean {
@@ -181,6 +209,7 @@ export class AdapterIngest {
     this.nonFinite.clear();
     this.scaled.clear();
     this.keptShape.clear();
+    this.keptAll = false;
     this.sink = null;
     this.pending.length = 0;
   }
@@ -194,7 +223,7 @@ export class AdapterIngest {
 
   private completePending(): void {
     const bytes = this.takePending();
-    const limits = this.opts.limits ?? DEFAULT_SAFETENSORS_LIMITS;
+    const limits = this.opts.limits ?? ADAPTER_SAFETENSORS_LIMITS;
     if (this.phase === 'prefix') {
       const n = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true);
       if (n < 2n || n > BigInt(limits.maxHeaderBytes)) return this.giveUp(`header length ${n} is out of bounds`);
@@ -202,11 +231,13 @@ export class AdapterIngest {
       this.phase = 'header';
       return;
     }
-    // first pass learns where the data section ends, the second checks the header against it
-    const loose = parseHeader(this.opts.file, bytes, Number.MAX_SAFE_INTEGER, limits);
+    // decoded once; the first check learns where the data section ends, the second checks against it
+    const decoded = decodeHeaderJson(this.opts.file, bytes, limits);
+    if ('problem' in decoded) return this.giveUp('the header does not parse');
+    const loose = checkHeaderEntries(this.opts.file, decoded.json, this.headerLength, Number.MAX_SAFE_INTEGER, limits);
     if (!loose.header) return this.giveUp('the header does not parse');
     const dataBytes = loose.header.tensors.reduce((m, t) => Math.max(m, t.end), 0);
-    const exact = parseHeader(this.opts.file, bytes, 8 + this.headerLength + dataBytes, limits);
+    const exact = checkHeaderEntries(this.opts.file, decoded.json, this.headerLength, 8 + this.headerLength + dataBytes, limits);
     if (!exact.header || exact.problems.length) return this.giveUp(`the header has problems: ${exact.problems[0]?.message ?? 'unparsable'}`);
     this.header = exact.header;
     this.order = exact.header.tensors.filter((t) => t.end > t.begin).sort((a, b) => a.begin - b.begin);
@@ -229,7 +260,11 @@ export class AdapterIngest {
       const [rows, cols] = t.shape as [number, number];
       const rank = key.part === 'A' ? rows : cols;
       const fits = key.part === 'A' ? cols === target.inFeatures : rows === target.outFeatures;
-      if (!fits || rank < 1 || rank > this.opts.maxRank || total + rows * cols * 4 > this.opts.maxBytes) continue;
+      if (!fits || rank < 1 || rank > this.opts.maxRank) continue;
+      if (total + rows * cols * 4 > this.opts.maxBytes) {
+        this.keptAll = false;
+        continue;
+      }
       kept.push([t, rows, cols, key.part === 'B' ? (this.opts.scales?.get(target.name) ?? 1) : 1]);
       total += rows * cols * 4;
     }

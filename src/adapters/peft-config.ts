@@ -81,7 +81,9 @@ const EXPECTED: Record<string, string> = {
 };
 
 function issuePath(path: readonly PropertyKey[]): string {
-  return path.length === 0 ? '(top level)' : path.map((p) => String(p)).join('.');
+  if (path.length === 0) return '(top level)';
+  const text = path.map((p) => String(p)).join('.');
+  return text.length > 120 ? `${text.slice(0, 120)}…` : text;
 }
 
 export function normalizePeftConfig(raw: RawPeftConfig): PeftConfig {
@@ -108,6 +110,42 @@ export function normalizePeftConfig(raw: RawPeftConfig): PeftConfig {
   };
 }
 
+/** A JSON value as text in a message: its first `max` characters, whatever the upload holds. */
+export function jsonExcerpt(value: unknown, max = 80): string {
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length <= max ? text : `${text.slice(0, max)}… (${text.length} characters)`;
+}
+
+/** A JSON value echoed in a problem's `actual`: itself when short, else an excerpt of its text. */
+export function boundedJson(value: unknown, max = 200): unknown {
+  if (value === undefined) return undefined;
+  const text = JSON.stringify(value) ?? String(value);
+  return text.length <= max ? value : jsonExcerpt(value, max);
+}
+
+/** Config problems quoted one by one; past this many, one more problem counts the rest. */
+const MAX_CONFIG_ISSUES = 20;
+
+/**
+ * What to say about an adapter of another PEFT method. Such a config has other keys, or the same
+ * keys with other meanings (AdaLoRA's rank_pattern holds boolean masks), so nothing else in it
+ * is read: the method itself is the answer.
+ */
+export function foreignPeftType(type: string): { message: string; hint: string } {
+  const merge = 'merge it into the base model with PEFT merge_and_unload() and serve the merged model';
+  if (type.toUpperCase() === 'ADALORA') {
+    return {
+      message: 'peft_type is ADALORA: this is an AdaLoRA adapter (SVD-form lora_A · diag(lora_E) · lora_B with ranks pruned during training), not a LoRA adapter; only plain LoRA is served.',
+      hint: `Either ${merge}, or save it as plain LoRA: fold each module's lora_E and its scaling into lora_B, keep the ranks AdaLoRA did not prune, and write peft_type "LORA" with those ranks in rank_pattern.`,
+    };
+  }
+  const shown = type.length > 40 ? `${type.slice(0, 40)}…` : type;
+  return {
+    message: `peft_type is ${JSON.stringify(shown)}: this adapter was made with another PEFT method than LoRA; only plain LoRA adapters (peft_type "LORA") are served.`,
+    hint: `${merge[0]!.toUpperCase()}${merge.slice(1)}, or retrain with LoraConfig.`,
+  };
+}
+
 /**
  * Pure: adapter_config.json text → config or `invalid_config` problems. Never throws: an upload
  * is hostile input and the caller wants a report, not an exception.
@@ -125,16 +163,29 @@ export function parsePeftConfig(text: string, file = CONFIG_FILE): ParsedPeftCon
   if (json === null || typeof json !== 'object' || Array.isArray(json)) {
     return { config: null, problems: [error({ code: 'invalid_config', file, actual: Array.isArray(json) ? 'array' : typeof json, message: `${file} must hold a JSON object.` })] };
   }
+  // the method first: another method's keys (AdaLoRA's rank_pattern of boolean masks) are not
+  // LoRA's keys gone wrong, and reading them as such only buries the one answer that matters
+  const type = (json as Record<string, unknown>).peft_type;
+  if (typeof type === 'string' && type.toUpperCase() !== 'LORA') {
+    const base = (json as Record<string, unknown>).base_model_name_or_path;
+    return { config: normalizePeftConfig({ peft_type: type, base_model_name_or_path: typeof base === 'string' ? base : null }), problems: [] };
+  }
   const parsed = PeftConfigSchema.safeParse(json);
   if (!parsed.success) {
-    const problems = parsed.error.issues.map((issue) => {
+    const issues = parsed.error.issues;
+    const problems = issues.slice(0, MAX_CONFIG_ISSUES).map((issue) => {
       const key = issuePath(issue.path);
       const top = issue.path[0];
-      const actual = typeof top === 'string' ? (json as Record<string, unknown>)[top] : undefined;
+      // the value the issue is about (rank_pattern["x"]), not the whole key's value
+      let actual: unknown = json;
+      for (const step of issue.path) actual = actual !== null && typeof actual === 'object' ? (actual as Record<PropertyKey, unknown>)[step] : undefined;
       const want = typeof top === 'string' && issue.code === 'invalid_union' ? EXPECTED[top] : undefined;
-      const detail = want ? `must be ${want}, not ${JSON.stringify(actual)}` : issue.message;
-      return error({ code: 'invalid_config', file, key, actual, expected: want, message: `${file}: ${key}: ${detail}.` });
+      const detail = want ? `must be ${want}, not ${jsonExcerpt(actual)}` : issue.message;
+      return error({ code: 'invalid_config', file, key, actual: boundedJson(actual), expected: want, message: `${file}: ${key}: ${detail}.` });
     });
+    if (issues.length > MAX_CONFIG_ISSUES) {
+      problems.push(error({ code: 'invalid_config', file, message: `${file}: ${issues.length - MAX_CONFIG_ISSUES} more values have the wrong type (${issues.length} in all; the first ${MAX_CONFIG_ISSUES} are listed).` }));
+    }
     return { config: null, problems };
   }
   return { config: normalizePeftConfig(parsed.data), problems: [] };

@@ -273,7 +273,7 @@ export class AdapterRegistry {
     recovered.forEach(logRecovery);
     const registry = new AdapterRegistry(
       store,
-      { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId },
+      { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId, dtype: manifest.dtype },
       { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL },
       config.MAX_ADAPTERS,
       config.MAX_LOADED_ADAPTERS,

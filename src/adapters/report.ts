@@ -55,6 +55,65 @@ export function warning(p: Omit<Problem, 'severity'>): Problem {
   return { severity: 'warning', ...p };
 }
 
+/** Problems of one code quoted one by one; past this, one more problem counts the rest. */
+export const MAX_PROBLEMS_PER_CODE = 50;
+const MAX_NAME = 300;
+const MAX_TEXT = 2000;
+const MAX_VALUE_JSON = 512;
+
+const clip = (s: string, max: number) => (s.length <= max ? s : `${s.slice(0, max)}… (${s.length} characters)`);
+
+function clipValue(v: unknown): unknown {
+  if (v === undefined) return undefined;
+  const text = JSON.stringify(v) ?? String(v);
+  if (text.length <= MAX_VALUE_JSON) return v;
+  // a list of records (e.g. large_delta's modules) stays a list a client can read: its leading
+  // entries, within a larger budget; a list of numbers (a hostile shape) becomes clipped text
+  if (Array.isArray(v) && v.length > 0 && v.every((x) => typeof x === 'object' && x !== null)) {
+    const kept: unknown[] = [];
+    let length = 2;
+    for (const x of v) {
+      length += (JSON.stringify(x) ?? '').length + 1;
+      if (length > 4 * MAX_VALUE_JSON) break;
+      kept.push(x);
+    }
+    return kept;
+  }
+  return clip(text, MAX_VALUE_JSON);
+}
+
+/**
+ * Every echoed value bounded: a hostile upload decides the strings, shapes and lists a report
+ * quotes, and the report goes into a 422 body, meta.json and log lines. Per code, the first
+ * MAX_PROBLEMS_PER_CODE problems are kept and one more says how many were left out.
+ */
+export function boundProblems(problems: readonly Problem[]): Problem[] {
+  const seen = new Map<ProblemCode, number>();
+  const out: Problem[] = [];
+  for (const p of problems) {
+    const n = (seen.get(p.code) ?? 0) + 1;
+    seen.set(p.code, n);
+    if (n > MAX_PROBLEMS_PER_CODE) continue;
+    out.push({
+      ...p,
+      ...(p.file !== undefined && { file: clip(p.file, MAX_NAME) }),
+      ...(p.tensor !== undefined && { tensor: clip(p.tensor, MAX_NAME) }),
+      ...(p.module !== undefined && { module: clip(p.module, MAX_NAME) }),
+      ...(p.key !== undefined && { key: clip(p.key, MAX_NAME) }),
+      ...(p.expected !== undefined && { expected: clipValue(p.expected) }),
+      ...(p.actual !== undefined && { actual: clipValue(p.actual) }),
+      message: clip(p.message, MAX_TEXT),
+      ...(p.hint !== undefined && { hint: clip(p.hint, MAX_TEXT) }),
+    });
+  }
+  for (const [code, n] of seen) {
+    if (n <= MAX_PROBLEMS_PER_CODE) continue;
+    const first = problems.find((p) => p.code === code)!;
+    out.push({ code, severity: first.severity, message: `${n - MAX_PROBLEMS_PER_CODE} more ${code} problems are not listed (${n} in all; the first ${MAX_PROBLEMS_PER_CODE} are).` });
+  }
+  return out;
+}
+
 /** One targeted module of the model, as resolved from the config and found in the file. */
 export const ModuleReportSchema = z.object({
   module: z.string(),

@@ -1,6 +1,7 @@
 import type { LoraTarget } from '../model/manifest.js';
 import type { PeftConfig } from './peft-config.js';
-import { CONFIG_FILE } from './peft-config.js';
+import { CONFIG_FILE, jsonExcerpt } from './peft-config.js';
+import { fullMatch, isPlainPattern, layerIndexOf, MAX_REGEX_SOURCE, moduleOrChildMatch, PatternError, patternKeyMatch, type NameTest } from './pattern.js';
 import { error, warning, type Problem } from './report.js';
 
 /**
@@ -26,7 +27,7 @@ import { error, warning, type Problem } from './report.js';
  *     insensitive) = every nn.Linear except the output embedding (lm_head).
  *   - `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` in src/peft/utils/constants.py:
  *     target_modules=None means ["q_proj", "v_proj"] for llama, mistral and qwen2.
- * Patterns are Python regular expressions; `pythonRegex` translates the syntax that differs.
+ * Patterns are Python regular expressions, evaluated on RE2 in linear time (pattern.ts).
  * Dict order: JSON.parse keeps file order except for integer-like keys ("3"), which JavaScript
  * moves first; such a key cannot match a module name ending in `_proj`, so no result changes.
  */
@@ -53,74 +54,63 @@ export interface Resolution {
   problems: Problem[];
 }
 
-/**
- * Python `re` syntax → a JavaScript RegExp source. Only the constructs that differ and can appear
- * in module patterns: named groups, `\A` / `\Z`, and a leading global `(?i)` flag.
- */
-export function pythonRegex(source: string, anchor: (src: string) => string): RegExp {
-  let flags = '';
-  let src = source;
-  const inline = /^\(\?([aiLmsux]+)\)/.exec(src);
-  if (inline) {
-    if (inline[1]!.includes('i')) flags += 'i';
-    if (inline[1]!.includes('s')) flags += 's';
-    src = src.slice(inline[0].length);
-  }
-  src = src
-    .replace(/\(\?P<([A-Za-z_][A-Za-z0-9_]*)>/g, '(?<$1>')
-    .replace(/\(\?P=([A-Za-z_][A-Za-z0-9_]*)\)/g, '\\k<$1>')
-    .replace(/\\A/g, '^')
-    .replace(/\\Z/g, '$');
-  return new RegExp(anchor(src), flags);
-}
-
-/** re.fullmatch(pattern, name) */
-export const fullMatchRegex = (pattern: string): RegExp => pythonRegex(pattern, (s) => `^(?:${s})$`);
-/** re.match(rf"(.*\.)?({key})$", name) — get_pattern_key's rule */
-export const patternKeyRegex = (key: string): RegExp => pythonRegex(key, (s) => `^(.*\\.)?(${s})$`);
-
 /** get_pattern_key (peft/utils/other.py): the first key, in dict order, whose pattern matches. */
-export function getPatternKey(keys: readonly { key: string; re: RegExp }[], name: string): string | null {
-  for (const k of keys) if (k.re.test(name)) return k.key;
+export function getPatternKey(keys: readonly { key: string; test: NameTest }[], name: string): string | null {
+  for (const k of keys) if (k.test(name)) return k.key;
   return null;
 }
 
 const listMatches = (entries: readonly string[], name: string) => entries.some((e) => name === e || name.endsWith(`.${e}`));
 
-type Compiled = { key: string; re: RegExp }[];
-
-interface TargetMatcher {
-  (name: string): boolean;
-}
-
-function compileAll(keys: string[], make: (k: string) => RegExp, what: string, problems: Problem[]): Compiled {
-  const out: Compiled = [];
+/**
+ * Compiles each pattern of one config field; a pattern RE2 cannot evaluate in linear time (or at
+ * all) is an `invalid_config` naming the field (and, for rank/alpha_pattern, the key).
+ */
+function compileAll<T>(keys: readonly string[], make: (k: string) => T, field: string, problems: Problem[], budget: { left: number }): { key: string; test: T }[] {
+  const out: { key: string; test: T }[] = [];
+  const perKey = field === 'rank_pattern' || field === 'alpha_pattern';
   for (const key of keys) {
     try {
-      out.push({ key, re: make(key) });
+      if (!isPlainPattern(key)) {
+        budget.left -= key.length;
+        if (budget.left < 0) throw new PatternError(`the config's regular expressions together pass ${MAX_REGEX_SOURCE} characters, which no real adapter needs`);
+      }
+      out.push({ key, test: make(key) });
     } catch (e) {
-      problems.push(error({ code: 'invalid_config', file: CONFIG_FILE, key, message: `${what} key ${JSON.stringify(key)} is not a regular expression we can evaluate (${(e as Error).message}).`, hint: 'Use plain module names such as "q_proj" or "layers.1.self_attn.q_proj".' }));
+      if (!(e instanceof PatternError)) throw e;
+      problems.push(
+        error({
+          code: 'invalid_config',
+          file: CONFIG_FILE,
+          key: perKey ? key.slice(0, 200) : field,
+          actual: key.length > 200 ? `${key.slice(0, 200)}…` : key,
+          message: `${perKey ? `${field} key ${jsonExcerpt(key)}` : `${field} ${jsonExcerpt(key)}`} is not a pattern that can be matched in bounded time: ${e.message}.`,
+          hint: 'Use plain module names such as "q_proj" or "layers.1.self_attn.q_proj", or a simple regular expression such as ".*\\.(q|v)_proj".',
+        }),
+      );
     }
   }
   return out;
 }
 
+type TargetMatcher = NameTest;
+
 /** check_target_module_exists (peft/tuners/tuners_utils.py), for one config. Null when the config itself is unusable. */
-function targetMatcher(config: PeftConfig, modelLinear: readonly string[], problems: Problem[]): TargetMatcher | null {
+function targetMatcher(config: PeftConfig, modelLinear: readonly string[], problems: Problem[], budget: { left: number }): TargetMatcher | null {
   let excluded: (name: string) => boolean = () => false;
   const ex = config.excludeModules;
   if (typeof ex === 'string' && ex !== '') {
-    const [c] = compileAll([ex], fullMatchRegex, 'exclude_modules', problems);
+    const [c] = compileAll([ex], fullMatch, 'exclude_modules', problems, budget);
     if (!c) return null;
-    excluded = (name) => c.re.test(name);
+    excluded = c.test;
   } else if (Array.isArray(ex) && ex.length > 0) {
     excluded = (name) => listMatches(ex, name);
   }
   const mts = config.modulesToSave;
   if (mts && mts.length > 0) {
-    const res = compileAll(mts, (m) => pythonRegex(m, (s) => `^(?:|.*\\.)${s}(?:$|\\..*)$`), 'modules_to_save', problems);
+    const res = compileAll(mts, moduleOrChildMatch, 'modules_to_save', problems, budget);
     const prev = excluded;
-    excluded = (name) => prev(name) || res.some((r) => r.re.test(name));
+    excluded = (name) => prev(name) || res.some((r) => r.test(name));
   }
 
   let tm = config.targetModules;
@@ -138,9 +128,9 @@ function targetMatcher(config: PeftConfig, modelLinear: readonly string[], probl
     return (name) => !excluded(name) && linear.has(name);
   }
   if (typeof tm === 'string') {
-    const [c] = compileAll([tm], fullMatchRegex, 'target_modules', problems);
+    const [c] = compileAll([tm], fullMatch, 'target_modules', problems, budget);
     if (!c) return null;
-    return (name) => !excluded(name) && c.re.test(name);
+    return (name) => !excluded(name) && c.test(name);
   }
   const list = tm;
   const lt = config.layersToTransform;
@@ -151,19 +141,15 @@ function targetMatcher(config: PeftConfig, modelLinear: readonly string[], probl
     problems.push(error({ code: 'invalid_config', file: CONFIG_FILE, key: 'layers_pattern', message: 'layers_pattern is set but layers_to_transform is not; PEFT refuses this config.' }));
     return null;
   }
-  const layerRes: RegExp[] =
-    patterns === null ? [/^.*?\.[^.]*\.(\d+)\./] : compileAll(patterns, (p) => pythonRegex(p, (s) => `^.*?\\.${s}\\.(\\d+)\\.`), 'layers_pattern', problems).map((c) => c.re);
+  const layerIndex = patterns === null ? [layerIndexOf(null)] : compileAll(patterns, layerIndexOf, 'layers_pattern', problems, budget).map((c) => c.test);
   return (name) => {
     if (excluded(name)) return false;
     if (!listMatches(list, name)) return false;
     if (!usingLayers) return true;
     let index: number | null = null;
-    for (const re of layerRes) {
-      const m = re.exec(name);
-      if (m) {
-        index = Number(m[1]);
-        break;
-      }
+    for (const indexIn of layerIndex) {
+      index = indexIn(name);
+      if (index !== null) break;
     }
     if (index === null) return false;
     return typeof lt === 'number' ? index === lt : (lt as number[]).includes(index);
@@ -189,9 +175,11 @@ export function resolveModules(config: PeftConfig, targets: readonly LoraTarget[
   const numLayers = targets.reduce((n, t) => Math.max(n, t.layer + 1), 0);
   const others = otherModuleNames(numLayers);
   // all-linear: every nn.Linear but the output head, i.e. exactly the projections of the target table
-  const isTargeted = targetMatcher(config, targets.map((t) => t.name), problems);
-  const rankKeys = compileAll(Object.keys(config.rankPattern), patternKeyRegex, 'rank_pattern', problems);
-  const alphaKeys = compileAll(Object.keys(config.alphaPattern), patternKeyRegex, 'alpha_pattern', problems);
+  // one budget for every pattern of the config: what matching may cost is bounded per config
+  const budget = { left: MAX_REGEX_SOURCE };
+  const isTargeted = targetMatcher(config, targets.map((t) => t.name), problems, budget);
+  const rankKeys = compileAll(Object.keys(config.rankPattern), patternKeyMatch, 'rank_pattern', problems, budget);
+  const alphaKeys = compileAll(Object.keys(config.alphaPattern), patternKeyMatch, 'alpha_pattern', problems, budget);
 
   const modules: ResolvedModule[] = targets.map((target) => {
     const rk = getPatternKey(rankKeys, target.name);
@@ -218,7 +206,7 @@ export function resolveModules(config: PeftConfig, targets: readonly LoraTarget[
     [alphaKeys, 'alpha_pattern_unmatched', 'alpha_pattern'],
   ] as const) {
     for (const k of keys) {
-      if (adapted.some((name) => k.re.test(name))) continue;
+      if (adapted.some((name) => k.test(name))) continue;
       const why = k.key.startsWith('base_model.model.')
         ? ' Keys are matched against module names relative to the base model (model.layers.0.self_attn.q_proj), so a key starting with base_model.model. never matches.'
         : '';
@@ -226,8 +214,8 @@ export function resolveModules(config: PeftConfig, targets: readonly LoraTarget[
         warning({
           code,
           file: CONFIG_FILE,
-          key: k.key,
-          message: `${field} key ${JSON.stringify(k.key)} matches no adapted module of this model, so it has no effect.${why}`,
+          key: k.key.slice(0, 200),
+          message: `${field} key ${jsonExcerpt(k.key)} matches no adapted module of this model, so it has no effect.${why}`,
           hint: `A key matches a module when it matches a dot-separated suffix of its name, e.g. "q_proj" or "layers.1.self_attn.q_proj".`,
         }),
       );

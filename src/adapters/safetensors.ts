@@ -41,9 +41,32 @@ export interface SafetensorsLimits {
   maxHeaderBytes: number;
   /** the file may not hold more tensors than this */
   maxTensors: number;
+  /** a shape may not have more dimensions than this (checked while scanning, before it is built) */
+  maxDims: number;
 }
 
-export const DEFAULT_SAFETENSORS_LIMITS: SafetensorsLimits = { maxHeaderBytes: 100 * 1024 * 1024, maxTensors: 100_000 };
+/**
+ * What an uploaded adapter's header may hold. 2 MiB of header: PEFT writes about 135 bytes per tensor: 80 layers × 7 projections × (A, B) is
+ * 150 KB, Llama 3.1 405B's 126 layers 240 KB, and DoRA vectors or biases add a third at most, so
+ * the cap leaves a margin of 8× over the largest model this server serves. Parsing is linear in
+ * the header, and this bounds what one upload's header may hold the event loop for (about 0.1 s
+ * for a full 2 MiB on a busy 2-core machine). The reference implementation's cap is 100 MB, for
+ * whole models.
+ */
+export const ADAPTER_SAFETENSORS_LIMITS: SafetensorsLimits = { maxHeaderBytes: 2 * 1024 * 1024, maxTensors: 100_000, maxDims: 4 };
+
+/** Model checkpoints (the operator's files, not uploads): the reference implementation's 100 MB, 8 dimensions. */
+export const DEFAULT_SAFETENSORS_LIMITS: SafetensorsLimits = { maxHeaderBytes: 100 * 1024 * 1024, maxTensors: 100_000, maxDims: 8 };
+
+/**
+ * A LoRA tensor has 2 dimensions (lora_A, lora_B), a convolution's 4 (maxDims of an adapter);
+ * data_offsets has 2. A longer array in the header is refused while it is scanned, before anything
+ * is built from it.
+ */
+/** top-level object → tensor entry → shape / data_offsets */
+const MAX_HEADER_DEPTH = 3;
+/** Real tensor names are under 200 characters; longer ones are refused, not echoed. */
+export const MAX_TENSOR_NAME = 1024;
 
 export type HeaderResult = { header: SafetensorsHeader | null; problems: Problem[] };
 
@@ -68,6 +91,107 @@ export function checkHeaderLength(file: string, prefix: Uint8Array, fileSize: nu
   return Number(n);
 }
 
+const nameExcerpt = (name: string) => (name.length <= 120 ? name : `${name.slice(0, 120)}… (${name.length} characters)`);
+
+/**
+ * One linear pass over the header text before JSON.parse, for what JSON.parse would hide or pay
+ * for: a key given twice in one object (JSON.parse keeps the last; a file with two entries for one
+ * tensor is ambiguous), an array longer than any field of the format (a shape of 45 million
+ * dimensions cost 3.6 GB to parse), nesting deeper than the format, more entries than the limit.
+ * Returns the problem, or null when the header is well-formed or is not JSON at all (JSON.parse
+ * then says where).
+ */
+export function scanHeaderJson(file: string, text: string, limits: SafetensorsLimits): Problem | null {
+  type Frame = { array: boolean; count: number; keys: Set<string> | null; expectKey: boolean; key: string | null };
+  const stack: Frame[] = [];
+  let tensor: string | null = null;
+  let i = 0;
+  const n = text.length;
+  const elementOf = (parent: Frame | undefined): Problem | null => {
+    if (!parent?.array) return null;
+    parent.count++;
+    if (parent.count <= limits.maxDims) return null;
+    const where = tensor === null ? file : nameExcerpt(tensor);
+    return corrupt(file, `${where}: its ${JSON.stringify(parent.key ?? '?')} lists more than ${limits.maxDims} values (the rest was not read); a shape has at most ${limits.maxDims} dimensions here (a LoRA matrix has 2), and data_offsets has 2.`, { tensor: tensor === null ? undefined : nameExcerpt(tensor), expected: `<= ${limits.maxDims} values` });
+  };
+  while (i < n) {
+    const c = text.charCodeAt(i);
+    if (c === 0x20 || c === 0x0a || c === 0x0d || c === 0x09 || c === 0x3a /* : */) {
+      i++;
+      continue;
+    }
+    const top = stack[stack.length - 1];
+    if (c === 0x7b /* { */ || c === 0x5b /* [ */) {
+      const bad = elementOf(top);
+      if (bad) return bad;
+      if (stack.length >= MAX_HEADER_DEPTH) return corrupt(file, `${file} has a header nested deeper than the safetensors format (${MAX_HEADER_DEPTH} levels).`);
+      const key = top && !top.array ? top.key : null;
+      stack.push({ array: c === 0x5b, count: 0, keys: c === 0x7b ? new Set() : null, expectKey: c === 0x7b, key });
+      i++;
+      continue;
+    }
+    if (c === 0x7d /* } */ || c === 0x5d /* ] */) {
+      stack.pop();
+      if (stack.length === 1) tensor = null;
+      i++;
+      continue;
+    }
+    if (c === 0x2c /* , */) {
+      if (top && !top.array) top.expectKey = true;
+      i++;
+      continue;
+    }
+    if (c === 0x22 /* " */) {
+      let j = i + 1;
+      let escaped = false;
+      while (j < n) {
+        const d = text.charCodeAt(j);
+        if (d === 0x5c) {
+          escaped = true;
+          j += 2;
+          continue;
+        }
+        if (d === 0x22) break;
+        j++;
+      }
+      if (j >= n) return null;
+      if (top && !top.array && top.expectKey) {
+        let key: string;
+        try {
+          key = escaped ? (JSON.parse(text.slice(i, j + 1)) as string) : text.slice(i + 1, j);
+        } catch {
+          return null;
+        }
+        if (top.keys!.has(key)) {
+          const what = stack.length === 1 ? `tensor ${nameExcerpt(key)}` : `the key ${JSON.stringify(nameExcerpt(key))} of ${tensor === null ? 'an entry' : nameExcerpt(tensor)}`;
+          return corrupt(file, `${file} names ${what} twice in its header; a JSON reader keeps only the last one, so which ${stack.length === 1 ? 'weights were' : 'value was'} meant is ambiguous.`, { tensor: nameExcerpt(stack.length === 1 ? key : (tensor ?? key)) });
+        }
+        top.keys!.add(key);
+        top.key = key;
+        top.expectKey = false;
+        if (stack.length === 1) {
+          tensor = key;
+          if (top.keys!.size > limits.maxTensors + 1) return corrupt(file, `${file} lists more than ${limits.maxTensors} tensors.`, { expected: `<= ${limits.maxTensors}` });
+        }
+      } else {
+        const bad = elementOf(top);
+        if (bad) return bad;
+      }
+      i = j + 1;
+      continue;
+    }
+    // a number, true, false or null
+    const bad = elementOf(top);
+    if (bad) return bad;
+    while (i < n) {
+      const d = text.charCodeAt(i);
+      if (d === 0x2c || d === 0x7d || d === 0x5d || d === 0x20 || d === 0x0a || d === 0x0d || d === 0x09 || d === 0x3a) break;
+      i++;
+    }
+  }
+  return null;
+}
+
 function isNonNegInt(v: unknown): v is number {
   return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
 }
@@ -78,26 +202,44 @@ function isNonNegInt(v: unknown): v is number {
  * data or overlapping another tensor) instead of stopping at the first.
  */
 export function parseHeader(file: string, headerBytes: Uint8Array, fileSize: number, limits: SafetensorsLimits = DEFAULT_SAFETENSORS_LIMITS): HeaderResult {
-  const headerLength = headerBytes.byteLength;
-  const dataStart = 8 + headerLength;
-  const dataSize = fileSize - dataStart;
+  const decoded = decodeHeaderJson(file, headerBytes, limits);
+  if ('problem' in decoded) return { header: null, problems: [decoded.problem] };
+  return checkHeaderEntries(file, decoded.json, headerBytes.byteLength, fileSize, limits);
+}
+
+/** The header bytes → its JSON object, after scanHeaderJson has let it through. */
+export function decodeHeaderJson(file: string, headerBytes: Uint8Array, limits: SafetensorsLimits = DEFAULT_SAFETENSORS_LIMITS): { json: Record<string, unknown> } | { problem: Problem } {
   let json: unknown;
   try {
-    json = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(headerBytes));
+    const text = new TextDecoder('utf-8', { fatal: true }).decode(headerBytes);
+    const refused = scanHeaderJson(file, text, limits);
+    if (refused) return { problem: refused };
+    json = JSON.parse(text);
   } catch (e) {
-    return { header: null, problems: [corrupt(file, `${file} has a header that is not valid UTF-8 JSON (${(e as Error).message}).`)] };
+    return { problem: corrupt(file, `${file} has a header that is not valid UTF-8 JSON (${(e as Error).message.slice(0, 200)}).`) };
   }
   if (json === null || typeof json !== 'object' || Array.isArray(json)) {
-    return { header: null, problems: [corrupt(file, `${file} has a header that is not a JSON object.`)] };
+    return { problem: corrupt(file, `${file} has a header that is not a JSON object.`) };
   }
+  return { json: json as Record<string, unknown> };
+}
+
+/** Pure: every entry of a decoded header checked against a file of `fileSize` bytes. */
+export function checkHeaderEntries(file: string, json: Record<string, unknown>, headerLength: number, fileSize: number, limits: SafetensorsLimits = DEFAULT_SAFETENSORS_LIMITS): HeaderResult {
+  const dataStart = 8 + headerLength;
+  const dataSize = fileSize - dataStart;
   const problems: Problem[] = [];
   const tensors: TensorHeader[] = [];
   let metadata: Record<string, string> | null = null;
-  const entries = Object.entries(json as Record<string, unknown>);
+  const entries = Object.entries(json);
   if (entries.length > limits.maxTensors + 1) {
     return { header: null, problems: [corrupt(file, `${file} lists ${entries.length} tensors, over the limit of ${limits.maxTensors}.`, { expected: `<= ${limits.maxTensors}`, actual: entries.length })] };
   }
   for (const [name, raw] of entries) {
+    if (name.length > MAX_TENSOR_NAME) {
+      problems.push(corrupt(file, `${file} has a tensor name of ${name.length} characters (${nameExcerpt(name)}); real names are under 200, and over ${MAX_TENSOR_NAME} the file is refused.`, { tensor: nameExcerpt(name) }));
+      continue;
+    }
     if (name === '__metadata__') {
       if (raw !== null && typeof raw === 'object' && !Array.isArray(raw) && Object.values(raw).every((v) => typeof v === 'string')) {
         metadata = raw as Record<string, string>;
@@ -112,15 +254,16 @@ export function parseHeader(file: string, headerBytes: Uint8Array, fileSize: num
     }
     const { dtype, shape, data_offsets: offsets } = raw as Record<string, unknown>;
     if (typeof dtype !== 'string' || !(dtype in DTYPE_BYTES)) {
-      problems.push(error({ code: 'bad_dtype', file, tensor: name, actual: dtype, expected: Object.keys(DTYPE_BYTES), message: `${name} has dtype ${JSON.stringify(dtype)}, which is not a safetensors dtype.` }));
+      const shown = typeof dtype === 'string' ? dtype.slice(0, 40) : typeof dtype;
+      problems.push(error({ code: 'bad_dtype', file, tensor: name, actual: shown, expected: Object.keys(DTYPE_BYTES), message: `${name} has dtype ${JSON.stringify(shown)}, which is not a safetensors dtype.` }));
       continue;
     }
-    if (!Array.isArray(shape) || !shape.every(isNonNegInt) || shape.length > 8) {
-      problems.push(corrupt(file, `${name} has shape ${JSON.stringify(shape)}; a shape is a list of at most 8 non-negative integers.`, { tensor: name, actual: shape }));
+    if (!Array.isArray(shape) || !shape.every(isNonNegInt) || shape.length > limits.maxDims) {
+      problems.push(corrupt(file, `${name} has shape ${String(JSON.stringify(shape)).slice(0, 120)}; a shape is a list of at most ${limits.maxDims} non-negative integers.`, { tensor: name, actual: Array.isArray(shape) ? shape.slice(0, limits.maxDims) : typeof shape }));
       continue;
     }
     if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isNonNegInt) || offsets[0] > offsets[1]) {
-      problems.push(corrupt(file, `${name} has data_offsets ${JSON.stringify(offsets)}; expected [begin, end] with 0 <= begin <= end.`, { tensor: name, actual: offsets }));
+      problems.push(corrupt(file, `${name} has data_offsets ${String(JSON.stringify(offsets)).slice(0, 120)}; expected [begin, end] with 0 <= begin <= end.`, { tensor: name, actual: Array.isArray(offsets) ? offsets.slice(0, 2) : typeof offsets }));
       continue;
     }
     const [begin, end] = offsets as [number, number];

@@ -1,9 +1,10 @@
 import { fusedMismatch, type Architecture } from '../model/architecture.js';
-import type { LoraTarget } from '../model/manifest.js';
+import type { LoraTarget, ModelDtype } from '../model/manifest.js';
 import { assessEffect, peftGrams, type TensorGram } from './effect.js';
 import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
-import { CONFIG_FILE, parsePeftConfig, type PeftConfig } from './peft-config.js';
-import { error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
+import { maxAbsFinite, scaleOverflowProblems, type ScaledModule } from './overflow.js';
+import { CONFIG_FILE, foreignPeftType, jsonExcerpt, parsePeftConfig, type PeftConfig } from './peft-config.js';
+import { boundProblems, error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import { resolveModules, type ResolvedModule } from './resolve.js';
 import { isFloatDtype, type SafetensorsHeader, type TensorHeader } from './safetensors.js';
 
@@ -27,6 +28,8 @@ export interface AdapterInput {
   values?: Map<string, Float32Array>;
   /** NaN/±Inf counts per tensor key, counted while the file streamed in (instead of `values`) */
   nonFinite?: ReadonlyMap<string, NonFiniteCount>;
+  /** largest |value| per lora_B key, measured while the file streamed in (instead of `values`) */
+  maxAbs?: ReadonlyMap<string, number>;
   /** names of the other files that came with the adapter */
   otherFiles?: string[];
   /** r×r Gram matrices per tensor key (effect.ts), when the values were decoded elsewhere; else taken from `values` */
@@ -53,6 +56,8 @@ export interface ModelFacts {
   architecture: Architecture;
   loraTargets: LoraTarget[];
   modelId: string;
+  /** the dtype the graph holds adapter weights in (default fp32): what scale × lora_B must fit */
+  dtype?: ModelDtype;
 }
 
 export interface ValidationLimits {
@@ -89,7 +94,7 @@ const FEATURE_HINTS: Record<Feature, string> = {
 
 class FeatureBag {
   private readonly seen = new Map<Feature, Problem>();
-  add(f: Feature, p: Omit<Problem, 'severity' | 'code' | 'hint'>): void {
+  add(f: Feature, p: Omit<Problem, 'severity' | 'code'>): void {
     if (!this.seen.has(f)) this.seen.set(f, error({ code: 'unsupported_feature', hint: FEATURE_HINTS[f], ...p }));
   }
   has(f: Feature): boolean {
@@ -102,7 +107,10 @@ class FeatureBag {
 
 function configFeatures(c: PeftConfig, bag: FeatureBag): void {
   const cfg = (key: string, actual: unknown, message: string) => ({ file: CONFIG_FILE, key, actual, message });
-  if (c.peftType.toUpperCase() !== 'LORA') bag.add('peft_type', cfg('peft_type', c.peftType, `peft_type is ${c.peftType}; only LORA adapters are served${c.peftType.toUpperCase() === 'ADALORA' ? ' (AdaLoRA stores an SVD-form lora_E and reallocates ranks during training)' : ''}.`));
+  if (c.peftType.toUpperCase() !== 'LORA') {
+    const { message, hint } = foreignPeftType(c.peftType);
+    bag.add('peft_type', { ...cfg('peft_type', c.peftType.slice(0, 40), message), hint });
+  }
   if (c.useDora) bag.add('dora', cfg('use_dora', true, 'The adapter uses DoRA (use_dora=true), which the engine cannot apply as a low-rank delta.'));
   if (c.modulesToSave && c.modulesToSave.length > 0) bag.add('modules_to_save', cfg('modules_to_save', c.modulesToSave, `modules_to_save is ${JSON.stringify(c.modulesToSave)}: the adapter replaces whole base modules.`));
   if (c.bias !== 'none') bag.add('bias', cfg('bias', c.bias, `bias is "${c.bias}": the adapter trained bias terms of the base model.`));
@@ -260,9 +268,9 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
         code: 'no_modules_matched',
         file: CONFIG_FILE,
         key: 'target_modules',
-        actual: tm,
+        actual: typeof tm === 'string' ? tm.slice(0, 200) : (tm ?? []).slice(0, 8),
         expected: `names such as ${model.loraTargets[0]?.name ?? 'model.layers.0.self_attn.q_proj'}`,
-        message: `target_modules ${JSON.stringify(tm)} selects no projection of this model (its modules are named model.layers.{0..${model.architecture.numLayers - 1}}.self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj), so the adapter would change nothing.`,
+        message: `target_modules ${jsonExcerpt(tm, 120)} selects no projection of this model (its modules are named model.layers.{0..${model.architecture.numLayers - 1}}.self_attn.{q,k,v,o}_proj and .mlp.{gate,up,down}_proj), so the adapter would change nothing.`,
         hint: 'The adapter was probably trained for another architecture or a model whose modules are named differently.',
       }),
     );
@@ -297,9 +305,12 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   const tensorProblems: Problem[] = [];
   const nonLinear = new Set(['model.embed_tokens', 'lm_head']);
 
+  // another PEFT method's tensors (AdaLoRA's lora_E) are not LoRA tensors gone wrong: the method is the answer
+  const foreign = bag.has('peft_type');
   for (const t of header?.tensors ?? []) {
     summary.tensors++;
     summary.parameters += countOf(t.shape);
+    if (foreign) continue;
     if (!isFloatDtype(t.dtype)) {
       tensorProblems.push(error({ code: 'bad_dtype', file, tensor: t.name, expected: ['F32', 'F16', 'BF16'], actual: t.dtype, message: `${t.name} is ${t.dtype}; adapter weights must be F32, F16 or BF16.`, hint: 'Save the adapter from an unquantised model in float32, float16 or bfloat16.' }));
     }
@@ -340,7 +351,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     }
     const res = resolvedByName.get(mod);
     if (res && !res.targeted) {
-      tensorProblems.push(error({ code: 'unexpected_tensor', ...where, message: `${pk.normalized} is for ${mod}, which adapter_config.json does not target (target_modules ${JSON.stringify(config?.targetModules)}); PEFT would ignore it.`, hint: 'Add the module to target_modules, or drop the tensor.' }));
+      tensorProblems.push(error({ code: 'unexpected_tensor', ...where, message: `${pk.normalized} is for ${mod}, which adapter_config.json does not target (target_modules ${jsonExcerpt(config?.targetModules, 120)}); PEFT would ignore it.`, hint: 'Add the module to target_modules, or drop the tensor.' }));
       continue;
     }
     const slot = byModule.get(mod) ?? { A: null, B: null };
@@ -376,7 +387,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
       tensorProblems.push(error({ code: 'unexpected_tensor', file, tensor: u.key, module: u.module!, message: `${u.normalized} is for ${u.module}, which this model does not have (it has ${model.architecture.numLayers} layers with q/k/v/o_proj and gate/up/down_proj).`, hint: 'The adapter was probably trained on a model with more layers or other module names.' }));
     }
   }
-  if (header && loraTensors === 0 && input.headerProblems.length === 0) {
+  if (header && loraTensors === 0 && input.headerProblems.length === 0 && !foreign) {
     tensorProblems.push(error({ code: 'no_modules_matched', file, message: `${file} holds no LoRA tensors (lora_A / lora_B), so the adapter would change nothing.` }));
   }
 
@@ -491,6 +502,18 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     }
   }
 
+  // scale × lora_B in the dtype the engine holds it in (overflow.ts)
+  if (config) {
+    const scaled: ScaledModule[] = [];
+    for (const m of targeted) {
+      const tensorB = byModule.get(m.target.name)?.B?.parsed.key;
+      const v = tensorB === undefined ? undefined : input.values?.get(tensorB);
+      const maxAbsB = v ? maxAbsFinite(v) : tensorB === undefined ? undefined : input.maxAbs?.get(tensorB);
+      if (tensorB !== undefined && maxAbsB !== undefined) scaled.push({ module: m, tensorB, maxAbsB });
+    }
+    tensorProblems.push(...scaleOverflowProblems(scaled, model.dtype ?? 'fp32', config.useRslora));
+  }
+
   // the delta each module adds: no_effect / no_effect_modules / large_delta, deltaNorm, relativeNorm
   const shapes = new Map((header?.tensors ?? []).map((t) => [t.name, t.shape]));
   const grams = input.grams ?? (input.values ? peftGrams(modules, input.values, (key) => shapes.get(key)) : undefined);
@@ -503,7 +526,8 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   }
 
   problems.push(...bag.problems(), ...tensorProblems);
-  const errors = problems.filter((p) => p.severity === 'error');
-  const warnings = problems.filter((p) => p.severity === 'warning');
+  // a hostile file can hold 100 000 broken entries: the report quotes a bounded number of each kind
+  const errors = boundProblems(problems.filter((p) => p.severity === 'error'));
+  const warnings = boundProblems(problems.filter((p) => p.severity === 'warning'));
   return { ok: errors.length === 0, errors, warnings, modules: measuredModules, summary };
 }
