@@ -7,6 +7,7 @@ import { ensureEmbeddedModel } from './model/embedded.js';
 import { buildModel } from './model/build.js';
 import { loadTokenizer } from './tokenizer/index.js';
 import type { Tokenizer } from './tokenizer/types.js';
+import { readChatTemplate, withChatTemplate } from './tokenizer/chat-template.js';
 import { Engine } from './engine/engine.js';
 import { AdapterRegistry } from './adapters/registry.js';
 
@@ -23,6 +24,8 @@ export interface Runtime {
   readonly engine: Engine;
   readonly registry: AdapterRegistry;
   readonly provider: 'cpu' | 'cuda';
+  /** when the model was loaded (Unix seconds): the base model's `created` in /v1/models */
+  readonly loadedAt: number;
   /** set on SIGTERM: readiness fails and new work is refused while running streams finish */
   draining: boolean;
   close(): Promise<void>;
@@ -39,6 +42,10 @@ export async function resolveModelPath(config: Config, log: Pick<Logger, 'info'>
 export async function startRuntime(config: Config, log: Logger): Promise<Runtime> {
   const modelPath = await resolveModelPath(config, log);
   const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
+  // the tokenizer (and CHAT_TEMPLATE) before the graph build: a missing file is found in a second, not after minutes of building
+  if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
+  const loaded = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
+  const tokenizer = config.CHAT_TEMPLATE ? withChatTemplate(loaded, readChatTemplate(config.CHAT_TEMPLATE)) : loaded;
   const dtype = config.DTYPE === 'auto' ? (config.DEVICE === 'cuda' ? 'fp16' : 'fp32') : config.DTYPE;
   const built = await buildModel(checkpoint, {
     outDir: path.resolve(config.CACHE_DIR),
@@ -47,8 +54,6 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     onProgress: (line) => log.info(line),
   });
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
-  if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
-  const tokenizer = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
   const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config, log });
   let registry: AdapterRegistry;
   try {
@@ -65,6 +70,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     engine,
     registry,
     provider: engine.provider,
+    loadedAt: Math.floor(Date.now() / 1000),
     draining: false,
     async close() {
       await engine.close();

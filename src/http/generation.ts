@@ -2,7 +2,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Runtime } from '../runtime.js';
 import { generateText, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
 import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
-import { HttpProblem, badRequest, notFound } from './problem.js';
+import { HttpProblem, badRequest, notFound, problemBody } from './problem.js';
 
 /** What the three generation routes (native, OpenAI completions, OpenAI chat) have in common. */
 export interface GenerationCall {
@@ -44,6 +44,26 @@ export function startGeneration(runtime: Runtime, call: GenerationCall, signal: 
   } catch (e) {
     throw engineProblem(e) ?? e;
   }
+}
+
+/**
+ * `n` choices of one prompt (OpenAI's `n`), submitted together in one synchronous turn. Choice j
+ * samples with `seed + j` when a seed is given, so choice 0 is what the same request with n = 1
+ * answers, and the others differ from it.
+ */
+export function startChoices(runtime: Runtime, call: GenerationCall, n: number, cancel: AbortController): TextGeneration[] {
+  const gens: TextGeneration[] = [];
+  try {
+    for (let j = 0; j < n; j++) {
+      const seed = call.text.seed === undefined ? undefined : call.text.seed + j;
+      gens.push(startGeneration(runtime, { ...call, text: { ...call.text, seed } }, cancel.signal));
+    }
+  } catch (e) {
+    // all or nothing: the choices already submitted stop at the next step
+    cancel.abort();
+    throw e;
+  }
+  return gens;
 }
 
 /** OpenAI's usage object, which the native API shares. */
@@ -129,27 +149,56 @@ export class EventStream {
 }
 
 /**
- * Streams a generation: `onDelta` turns each delta into events, `onEnd` writes the closing ones.
- * Errors that happen after the stream started are sent as an `error` event carrying the
- * problem+json body.
+ * Streams generations side by side (a request's choices): `onDelta` turns each delta of choice
+ * `i` into events as it comes, `onEnd` writes the closing ones once all have ended. An error after
+ * the stream started is sent as an `error` event carrying the problem body (with OpenAI's
+ * `error` member on OpenAI routes), and the other choices are cancelled.
  */
-export async function stream(
+export async function streamAll(
+  reply: FastifyReply,
+  gens: readonly TextGeneration[],
+  adapter: string | null,
+  handlers: { onDelta(i: number, d: TextDelta, es: EventStream): void; onEnd(results: TextResult[], es: EventStream): void },
+  observer?: GenerationObserver,
+  cancel?: AbortController,
+): Promise<void> {
+  const es = new EventStream(reply);
+  try {
+    const results = await settleAll(gens.map((g, i) => drive(g, adapter, (d) => handlers.onDelta(i, d, es), observer)), cancel);
+    handlers.onEnd(results, es);
+  } catch (e) {
+    const p = e instanceof HttpProblem ? e : new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
+    if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
+    es.send(problemBody(p, reply.request.url), 'error');
+  } finally {
+    es.end();
+  }
+}
+
+/** One generation streamed: `streamAll` with a single choice. */
+export function stream(
   reply: FastifyReply,
   gen: TextGeneration,
   adapter: string | null,
   handlers: { onDelta(d: TextDelta, es: EventStream): void; onEnd(r: TextResult, es: EventStream): void },
   observer?: GenerationObserver,
 ): Promise<void> {
-  const es = new EventStream(reply);
+  return streamAll(reply, [gen], adapter, { onDelta: (_i, d, es) => handlers.onDelta(d, es), onEnd: (rs, es) => handlers.onEnd(rs[0]!, es) }, observer);
+}
+
+/** Runs every generation to its end (non-streamed choices); the first failure cancels the rest. */
+export function collectAll(gens: readonly TextGeneration[], adapter: string | null, observer?: GenerationObserver, cancel?: AbortController): Promise<Collected[]> {
+  return settleAll(gens.map((g) => collect(g, adapter, observer)), cancel);
+}
+
+/** Promise.all that aborts `cancel` on the first rejection, so sibling choices stop at the next step. */
+async function settleAll<T>(runs: Promise<T>[], cancel?: AbortController): Promise<T[]> {
   try {
-    const result = await drive(gen, adapter, (d) => handlers.onDelta(d, es), observer);
-    handlers.onEnd(result, es);
+    return await Promise.all(runs);
   } catch (e) {
-    const p = e instanceof HttpProblem ? e : new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
-    if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
-    es.send(p.body(), 'error');
-  } finally {
-    es.end();
+    cancel?.abort();
+    await Promise.allSettled(runs);
+    throw e;
   }
 }
 
