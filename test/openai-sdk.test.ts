@@ -4,7 +4,8 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { buildApp } from '../src/app.js';
 import { makeConfig } from '../src/config.js';
-import { checkResponse, loadOpenApi } from '../src/http/openapi.js';
+import { loadOpenApi } from '../src/http/openapi.js';
+import { Contract } from './helpers/contract.js';
 import { adapterBytes, filesForm } from './helpers/adapter-uploads.js';
 import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 
@@ -17,7 +18,7 @@ import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
  * Every JSON body the server sends here is also checked against openapi.yaml.
  */
 
-const { doc } = loadOpenApi();
+const contract = new Contract(loadOpenApi().doc);
 let server: EmbeddedApp;
 let client: OpenAI;
 let baseId: string;
@@ -29,7 +30,7 @@ const checkedFetch: typeof fetch = async (input, init) => {
   const url = new URL(typeof input === 'string' || input instanceof URL ? input : input.url);
   const route = url.pathname.startsWith('/v1/models/') ? '/v1/models/{id}' : url.pathname;
   const body = await res.clone().text();
-  contractProblems.push(...checkResponse(doc, { method: init?.method ?? 'GET', route, status: res.status, contentType: res.headers.get('content-type') ?? undefined, body }));
+  contractProblems.push(...contract.check({ method: init?.method ?? 'GET', route, status: res.status, contentType: res.headers.get('content-type') ?? undefined, body }));
   return res;
 };
 
