@@ -44,8 +44,10 @@ function totalUsage(results: readonly TextResult[], n: number) {
  */
 function start(runtime: Runtime, call: GenerationCall, n: number, cancel: AbortController, promptParam: string): ReturnType<typeof startChoices> {
   try {
-    return startChoices(runtime, call, n, cancel);
+    return startChoices(runtime, call, n, cancel.signal);
   } catch (e) {
+    // all or nothing: choices of earlier prompts of this request stop at the next step
+    cancel.abort();
     if (!(e instanceof HttpProblem)) throw e;
     if (e.status === 404) throw e.about('model', 'model_not_found');
     if (e.status === 409) throw e.about('model', 'model_incompatible');

@@ -197,7 +197,12 @@ describe('prompt lists, token prompts, echo', () => {
 describe('n choices of one prompt', () => {
   it('completions: n choices; with a seed, choice 0 is the n = 1 answer and choice j uses seed + j', async () => {
     const req = { model: 'poet', prompt: 'Once upon a time', max_tokens: 8, temperature: 1, seed: 11 } as const;
+    const engine = server.app.runtime.engine;
+    const before = engine.stats().prefillTokens;
     const c = await client.completions.create({ ...req, n: 3 });
+    // the prompt ran through the model once for the three choices
+    expect(engine.stats().prefillTokens - before).toBe(c.usage!.prompt_tokens);
+    expect(c.usage!.prompt_tokens).toBe(server.app.runtime.tokenizer.encode('Once upon a time').length);
     expect(c.choices.map((x) => x.index)).toEqual([0, 1, 2]);
     for (let j = 0; j < 3; j++) {
       const alone = await client.completions.create({ ...req, seed: 11 + j });
@@ -218,8 +223,10 @@ describe('n choices of one prompt', () => {
 
   it('chat: n choices, streamed chunks carry their index and concatenate to the unstreamed texts', async () => {
     const req = { model: 'poet', messages: [{ role: 'user' as const, content: 'Tell me a story' }], max_tokens: 8, temperature: 0.9, seed: 4, n: 3 };
+    const before = server.app.runtime.engine.stats().prefillTokens;
     const whole = await client.chat.completions.create(req);
     expect(whole.choices.map((x) => x.index)).toEqual([0, 1, 2]);
+    expect(server.app.runtime.engine.stats().prefillTokens - before).toBe(whole.usage!.prompt_tokens);
     const stream = await client.chat.completions.create({ ...req, stream: true, stream_options: { include_usage: true } });
     const texts = ['', '', ''];
     const finished: (string | null)[] = [null, null, null];

@@ -23,6 +23,21 @@ interface AdapterEntry extends ResidentAdapter {
   unloaded: boolean;
 }
 
+/**
+ * A prompt prefilled once for several requests (OpenAI's `n`): the first request runs it and
+ * leaves here its cache and the logits of its last position; each follower takes them instead of
+ * running the prompt again. The cache is only read afterwards (composing a decode batch copies
+ * from it), so the followers share one copy until the last has joined the batch.
+ */
+interface SharedPrefill {
+  seq: SeqKv | null;
+  logits: Float32Array | null;
+  /** followers that have not taken it yet */
+  followers: number;
+  /** the first request ended before its prefill did: followers prefill themselves */
+  abandoned: boolean;
+}
+
 interface Row {
   readonly id: number;
   readonly promptIds: number[];
@@ -41,6 +56,8 @@ interface Row {
   generated: number;
   lastToken: number;
   cancelled: boolean;
+  /** the prefill this row takes from the first request of its group (until it has taken it) */
+  follows: SharedPrefill | null;
 }
 
 export class EngineCore {
@@ -56,6 +73,9 @@ export class EngineCore {
   private batchIds: number[] = [];
   private lastBatchSize = 0;
   private tokensGenerated = 0;
+  private prefillTokens = 0;
+  /** by the id of the request that runs the prompt */
+  private readonly shared = new Map<number, SharedPrefill>();
   private cancelledCount = 0;
   private pendingTokens: TokenWire[] = [];
   private pendingDone: DoneWire[] = [];
@@ -111,11 +131,38 @@ export class EngineCore {
       generated: 0,
       lastToken: -1,
       cancelled: false,
+      follows: this.followed(req),
     };
     // a request holds the version it was given from now on, whatever unload happens meanwhile
     if (adapter) adapter.refs++;
     this.sched.enqueue(row);
     this.dirty = true;
+  }
+
+  /** The shared prefill a request may take: its leader must still be known and ask for the same prompt and adapter. */
+  private followed(req: WorkerRequest): SharedPrefill | null {
+    if (req.prefixOf == null) return null;
+    let entry = this.shared.get(req.prefixOf);
+    if (!entry) {
+      const leader = this.sched.find(req.prefixOf);
+      if (!leader || leader.prefilled > 0 || leader.req.adapterVersion !== req.adapterVersion || !sameIds(leader.promptIds, req.promptIds)) return null;
+      entry = { seq: null, logits: null, followers: 0, abandoned: false };
+      this.shared.set(req.prefixOf, entry);
+    }
+    if (entry.abandoned) return null;
+    entry.followers++;
+    return entry;
+  }
+
+  /** A follower no longer needs the shared prefill (taken, or the follower ended). */
+  private unfollow(row: Row): void {
+    const entry = row.follows;
+    if (!entry) return;
+    row.follows = null;
+    entry.followers--;
+    if (entry.followers === 0) {
+      for (const [id, e] of this.shared) if (e === entry) this.shared.delete(id);
+    }
   }
 
   /** A waiting request ends at once; a running one at the next step boundary. */
@@ -200,17 +247,42 @@ export class EngineCore {
   }
 
   private async prefill(row: Row, start: number, end: number): Promise<void> {
+    const given = row.follows;
+    if (given && given.seq && given.logits && row.prefilled === 0) return this.adopt(row, given);
+    // the shared prefill is not there (its first request ended before it): run the prompt
+    if (given) this.unfollow(row);
     const seq = row.seq ?? emptySeqKv(this.kvShape);
     const out = await this.session.run(this.feeds.prefill(row.promptIds.slice(start, end), seq, row.adapter));
+    this.prefillTokens += end - start;
     row.seq = { len: end, layers: this.presents(out) };
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
+    const { data: logits, vocab } = logitsOf(out);
+    const last = logits.subarray(logits.length - vocab);
+    const leads = this.shared.get(row.id);
+    if (leads && end === row.promptLength) {
+      // followers take these; the logits are copied because the output buffer is not ours to keep
+      leads.seq = row.seq;
+      leads.logits = last.slice();
+    }
     if (row.cancelled) return this.finish(row, 'cancelled');
     if (end < row.promptLength) return;
     this.sched.promote(row);
-    const { data: logits, vocab } = logitsOf(out);
-    this.emit(row, this.pick(logits.subarray(logits.length - vocab), row));
+    this.emit(row, this.pick(last, row));
+  }
+
+  /** A follower joins with its leader's prefill: no forward pass, its own first sample. */
+  private adopt(row: Row, given: SharedPrefill): void {
+    row.seq = given.seq;
+    row.prefilled = row.promptLength;
+    row.kvLen = row.promptLength;
+    const logits = given.logits!;
+    this.unfollow(row);
+    this.dirty = true;
+    if (row.cancelled) return this.finish(row, 'cancelled');
+    this.sched.promote(row);
+    this.emit(row, this.pick(logits, row));
   }
 
   private async decode(rows: readonly Row[]): Promise<void> {
@@ -261,6 +333,13 @@ export class EngineCore {
   private finish(row: Row, reason: FinishReason, extra: { timedOut?: boolean; error?: string } = {}): void {
     if (!this.sched.remove(row.id)) return;
     row.seq = null;
+    this.unfollow(row);
+    const leads = this.shared.get(row.id);
+    // ended before its prompt was prefilled: its followers run the prompt themselves
+    if (leads && !leads.seq) {
+      leads.abandoned = true;
+      this.shared.delete(row.id);
+    }
     if (row.adapter) {
       row.adapter.refs--;
       this.release(row.adapter);
@@ -307,6 +386,7 @@ export class EngineCore {
       kvTokens: running.reduce((n, r) => n + r.kvLen, 0),
       kvCapacity: this.limits.maxBatch * this.limits.contextLength,
       tokensGenerated: this.tokensGenerated,
+      prefillTokens: this.prefillTokens,
       cancelled: this.cancelledCount,
       adaptersResident: this.resident.size,
     };

@@ -40,6 +40,11 @@ export interface WorkerRequest {
   eosIds: number[];
   /** only ids below this are sampled (a model's embedding may be padded past its tokenizer) */
   vocabLimit: number;
+  /**
+   * the id of a request submitted just before with the same prompt and adapter (OpenAI's `n`):
+   * this one takes that request's prefilled KV cache and last logits instead of running the prompt
+   */
+  prefixOf?: number | null;
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled';
@@ -58,6 +63,8 @@ export interface EngineStats {
   /** maxBatch × contextLength */
   kvCapacity: number;
   tokensGenerated: number;
+  /** prompt tokens run through the model (a prompt shared by n choices counts once) */
+  prefillTokens: number;
   cancelled: number;
   /** adapter versions resident in the worker (unloaded ones stay until their last request ends) */
   adaptersResident: number;

@@ -1,6 +1,6 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Runtime } from '../runtime.js';
-import { generateText, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
+import { generateTextChoices, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
 import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
 import { HttpProblem, badRequest, notFound, problemBody } from './problem.js';
 
@@ -33,37 +33,27 @@ export function engineProblem(e: unknown): HttpProblem | null {
 }
 
 /**
- * Resolves the adapter and submits to the engine in one synchronous turn, so a concurrent
- * replace/delete cannot unload the version in between (see AdapterRegistry.resolveForGeneration).
+ * `n` choices of one prompt (OpenAI's `n`), all admitted or none: the engine prefills the prompt
+ * once and copies its KV cache into the n rows. Choice j samples with `seed + j` when a seed is
+ * given, so choice 0 is what the same request with n = 1 answers.
  */
-export function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): TextGeneration {
+export function startChoices(runtime: Runtime, call: GenerationCall, n: number, signal: AbortSignal): TextGeneration[] {
   if (runtime.draining) throw new HttpProblem(503, 'Service Unavailable', 'draining: this replica is shutting down', {}, { 'retry-after': '1' });
   const adapterVersion = call.adapter === null ? null : runtime.registry.resolveForGeneration(call.adapter);
   try {
-    return generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion }, signal);
+    return generateTextChoices({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, adapterVersion }, n, signal);
   } catch (e) {
     throw engineProblem(e) ?? e;
   }
 }
 
 /**
- * `n` choices of one prompt (OpenAI's `n`), submitted together in one synchronous turn. Choice j
- * samples with `seed + j` when a seed is given, so choice 0 is what the same request with n = 1
- * answers, and the others differ from it.
+ * One generation. The adapter is resolved and the request submitted in one synchronous turn, so a
+ * concurrent replace/delete cannot unload the version in between (see
+ * AdapterRegistry.resolveForGeneration).
  */
-export function startChoices(runtime: Runtime, call: GenerationCall, n: number, cancel: AbortController): TextGeneration[] {
-  const gens: TextGeneration[] = [];
-  try {
-    for (let j = 0; j < n; j++) {
-      const seed = call.text.seed === undefined ? undefined : call.text.seed + j;
-      gens.push(startGeneration(runtime, { ...call, text: { ...call.text, seed } }, cancel.signal));
-    }
-  } catch (e) {
-    // all or nothing: the choices already submitted stop at the next step
-    cancel.abort();
-    throw e;
-  }
-  return gens;
+export function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): TextGeneration {
+  return startChoices(runtime, call, 1, signal)[0]!;
 }
 
 /** OpenAI's usage object, which the native API shares. */
