@@ -145,7 +145,8 @@ export class EngineCore {
     let entry = this.shared.get(req.prefixOf);
     if (!entry) {
       const leader = this.sched.find(req.prefixOf);
-      if (!leader || leader.prefilled > 0 || leader.req.adapterVersion !== req.adapterVersion || !sameIds(leader.promptIds, req.promptIds)) return null;
+      // a leader whose prefill already ended has not kept its last logits: nothing to share
+      if (!leader || leader.prefilled === leader.promptLength || leader.req.adapterVersion !== req.adapterVersion || !sameIds(leader.promptIds, req.promptIds)) return null;
       entry = { seq: null, logits: null, followers: 0, abandoned: false };
       this.shared.set(req.prefixOf, entry);
     }

@@ -335,14 +335,16 @@ export class Engine {
       throw new QueueFullError(`the engine is full: ${this.limits.maxBatch} requests running and ${this.limits.maxQueue} waiting`, this.retryAfter());
     }
     const gens: Generation[] = [];
-    for (let j = 0; j < n; j++) {
-      const seed = j === 0 ? wire.seed : req.seed === undefined ? randomSeed() : req.seed + j;
-      gens.push(this.submit({ ...wire, seed, prefixOf: j === 0 ? null : gens[0]!.id }, signal));
-    }
+    for (let j = 0; j < n; j++) gens.push(this.track(wire, signal));
+    if (signal?.aborted) return gens;
+    // one message: the worker must hold every row of the group before it runs the first one's prefill
+    const followers = gens.slice(1).map((g, k) => ({ id: g.id, seed: req.seed === undefined ? randomSeed() : req.seed + k + 1 }));
+    this.post({ type: 'generate', id: gens[0]!.id, req: wire, followers });
     return gens;
   }
 
-  private submit(wire: WorkerRequest, signal?: AbortSignal): Generation {
+  /** A Generation for a request about to be posted (ended at once when `signal` is already aborted). */
+  private track(wire: WorkerRequest, signal?: AbortSignal): Generation {
     const id = this.nextId++;
     const gen = new Generation(id, { promptTokens: wire.promptIds.length, adapterVersion: wire.adapterVersion }, () => this.post({ type: 'cancel', id }));
     if (signal?.aborted) {
@@ -358,7 +360,6 @@ export class Engine {
         () => signal.removeEventListener('abort', onAbort),
       );
     }
-    this.post({ type: 'generate', id, req: wire });
     return gen;
   }
 

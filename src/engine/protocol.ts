@@ -80,7 +80,11 @@ export interface LoraModuleWire {
 }
 
 export type ToWorker =
-  | { type: 'generate'; id: number; req: WorkerRequest }
+  /**
+   * `followers`: more requests of the same prompt (OpenAI's `n`), in the same message so the worker
+   * queues them all before it runs a step; each takes the first one's prefill (`prefixOf`)
+   */
+  | { type: 'generate'; id: number; req: WorkerRequest; followers?: { id: number; seed: number }[] }
   | { type: 'cancel'; id: number }
   | { type: 'loadAdapter'; callId: number; versionId: string; modules: LoraModuleWire[] }
   | { type: 'unloadAdapter'; callId: number; versionId: string }
