@@ -3,6 +3,7 @@ import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import ort from 'onnxruntime-node';
+import './ort-float16.js';
 import { pastKeyName, pastValueName, type Manifest } from './manifest.js';
 
 export type Device = 'auto' | 'cpu' | 'cuda';
