@@ -10,7 +10,8 @@
 # HEALTHCHECK on a machine without a Docker engine (test/container-smoke.test.ts runs it), so keep
 # every build-stage step a plain COPY from the context, ENV or RUN.
 
-ARG NODE_IMAGE=node:20.20.2-bookworm-slim
+# Node 24 LTS: Node 20 reached its end of life in April 2026 (the test suite runs on both; README)
+ARG NODE_IMAGE=node:24.21.0-bookworm-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ export const ConfigSchema = z.object({
   MODEL_PATH: z.string().optional(),
   /** llama2.c tokenizer.bin; default: tokenizer.bin beside MODEL_PATH */
   TOKENIZER_PATH: z.string().optional(),
+  /** a Jinja chat template, as a file path or inline (as vLLM's --chat-template); replaces the model's own */
+  CHAT_TEMPLATE: z.string().optional(),
   DEFAULT_MODEL_DIR: z.string().default('./data/default-model'),
   /** where built graphs are cached, one subfolder per source hash (model folders may be read-only) */
   CACHE_DIR: z.string().default('./data/model-cache'),

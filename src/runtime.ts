@@ -9,6 +9,7 @@ import { placementLine, resolvePlacement } from './model/placement.js';
 import { loadTokenizer } from './tokenizer/index.js';
 import type { Tokenizer } from './tokenizer/types.js';
 import { PromptEncoder } from './tokenizer/off-thread.js';
+import { readChatTemplate, withChatTemplate } from './tokenizer/chat-template.js';
 import { Engine } from './engine/engine.js';
 import { AdapterRegistry } from './adapters/registry.js';
 import { PROBE_TEXT, probeIds } from './engine/probe.js';
@@ -28,6 +29,8 @@ export interface Runtime {
   readonly engine: Engine;
   readonly registry: AdapterRegistry;
   readonly provider: 'cpu' | 'cuda';
+  /** when the model was loaded (Unix seconds): the base model's `created` in /v1/models */
+  readonly loadedAt: number;
   /** set on SIGTERM: readiness fails and new work is refused while running streams finish */
   draining: boolean;
   close(): Promise<void>;
@@ -46,6 +49,10 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
   const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
   const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE });
   log.info(placementLine(placement));
+  // the tokenizer (and CHAT_TEMPLATE) before the graph build: a missing file is found in a second, not after minutes of building
+  if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
+  const loaded = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
+  const tokenizer = config.CHAT_TEMPLATE ? withChatTemplate(loaded, readChatTemplate(config.CHAT_TEMPLATE)) : loaded;
   const built = await buildModel(checkpoint, {
     outDir: path.resolve(config.CACHE_DIR),
     dtype: placement.dtype,
@@ -54,8 +61,6 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     onProgress: (line) => log.info(line),
   });
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
-  if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
-  const tokenizer = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
   const prompts = new PromptEncoder(tokenizer, checkpoint.tokenizer, checkpoint.architecture);
   // the worker opens the provider decided here (DEVICE=auto already probed), so the graph's dtype fits it
   const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config: { ...config, DEVICE: placement.provider }, log });
@@ -76,6 +81,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     engine,
     registry,
     provider: engine.provider,
+    loadedAt: Math.floor(Date.now() / 1000),
     draining: false,
     async close() {
       await registry.close();

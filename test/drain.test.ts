@@ -221,8 +221,9 @@ describe('drain deadline', () => {
     expect(JSON.parse(last.data)).toMatchObject({ status: 503, detail: expect.stringMatching(/drain deadline/) });
     const chunks = parseSse(await chatText).map((e) => e.data);
     expect(chunks[chunks.length - 1]).toBe('[DONE]');
-    const error = JSON.parse(chunks[chunks.length - 2]!) as { error?: { message: string; code: number } };
-    expect(error.error).toMatchObject({ code: 503, message: expect.stringMatching(/drain deadline/) });
+    // OpenAI's error object, as on every OpenAI route (issue 16): what the SDK raises mid-stream
+    const error = JSON.parse(chunks[chunks.length - 2]!) as { error?: { message: string; type: string } };
+    expect(error.error).toMatchObject({ type: 'server_error', message: expect.stringMatching(/drain deadline/) });
     expect(server.output()).toMatch(/"clean":false[^\n]*"msg":"stopped"/);
   });
 });

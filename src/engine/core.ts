@@ -2,7 +2,7 @@ import type { InferenceSession, Tensor } from 'onnxruntime-node';
 import { kvContractOf, type Manifest } from '../model/manifest.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
-import { ResidentKv } from './kv.js';
+import { ResidentKv, type KvPrefix } from './kv.js';
 import type { DoneWire, EngineLimits, EngineStats, FinishReason, FromWorker, LoraModuleWire, Provider, TokenWire, WorkerRequest } from './protocol.js';
 import { countTransfer, type Transfer } from './transfer.js';
 import { sample, seededRng, type Rng, type Sampled } from './sampler.js';
@@ -24,6 +24,21 @@ interface AdapterEntry extends ResidentAdapter {
   unloaded: boolean;
 }
 
+/**
+ * A prompt prefilled once for several requests (OpenAI's `n`): the first request runs it and
+ * leaves here a copy of its slot's prompt positions and the logits of its last position; each
+ * follower copies them into its own slot instead of running the prompt again. A copy, not the
+ * leader's slot itself: the leader may end (and its slot be reused) before a follower is admitted.
+ */
+interface SharedPrefill {
+  prefix: KvPrefix | null;
+  logits: Float32Array | null;
+  /** followers that have not taken it yet */
+  followers: number;
+  /** the first request ended before its prefill did: followers prefill themselves */
+  abandoned: boolean;
+}
+
 interface Row {
   readonly id: number;
   readonly promptIds: number[];
@@ -43,6 +58,8 @@ interface Row {
   generated: number;
   lastToken: number;
   cancelled: boolean;
+  /** the prefill this row takes from the first request of its group (until it has taken it) */
+  follows: SharedPrefill | null;
 }
 
 export class EngineCore {
@@ -58,6 +75,9 @@ export class EngineCore {
   private readonly transferred: Transfer = { toRuntime: 0, fromRuntime: 0 };
   private lastBatchSize = 0;
   private tokensGenerated = 0;
+  private prefillTokens = 0;
+  /** by the id of the request that runs the prompt */
+  private readonly shared = new Map<number, SharedPrefill>();
   private cancelledCount = 0;
   private pendingTokens: TokenWire[] = [];
   private pendingDone: DoneWire[] = [];
@@ -119,11 +139,39 @@ export class EngineCore {
       generated: 0,
       lastToken: -1,
       cancelled: false,
+      follows: this.followed(req),
     };
     // a request holds the version it was given from now on, whatever unload happens meanwhile
     if (adapter) adapter.refs++;
     this.sched.enqueue(row);
     this.dirty = true;
+  }
+
+  /** The shared prefill a request may take: its leader must still be known and ask for the same prompt and adapter. */
+  private followed(req: WorkerRequest): SharedPrefill | null {
+    if (req.prefixOf == null) return null;
+    let entry = this.shared.get(req.prefixOf);
+    if (!entry) {
+      const leader = this.sched.find(req.prefixOf);
+      // a leader whose prefill already ended has not kept its last logits: nothing to share
+      if (!leader || leader.prefilled === leader.promptLength || leader.req.adapterVersion !== req.adapterVersion || !sameIds(leader.promptIds, req.promptIds)) return null;
+      entry = { prefix: null, logits: null, followers: 0, abandoned: false };
+      this.shared.set(req.prefixOf, entry);
+    }
+    if (entry.abandoned) return null;
+    entry.followers++;
+    return entry;
+  }
+
+  /** A follower no longer needs the shared prefill (taken, or the follower ended). */
+  private unfollow(row: Row): void {
+    const entry = row.follows;
+    if (!entry) return;
+    row.follows = null;
+    entry.followers--;
+    if (entry.followers === 0) {
+      for (const [id, e] of this.shared) if (e === entry) this.shared.delete(id);
+    }
   }
 
   /** A waiting request ends at once; a running one at the next step boundary. */
@@ -229,18 +277,45 @@ export class EngineCore {
   }
 
   private async prefill(row: Row, start: number, end: number): Promise<void> {
+    const given = row.follows;
+    if (given && given.prefix && given.logits && row.prefilled === 0) return this.adopt(row, given);
+    // the shared prefill is not there (its first request ended before it): run the prompt
+    if (given) this.unfollow(row);
     if (row.slot < 0) row.slot = this.kv.acquire();
     this.kv.reserve(end);
     const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter));
+    this.prefillTokens += end - start;
     this.kv.write(out, [row.slot], [start], end - start);
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
+    const { data: logits, vocab } = logitsOf(out);
+    const last = logits.subarray(logits.length - vocab);
+    const leads = this.shared.get(row.id);
+    if (leads && end === row.promptLength) {
+      // followers take these; the logits are copied because the output buffer is not ours to keep
+      leads.prefix = this.kv.snapshot(row.slot, end);
+      leads.logits = last.slice();
+    }
     if (row.cancelled) return this.finish(row, 'cancelled');
     if (end < row.promptLength) return;
     this.sched.promote(row);
-    const { data: logits, vocab } = logitsOf(out);
-    this.emit(row, this.pick(logits.subarray(logits.length - vocab), row));
+    this.emit(row, this.pick(last, row));
+  }
+
+  /** A follower joins with its leader's prefill: no forward pass, its own first sample. */
+  private adopt(row: Row, given: SharedPrefill): void {
+    if (row.slot < 0) row.slot = this.kv.acquire();
+    this.kv.reserve(given.prefix!.len);
+    this.kv.restore(given.prefix!, row.slot);
+    row.prefilled = row.promptLength;
+    row.kvLen = row.promptLength;
+    const logits = given.logits!;
+    this.unfollow(row);
+    this.dirty = true;
+    if (row.cancelled) return this.finish(row, 'cancelled');
+    this.sched.promote(row);
+    this.emit(row, this.pick(logits, row));
   }
 
   /** Every decoding row attends to its own slot; no cache moves when rows join or leave. */
@@ -294,6 +369,13 @@ export class EngineCore {
     if (!this.sched.remove(row.id)) return;
     if (row.slot >= 0) this.kv.release(row.slot);
     row.slot = -1;
+    this.unfollow(row);
+    const leads = this.shared.get(row.id);
+    // ended before its prompt was prefilled: its followers run the prompt themselves
+    if (leads && !leads.prefix) {
+      leads.abandoned = true;
+      this.shared.delete(row.id);
+    }
     if (row.adapter) {
       row.adapter.refs--;
       this.release(row.adapter);
@@ -326,6 +408,7 @@ export class EngineCore {
       kvTokens: running.reduce((n, r) => n + r.kvLen, 0),
       kvCapacity: this.limits.maxBatch * this.limits.contextLength,
       tokensGenerated: this.tokensGenerated,
+      prefillTokens: this.prefillTokens,
       cancelled: this.cancelledCount,
       adaptersResident: this.resident.size,
       bytesToRuntime: this.transferred.toRuntime,
@@ -372,4 +455,8 @@ function logitsOf(out: InferenceSession.ReturnType): { data: Float32Array; vocab
   const t = output(out, 'logits');
   if (!(t.data instanceof Float32Array)) throw new Error('output logits is not float32');
   return { data: t.data, vocab: t.dims[t.dims.length - 1] };
+}
+
+function sameIds(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
 }

@@ -1,3 +1,5 @@
+// float16 as Uint16Array bits on every Node version (see ort-float16.ts)
+import '../model/ort-float16.js';
 import { float32ToFloat16Bits, toFloat16Bits } from '../model/graph/onnx-builder.js';
 import type { ModelDtype } from '../model/manifest.js';
 

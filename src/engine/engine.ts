@@ -225,6 +225,7 @@ const EMPTY_STATS = (limits: EngineLimits): EngineStats => ({
   kvTokens: 0,
   kvCapacity: limits.maxBatch * limits.contextLength,
   tokensGenerated: 0,
+  prefillTokens: 0,
   cancelled: 0,
   adaptersResident: 0,
   bytesToRuntime: 0,
@@ -330,12 +331,35 @@ export class Engine {
    * the next step; the result then ends `cancelled`.
    */
   generate(req: GenerateRequest, signal?: AbortSignal): Generation {
+    return this.generateGroup(req, 1, signal)[0]!;
+  }
+
+  /**
+   * `n` generations of one prompt (OpenAI's `n`), all admitted or none (QueueFullError). The
+   * prompt is prefilled once: the first request runs it, the others take its KV cache and last
+   * logits (see EngineCore). Request j samples with `seed + j` when a seed is given, else each
+   * with its own random seed.
+   */
+  generateGroup(req: GenerateRequest, n: number, signal?: AbortSignal): Generation[] {
     if (this.closing || this.dead) throw new EngineClosedError(this.dead?.message ?? 'the engine is closed');
+    if (!Number.isInteger(n) || n < 1) throw new InvalidRequestError(`n must be a positive integer, got ${n}`);
     const wire = this.check(req);
+    if (req.seed !== undefined && !Number.isSafeInteger(req.seed + n - 1)) throw new InvalidRequestError(`seed + n - 1 must be a safe integer, got ${req.seed} + ${n - 1}`);
     const outstanding = this.gens.size;
-    if (outstanding >= this.limits.maxBatch + this.limits.maxQueue) {
+    if (outstanding + n > this.limits.maxBatch + this.limits.maxQueue) {
       throw new QueueFullError(`the engine is full: ${this.limits.maxBatch} requests running and ${this.limits.maxQueue} waiting`, this.retryAfter());
     }
+    const gens: Generation[] = [];
+    for (let j = 0; j < n; j++) gens.push(this.track(wire, signal));
+    if (signal?.aborted) return gens;
+    // one message: the worker must hold every row of the group before it runs the first one's prefill
+    const followers = gens.slice(1).map((g, k) => ({ id: g.id, seed: req.seed === undefined ? randomSeed() : req.seed + k + 1 }));
+    this.post({ type: 'generate', id: gens[0]!.id, req: wire, followers });
+    return gens;
+  }
+
+  /** A Generation for a request about to be posted (ended at once when `signal` is already aborted). */
+  private track(wire: WorkerRequest, signal?: AbortSignal): Generation {
     const id = this.nextId++;
     const gen = new Generation(id, { promptTokens: wire.promptIds.length, adapterVersion: wire.adapterVersion }, () => this.post({ type: 'cancel', id }));
     if (signal?.aborted) {
@@ -352,7 +376,6 @@ export class Engine {
         () => signal.removeEventListener('abort', onAbort),
       );
     }
-    this.post({ type: 'generate', id, req: wire });
     return gen;
   }
 
@@ -572,7 +595,7 @@ export class Engine {
     this.submitted.clear();
     for (const c of this.calls.values()) c.reject(reason);
     this.calls.clear();
-    this.snapshot = { ...EMPTY_STATS(this.limits), tokensGenerated: this.snapshot.tokensGenerated, cancelled: this.snapshot.cancelled };
+    this.snapshot = { ...EMPTY_STATS(this.limits), tokensGenerated: this.snapshot.tokensGenerated, prefillTokens: this.snapshot.prefillTokens, cancelled: this.snapshot.cancelled };
     if (!closed) void this.worker.terminate();
   }
 }

@@ -1,5 +1,5 @@
 import type { Tokenizer } from '../tokenizer/types.js';
-import type { Engine, FinishReason, GenerateRequest, TokenEvent } from './engine.js';
+import type { Engine, FinishReason, GenerateRequest, Generation, TokenEvent } from './engine.js';
 import { StopMatcher } from './stop.js';
 import { IncrementalDecoder } from './stream.js';
 
@@ -73,30 +73,41 @@ export class TextGeneration implements AsyncIterable<TextDelta> {
  * ContextLengthError, UnknownAdapterError, QueueFullError, EngineClosedError).
  */
 export function generateText(deps: TextDeps, req: TextRequest, signal?: AbortSignal): TextGeneration {
+  return generateTextChoices(deps, req, 1, signal)[0]!;
+}
+
+/**
+ * `n` generations of one prompt (OpenAI's `n`): tokenized once, prefilled once by the engine
+ * (Engine.generateGroup), choice j sampling with `seed + j` when a seed is given.
+ */
+export function generateTextChoices(deps: TextDeps, req: TextRequest, n: number, signal?: AbortSignal): TextGeneration[] {
   const { engine, tokenizer } = deps;
   const promptIds = req.promptIds ?? tokenizer.encode(req.prompt ?? '', { addBos: req.addBos ?? true });
-  const gen = engine.generate(
-    {
-      promptIds,
-      adapterVersion: req.adapterVersion,
-      maxTokens: req.maxTokens,
-      temperature: req.temperature,
-      topP: req.topP,
-      topK: req.topK,
-      seed: req.seed,
-      logprobs: req.logprobs,
-      eosIds: req.eosIds ?? tokenizer.eosIds,
-      vocabLimit: req.vocabLimit ?? tokenizer.vocabSize,
-    },
-    signal,
-  );
+  const engineReq: GenerateRequest = {
+    promptIds,
+    adapterVersion: req.adapterVersion,
+    maxTokens: req.maxTokens,
+    temperature: req.temperature,
+    topP: req.topP,
+    topK: req.topK,
+    seed: req.seed,
+    logprobs: req.logprobs,
+    eosIds: req.eosIds ?? tokenizer.eosIds,
+    vocabLimit: req.vocabLimit ?? tokenizer.vocabSize,
+  };
+  const gens = n === 1 ? [engine.generate(engineReq, signal)] : engine.generateGroup(engineReq, n, signal);
+  return gens.map((gen) => textOf(tokenizer, promptIds, req.stop ?? [], gen));
+}
+
+/** token events → UTF-8 safe text deltas, stop strings applied, usage counted */
+function textOf(tokenizer: Tokenizer, promptIds: readonly number[], stop: readonly string[], gen: Generation): TextGeneration {
 
   let settle!: { resolve: (r: TextResult) => void; reject: (e: unknown) => void };
   const result = new Promise<TextResult>((resolve, reject) => (settle = { resolve, reject }));
 
   async function* deltas(): AsyncGenerator<TextDelta, void> {
     const decoder = new IncrementalDecoder(tokenizer, promptIds);
-    const stopper = new StopMatcher(req.stop ?? []);
+    const stopper = new StopMatcher(stop);
     let text = '';
     let consumed = 0;
     let held: TokenEvent[] = [];

@@ -24,6 +24,13 @@ export interface KvShape {
 
 export const INITIAL_CAPACITY = 256;
 
+/** Positions [0, len) of one slot, every layer, each [len, kvHeads, headDim]: see ResidentKv.snapshot. */
+export interface KvPrefix {
+  readonly len: number;
+  readonly keys: readonly ModelArray[];
+  readonly values: readonly ModelArray[];
+}
+
 export class ResidentKv {
   private readonly keys: ModelArray[] = [];
   private readonly values: ModelArray[] = [];
@@ -124,6 +131,30 @@ export class ResidentKv {
           this.keys[l].set(k.subarray(from, from + w), to);
           this.values[l].set(v.subarray(from, from + w), to);
         }
+      }
+    }
+  }
+
+  /** A copy of positions [0, len) of `slot` (one prompt prefilled for several rows: OpenAI's `n`). */
+  snapshot(slot: number, len: number): KvPrefix {
+    const w = this.width;
+    const copy = (src: ModelArray) => {
+      const out = allocModel(this.shape.dtype, len * w);
+      for (let p = 0; p < len; p++) out.set(src.subarray((p * this.slots + slot) * w, (p * this.slots + slot + 1) * w), p * w);
+      return out;
+    };
+    return { len, keys: this.keys.map(copy), values: this.values.map(copy) };
+  }
+
+  /** Writes a snapshot into positions [0, prefix.len) of `slot`. Call `reserve` first. */
+  restore(prefix: KvPrefix, slot: number): void {
+    if (prefix.len > this.cap) throw new Error(`a prefix of ${prefix.len} positions is beyond the cache's ${this.cap}`);
+    const w = this.width;
+    for (let l = 0; l < this.shape.layers; l++) {
+      for (let p = 0; p < prefix.len; p++) {
+        const to = (p * this.slots + slot) * w;
+        this.keys[l].set(prefix.keys[l]!.subarray(p * w, (p + 1) * w), to);
+        this.values[l].set(prefix.values[l]!.subarray(p * w, (p + 1) * w), to);
       }
     }
   }

@@ -41,6 +41,11 @@ export interface WorkerRequest {
   eosIds: number[];
   /** only ids below this are sampled (a model's embedding may be padded past its tokenizer) */
   vocabLimit: number;
+  /**
+   * the id of a request submitted just before with the same prompt and adapter (OpenAI's `n`):
+   * this one takes that request's prefilled KV cache and last logits instead of running the prompt
+   */
+  prefixOf?: number | null;
 }
 
 export type FinishReason = 'stop' | 'length' | 'cancelled';
@@ -59,6 +64,8 @@ export interface EngineStats {
   /** maxBatch × contextLength */
   kvCapacity: number;
   tokensGenerated: number;
+  /** prompt tokens run through the model (a prompt shared by n choices counts once) */
+  prefillTokens: number;
   cancelled: number;
   /** adapter versions resident in the worker (unloaded ones stay until their last request ends) */
   adaptersResident: number;
@@ -77,7 +84,11 @@ export interface LoraModuleWire {
 }
 
 export type ToWorker =
-  | { type: 'generate'; id: number; req: WorkerRequest }
+  /**
+   * `followers`: more requests of the same prompt (OpenAI's `n`), in the same message so the worker
+   * queues them all before it runs a step; each takes the first one's prefill (`prefixOf`)
+   */
+  | { type: 'generate'; id: number; req: WorkerRequest; followers?: { id: number; seed: number }[] }
   | { type: 'cancel'; id: number }
   /** draining: refuse every request still waiting for a batch slot (kind 'draining') */
   | { type: 'shedWaiting' }

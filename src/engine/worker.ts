@@ -62,6 +62,7 @@ async function main(): Promise<void> {
     switch (msg.type) {
       case 'generate':
         core.submit(msg.id, msg.req);
+        for (const f of msg.followers ?? []) core.submit(f.id, { ...msg.req, seed: f.seed, prefixOf: msg.id });
         break;
       case 'cancel':
         core.cancel(msg.id);

@@ -91,7 +91,8 @@ function refuse(reply: FastifyReply, d: Exclude<Decision, { ok: true }>): Fastif
   const title = d.status === 401 ? 'Unauthorized' : 'Forbidden';
   const headers: Record<string, string> = {};
   if (d.status === 401) headers['www-authenticate'] = d.invalidToken ? 'Bearer realm="loraserve", error="invalid_token"' : 'Bearer realm="loraserve"';
-  return sendProblem(reply, new HttpProblem(d.status, title, d.detail, {}, headers));
+  const code = d.status === 401 ? 'invalid_api_key' : 'insufficient_scope';
+  return sendProblem(reply, new HttpProblem(d.status, title, d.detail, {}, headers).about(null, code));
 }
 
 /**

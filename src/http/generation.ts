@@ -1,8 +1,8 @@
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Runtime } from '../runtime.js';
-import { generateText, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
+import { generateTextChoices, type TextDelta, type TextGeneration, type TextRequest, type TextResult } from '../engine/generation.js';
 import { ContextLengthError, DrainingError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
-import { HttpProblem, badRequest, notFound } from './problem.js';
+import { HttpProblem, badRequest, notFound, problemBody } from './problem.js';
 import { DRAIN_RETRY_AFTER_S } from '../lifecycle.js';
 
 /** What the three generation routes (native, OpenAI completions, OpenAI chat) have in common. */
@@ -38,13 +38,17 @@ export function engineProblem(e: unknown): HttpProblem | null {
 }
 
 /**
+ * `n` choices of one prompt (OpenAI's `n`), all admitted or none: the engine prefills the prompt
+ * once and copies its KV cache into the n rows. Choice j samples with `seed + j` when a seed is
+ * given, so choice 0 is what the same request with n = 1 answers.
+ *
  * Holds the adapter (loading it on this replica first if needed, see AdapterRegistry.acquire: a
  * missing one is a 404 before the prompt is encoded), encodes the prompt (off the HTTP thread when
- * it is long) and submits to the engine; the hold ends with the request, so the version is not
+ * it is long) and submits to the engine; the hold ends with the last choice, so the version is not
  * evicted under it. A prompt that cannot fit the context is refused before any encoding work: its
  * length bound is linear in the text.
  */
-export async function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): Promise<TextGeneration> {
+export async function startChoices(runtime: Runtime, call: GenerationCall, n: number, signal: AbortSignal): Promise<TextGeneration[]> {
   const refuseIfDraining = () => {
     if (runtime.draining) throw drainingProblem('draining: this replica is shutting down');
   };
@@ -68,13 +72,18 @@ export async function startGeneration(runtime: Runtime, call: GenerationCall, si
       }
     }
     const held = lease;
-    const gen = generateText({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion: held?.versionId ?? null }, signal);
-    if (held) void gen.result.then(held.release, held.release);
-    return gen;
+    const gens = generateTextChoices({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion: held?.versionId ?? null }, n, signal);
+    if (held) void Promise.allSettled(gens.map((g) => g.result)).then(held.release);
+    return gens;
   } catch (e) {
     lease?.release();
     throw engineProblem(e) ?? e;
   }
+}
+
+/** One generation: `startChoices` with n = 1. */
+export async function startGeneration(runtime: Runtime, call: GenerationCall, signal: AbortSignal): Promise<TextGeneration> {
+  return (await startChoices(runtime, call, 1, signal))[0]!;
 }
 
 /** OpenAI's usage object, which the native API shares. */
@@ -209,12 +218,56 @@ export class EventStream {
 class StreamCut extends Error {}
 
 /**
- * Streams a generation: `onDelta` turns each delta into events, `onEnd` writes the closing ones.
- * Errors that happen after the stream started are sent as an `error` event carrying the
- * problem+json body; before it started, as the response. While it runs, the stream is listed in
- * `app.activeStreams` so that the drain deadline can end it with an `error` event, not a bare cut.
+ * Streams generations side by side (a request's choices): `onDelta` turns each delta of choice
+ * `i` into events as it comes, `onEnd` writes the closing ones once all have ended. An error after
+ * the stream started is sent as an `error` event carrying the problem body (with OpenAI's `error`
+ * member on OpenAI routes; `onError` may write it otherwise), and the other choices are cancelled;
+ * before it started, as the response. While it runs, the stream is listed in `app.activeStreams`
+ * so that the drain deadline can end it with an `error` event, not a bare cut.
  */
-export async function stream(
+export async function streamAll(
+  reply: FastifyReply,
+  gens: readonly TextGeneration[],
+  adapter: string | null,
+  handlers: {
+    onDelta(i: number, d: TextDelta, es: EventStream): void;
+    onEnd(results: TextResult[], es: EventStream): void;
+    /** how an error after the first event is written (OpenAI: an error chunk); default an `error` event */
+    onError?(p: HttpProblem, es: EventStream): void;
+  },
+  observer?: GenerationObserver,
+  cancel?: AbortController,
+): Promise<void> {
+  const es = new EventStream(reply);
+  const url = reply.request.url;
+  const onError = handlers.onError?.bind(handlers) ?? ((p: HttpProblem, s: EventStream) => s.send(problemBody(p, url), 'error'));
+  const app = reply.server;
+  const unlist = app.hasDecorator('activeStreams')
+    ? app.activeStreams.add(async (p) => {
+        es.fail(p, onError);
+        await es.flushed();
+      })
+    : () => undefined;
+  try {
+    const onDelta = (i: number) => (d: TextDelta) => {
+      if (es.isClosed) throw new StreamCut();
+      handlers.onDelta(i, d, es);
+    };
+    const results = await settleAll(gens.map((g, i) => drive(g, adapter, onDelta(i), observer)), cancel);
+    handlers.onEnd(results, es);
+  } catch (e) {
+    if (e instanceof StreamCut) return;
+    const p = e instanceof HttpProblem ? e : new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
+    if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
+    es.fail(p, onError);
+  } finally {
+    unlist();
+    es.end();
+  }
+}
+
+/** One generation streamed: `streamAll` with a single choice. */
+export function stream(
   reply: FastifyReply,
   gen: TextGeneration,
   adapter: string | null,
@@ -226,29 +279,22 @@ export async function stream(
   },
   observer?: GenerationObserver,
 ): Promise<void> {
-  const es = new EventStream(reply);
-  const onError = handlers.onError?.bind(handlers);
-  const app = reply.server;
-  const unlist = app.hasDecorator('activeStreams')
-    ? app.activeStreams.add(async (p) => {
-        es.fail(p, onError);
-        await es.flushed();
-      })
-    : () => undefined;
+  return streamAll(reply, [gen], adapter, { onDelta: (_i, d, es) => handlers.onDelta(d, es), onEnd: (rs, es) => handlers.onEnd(rs[0]!, es), onError: handlers.onError }, observer);
+}
+
+/** Runs every generation to its end (non-streamed choices); the first failure cancels the rest. */
+export function collectAll(gens: readonly TextGeneration[], adapter: string | null, observer?: GenerationObserver, cancel?: AbortController): Promise<Collected[]> {
+  return settleAll(gens.map((g) => collect(g, adapter, observer)), cancel);
+}
+
+/** Promise.all that aborts `cancel` on the first rejection, so sibling choices stop at the next step. */
+async function settleAll<T>(runs: Promise<T>[], cancel?: AbortController): Promise<T[]> {
   try {
-    const result = await drive(gen, adapter, (d) => {
-      if (es.isClosed) throw new StreamCut();
-      handlers.onDelta(d, es);
-    }, observer);
-    handlers.onEnd(result, es);
+    return await Promise.all(runs);
   } catch (e) {
-    if (e instanceof StreamCut) return;
-    const p = e instanceof HttpProblem ? e : new HttpProblem(500, 'Internal Server Error', 'generation failed; see the server log');
-    if (p.status >= 500) reply.request.log.error({ err: e }, 'generation failed mid-stream');
-    es.fail(p, onError);
-  } finally {
-    unlist();
-    es.end();
+    cancel?.abort();
+    await Promise.allSettled(runs);
+    throw e;
   }
 }
 

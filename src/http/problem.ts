@@ -13,7 +13,24 @@ export interface ProblemBody {
   [extra: string]: unknown;
 }
 
+/**
+ * OpenAI's error object. The OpenAI SDKs read `body.error.message` (else they report "400 status
+ * code (no body)"), and `param`/`code` become the exception's fields, so errors of the OpenAI
+ * routes carry this member beside the problem+json ones.
+ */
+export interface OpenAiError {
+  message: string;
+  type: string;
+  param: string | null;
+  code: string | null;
+}
+
 export class HttpProblem extends Error {
+  /** the request field at fault (OpenAI's `param`), e.g. `model`, `messages.0.role` */
+  param: string | null = null;
+  /** a stable machine-readable code (OpenAI's `code`), e.g. `model_not_found` */
+  code: string | null = null;
+
   constructor(
     readonly status: number,
     readonly title: string,
@@ -25,9 +42,39 @@ export class HttpProblem extends Error {
     this.name = 'HttpProblem';
   }
 
+  /** Names the field at fault and a stable code; returns this, for `throw badRequest(…).about(…)`. */
+  about(param: string | null, code: string | null): this {
+    this.param = param;
+    this.code = code;
+    return this;
+  }
+
   body(): ProblemBody {
     return { type: `https://loraserve.dev/problems/${slug(this.title)}`, title: this.title, status: this.status, detail: this.message, ...this.extra };
   }
+
+  openAiError(): OpenAiError {
+    return { message: this.message, type: openAiType(this.status), param: this.param, code: this.code };
+  }
+}
+
+/** OpenAI's error `type` for a status, as its API reports them. */
+function openAiType(status: number): string {
+  if (status === 401) return 'authentication_error';
+  if (status === 403) return 'permission_error';
+  if (status === 429) return 'rate_limit_error';
+  if (status >= 500) return 'server_error';
+  return 'invalid_request_error';
+}
+
+/** The routes an OpenAI client calls; their errors carry OpenAI's `error` member too. */
+export function isOpenAiRoute(url: string): boolean {
+  return /^\/v1\/(completions|chat\/completions|models)(\/|\?|$)/.test(url);
+}
+
+/** The problem's JSON body; on an OpenAI route it also carries OpenAI's `error` object. */
+export function problemBody(p: HttpProblem, url: string): ProblemBody {
+  return isOpenAiRoute(url) ? { ...p.body(), error: p.openAiError() } : p.body();
 }
 
 const slug = (s: string) => s.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '');
@@ -38,13 +85,15 @@ export const conflict = (detail: string, extra?: Record<string, unknown>) => new
 
 export function sendProblem(reply: FastifyReply, p: HttpProblem): FastifyReply {
   for (const [k, v] of Object.entries(p.headers)) reply.header(k, v);
-  return reply.code(p.status).type('application/problem+json').send(p.body());
+  return reply.code(p.status).type('application/problem+json').send(problemBody(p, reply.request.url));
 }
 
-/** Zod issues → one readable 400. */
-export function zodProblem(issues: readonly { path: readonly PropertyKey[]; message: string }[]): HttpProblem {
+/** Zod issues → one readable 400; the first issue's field is the OpenAI `param`. */
+export function zodProblem(issues: readonly { path: readonly PropertyKey[]; message: string; code?: string }[]): HttpProblem {
   const lines = issues.map((i) => `${i.path.map(String).join('.') || '(body)'}: ${i.message}`);
-  return badRequest(`invalid request: ${lines.join('; ')}`, { issues: lines });
+  const first = issues[0];
+  const param = first && first.path.length ? first.path.map(String).join('.') : null;
+  return badRequest(`invalid request: ${lines.join('; ')}`, { issues: lines }).about(param, first?.code ?? null);
 }
 
 /** One central error handler: known problems pass through, framework 4xx keep their status, 5xx never leak internals. */

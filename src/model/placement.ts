@@ -1,7 +1,7 @@
 import ort from 'onnxruntime-node';
 import { GraphBuilder } from './graph/onnx-builder.js';
 import type { ModelDtype } from './manifest.js';
-import type { Device, Provider } from './session.js';
+import { cudaUnavailableReason, type Device, type Provider } from './session.js';
 
 /**
  * Device and dtype, decided together and before the graph is built: the dtype is baked into the
@@ -19,8 +19,13 @@ export interface Placement {
 
 export type CudaProbe = () => Promise<{ ok: true } | { ok: false; reason: string }>;
 
-/** A one-node graph opened with the CUDA provider alone: it fails exactly when a real session would. */
+/**
+ * A one-node graph opened with the CUDA provider alone: it fails exactly when a real session would.
+ * Without the provider's libraries it is not even tried (onnxruntime would print a red load error).
+ */
 export const probeCuda: CudaProbe = async () => {
+  const missing = cudaUnavailableReason();
+  if (missing) return { ok: false, reason: missing };
   const g = new GraphBuilder(null);
   g.input('x', 'float32', [1]);
   g.node('Identity', ['x'], { outputs: ['y'] });

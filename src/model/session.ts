@@ -1,6 +1,9 @@
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import ort from 'onnxruntime-node';
+import './ort-float16.js';
 import { pastKeyName, pastValueName, type Manifest } from './manifest.js';
 
 export type Device = 'auto' | 'cpu' | 'cuda';
@@ -29,6 +32,28 @@ function cudaOptions(): ort.InferenceSession.SessionOptions {
 
 const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
 
+/** the provider libraries onnxruntime-node loads for `cuda` (the container build installs them) */
+export const CUDA_PROVIDER_FILES = ['libonnxruntime_providers_shared.so', 'libonnxruntime_providers_cuda.so'] as const;
+
+/** where onnxruntime-node keeps its native binding and provider libraries on this platform */
+export function ortBinaryDir(): string {
+  const require = createRequire(import.meta.url);
+  return join(dirname(require.resolve('onnxruntime-node/package.json')), 'bin', 'napi-v6', process.platform, process.arch);
+}
+
+/**
+ * Why CUDA cannot be asked for, or null when its provider libraries are installed. Asking
+ * onnxruntime for `cuda` without them makes it print a red "Failed to load library
+ * libonnxruntime_providers_shared.so" on stderr before failing; on a CPU host that is noise, so
+ * `auto` looks for the files first and only tries CUDA when they are there.
+ */
+export function cudaUnavailableReason(dir = ortBinaryDir()): string | null {
+  if (process.platform !== 'linux' && process.platform !== 'win32') return `onnxruntime-node has no CUDA provider on ${process.platform}`;
+  const names = process.platform === 'win32' ? CUDA_PROVIDER_FILES.map((f) => f.replace(/^lib/, '').replace(/\.so$/, '.dll')) : CUDA_PROVIDER_FILES;
+  const missing = names.filter((f) => !existsSync(join(dir, f)));
+  return missing.length === 0 ? null : `the CUDA execution provider is not installed (${missing.join(', ')} not in ${dir}; the container image installs it)`;
+}
+
 /**
  * Opens the built graph. onnxruntime-node treats a CUDA provider it cannot load as a hard error
  * at creation (not a silent fallback), so `auto` tries CUDA, logs why it failed, and opens a CPU
@@ -47,6 +72,14 @@ export async function createSession(modelDir: string, manifest: Manifest, device
     const reason = 'DEVICE=cuda';
     log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype})`);
     return { session, provider: 'cuda', reason };
+  }
+  const missing = cudaUnavailableReason();
+  if (missing) {
+    const reason = `DEVICE=auto and ${missing}`;
+    log.warn(`${reason}; using cpu`);
+    const session = await ort.InferenceSession.create(path, cpuOptions());
+    log.info(`onnxruntime session on cpu (${availableParallelism()} threads, ${manifest.dtype})`);
+    return { session, provider: 'cpu', reason };
   }
   try {
     const session = await ort.InferenceSession.create(path, cudaOptions());
