@@ -44,13 +44,14 @@ export async function resolveModelPath(config: Config, log: Pick<Logger, 'info'>
 export async function startRuntime(config: Config, log: Logger): Promise<Runtime> {
   const modelPath = await resolveModelPath(config, log);
   const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
-  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE });
+  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE, weights: config.WEIGHTS });
   log.info(placementLine(placement));
   const built = await buildModel(checkpoint, {
     outDir: path.resolve(config.CACHE_DIR),
     dtype: placement.dtype,
     logits: 'last',
     kv: 'resident',
+    ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
     onProgress: (line) => log.info(line),
   });
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
