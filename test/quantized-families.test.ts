@@ -53,4 +53,22 @@ describe('quantized projections in every family (int4, accuracy_level 0) vs the 
     expect(maxDiffAll(logits, ref)).toBeLessThanOrEqual(1e-4);
     expect(maxDiffAll(logits, plain)).toBeGreaterThan(1e-3);
   });
+
+  it('an fp16 graph with int4 projections runs on CPU (float16 scales) and stays within 2e-2 (relative) of its dequantized reference', async () => {
+    const { arch } = CASES[0]!;
+    const ck = randomCheckpoint(arch, 84);
+    const built = await buildModel(ck, { outDir: root, dtype: 'fp16', logits: 'all', lora: true, weights: 'int4', accuracyLevel: 0 });
+    const deq = await dequantizedProjections(built.dir);
+    const tensors = new Map<string, MemoryTensor>(ck.tensors);
+    for (const [name, w] of deq) tensors.set(name, { shape: ck.tensors.get(name)!.shape, data: w });
+    const { session } = await createSession(built.dir, built.manifest, 'cpu', pino({ level: 'silent' }));
+    const prompt = randomTokens(new Rng(6), 12, arch.vocabSize);
+    const logits = real((await runStep(session, new KvState(built.manifest, 1), [prompt], emptyLoraFeeds(built.manifest, 1)))[0]);
+    await session.release();
+    const ref = referenceForward(new MemoryCheckpoint(arch, tensors, 'dequantized'), prompt, { prefill: prompt.length });
+    const scale = Math.max(...ref.map((r) => Math.max(...r.map(Math.abs))));
+    const rel = maxDiffAll(logits, ref) / scale;
+    console.info(`[fp16 int4] max |Δ| / max |logit| = ${rel.toExponential(2)}`);
+    expect(rel).toBeLessThan(2e-2);
+  });
 });

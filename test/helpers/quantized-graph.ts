@@ -2,6 +2,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import pkg from 'onnx-proto';
 import { expect } from 'vitest';
+import { f16ToF32 } from '../../src/adapters/safetensors.js';
 import { dequantizeMatMulNBits } from '../reference/matmulnbits.js';
 
 const { onnx } = pkg;
@@ -32,7 +33,9 @@ export async function dequantizedProjections(modelDir: string): Promise<Map<stri
     const attr = (n: string) => Number(node.attribute!.find((a) => a.name === n)!.i);
     const [, bName, sName, zName] = node.input!;
     const scaleBytes = await bytesOf(sName!);
-    const scales = new Float32Array(scaleBytes.slice().buffer);
+    // scales are stored in the graph's float type: float32, or float16 (TensorProto FLOAT16 = 10)
+    const fp16 = inits.get(sName!)!.dataType === onnx.TensorProto.DataType.FLOAT16;
+    const scales = fp16 ? Float32Array.from(new Uint16Array(scaleBytes.slice().buffer), f16ToF32) : new Float32Array(scaleBytes.slice().buffer);
     const w = dequantizeMatMulNBits(await bytesOf(bName!), scales, zName ? await bytesOf(zName) : null, { N: attr('N'), K: attr('K'), bits: attr('bits'), blockSize: attr('block_size') });
     // the packed weight is named after the checkpoint tensor it came from
     out.set(bName!.replace(/\.q[48]$/, ''), w);
