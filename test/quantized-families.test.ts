@@ -7,8 +7,8 @@ import type { Architecture } from '../src/model/architecture.js';
 import { buildModel } from '../src/model/build.js';
 import { createSession, emptyLoraFeeds } from '../src/model/session.js';
 import { KvState, maxDiffAll, real, runStep } from './helpers/lora-feeds.js';
-import { dequantizedProjections } from './helpers/quantized-graph.js';
-import { MemoryCheckpoint, Rng, randomCheckpoint, randomTokens, tinyArchitecture, type MemoryTensor } from './helpers/random-checkpoint.js';
+import { dequantizedCheckpoint, dequantizedProjections } from './helpers/quantized-graph.js';
+import { Rng, randomCheckpoint, randomTokens, tinyArchitecture } from './helpers/random-checkpoint.js';
 import { referenceForward } from './reference/forward.js';
 
 /**
@@ -40,14 +40,15 @@ describe('quantized projections in every family (int4, accuracy_level 0) vs the 
     const ck = randomCheckpoint(arch, 83);
     const built = await buildModel(ck, { outDir: root, dtype: 'fp32', logits: 'all', lora: true, weights: 'int4', accuracyLevel: 0 });
     const deq = await dequantizedProjections(built.dir);
-    expect(deq.size).toBe(arch.numLayers * projections);
-    const tensors = new Map<string, MemoryTensor>(ck.tensors);
-    for (const [name, w] of deq) tensors.set(name, { shape: ck.tensors.get(name)!.shape, data: w });
+    // every projection, plus the LM head (8-bit)
+    expect(deq.size).toBe(arch.numLayers * projections + 1);
+    const { reference, tensors } = dequantizedCheckpoint(ck, deq);
     const { session } = await createSession(built.dir, built.manifest, 'cpu', pino({ level: 'silent' }));
     const prompt = randomTokens(new Rng(5), 12, arch.vocabSize);
     const logits = real((await runStep(session, new KvState(built.manifest, 1), [prompt], emptyLoraFeeds(built.manifest, 1)))[0]);
     await session.release();
-    const ref = referenceForward(new MemoryCheckpoint(arch, tensors, 'dequantized'), prompt, { prefill: prompt.length });
+    const ref = referenceForward(reference, prompt, { prefill: prompt.length });
+    expect(tensors.get('lm_head.weight')!.data).not.toEqual(ck.tensor(arch.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight')!.read());
     const plain = referenceForward(ck, prompt, { prefill: prompt.length });
     // the dequantized reference matches; the fp32 one does not (the quantization is visible)
     expect(maxDiffAll(logits, ref)).toBeLessThanOrEqual(1e-4);
@@ -58,14 +59,12 @@ describe('quantized projections in every family (int4, accuracy_level 0) vs the 
     const { arch } = CASES[0]!;
     const ck = randomCheckpoint(arch, 84);
     const built = await buildModel(ck, { outDir: root, dtype: 'fp16', logits: 'all', lora: true, weights: 'int4', accuracyLevel: 0 });
-    const deq = await dequantizedProjections(built.dir);
-    const tensors = new Map<string, MemoryTensor>(ck.tensors);
-    for (const [name, w] of deq) tensors.set(name, { shape: ck.tensors.get(name)!.shape, data: w });
+    const { reference } = dequantizedCheckpoint(ck, await dequantizedProjections(built.dir));
     const { session } = await createSession(built.dir, built.manifest, 'cpu', pino({ level: 'silent' }));
     const prompt = randomTokens(new Rng(6), 12, arch.vocabSize);
     const logits = real((await runStep(session, new KvState(built.manifest, 1), [prompt], emptyLoraFeeds(built.manifest, 1)))[0]);
     await session.release();
-    const ref = referenceForward(new MemoryCheckpoint(arch, tensors, 'dequantized'), prompt, { prefill: prompt.length });
+    const ref = referenceForward(reference, prompt, { prefill: prompt.length });
     const scale = Math.max(...ref.map((r) => Math.max(...r.map(Math.abs))));
     const rel = maxDiffAll(logits, ref) / scale;
     console.info(`[fp16 int4] max |Δ| / max |logit| = ${rel.toExponential(2)}`);

@@ -2,6 +2,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import pkg from 'onnx-proto';
 import { expect } from 'vitest';
+import { MemoryCheckpoint, type MemoryTensor } from './random-checkpoint.js';
 import { f16ToF32 } from '../../src/adapters/safetensors.js';
 import { dequantizeMatMulNBits } from '../reference/matmulnbits.js';
 
@@ -43,3 +44,18 @@ export async function dequantizedProjections(modelDir: string): Promise<Map<stri
   return out;
 }
 
+
+/**
+ * The checkpoint the quantized graph computes: projections and LM head replaced by their
+ * dequantized weights. A tied model becomes untied, since its Gather still reads the float
+ * table while the head multiplies by the quantized copy.
+ */
+export function dequantizedCheckpoint(ck: MemoryCheckpoint, deq: ReadonlyMap<string, Float32Array>): { reference: MemoryCheckpoint; tensors: Map<string, MemoryTensor> } {
+  const a = ck.architecture;
+  const tensors = new Map<string, MemoryTensor>(ck.tensors);
+  for (const [name, w] of deq) {
+    const shape = name === 'lm_head.weight' ? [a.vocabSize, a.hiddenSize] : ck.tensors.get(name)!.shape;
+    tensors.set(name, { shape, data: w });
+  }
+  return { reference: new MemoryCheckpoint({ ...a, tieWordEmbeddings: false }, tensors, 'dequantized'), tensors };
+}

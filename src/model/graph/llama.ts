@@ -8,7 +8,7 @@ import { frobeniusNorm } from '../../adapters/effect.js';
 import { ropeFrequencies } from './rope.js';
 import { slidingWindowBias } from './window.js';
 import { GraphBuilder, float, float32ToFloat16Bits, int, ints, type ExternalDataWriter } from './onnx-builder.js';
-import { quantizeBlockwise, QUANT_BLOCK } from './quantize.js';
+import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
 import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
@@ -258,8 +258,7 @@ export async function buildLlamaGraph(
   };
 
   /** x · Wᵀ with W [n, k] block-quantized; MatMulNBits reads the [out, in] layout, so no transpose */
-  const quantizedMatMul = async (name: string, w: Float32Array, n: number, k: number, x: string): Promise<string> => {
-    const bits = opts.weights === 'int4' ? 4 : 8;
+  const quantizedMatMul = async (name: string, w: Float32Array, n: number, k: number, x: string, bits: QuantBits = opts.weights === 'int4' ? 4 : 8): Promise<string> => {
     // scales are stored in T: codes are chosen against the scale as the runtime will read it
     const roundScale = T === 'float16' ? (v: number) => f16ToF32(float32ToFloat16Bits(v)) : Math.fround;
     const q = quantizeBlockwise(w, n, k, bits, roundScale);
@@ -335,10 +334,18 @@ export async function buildLlamaGraph(
   const finalNorm = await normWeight('model.norm.weight', a.hiddenSize);
   let hn = rmsNorm(h, finalNorm);
   if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
-  // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
-  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
-  const rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
+  let rows: string;
+  if (opts.weights) {
+    // the LM head is one more [vocab, hidden] product: MatMulNBits, always 8-bit (as llama.cpp keeps
+    // its output matrix at a higher width than Q4_0), a quantized copy of the table when tied
+    const head = tensors.read(a.tieWordEmbeddings ? embedName : 'lm_head.weight', [a.vocabSize, a.hiddenSize]);
+    rows = await quantizedMatMul('lm_head.weight', head, a.vocabSize, a.hiddenSize, flat, 8);
+  } else {
+    // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
+    const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
+    rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
+  }
   const outShape = g.op('Concat', [g.op('Shape', [hn], { start: int(0), end: int(2) }), shape([a.vocabSize])], { axis: int(0) });
   const logits3 = g.op('Reshape', [a.finalSoftcap ? softcap(rows, a.finalSoftcap) : rows, outShape]);
   g.node(T === 'float16' ? 'Cast' : 'Identity', [logits3], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: ['logits'] });
