@@ -1,8 +1,11 @@
+import { existsSync } from 'node:fs';
 import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openCheckpoint } from '../src/model/checkpoint/index.js';
 import { ExternalDataWriter, GraphBuilder, int } from '../src/model/graph/onnx-builder.js';
 import { dequantizeBlockwise, quantizeBlockwise, type QuantBits } from '../src/model/graph/quantize.js';
 import { Rng } from './helpers/random-checkpoint.js';
@@ -118,4 +121,43 @@ describe('MatMulNBits on the CPU execution provider', () => {
       });
     }
   }
+});
+
+const STORIES = fileURLToPath(new URL('../../shared/fixtures/stories260K/', import.meta.url));
+const haveStories = existsSync(join(STORIES, 'stories260K.bin'));
+if (!haveStories) console.warn(`SKIPPING the zero-point comparison on stories260K: ${STORIES} is absent`);
+
+describe.skipIf(!haveStories)('zero points on trained weights (stories260K)', () => {
+  it('asymmetric blocks (scale and zero point) have a lower weight error than symmetric ones (absmax, fixed zero point)', async () => {
+    const ck = await openCheckpoint(join(STORIES, 'stories260K.bin'), join(STORIES, 'tok512.bin'));
+    for (const bits of [4, 8] as QuantBits[]) {
+      let asym = 0;
+      let sym = 0;
+      let count = 0;
+      const qmax = (1 << bits) - 1;
+      const half = 1 << (bits - 1);
+      for (const name of ck.names().filter((n) => /_proj\.weight$/.test(n))) {
+        const t = ck.tensor(name)!;
+        const [n, k] = t.shape as [number, number];
+        const w = t.read();
+        const back = dequantizeBlockwise(quantizeBlockwise(w, n, k, bits));
+        // symmetric round-to-nearest, as MatMulNBits reads it without zero_points (zero point 2^(bits−1))
+        for (let r = 0; r < n; r++) {
+          for (let b = 0; b * 32 < k; b++) {
+            const cols = Array.from({ length: Math.min(32, k - b * 32) }, (_, j) => b * 32 + j);
+            const absmax = Math.max(...cols.map((c) => Math.abs(w[r * k + c]!)));
+            const scale = absmax / (half - 1) || 1;
+            for (const c of cols) {
+              const code = Math.min(qmax, Math.max(0, Math.round(w[r * k + c]! / scale) + half));
+              sym += ((code - half) * scale - w[r * k + c]!) ** 2;
+              asym += (back[r * k + c]! - w[r * k + c]!) ** 2;
+              count++;
+            }
+          }
+        }
+      }
+      console.info(`[zero points] stories260K int${bits}: RMS weight error asymmetric ${Math.sqrt(asym / count).toExponential(2)}, symmetric ${Math.sqrt(sym / count).toExponential(2)}`);
+      expect(asym).toBeLessThan(sym);
+    }
+  });
 });
