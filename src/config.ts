@@ -39,6 +39,10 @@ export const ConfigSchema = z.object({
   MAX_LOADED_ADAPTERS: int(0),
   DEVICE: z.enum(['auto', 'cpu', 'cuda']).default('auto'),
   DTYPE: z.enum(['auto', 'fp32', 'fp16']).default('auto'),
+  /** base weights: plain fp32/fp16, or int8/int4 projections (MatMulNBits); auto = unquantized */
+  WEIGHTS: z.enum(['auto', 'fp32', 'fp16', 'int8', 'int4']).default('auto'),
+  /** MatMulNBits accuracy_level with int8/int4: 4 = int8 activations (fast), 0 = float (exact dequantized product) */
+  WEIGHTS_ACCURACY_LEVEL: z.enum(['0', '4']).default('4').transform((v) => (v === '0' ? 0 : 4) as 0 | 4),
   MAX_LORA_RANK: int(64),
   MAX_ADAPTERS: int(32),
   MAX_UPLOAD_BYTES: int(512 * 1024 * 1024),

@@ -83,13 +83,14 @@ async function buildModelCommand(argv: string[]): Promise<number> {
   const { buildModel } = await import('./model/build.js');
   const { placementLine, resolvePlacement } = await import('./model/placement.js');
   const checkpoint = await openCheckpoint(path.resolve(modelPath), config.TOKENIZER_PATH);
-  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE });
+  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE, weights: config.WEIGHTS });
   process.stderr.write(`${placementLine(placement)}\n`);
   const built = await buildModel(checkpoint, {
     outDir: path.resolve(config.CACHE_DIR),
     dtype: placement.dtype,
     logits: 'last',
     kv: 'resident',
+    ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
     onProgress: (line) => process.stderr.write(`\r${line}\x1b[K`),
   });
   process.stderr.write('\n');

@@ -47,7 +47,7 @@ export async function resolveModelPath(config: Config, log: Pick<Logger, 'info'>
 export async function startRuntime(config: Config, log: Logger): Promise<Runtime> {
   const modelPath = await resolveModelPath(config, log);
   const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
-  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE });
+  const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE, weights: config.WEIGHTS });
   log.info(placementLine(placement));
   // the tokenizer (and CHAT_TEMPLATE) before the graph build: a missing file is found in a second, not after minutes of building
   if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
@@ -58,6 +58,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
     dtype: placement.dtype,
     logits: 'last',
     kv: 'resident',
+    ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
     onProgress: (line) => log.info(line),
   });
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');

@@ -3,7 +3,7 @@ import { createReadStream } from 'node:fs';
 import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Checkpoint } from './checkpoint/types.js';
-import { BUILDER_VERSION, buildLlamaGraph, type BuiltGraph, type GraphOptions } from './graph/llama.js';
+import { BUILDER_VERSION, buildLlamaGraph, type BuiltGraph, type GraphOptions, type QuantizedWeights } from './graph/llama.js';
 import { ExternalDataWriter } from './graph/onnx-builder.js';
 import { ManifestSchema, type KvContract, type Manifest, type ModelDtype } from './manifest.js';
 import { fsyncPath, writeFileDurably } from '../durable-fs.js';
@@ -21,6 +21,10 @@ export interface BuildOptions {
   peer?: boolean;
   /** default concat; the engine serves only `resident` graphs (graph/kv.ts) */
   kv?: KvContract;
+  /** block-quantized projections (graph/quantize.ts); absent = plain weights at `dtype` */
+  weights?: QuantizedWeights;
+  /** MatMulNBits accuracy_level (GraphOptions); absent = 4 */
+  accuracyLevel?: 0 | 4;
   onProgress?: (line: string) => void;
 }
 
@@ -36,8 +40,10 @@ const WEIGHTS_FILE = 'model.onnx.data';
 
 function graphOptions(opts: BuildOptions): GraphOptions {
   const base: GraphOptions = { dtype: opts.dtype, logits: opts.logits, lora: opts.lora ?? true, peer: opts.peer ?? false };
-  // only named when resident, so the cache key of every concat build stays what it was
-  return opts.kv === 'resident' ? { ...base, kv: 'resident' } : base;
+  // only named when set, so the cache key of every other build stays what it was
+  const withKv: GraphOptions = opts.kv === 'resident' ? { ...base, kv: 'resident' } : base;
+  if (!opts.weights) return withKv;
+  return opts.accuracyLevel === undefined ? { ...withKv, weights: opts.weights } : { ...withKv, weights: opts.weights, accuracyLevel: opts.accuracyLevel };
 }
 
 async function hashFile(hash: ReturnType<typeof createHash>, path: string): Promise<void> {
@@ -130,7 +136,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
   const tmp = join(opts.outDir, `.building-${hash.slice(0, 12)}-${process.pid}-${randomUUID()}`);
   await mkdir(tmp);
   try {
-    progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}${options.kv === 'resident' ? ', resident KV' : ''}) into ${dir}`);
+    progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}${options.kv === 'resident' ? ', resident KV' : ''}${options.weights ? `, ${options.weights} weights` : ''}) into ${dir}`);
     const built = await writeWeightsAndGraph(ck, options, join(tmp, WEIGHTS_FILE), progress);
     await writeFileDurably(join(tmp, GRAPH_FILE), built.model);
     const manifest: Manifest = {
@@ -144,6 +150,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
       lora: options.lora,
       peer: options.peer,
       kv: options.kv ?? 'concat',
+      ...(options.weights ? { weights: options.weights } : {}),
       maskValue: built.maskValue,
       files: { graph: GRAPH_FILE, weights: WEIGHTS_FILE },
       loraTargets: built.loraTargets,

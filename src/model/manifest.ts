@@ -53,6 +53,8 @@ export const ManifestSchema = z.object({
    * attention_bias; kv_new.i.* [batch, seq, kvHeads, headDim] out (see graph/kv.ts).
    */
   kv: z.enum(['concat', 'resident']).optional(),
+  /** block-quantized projections (MatMulNBits); absent = plain weights at `dtype` */
+  weights: z.enum(['int8', 'int4']).optional(),
   maskValue: z.number(),
   files: z.object({ graph: z.string(), weights: z.string() }),
   loraTargets: z.array(LoraTargetSchema),

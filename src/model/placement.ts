@@ -1,5 +1,6 @@
 import ort from 'onnxruntime-node';
 import { GraphBuilder } from './graph/onnx-builder.js';
+import type { QuantizedWeights } from './graph/llama.js';
 import type { ModelDtype } from './manifest.js';
 import { cudaUnavailableReason, type Device, type Provider } from './session.js';
 
@@ -13,9 +14,13 @@ import { cudaUnavailableReason, type Device, type Provider } from './session.js'
 export interface Placement {
   provider: Provider;
   dtype: ModelDtype;
+  /** block-quantized projections (MatMulNBits); absent = plain weights at `dtype` */
+  weights?: QuantizedWeights;
   /** one sentence: why this device and this dtype */
   reason: string;
 }
+
+export type WeightsSetting = 'auto' | 'fp32' | 'fp16' | 'int8' | 'int4';
 
 export type CudaProbe = () => Promise<{ ok: true } | { ok: false; reason: string }>;
 
@@ -39,16 +44,32 @@ export const probeCuda: CudaProbe = async () => {
   }
 };
 
-export async function resolvePlacement(opts: { device: Device; dtype: ModelDtype | 'auto' }, probe: CudaProbe = probeCuda): Promise<Placement> {
+/**
+ * WEIGHTS: fp32/fp16 are plain weights and pick the graph dtype (DTYPE must agree when set);
+ * int8/int4 quantize the projections and leave the compute dtype (activations, norms, LoRA
+ * branches) to DTYPE. auto is plain weights: see README "Quantized weights" for why.
+ */
+export function resolveWeights(setting: WeightsSetting, dtypeSetting: ModelDtype | 'auto'): { dtype?: ModelDtype; weights?: QuantizedWeights; why: string } {
+  if (setting === 'int8' || setting === 'int4') return { weights: setting, why: `WEIGHTS=${setting} (MatMulNBits projections, LoRA branches unquantized)` };
+  if (setting === 'auto') return { why: 'WEIGHTS=auto: unquantized' };
+  if (dtypeSetting !== 'auto' && dtypeSetting !== setting) throw new Error(`WEIGHTS=${setting} contradicts DTYPE=${dtypeSetting}: plain weights are stored in the graph's dtype`);
+  return { dtype: setting, why: `WEIGHTS=${setting}` };
+}
+
+export async function resolvePlacement(opts: { device: Device; dtype: ModelDtype | 'auto'; weights?: WeightsSetting }, probe: CudaProbe = probeCuda): Promise<Placement> {
+  const w = resolveWeights(opts.weights ?? 'auto', opts.dtype);
   const dtypeFor = (provider: Provider): { dtype: ModelDtype; why: string } =>
     opts.dtype !== 'auto'
       ? { dtype: opts.dtype, why: `DTYPE=${opts.dtype}` }
-      : provider === 'cuda'
-        ? { dtype: 'fp16', why: 'DTYPE=auto: fp16 on cuda (bf16 weights converted)' }
-        : { dtype: 'fp32', why: 'DTYPE=auto: fp32 on cpu' };
+      : w.dtype
+        ? { dtype: w.dtype, why: `DTYPE=auto: ${w.dtype} from WEIGHTS` }
+        : provider === 'cuda'
+          ? { dtype: 'fp16', why: 'DTYPE=auto: fp16 on cuda (bf16 weights converted)' }
+          : { dtype: 'fp32', why: 'DTYPE=auto: fp32 on cpu' };
   const place = (provider: Provider, deviceWhy: string): Placement => {
     const d = dtypeFor(provider);
-    return { provider, dtype: d.dtype, reason: `${deviceWhy}; ${d.why}` };
+    const reason = `${deviceWhy}; ${d.why}${opts.weights && opts.weights !== 'auto' ? `; ${w.why}` : ''}`;
+    return w.weights ? { provider, dtype: d.dtype, weights: w.weights, reason } : { provider, dtype: d.dtype, reason };
   };
   if (opts.device === 'cpu') return place('cpu', 'DEVICE=cpu');
   const probed = await probe();
@@ -61,4 +82,4 @@ export async function resolvePlacement(opts: { device: Device; dtype: ModelDtype
 
 /** The start-up line: device, provider, dtype and why. */
 export const placementLine = (p: Placement): string =>
-  `device ${p.provider}, provider ${p.provider === 'cuda' ? 'CUDAExecutionProvider' : 'CPUExecutionProvider'}, dtype ${p.dtype}: ${p.reason}`;
+  `device ${p.provider}, provider ${p.provider === 'cuda' ? 'CUDAExecutionProvider' : 'CPUExecutionProvider'}, dtype ${p.dtype}${p.weights ? `, weights ${p.weights}` : ''}: ${p.reason}`;

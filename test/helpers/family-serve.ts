@@ -4,7 +4,7 @@ import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { expect } from 'vitest';
 import { buildApp } from '../../src/app.js';
-import { makeConfig } from '../../src/config.js';
+import { makeConfig, type ConfigInput } from '../../src/config.js';
 import { encodeSafetensors } from '../../src/adapters/safetensors.js';
 import type { Architecture } from '../../src/model/architecture.js';
 import { embeddedModelFiles } from '../../src/model/embedded.js';
@@ -60,11 +60,11 @@ export interface ServedFamily {
   close(): Promise<void>;
 }
 
-export async function serveFamily(prefix: string, f: FamilyFolder): Promise<ServedFamily> {
+export async function serveFamily(prefix: string, f: FamilyFolder, overrides: Partial<ConfigInput> = {}): Promise<ServedFamily> {
   const tmp = await mkdtemp(path.join(os.tmpdir(), `loraserve-${prefix}-`));
   const dir = path.join(tmp, prefix);
   await writeFamilyFolder(dir, f);
-  const app = await buildApp(makeConfig({ MODEL_PATH: dir, ADAPTER_DIR: path.join(tmp, 'adapters'), CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent' }));
+  const app = await buildApp(makeConfig({ MODEL_PATH: dir, ADAPTER_DIR: path.join(tmp, 'adapters'), CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent', ...overrides }));
   return {
     app,
     dir,

@@ -7,10 +7,12 @@ import { concatKv, residentKv, type KvLayout } from './kv.js';
 import { frobeniusNorm } from '../../adapters/effect.js';
 import { ropeFrequencies } from './rope.js';
 import { slidingWindowBias } from './window.js';
-import { GraphBuilder, float, int, ints, type ExternalDataWriter } from './onnx-builder.js';
+import { GraphBuilder, float, float32ToFloat16Bits, int, ints, type ExternalDataWriter } from './onnx-builder.js';
+import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
+import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '8';
+export const BUILDER_VERSION = '9';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -24,7 +26,20 @@ export interface GraphOptions {
   peer: boolean;
   /** the KV cache contract (graph/kv.ts); absent = concat, so existing cache keys stay the same */
   kv?: KvContract;
+  /**
+   * projections as MatMulNBits with block-quantized weights (graph/quantize.ts); absent = plain
+   * MatMul at `dtype`, so existing cache keys stay the same. LoRA branches stay at `dtype`.
+   */
+  weights?: QuantizedWeights;
+  /**
+   * MatMulNBits' accuracy_level with `weights`; absent = 4 (int8 activations, the fast CPU path,
+   * about 0.4% relative error per product). 0 computes in float with the dequantized weight: the
+   * op's exact semantics, which the tests compare against the reference forward.
+   */
+  accuracyLevel?: 0 | 4;
 }
+
+export type QuantizedWeights = 'int8' | 'int4';
 
 /**
  * Added to a score to mask it. Finite on purpose: a query row with every key masked (a left-pad
@@ -242,6 +257,18 @@ export async function buildLlamaGraph(
     return g.op('Mul', [g.op('Mul', [x, scalar(0.5)]), g.op('Add', [g.op('Tanh', [inner]), scalar(1)])]);
   };
 
+  /** x · Wᵀ with W [n, k] block-quantized; MatMulNBits reads the [out, in] layout, so no transpose */
+  const quantizedMatMul = async (name: string, w: Float32Array, n: number, k: number, x: string, bits: QuantBits = opts.weights === 'int4' ? 4 : 8): Promise<string> => {
+    // scales are stored in T: codes are chosen against the scale as the runtime will read it
+    const roundScale = T === 'float16' ? (v: number) => f16ToF32(float32ToFloat16Bits(v)) : Math.fround;
+    const q = quantizeBlockwise(w, n, k, bits, roundScale);
+    const packed = await g.bytesWeight(`${name}.q${bits}`, [n, q.nBlocks, (QUANT_BLOCK * bits) / 8], q.packed);
+    const scales = await g.weight(`${name}.scales`, T, [n * q.nBlocks], q.scales);
+    const zeroPoints = await g.bytesWeight(`${name}.zero_points`, [q.zeroPoints.length], q.zeroPoints);
+    const attrs = { K: int(k), N: int(n), bits: int(bits), block_size: int(QUANT_BLOCK), accuracy_level: int(opts.accuracyLevel ?? 4) };
+    return g.op('MatMulNBits', [x, packed, scales, zeroPoints], attrs, 'com.microsoft');
+  };
+
   const projection = async (layer: number, p: Projection, x: string): Promise<string> => {
     const { inFeatures, outFeatures } = projectionDims(a, p);
     const base = `model.layers.${layer}.${projectionBlock(p)}.${p}`;
@@ -249,8 +276,7 @@ export async function buildLlamaGraph(
     const t = targetOf.get(`${layer}.${p}`);
     // the divisor of each adapter module's relativeNorm, taken while the weight is in hand anyway
     if (t) t.weightNorm = frobeniusNorm(raw);
-    const w = await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(raw, outFeatures, inFeatures));
-    let y = g.op('MatMul', [x, w]);
+    let y = opts.weights ? await quantizedMatMul(`${base}.weight`, raw, outFeatures, inFeatures, x) : g.op('MatMul', [x, await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(raw, outFeatures, inFeatures))]);
     if (projectionHasBias(a, p)) {
       y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], tensors.read(`${base}.bias`, [outFeatures]))]);
     }
@@ -308,10 +334,18 @@ export async function buildLlamaGraph(
   const finalNorm = await normWeight('model.norm.weight', a.hiddenSize);
   let hn = rmsNorm(h, finalNorm);
   if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
-  // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
-  const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
-  const rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
+  let rows: string;
+  if (opts.weights) {
+    // the LM head is one more [vocab, hidden] product: MatMulNBits, always 8-bit (as llama.cpp keeps
+    // its output matrix at a higher width than Q4_0), a quantized copy of the table when tied
+    const head = tensors.read(a.tieWordEmbeddings ? embedName : 'lm_head.weight', [a.vocabSize, a.hiddenSize]);
+    rows = await quantizedMatMul('lm_head.weight', head, a.vocabSize, a.hiddenSize, flat, 8);
+  } else {
+    // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
+    const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
+    rows = g.op('Gemm', [flat, lmHead], { transB: int(1) });
+  }
   const outShape = g.op('Concat', [g.op('Shape', [hn], { start: int(0), end: int(2) }), shape([a.vocabSize])], { axis: int(0) });
   const logits3 = g.op('Reshape', [a.finalSoftcap ? softcap(rows, a.finalSoftcap) : rows, outShape]);
   g.node(T === 'float16' ? 'Cast' : 'Identity', [logits3], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: ['logits'] });
@@ -320,7 +354,8 @@ export async function buildLlamaGraph(
   kv.outputs();
   tensors.assertAllConsumed();
   onProgress('encoding graph');
-  return { model: g.encode(`loraserve-${a.family}`, OPSETS, BUILDER_VERSION), maskValue, loraTargets: targets };
+  const opsets = opts.weights ? { ...OPSETS, 'com.microsoft': 1 } : OPSETS;
+  return { model: g.encode(`loraserve-${a.family}`, opsets, BUILDER_VERSION), maskValue, loraTargets: targets };
 }
 
 /**

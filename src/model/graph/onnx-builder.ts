@@ -10,7 +10,7 @@ const { onnx } = pkg;
  * has to exist twice in memory). Knows nothing about Llama.
  */
 
-export type ElemType = 'float32' | 'float16' | 'int64' | 'int32';
+export type ElemType = 'float32' | 'float16' | 'int64' | 'int32' | 'uint8';
 /** a fixed size or a symbolic dimension name */
 export type Dim = number | string;
 
@@ -19,6 +19,7 @@ const ELEM: Record<ElemType, number> = {
   float16: onnx.TensorProto.DataType.FLOAT16,
   int64: onnx.TensorProto.DataType.INT64,
   int32: onnx.TensorProto.DataType.INT32,
+  uint8: onnx.TensorProto.DataType.UINT8,
 };
 
 /** attribute values are tagged so that a float attribute that happens to be integral stays a float */
@@ -207,10 +208,21 @@ export class GraphBuilder {
 
   /** a weight whose bytes are appended to the external data file now; only its location stays in memory */
   async weight(name: string, elem: 'float32' | 'float16', dims: readonly number[], values: Float32Array): Promise<string> {
-    if (!this.data) throw new Error('this graph has no external data file');
     const expected = dims.reduce((a, b) => a * b, 1);
     if (values.length !== expected) throw new Error(`${name}: ${values.length} values for shape [${dims.join(', ')}]`);
-    const { offset, length } = await this.data.append(floatBytes(values, elem));
+    return this.rawWeight(name, elem, dims, floatBytes(values, elem));
+  }
+
+  /** packed uint8 data (quantized weights), stored like `weight` */
+  async bytesWeight(name: string, dims: readonly number[], values: Uint8Array): Promise<string> {
+    const expected = dims.reduce((a, b) => a * b, 1);
+    if (values.length !== expected) throw new Error(`${name}: ${values.length} bytes for shape [${dims.join(', ')}]`);
+    return this.rawWeight(name, 'uint8', dims, values);
+  }
+
+  private async rawWeight(name: string, elem: ElemType, dims: readonly number[], bytes: Uint8Array): Promise<string> {
+    if (!this.data) throw new Error('this graph has no external data file');
+    const { offset, length } = await this.data.append(bytes);
     this.initializers.push({
       name: this.claim(name),
       dataType: ELEM[elem],
