@@ -680,7 +680,8 @@ export class AdapterRegistry {
     try {
       return { ...report, effect: await this.measure(versionId, versionId) };
     } finally {
-      this.unload(versionId);
+      // awaited: a dry run answers only once the engine holds what it held before
+      await Promise.resolve(this.engine.unloadAdapter(versionId)).catch((err: unknown) => this.log.error({ err, versionId }, 'engine could not unload an adapter version'));
     }
   }
 
