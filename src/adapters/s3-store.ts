@@ -21,6 +21,7 @@ import {
   adapterNameProblem,
   digestFolder,
   flushStagedFiles,
+  makeUploadDir,
   parseMeta,
   verifyEntry,
   type AdapterBackend,
@@ -331,9 +332,7 @@ export class S3Store implements AdapterBackend {
   }
 
   async uploadDir(): Promise<string> {
-    const dir = path.join(this.dir, 'uploads', `upload-${randomUUID()}`);
-    await mkdir(dir);
-    return dir;
+    return makeUploadDir(path.join(this.dir, 'uploads'), 'upload-');
   }
 
   flushStaged(stagedDir: string): Promise<void> {

@@ -9,6 +9,7 @@ import {
   adapterNameProblem,
   digestFolder,
   flushStagedFiles,
+  makeUploadDir,
   parseMeta,
   verifyEntry,
   writeVersionFiles,
@@ -260,8 +261,7 @@ export class SharedFolderStore implements AdapterBackend {
   }
 
   async uploadDir(): Promise<string> {
-    const dir = path.join(this.dir, WORK, `upload-${randomUUID()}`);
-    await mkdir(dir);
+    const dir = await makeUploadDir(path.join(this.dir, WORK), 'upload-');
     await this.lease(dir);
     return dir;
   }
