@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Architecture } from '../src/model/architecture.js';
 import { encodeSafetensors } from '../src/adapters/safetensors.js';
-import { makePeftTensors, peftConfig } from './helpers/adapter-fixtures.js';
+import { llamaConfigJson, makePeftTensors, peftConfig } from './helpers/adapter-fixtures.js';
 import { form } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, checkAdapterAgainstReference, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { maxAbsDiff } from './helpers/lora-feeds.js';
@@ -14,40 +14,11 @@ import { referenceForward } from './reference/forward.js';
  * W + scale·B·A: greedy ids equal and logprobs within 1e-4.
  */
 
-/** config.json as transformers' LlamaConfig.to_json_string writes it (the keys that matter) */
-function llamaConfig(a: Architecture, extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
-    hidden_size: a.hiddenSize,
-    intermediate_size: a.intermediateSize,
-    num_hidden_layers: a.numLayers,
-    num_attention_heads: a.numHeads,
-    num_key_value_heads: a.numKvHeads,
-    head_dim: a.headDim,
-    vocab_size: a.vocabSize,
-    max_position_embeddings: a.maxPositions,
-    rms_norm_eps: a.rmsNormEps,
-    rope_theta: a.ropeTheta,
-    rope_scaling: null,
-    hidden_act: 'silu',
-    attention_bias: a.attentionBias,
-    attention_dropout: 0.0,
-    mlp_bias: a.mlpBias ?? false,
-    pretraining_tp: 1,
-    tie_word_embeddings: a.tieWordEmbeddings,
-    torch_dtype: 'bfloat16',
-    bos_token_id: a.bosTokenId,
-    eos_token_id: a.eosTokenIds[0],
-    ...extra,
-  };
-}
-
 const baseDims: Partial<Architecture> = { vocabSize: FAMILY_VOCAB, maxPositions: 256, bosTokenId: 506, eosTokenIds: [507] };
 
 describe('Llama with attention_bias and mlp_bias (every bias transformers applies: q/k/v/o and gate/up/down)', () => {
   const arch = tinyArchitecture({ ...baseDims, attentionBias: true, outputBias: true, mlpBias: true, tieWordEmbeddings: false, ropeTheta: 500000 });
-  const folder: FamilyFolder = { config: llamaConfig(arch), tensors: randomCheckpoint(arch, 41).tensors, dtype: 'BF16' };
+  const folder: FamilyFolder = { config: llamaConfigJson(arch), tensors: randomCheckpoint(arch, 41).tensors, dtype: 'BF16' };
   let served: ServedFamily;
   beforeAll(async () => {
     served = await serveFamily('llama-biases', folder);
@@ -80,7 +51,7 @@ describe.each([
   },
 ])('$label, served past original_max_position_embeddings', ({ extra, type }) => {
   const arch = tinyArchitecture({ ...baseDims, tieWordEmbeddings: true, ropeTheta: 500000 });
-  const folder: FamilyFolder = { config: JSON.parse(JSON.stringify(llamaConfig(arch, extra))) as Record<string, unknown>, tensors: randomCheckpoint(arch, 43).tensors, dtype: 'BF16' };
+  const folder: FamilyFolder = { config: JSON.parse(JSON.stringify(llamaConfigJson(arch, extra))) as Record<string, unknown>, tensors: randomCheckpoint(arch, 43).tensors, dtype: 'BF16' };
   let served: ServedFamily;
   beforeAll(async () => {
     served = await serveFamily(`llama-${type}`, folder);
