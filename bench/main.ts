@@ -18,6 +18,7 @@ import { measureUploads, type UploadResult } from './upload.js';
 import { peerFolder, runPeer } from './peer.js';
 import { formatReport, target, type BenchReport } from './report.js';
 import { now, throughput } from './timing.js';
+import { parseArgsOrReport } from './cli-args.js';
 
 /**
  * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b|llama-3.2-1b | --model <dir>] [--quick] [--json]
@@ -166,13 +167,8 @@ async function uploadProbe(o: Options, modelPath: string, cache: string, progres
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
-  let o: Options;
-  try {
-    o = parseArgs(argv);
-  } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n`);
-    return 2;
-  }
+  const o = parseArgsOrReport(parseArgs, argv);
+  if (!o) return 2;
   const t0 = now();
   const loadBefore = loadavg()[0];
   const progress = (line: string) => process.stderr.write(`[bench] ${line}\n`);

@@ -8,6 +8,7 @@ import { peftAdapter } from './adapters.js';
 import { adapterForm, postForm, streamGenerate } from './api.js';
 import { ensurePreset, isPresetName, PRESET_NAMES, type PresetName } from './presets.js';
 import { median, now } from './timing.js';
+import { parseArgsOrReport } from './cli-args.js';
 
 /**
  * Two replicas, one shared adapter store: `npm run bench:replicas [-- --preset tiny|llama-60m|qwen2.5-0.5b
@@ -80,13 +81,8 @@ async function startReplica(env: Record<string, string>, port: number): Promise<
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
-  let o: Options;
-  try {
-    o = parseArgs(argv);
-  } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n`);
-    return 2;
-  }
+  const o = parseArgsOrReport(parseArgs, argv);
+  if (!o) return 2;
   const progress = (line: string) => process.stderr.write(`[bench:replicas] ${line}\n`);
   const cache = resolve(o.cache);
   const modelPath = o.model ? resolve(o.model) : await ensurePreset(o.preset, cache, progress);

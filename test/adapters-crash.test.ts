@@ -9,7 +9,8 @@ import { encodeSafetensors, readHeader, readTensorBytes, toFloat32, type TensorT
 import type { PausePoint } from '../src/adapters/store.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { adapterBytes, filesForm, form, listing, sha256, type AdapterBytes } from './helpers/adapter-uploads.js';
-import { startServer as startServerProcess, type ServerProcess } from './helpers/serve-process.js';
+import { killServer, startServer as startServerProcess, type ServerProcess } from './helpers/serve-process.js';
+import { waitFor } from './helpers/wait-for.js';
 
 /**
  * Crash safety with the real server process (`node bin/loraserve.js serve`), killed with SIGKILL:
@@ -38,21 +39,6 @@ async function startServer(env: Record<string, string>): Promise<ServerProcess> 
   children.add(server.child);
   void server.exited.then(() => children.delete(server.child));
   return server;
-}
-
-async function kill(s: ServerProcess): Promise<void> {
-  if (s.child.exitCode !== null || s.child.signalCode !== null) return;
-  const done = new Promise((r) => s.child.once('exit', r));
-  s.child.kill('SIGKILL');
-  await done;
-}
-
-async function waitFor(what: string, test: () => Promise<boolean> | boolean, ms = 30_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await test())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /** Which version ADAPTER_DIR/keep holds: 'v1', 'v2', or a description of anything else. */
@@ -168,7 +154,7 @@ describe('SIGKILL during writes, then restart', () => {
       }
       return false;
     });
-    await kill(server);
+    await killServer(server);
     req.destroy();
     expect((await hiddenEntries()).length, 'the kill left the upload folder behind').toBeGreaterThan(0);
 
@@ -191,7 +177,7 @@ describe('SIGKILL during writes, then restart', () => {
       expect(await storedVersion()).toBe('v1');
       const put = fetch(`${server.url}/v1/adapters/keep`, { method: 'PUT', body: filesForm(null, v2) }).catch(() => null);
       await waitFor(`the server to hold at ${point}`, () => server.output().includes(`holding at ${point}`));
-      await kill(server);
+      await killServer(server);
       await put;
       const next = points[i + 1];
       server = await startServer({ MODEL_PATH: modelA, ...(next ? { LORASERVE_TEST_PAUSE: `${next[0]}:120000` } : {}) });
@@ -205,7 +191,7 @@ describe('SIGKILL during writes, then restart', () => {
   });
 
   it('a base model with other dimensions: the adapter is listed incompatible with its report, generation → 409, the files stay', async () => {
-    await kill(server);
+    await killServer(server);
     const before = await listing(adapterDir);
     server = await startServer({ MODEL_PATH: modelB });
     const list = (await (await fetch(`${server.url}/v1/adapters`)).json()) as { adapters: { name: string; state: string; errors: { code: string }[] }[] };
@@ -221,12 +207,12 @@ describe('SIGKILL during writes, then restart', () => {
     expect(gen.status).toBe(409);
     expect((gen.body.errors as { code: string }[]).some((e) => e.code === 'shape_mismatch')).toBe(true);
     expect(await listing(adapterDir)).toEqual(before);
-    await kill(server);
+    await killServer(server);
 
     server = await startServer({ MODEL_PATH: modelA });
     const back = (await (await fetch(`${server.url}/v1/adapters/keep`)).json()) as { state: string };
     expect(back.state).toBe('ready');
     expect((await generate(server, 'keep')).status).toBe(200);
-    await kill(server);
+    await killServer(server);
   });
 });

@@ -8,7 +8,8 @@ import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import { readArchitecture } from '../src/model/checkpoint/index.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { adapterBytes, filesForm, form, sha256, type AdapterBytes } from './helpers/adapter-uploads.js';
-import { startServer as startServerProcess, type ServerProcess } from './helpers/serve-process.js';
+import { killServer, startServer as startServerProcess, type ServerProcess } from './helpers/serve-process.js';
+import { waitFor } from './helpers/wait-for.js';
 
 /**
  * Replicas behind a load balancer: three real server processes (`node bin/loraserve.js serve`)
@@ -49,21 +50,6 @@ async function startReplica(env: Record<string, string> = {}): Promise<ServerPro
   children.add(s.child);
   void s.exited.then(() => children.delete(s.child));
   return s;
-}
-
-async function kill(s: ServerProcess): Promise<void> {
-  if (s.child.exitCode !== null || s.child.signalCode !== null) return;
-  const done = new Promise((r) => s.child.once('exit', r));
-  s.child.kill('SIGKILL');
-  await done;
-}
-
-async function waitFor(what: string, test: () => Promise<boolean> | boolean, ms = 30_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await test())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 interface Generated {
@@ -345,7 +331,7 @@ describe('three replicas sharing one ADAPTER_DIR (ADAPTER_STORE=shared)', () => 
     u.req.write(u.body.subarray(0, Math.floor(u.body.length * 0.6)));
     await waitFor('an upload folder on disk', async () => (await workEntries()).some((e) => e.startsWith('upload-')), 10_000);
     const before = await workEntries();
-    await kill(A);
+    await killServer(A);
     u.req.destroy();
     // the others serve, while A's leftovers are still there
     expectSame(await output(B, 'shared'), await output(C, 'shared'));

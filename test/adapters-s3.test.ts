@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
@@ -10,6 +10,7 @@ import { S3Store, parseS3Url } from '../src/adapters/s3-store.js';
 import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import { readArchitecture } from '../src/model/checkpoint/index.js';
 import { adapterBytes, filesForm, sha256, type AdapterBytes } from './helpers/adapter-uploads.js';
+import { versionMeta, writeStagedFiles } from './helpers/stored-versions.js';
 import { freePort, startServer as startServerProcess, type ServerProcess } from './helpers/serve-process.js';
 
 /**
@@ -35,24 +36,9 @@ for (const [k, v] of Object.entries(CREDS)) process.env[k] ??= v;
 
 const sha = (b: Buffer | string) => sha256(typeof b === 'string' ? Buffer.from(b) : b);
 async function stage(config: string, weights: Buffer): Promise<string> {
-  const d = await mkdtemp(path.join(tmp, 'staged-'));
-  await writeFile(path.join(d, 'adapter_config.json'), config);
-  await writeFile(path.join(d, 'adapter_model.safetensors'), weights);
-  return d;
+  return writeStagedFiles(await mkdtemp(path.join(tmp, 'staged-')), config, weights);
 }
-function metaFor(name: string, version: number, config: string, weights: Buffer): AdapterMeta {
-  return {
-    metaVersion: 1,
-    name,
-    version,
-    created: new Date().toISOString(),
-    files: {
-      'adapter_config.json': { bytes: Buffer.byteLength(config), sha256: sha(config) },
-      'adapter_model.safetensors': { bytes: weights.byteLength, sha256: sha(weights) },
-    },
-    report: {},
-  };
-}
+const metaFor = (name: string, version: number, config: string, weights: Buffer): AdapterMeta => versionMeta(name, version, config, weights);
 
 async function openStore(endpoint: string, url: string, leaseMs = 60_000): Promise<S3Store> {
   const { store } = await S3Store.open({ url, endpoint, region: 'us-east-1', cacheDir: await mkdtemp(path.join(tmp, 'cache-')), leaseMs });

@@ -13,6 +13,7 @@ import { createLogger } from '../src/logger.js';
 import { ensureEmbeddedModel } from '../src/model/embedded.js';
 import { startRuntime, type Runtime } from '../src/runtime.js';
 import { adapterBytes, type AdapterBytes } from './helpers/adapter-uploads.js';
+import { versionMeta, writeStagedFiles } from './helpers/stored-versions.js';
 
 /**
  * The on-disk store alone: atomic create/replace/delete and recovery. Each crash point is
@@ -46,24 +47,11 @@ const versionA: Version = { config: '{"r": 4, "v": "A"}', weights: Buffer.from('
 const versionB: Version = { config: '{"r": 8, "v": "B"}', weights: Buffer.from('BBBB-other-weights-'.repeat(3000)) };
 
 async function stage(v: Version): Promise<string> {
-  const d = await fresh('staged');
-  await writeFile(path.join(d, 'adapter_config.json'), v.config);
-  await writeFile(path.join(d, 'adapter_model.safetensors'), v.weights);
-  return d;
+  return writeStagedFiles(await fresh('staged'), v.config, v.weights);
 }
 
 function metaFor(name: string, version: number, v: Version): AdapterMeta {
-  return {
-    metaVersion: 1,
-    name,
-    version,
-    created: new Date().toISOString(),
-    files: {
-      'adapter_config.json': { bytes: Buffer.byteLength(v.config), sha256: sha(v.config) },
-      'adapter_model.safetensors': { bytes: v.weights.byteLength, sha256: sha(v.weights) },
-    },
-    report: { note: `version ${version}` },
-  };
+  return versionMeta(name, version, v.config, v.weights, { note: `version ${version}` });
 }
 
 /** What the store holds under `name`: 'A', 'B', 'absent', or a description of a mix. */

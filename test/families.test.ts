@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Architecture } from '../src/model/architecture.js';
 import { encodeSafetensors } from '../src/adapters/safetensors.js';
-import { makePeftTensors, peftConfig } from './helpers/adapter-fixtures.js';
+import { llamaConfigJson, makePeftTensors, peftConfig } from './helpers/adapter-fixtures.js';
 import { form } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, checkAdapterAgainstReference, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { maxAbsDiff } from './helpers/lora-feeds.js';
@@ -14,32 +14,18 @@ import { referenceForward } from './reference/forward.js';
  * W + scale·B·A: greedy ids equal and logprobs within 1e-4.
  */
 
-/** config.json as transformers' LlamaConfig.to_json_string writes it (the keys that matter) */
-function llamaConfig(a: Architecture, extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
-    hidden_size: a.hiddenSize,
-    intermediate_size: a.intermediateSize,
-    num_hidden_layers: a.numLayers,
-    num_attention_heads: a.numHeads,
-    num_key_value_heads: a.numKvHeads,
-    head_dim: a.headDim,
-    vocab_size: a.vocabSize,
-    max_position_embeddings: a.maxPositions,
-    rms_norm_eps: a.rmsNormEps,
-    rope_theta: a.ropeTheta,
-    rope_scaling: null,
-    hidden_act: 'silu',
-    attention_bias: a.attentionBias,
-    attention_dropout: 0.0,
-    mlp_bias: a.mlpBias ?? false,
-    pretraining_tp: 1,
-    tie_word_embeddings: a.tieWordEmbeddings,
-    torch_dtype: 'bfloat16',
-    bos_token_id: a.bosTokenId,
-    eos_token_id: a.eosTokenIds[0],
-    ...extra,
+/** Serves `folder` for the enclosing describe (from its beforeAll to its afterAll); tests call the result. */
+function serveDuringDescribe(label: string, folder: FamilyFolder): () => ServedFamily {
+  let served: ServedFamily | undefined;
+  beforeAll(async () => {
+    served = await serveFamily(label, folder);
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+  return () => {
+    if (!served) throw new Error(`${label} is not being served (its beforeAll failed)`);
+    return served;
   };
 }
 
@@ -47,18 +33,12 @@ const baseDims: Partial<Architecture> = { vocabSize: FAMILY_VOCAB, maxPositions:
 
 describe('Llama with attention_bias and mlp_bias (every bias transformers applies: q/k/v/o and gate/up/down)', () => {
   const arch = tinyArchitecture({ ...baseDims, attentionBias: true, outputBias: true, mlpBias: true, tieWordEmbeddings: false, ropeTheta: 500000 });
-  const folder: FamilyFolder = { config: llamaConfig(arch), tensors: randomCheckpoint(arch, 41).tensors, dtype: 'BF16' };
-  let served: ServedFamily;
-  beforeAll(async () => {
-    served = await serveFamily('llama-biases', folder);
-  });
-  afterAll(async () => {
-    await served?.close();
-  });
+  const folder: FamilyFolder = { config: llamaConfigJson(arch), tensors: randomCheckpoint(arch, 41).tensors, dtype: 'BF16' };
+  const served = serveDuringDescribe('llama-biases', folder);
 
   it('applies o_proj.bias and the MLP biases: served tokens and logprobs equal the merged reference', async () => {
-    expect(served.app.runtime.manifest.architecture).toMatchObject({ attentionBias: true, outputBias: true, mlpBias: true });
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder));
+    expect(served().app.runtime.manifest.architecture).toMatchObject({ attentionBias: true, outputBias: true, mlpBias: true });
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder));
     console.info(`[llama biases] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
     expect(r.effect).toBeGreaterThan(1e-2);
     expect(r.worst).toBeLessThan(1e-4);
@@ -80,19 +60,13 @@ describe.each([
   },
 ])('$label, served past original_max_position_embeddings', ({ extra, type }) => {
   const arch = tinyArchitecture({ ...baseDims, tieWordEmbeddings: true, ropeTheta: 500000 });
-  const folder: FamilyFolder = { config: JSON.parse(JSON.stringify(llamaConfig(arch, extra))) as Record<string, unknown>, tensors: randomCheckpoint(arch, 43).tensors, dtype: 'BF16' };
-  let served: ServedFamily;
-  beforeAll(async () => {
-    served = await serveFamily(`llama-${type}`, folder);
-  });
-  afterAll(async () => {
-    await served?.close();
-  });
+  const folder: FamilyFolder = { config: JSON.parse(JSON.stringify(llamaConfigJson(arch, extra))) as Record<string, unknown>, tensors: randomCheckpoint(arch, 43).tensors, dtype: 'BF16' };
+  const served = serveDuringDescribe(`llama-${type}`, folder);
 
   it('greedy tokens and logprobs equal the merged reference at every position', async () => {
-    const a = served.app.runtime.manifest.architecture;
+    const a = served().app.runtime.manifest.architecture;
     expect(a.rope?.type).toBe(type);
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder), { prompt: LONG_PROMPT });
     console.info(`[llama ${type}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt (original context 16): max |Δ logprob| ${r.worst.toExponential(2)}`);
     expect(r.promptLength).toBeGreaterThan(2 * 16);
     expect(r.worst).toBeLessThan(1e-4);
@@ -130,24 +104,18 @@ describe('Qwen3: q_norm / k_norm per head before RoPE, explicit head_dim (heads 
     vocab_size: arch.vocabSize,
   };
   const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 47).tensors, dtype: 'BF16' };
-  let served: ServedFamily;
-  beforeAll(async () => {
-    served = await serveFamily('qwen3', folder);
-  });
-  afterAll(async () => {
-    await served?.close();
-  });
+  const served = serveDuringDescribe('qwen3', folder);
 
   it('greedy tokens and logprobs equal the merged reference', async () => {
-    expect(served.app.runtime.manifest.architecture).toMatchObject({ family: 'qwen3', headDim: 24, qkNorm: true, attentionBias: false });
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    expect(served().app.runtime.manifest.architecture).toMatchObject({ family: 'qwen3', headDim: 24, qkNorm: true, attentionBias: false });
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder), { prompt: LONG_PROMPT });
     console.info(`[qwen3] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
     expect(r.effect).toBeGreaterThan(1e-2);
     expect(r.worst).toBeLessThan(1e-4);
   });
 
   it('the checker knows its projection shapes: q_proj out = heads × head_dim (96), o_proj in = 96', () => {
-    const targets = served.app.runtime.manifest.loraTargets.filter((t) => t.layer === 0);
+    const targets = served().app.runtime.manifest.loraTargets.filter((t) => t.layer === 0);
     expect(targets.find((t) => t.module === 'q_proj')).toMatchObject({ inFeatures: 64, outFeatures: 96 });
     expect(targets.find((t) => t.module === 'k_proj')).toMatchObject({ inFeatures: 64, outFeatures: 48 });
     expect(targets.find((t) => t.module === 'o_proj')).toMatchObject({ inFeatures: 96, outFeatures: 64 });
@@ -189,16 +157,10 @@ describe('Phi-3.5 layout: fused qkv_proj and gate_up_proj, LongRoPE short/long f
     vocab_size: arch.vocabSize,
   };
   const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 53).tensors, dtype: 'BF16' };
-  let served: ServedFamily;
-  beforeAll(async () => {
-    served = await serveFamily('phi3', folder);
-  });
-  afterAll(async () => {
-    await served?.close();
-  });
+  const served = serveDuringDescribe('phi3', folder);
 
   it('reads the fused layout and offers the fused modules as LoRA targets', () => {
-    const m = served.app.runtime.manifest;
+    const m = served().app.runtime.manifest;
     expect(m.architecture).toMatchObject({ family: 'phi3', fusedProjections: true, rope: { type: 'longrope', originalMaxPositions: 16, attentionFactor: Math.sqrt(1 + Math.log(256 / 16) / Math.log(16)) } });
     expect(m.loraTargets.filter((t) => t.layer === 0).map((t) => [t.module, t.inFeatures, t.outFeatures])).toEqual([
       ['qkv_proj', 64, 64 + 2 * 32],
@@ -209,7 +171,7 @@ describe('Phi-3.5 layout: fused qkv_proj and gate_up_proj, LongRoPE short/long f
   });
 
   it('a short prompt whose generation crosses the original context (short factors, then long): equal to the merged reference', async () => {
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder));
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder));
     console.info(`[phi3 longrope] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt (original context 16): max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
     expect(r.promptLength).toBeLessThan(16);
     expect(r.promptLength + r.tokens.length).toBeGreaterThan(16);
@@ -218,13 +180,13 @@ describe('Phi-3.5 layout: fused qkv_proj and gate_up_proj, LongRoPE short/long f
   });
 
   it('a prompt longer than the original context (long factors throughout): equal to the merged reference', async () => {
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder), { prompt: LONG_PROMPT });
     console.info(`[phi3 longrope] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}`);
     expect(r.worst).toBeLessThan(1e-4);
   });
 
   it('an adapter whose qkv_proj lora_B has the q slice of another model is a 422 naming the slice', async () => {
-    const a = served.app.runtime.manifest.architecture;
+    const a = served().app.runtime.manifest.architecture;
     const peft = makePeftTensors(a, {
       r: 4,
       targets: ['qkv_proj', 'gate_up_proj'],
@@ -232,7 +194,7 @@ describe('Phi-3.5 layout: fused qkv_proj and gate_up_proj, LongRoPE short/long f
       // a model with 6 query heads of 16 (96 rows of q) but the same 2 KV heads
       shapeOverride: ({ projection, part, shape }) => (projection === 'qkv_proj' && part === 'B' ? [96 + 64, 4] : projection === 'gate_up_proj' && part === 'B' ? [2 * 80, 4] : shape),
     });
-    const res = await served.app.inject({
+    const res = await served().app.inject({
       method: 'POST',
       url: '/v1/adapters/validate',
       payload: form([
@@ -275,17 +237,11 @@ describe('Mistral with its sliding window: the full context, a prompt longer tha
     vocab_size: arch.vocabSize,
   };
   const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 59).tensors, dtype: 'BF16' };
-  let served: ServedFamily;
-  beforeAll(async () => {
-    served = await serveFamily('mistral', folder);
-  });
-  afterAll(async () => {
-    await served?.close();
-  });
+  const served = serveDuringDescribe('mistral', folder);
 
   it('keeps max_position_embeddings as the context and matches the merged reference past the window', async () => {
-    expect(served.app.runtime.manifest.architecture).toMatchObject({ family: 'mistral', maxPositions: 256, slidingWindow: W, slidingWindowLayers: [0, 1] });
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    expect(served().app.runtime.manifest.architecture).toMatchObject({ family: 'mistral', maxPositions: 256, slidingWindow: W, slidingWindowLayers: [0, 1] });
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder), { prompt: LONG_PROMPT });
     console.info(`[mistral window ${W}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}`);
     expect(r.promptLength).toBeGreaterThan(2 * W);
     expect(r.worst).toBeLessThan(1e-4);
@@ -351,17 +307,11 @@ describe.each([
   },
 ])('$label', ({ arch, config, expected }) => {
   const folder: FamilyFolder = { config: config(arch), tensors: randomCheckpoint(arch, 61).tensors, dtype: 'BF16' };
-  let served: ServedFamily;
-  beforeAll(async () => {
-    served = await serveFamily(arch.family, folder);
-  });
-  afterAll(async () => {
-    await served?.close();
-  });
+  const served = serveDuringDescribe(arch.family, folder);
 
   it('served greedy tokens and logprobs equal the merged reference past the window', async () => {
-    expect(served.app.runtime.manifest.architecture).toMatchObject({ ...expected, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh' });
-    const r = await checkAdapterAgainstReference(served, storedTensors(folder), { prompt: LONG_PROMPT });
+    expect(served().app.runtime.manifest.architecture).toMatchObject({ ...expected, normPlusOne: true, embedScale: true, sandwichNorms: true, activation: 'gelu_tanh' });
+    const r = await checkAdapterAgainstReference(served(), storedTensors(folder), { prompt: LONG_PROMPT });
     console.info(`[${arch.family}] ${r.tokens.length} tokens after a ${r.promptLength}-token prompt: max |Δ logprob| ${r.worst.toExponential(2)}, adapter moves logits by ${r.effect.toFixed(2)}`);
     expect(r.promptLength).toBeGreaterThan(16);
     expect(r.effect).toBeGreaterThan(1e-2);

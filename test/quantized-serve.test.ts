@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Architecture } from '../src/model/architecture.js';
+import { llamaConfigJson } from './helpers/adapter-fixtures.js';
 import { checkAdapterAgainstReference, FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { randomCheckpoint, tinyArchitecture, type MemoryTensor } from './helpers/random-checkpoint.js';
 import { dequantizedProjections } from './helpers/quantized-graph.js';
@@ -13,33 +13,10 @@ import { dequantizedProjections } from './helpers/quantized-graph.js';
  * compute in float; the default (4, int8 activations) is measured separately below.
  */
 
-function llamaConfig(a: Architecture): Record<string, unknown> {
-  return {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
-    hidden_size: a.hiddenSize,
-    intermediate_size: a.intermediateSize,
-    num_hidden_layers: a.numLayers,
-    num_attention_heads: a.numHeads,
-    num_key_value_heads: a.numKvHeads,
-    head_dim: a.headDim,
-    vocab_size: a.vocabSize,
-    max_position_embeddings: a.maxPositions,
-    rms_norm_eps: a.rmsNormEps,
-    rope_theta: a.ropeTheta,
-    hidden_act: 'silu',
-    attention_bias: a.attentionBias,
-    tie_word_embeddings: a.tieWordEmbeddings,
-    torch_dtype: 'float32',
-    bos_token_id: a.bosTokenId,
-    eos_token_id: a.eosTokenIds[0],
-  };
-}
-
 describe('quantized base weights (WEIGHTS=int4|int8) with an fp32 adapter on top', () => {
   // intermediate 80: down_proj's K is not a multiple of the block size 32 (padding)
   const arch = tinyArchitecture({ vocabSize: FAMILY_VOCAB, maxPositions: 256, bosTokenId: 506, eosTokenIds: [507], intermediateSize: 80, tieWordEmbeddings: false });
-  const folder: FamilyFolder = { config: llamaConfig(arch), tensors: randomCheckpoint(arch, 71).tensors, dtype: 'F32' };
+  const folder: FamilyFolder = { config: llamaConfigJson(arch, { torch_dtype: 'float32' }), tensors: randomCheckpoint(arch, 71).tensors, dtype: 'F32' };
 
   for (const bits of ['int4', 'int8'] as const) {
     describe(bits, () => {

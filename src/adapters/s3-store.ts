@@ -21,6 +21,7 @@ import {
   adapterNameProblem,
   digestFolder,
   flushStagedFiles,
+  makeUploadDir,
   parseMeta,
   verifyEntry,
   type AdapterBackend,
@@ -31,6 +32,7 @@ import {
   type StoreHooks,
   type StoredEntry,
 } from './store.js';
+import { LeaseTimers } from './lease-timers.js';
 
 /**
  * An adapter store in S3-compatible object storage (AWS S3, MinIO, R2): `ADAPTER_DIR=s3://bucket/prefix`,
@@ -95,8 +97,7 @@ export class S3Store implements AdapterBackend {
   private readonly leased = new Set<string>();
   private readonly metaCache = new Map<string, AdapterMeta>();
   private readonly pointerCache = new Map<string, { etag: string; pointer: Pointer }>();
-  private renewTimer: NodeJS.Timeout | null = null;
-  private cleanTimer: NodeJS.Timeout | null = null;
+  private timers: LeaseTimers | null = null;
 
   private constructor(
     private readonly client: S3Client,
@@ -125,15 +126,7 @@ export class S3Store implements AdapterBackend {
     if (!store.conditionalWrites) {
       opts.warn?.(`the S3 server at ${opts.endpoint ?? 'AWS'} ignores If-None-Match: * on PUT: concurrent creates of one name through different replicas may both succeed (the last one wins)`);
     }
-    store.renewTimer = setInterval(() => void store.renew(), Math.max(50, Math.floor(opts.leaseMs / 3)));
-    store.cleanTimer = setInterval(() => {
-      void store.collect().then(
-        (actions) => actions.forEach((a) => opts.log?.(a)),
-        () => undefined,
-      );
-    }, Math.max(100, opts.leaseMs));
-    store.renewTimer.unref();
-    store.cleanTimer.unref();
+    store.timers = new LeaseTimers(opts.leaseMs, () => store.renew(), () => store.collect(), (a) => opts.log?.(a));
     return { store, recovered };
   }
 
@@ -142,9 +135,8 @@ export class S3Store implements AdapterBackend {
   }
 
   async close(): Promise<void> {
-    if (this.renewTimer) clearInterval(this.renewTimer);
-    if (this.cleanTimer) clearInterval(this.cleanTimer);
-    this.renewTimer = this.cleanTimer = null;
+    this.timers?.stop();
+    this.timers = null;
     this.client.destroy();
   }
 
@@ -340,9 +332,7 @@ export class S3Store implements AdapterBackend {
   }
 
   async uploadDir(): Promise<string> {
-    const dir = path.join(this.dir, 'uploads', `upload-${randomUUID()}`);
-    await mkdir(dir);
-    return dir;
+    return makeUploadDir(path.join(this.dir, 'uploads'), 'upload-');
   }
 
   flushStaged(stagedDir: string): Promise<void> {

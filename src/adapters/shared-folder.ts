@@ -9,6 +9,7 @@ import {
   adapterNameProblem,
   digestFolder,
   flushStagedFiles,
+  makeUploadDir,
   parseMeta,
   verifyEntry,
   writeVersionFiles,
@@ -20,6 +21,7 @@ import {
   type StoreHooks,
   type StoredEntry,
 } from './store.js';
+import { LeaseTimers } from './lease-timers.js';
 
 /**
  * An adapter store in a folder that several replicas mount at once (NFS, EFS, a ReadWriteMany
@@ -82,8 +84,7 @@ export class SharedFolderStore implements AdapterBackend {
   /** versions are immutable, so what was read of one stays true */
   private readonly metaCache = new Map<string, { meta: AdapterMeta | null; metaError?: string }>();
   private readonly pointerCache = new Map<string, { ino: number; mtimeMs: number; size: number; pointer: Pointer }>();
-  private renewTimer: NodeJS.Timeout | null = null;
-  private cleanTimer: NodeJS.Timeout | null = null;
+  private timers: LeaseTimers | null = null;
 
   private constructor(
     readonly dir: string,
@@ -95,15 +96,7 @@ export class SharedFolderStore implements AdapterBackend {
     for (const d of [NAMES, VERSIONS, WORK]) await mkdir(path.join(abs, d), { recursive: true });
     const store = new SharedFolderStore(abs, opts);
     const recovered = await store.collect();
-    store.renewTimer = setInterval(() => void store.renew(), Math.max(50, Math.floor(opts.leaseMs / 3)));
-    store.cleanTimer = setInterval(() => {
-      void store.collect().then(
-        (actions) => actions.forEach((a) => opts.log?.(a)),
-        () => undefined,
-      );
-    }, Math.max(100, opts.leaseMs));
-    store.renewTimer.unref();
-    store.cleanTimer.unref();
+    store.timers = new LeaseTimers(opts.leaseMs, () => store.renew(), () => store.collect(), (a) => opts.log?.(a));
     return { store, recovered };
   }
 
@@ -112,9 +105,8 @@ export class SharedFolderStore implements AdapterBackend {
   }
 
   async close(): Promise<void> {
-    if (this.renewTimer) clearInterval(this.renewTimer);
-    if (this.cleanTimer) clearInterval(this.cleanTimer);
-    this.renewTimer = this.cleanTimer = null;
+    this.timers?.stop();
+    this.timers = null;
   }
 
   private namePath(name: string): string {
@@ -269,8 +261,7 @@ export class SharedFolderStore implements AdapterBackend {
   }
 
   async uploadDir(): Promise<string> {
-    const dir = path.join(this.dir, WORK, `upload-${randomUUID()}`);
-    await mkdir(dir);
+    const dir = await makeUploadDir(path.join(this.dir, WORK), 'upload-');
     await this.lease(dir);
     return dir;
   }

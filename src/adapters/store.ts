@@ -178,6 +178,13 @@ export function flushStagedFiles(stagedDir: string): Promise<void> {
   return Promise.all(ADAPTER_FILES.map((f) => fsyncPath(path.join(stagedDir, f)).catch(() => undefined))).then(() => undefined);
 }
 
+/** A fresh, uniquely named folder under `parent` for an upload being staged (see AdapterBackend.uploadDir). */
+export async function makeUploadDir(parent: string, prefix: string): Promise<string> {
+  const dir = path.join(parent, `${prefix}${randomUUID()}`);
+  await mkdir(dir);
+  return dir;
+}
+
 /** sha256 and size of the two adapter files of a folder. */
 export async function digestFolder(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
   const [config, weights] = await Promise.all(ADAPTER_FILES.map((f) => sha256File(path.join(stagedDir, f))));
@@ -353,9 +360,7 @@ export class AdapterStore implements AdapterBackend {
 
   /** A fresh folder for an upload in progress, inside ADAPTER_DIR so that storing it is a rename; removed at startup if a crash leaves it. */
   async uploadDir(): Promise<string> {
-    const dir = path.join(this.dir, `.upload-${randomUUID()}`);
-    await mkdir(dir);
-    return dir;
+    return makeUploadDir(this.dir, '.upload-');
   }
 
   /**

@@ -80,6 +80,22 @@ export function hfConfigJson(a: Architecture): Record<string, unknown> {
   };
 }
 
+/**
+ * config.json of a Llama checkpoint as transformers' LlamaConfig.to_json_string writes it:
+ * hfConfigJson plus Llama's bias, dropout, tensor-parallel and dtype keys; `extra` overrides any key.
+ */
+export function llamaConfigJson(a: Architecture, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    ...hfConfigJson(a),
+    attention_bias: a.attentionBias,
+    attention_dropout: 0.0,
+    mlp_bias: a.mlpBias ?? false,
+    pretraining_tp: 1,
+    torch_dtype: 'bfloat16',
+    ...extra,
+  };
+}
+
 /** Writes `<dir>/config.json` for a base model of this architecture; returns its path. */
 export async function writeBaseConfig(dir: string, a: Architecture): Promise<string> {
   await mkdir(dir, { recursive: true });

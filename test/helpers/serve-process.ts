@@ -70,3 +70,11 @@ export async function startServer(env: Record<string, string>, timeoutMs = 90_00
     },
   };
 }
+
+/** Kills the process at once (SIGKILL, as a crash would) and waits for its exit; no-op when it already exited. */
+export async function killServer(s: ServerProcess): Promise<void> {
+  if (s.child.exitCode !== null || s.child.signalCode !== null) return;
+  const done = new Promise((r) => s.child.once('exit', r));
+  s.child.kill('SIGKILL');
+  await done;
+}
