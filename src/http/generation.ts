@@ -65,7 +65,7 @@ export async function startChoices(runtime: Runtime, call: GenerationCall, n: nu
       promptIds = await runtime.prompts.encode(text, opts);
       refuseIfDraining();
       if (lease && call.adapter !== null) {
-        // replaced while the prompt was encoded: hold the current version, submitted in this same turn
+        // the name may have been replaced while the prompt was encoded: hold its current version, submitted in this same turn
         const fresh = await runtime.registry.acquire(call.adapter);
         lease.release();
         lease = fresh;
