@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import multipart from '@fastify/multipart';
 import { z } from 'zod';
 import { HttpProblem, badRequest, zodProblem } from '../src/http/problem.js';
-import { UploadSlots, receiveAdapterUpload, type ReceivedUpload } from '../src/adapters/upload.js';
+import { UploadSlots, discardBody, receiveAdapterUpload, type ReceivedUpload } from '../src/adapters/upload.js';
 import { rejectedProblem } from '../src/adapters/registry.js';
 import { adapterNameProblem } from '../src/adapters/store.js';
 
@@ -40,7 +40,10 @@ export default async function adapterRoutes(app: FastifyInstance): Promise<void>
 
   async function withUpload<T>(request: FastifyRequest, fn: (u: ReceivedUpload & { allowNoEffect: boolean }) => Promise<T>, onField?: (name: string, value: string) => void): Promise<T> {
     const release = slots.acquire();
-    if (release instanceof HttpProblem) throw release;
+    if (release instanceof HttpProblem) {
+      await discardBody(request.raw);
+      throw release;
+    }
     try {
       const u = await receiveAdapterUpload(request, {
         workDir: () => registry.uploadDir(),

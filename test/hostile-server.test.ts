@@ -135,6 +135,10 @@ describe('embedded model at LOG_LEVEL=trace, with keys', () => {
     expect(busy.status).toBe(429);
     expect(Number(busy.headers.get('retry-after'))).toBeGreaterThanOrEqual(1);
     expect(busy.headers.get('content-type')).toMatch(/^application\/problem\+json/);
+    // refused while the client is still sending a larger body: it reads the 429, not a reset
+    const large = new FormData();
+    large.append('weights', new Blob([new Uint8Array(512 * 1024)]), 'adapter_model.safetensors');
+    expect((await fetch(`${server.url}/v1/adapters/validate`, { method: 'POST', headers: admin, body: large })).status).toBe(429);
     expect(await healthAnswers(server.url)).toBe(true);
 
     // the server closes both connections by itself (far sooner than this bound)

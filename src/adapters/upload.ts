@@ -3,6 +3,7 @@ import { mkdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import type { IncomingMessage } from 'node:http';
 import type { FastifyRequest } from 'fastify';
 import type { Multipart } from '@fastify/multipart';
 import { createFlushingWriteStream } from '../durable-fs.js';
@@ -226,6 +227,30 @@ export class UploadSlots {
       this.meanSeconds = Math.min(60, 0.8 * this.meanSeconds + 0.2 * s);
     };
   }
+}
+
+/**
+ * Reads and discards a refused upload's body before the refusal is sent, up to a bound. A reply
+ * sent while the client is still writing, on a connection the server then closes, reaches the
+ * client as a reset (EPIPE) instead of the 429; past the bound the connection is closed anyway, so
+ * a client cannot hold it open by sending slowly.
+ */
+export function discardBody(raw: IncomingMessage, limits: { bytes: number; ms: number } = { bytes: 1 << 20, ms: 2000 }): Promise<void> {
+  if (raw.readableEnded || raw.destroyed) return Promise.resolve();
+  return new Promise((resolve) => {
+    let seen = 0;
+    const done = () => {
+      clearTimeout(timer);
+      raw.off('data', onData).off('end', done).off('error', done).off('close', done);
+      resolve();
+    };
+    const onData = (chunk: Buffer) => {
+      seen += chunk.length;
+      if (seen > limits.bytes) done();
+    };
+    const timer = setTimeout(done, limits.ms);
+    raw.on('data', onData).once('end', done).once('error', done).once('close', done);
+  });
 }
 
 export async function receiveAdapterUpload(request: FastifyRequest, opts: UploadOptions): Promise<ReceivedUpload> {
