@@ -1,18 +1,18 @@
-import { Tensor, type InferenceSession } from 'onnxruntime-node';
-import { kvCacheKeyName, kvCacheValueName, kvNewKeyName, kvNewValueName, KV_LENS, KV_ROWS, type Manifest } from '../model/manifest.js';
-import type { ResidentAdapter } from './batch.js';
-import { allocModel, tensorType, type ModelArray } from './dtype.js';
+import type { InferenceSession } from 'onnxruntime-node';
+import type { Manifest } from '../model/manifest.js';
+import { FeedBuilder, kvShapeOf, type ResidentAdapter } from './batch.js';
+import { ResidentKv } from './kv.js';
 
 /**
  * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
  * in one batch — row 0 without the adapter, row 1 with it — and the two rows' next-token
  * distributions are compared at every position of the prompt.
  *
- * The probe walks the prompt one token per run, carrying its own small resident cache (two slots:
- * base and adapter; each run's `kv_new` written at its position): the served graph emits logits
- * for the last position only, so one full-sequence run would compare a single distribution. It
- * touches nothing of the decode loop (no scheduler row, no engine KV), and the worker runs it
- * between steps.
+ * The probe walks the prompt one token per run, as decode steps of its own two-slot cache (slot 0
+ * the base row, slot 1 the adapter row) fed by the engine's FeedBuilder: the served graph emits
+ * logits for the last position only, so one full-sequence run would compare a single
+ * distribution. It touches nothing of the decode loop (no scheduler row, no engine KV), and the
+ * worker runs it between steps.
  */
 
 /** The probe prompt, the same for every adapter of a model; tokenized with the model's tokenizer (BOS added). */
@@ -66,57 +66,29 @@ export function compareDistributions(adapterLogits: Float32Array, baseLogits: Fl
   return { kl: Math.max(0, kl), maxDelta };
 }
 
-/** LoRA feeds for [base row, adapter row]: row 0 all zeros, row 1 the adapter; untouched targets rank 0. */
-function loraFeeds(manifest: Manifest, adapter: ResidentAdapter): Record<string, Tensor> {
-  const type = tensorType(manifest.dtype);
-  const feeds: Record<string, Tensor> = {};
-  manifest.loraTargets.forEach((t, i) => {
-    const m = adapter.modules[i];
-    const r = m?.rank ?? 0;
-    if (!m || r === 0) {
-      feeds[t.inputA] = new Tensor(type, allocModel(manifest.dtype, 0), [1, t.inFeatures, 0]);
-      feeds[t.inputB] = new Tensor(type, allocModel(manifest.dtype, 0), [1, 0, t.outFeatures]);
-      return;
-    }
-    const A = allocModel(manifest.dtype, 2 * t.inFeatures * r);
-    const B = allocModel(manifest.dtype, 2 * r * t.outFeatures);
-    A.set(m.A, t.inFeatures * r);
-    B.set(m.B, r * t.outFeatures);
-    feeds[t.inputA] = new Tensor(type, A, [2, t.inFeatures, r]);
-    feeds[t.inputB] = new Tensor(type, B, [2, r, t.outFeatures]);
-  });
-  return feeds;
-}
-
 /**
  * The probe through `session` (the served graph), one batch-2 run per `step()`, so that the worker
  * can interleave it with decode steps and no running stream waits for the whole probe. Each run
  * blocks its thread like a decode step: use it in the inference worker only.
  */
 export class ProbeRun {
-  private readonly lora: Record<string, Tensor>;
-  /** per layer, [probe length, 2 slots, kvHeads, headDim]: slot 0 the base row, slot 1 the adapter row */
-  private readonly keys: ModelArray[] = [];
-  private readonly values: ModelArray[] = [];
-  private readonly width: number;
+  private readonly feeds: FeedBuilder;
+  private readonly kv: ResidentKv;
+  private readonly rows: readonly (ResidentAdapter | null)[];
   private t = 0;
   private klSum = 0;
   private maxDelta = 0;
 
   constructor(
     private readonly session: RunSession,
-    private readonly manifest: Manifest,
+    manifest: Manifest,
     adapter: ResidentAdapter,
     private readonly ids: readonly number[],
   ) {
     if (ids.length === 0) throw new Error('the probe prompt has no tokens');
-    const a = manifest.architecture;
-    this.lora = loraFeeds(manifest, adapter);
-    this.width = a.numKvHeads * a.headDim;
-    for (let l = 0; l < a.numLayers; l++) {
-      this.keys.push(allocModel(manifest.dtype, ids.length * 2 * this.width));
-      this.values.push(allocModel(manifest.dtype, ids.length * 2 * this.width));
-    }
+    this.feeds = new FeedBuilder(manifest, 2);
+    this.kv = new ResidentKv(kvShapeOf(manifest), 2, ids.length, ids.length);
+    this.rows = [null, adapter];
   }
 
   get done(): boolean {
@@ -126,23 +98,10 @@ export class ProbeRun {
   /** Runs the next probe token; true when it was the last. */
   async step(): Promise<boolean> {
     if (this.done) return true;
-    const { manifest, t, width } = this;
-    const a = manifest.architecture;
-    const type = tensorType(manifest.dtype);
-    const id = BigInt(this.ids[t]!);
-    const feeds: Record<string, Tensor> = {
-      input_ids: new Tensor('int64', BigInt64Array.from([id, id]), [2, 1]),
-      position_ids: new Tensor('int64', BigInt64Array.from([BigInt(t), BigInt(t)]), [2, 1]),
-      [KV_ROWS]: new Tensor('int64', BigInt64Array.from([0n, 1n]), [2]),
-      [KV_LENS]: new Tensor('int64', BigInt64Array.from([BigInt(t), BigInt(t)]), [2]),
-      ...this.lora,
-    };
-    const cached = t * 2 * width;
-    for (let l = 0; l < a.numLayers; l++) {
-      feeds[kvCacheKeyName(l)] = new Tensor(type, this.keys[l]!.subarray(0, cached), [t, 2, a.numKvHeads, a.headDim]);
-      feeds[kvCacheValueName(l)] = new Tensor(type, this.values[l]!.subarray(0, cached), [t, 2, a.numKvHeads, a.headDim]);
-    }
-    const out = await this.session.run(feeds);
+    const { t } = this;
+    const id = this.ids[t]!;
+    this.kv.reserve(t + 1);
+    const out = await this.session.run(this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows));
     const logits = out.logits;
     if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the graph returned no float32 logits');
     const vocab = logits.dims[logits.dims.length - 1]!;
@@ -152,11 +111,7 @@ export class ProbeRun {
     const c = compareDistributions(data.subarray(2 * rowLength - vocab, 2 * rowLength), data.subarray(rowLength - vocab, rowLength));
     this.klSum += c.kl;
     if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
-    // kv_new is [2 rows, 1 position, kvHeads, headDim]: exactly position t of both slots
-    for (let l = 0; l < a.numLayers; l++) {
-      this.keys[l]!.set(out[kvNewKeyName(l)]!.data as ModelArray, cached);
-      this.values[l]!.set(out[kvNewValueName(l)]!.data as ModelArray, cached);
-    }
+    this.kv.write(out, [0, 1], [t, t], 1);
     this.t++;
     return this.done;
   }
