@@ -82,17 +82,11 @@ async function buildModelCommand(argv: string[]): Promise<number> {
   const { openCheckpoint } = await import('./model/checkpoint/index.js');
   const { buildModel } = await import('./model/build.js');
   const { placementLine, resolvePlacement } = await import('./model/placement.js');
+  const { servedBuildOptions } = await import('./runtime.js');
   const checkpoint = await openCheckpoint(path.resolve(modelPath), config.TOKENIZER_PATH);
   const placement = await resolvePlacement({ device: config.DEVICE, dtype: config.DTYPE, weights: config.WEIGHTS });
   process.stderr.write(`${placementLine(placement)}\n`);
-  const built = await buildModel(checkpoint, {
-    outDir: path.resolve(config.CACHE_DIR),
-    dtype: placement.dtype,
-    logits: 'last',
-    kv: 'resident',
-    ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
-    onProgress: (line) => process.stderr.write(`\r${line}\x1b[K`),
-  });
+  const built = await buildModel(checkpoint, { ...servedBuildOptions(config, placement), onProgress: (line) => process.stderr.write(`\r${line}\x1b[K`) });
   process.stderr.write('\n');
   process.stdout.write(`${built.cached ? 'up to date' : 'built'}: ${built.dir}\n`);
   return 0;

@@ -4,8 +4,8 @@ import type { Config } from './config.js';
 import type { Manifest } from './model/manifest.js';
 import { openCheckpoint } from './model/checkpoint/index.js';
 import { ensureEmbeddedModel } from './model/embedded.js';
-import { buildModel } from './model/build.js';
-import { placementLine, resolvePlacement } from './model/placement.js';
+import { buildModel, type BuildOptions } from './model/build.js';
+import { placementLine, resolvePlacement, type Placement } from './model/placement.js';
 import { loadTokenizer } from './tokenizer/index.js';
 import type { Tokenizer } from './tokenizer/types.js';
 import { PromptEncoder } from './tokenizer/off-thread.js';
@@ -44,6 +44,20 @@ export async function resolveModelPath(config: Config, log: Pick<Logger, 'info'>
   return ensureEmbeddedModel(dir);
 }
 
+/**
+ * The graph the server runs, from the settings and the placement: `serve` and `build-model` both
+ * build with these, so a graph built ahead of time is the one the server finds in the cache.
+ */
+export function servedBuildOptions(config: Config, placement: Placement): Omit<BuildOptions, 'onProgress'> {
+  return {
+    outDir: path.resolve(config.CACHE_DIR),
+    dtype: placement.dtype,
+    logits: 'last',
+    kv: 'resident',
+    ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
+  };
+}
+
 export async function startRuntime(config: Config, log: Logger): Promise<Runtime> {
   const modelPath = await resolveModelPath(config, log);
   const checkpoint = await openCheckpoint(modelPath, config.TOKENIZER_PATH);
@@ -53,14 +67,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
   if (!checkpoint.tokenizer) throw new Error(`${modelPath}: no tokenizer found (tokenizer.json, or TOKENIZER_PATH for a llama2.c .bin)`);
   const loaded = await loadTokenizer(checkpoint.tokenizer, checkpoint.architecture);
   const tokenizer = config.CHAT_TEMPLATE ? withChatTemplate(loaded, readChatTemplate(config.CHAT_TEMPLATE)) : loaded;
-  const built = await buildModel(checkpoint, {
-    outDir: path.resolve(config.CACHE_DIR),
-    dtype: placement.dtype,
-    logits: 'last',
-    kv: 'resident',
-    ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
-    onProgress: (line) => log.info(line),
-  });
+  const built = await buildModel(checkpoint, { ...servedBuildOptions(config, placement), onProgress: (line) => log.info(line) });
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
   const prompts = new PromptEncoder(tokenizer, checkpoint.tokenizer, checkpoint.architecture);
   // the worker opens the provider decided here (DEVICE=auto already probed), so the graph's dtype fits it
