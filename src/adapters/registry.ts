@@ -569,10 +569,9 @@ export class AdapterRegistry {
   }
 
   /**
-   * The versionId to hand to the engine for a request naming a loaded adapter. Call it in the
-   * same synchronous turn as the engine submission, so that no replace/delete can unload the
-   * version in between (the engine's messages to its worker keep their order). acquire() also
-   * loads what is not loaded and keeps the version from being evicted while the request runs.
+   * The versionId of a loaded adapter's current version, without holding it (tests, the probe
+   * bench). Requests use acquire(), which also loads what is not loaded and keeps the version
+   * from being evicted while the request runs.
    */
   resolveForGeneration(name: string): string {
     const v = this.versions.get(name);
