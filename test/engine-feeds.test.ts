@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { FeedBuilder, type Feeds, type ResidentAdapter } from '../src/engine/batch.js';
 import { allocModel, type ModelArray } from '../src/engine/dtype.js';
-import { loraTargetsFor, type LoraTarget, type Manifest, type ModelDtype } from '../src/model/manifest.js';
+import { loraBiasInput, loraMagnitudeInput, loraTargetsFor, type LoraTarget, type Manifest, type ModelDtype } from '../src/model/manifest.js';
 import { tinyArchitecture } from './helpers/random-checkpoint.js';
 
 /**
@@ -28,6 +28,12 @@ function manifestOf(dtype: ModelDtype): Manifest {
     files: { graph: 'model.onnx', weights: 'model.onnx.data' },
     loraTargets: loraTargetsFor(arch),
   };
+}
+
+function modelArrayOf(manifest: Manifest, v: number[]): ModelArray {
+  const out = allocModel(manifest.dtype, v.length);
+  out.set(v);
+  return out;
 }
 
 /** deterministic, so a failure replays */
@@ -82,6 +88,15 @@ function reference(manifest: Manifest, rows: readonly (ResidentAdapter | null)[]
     }
     out.set(t.inputA, { dims: [n0, t.inFeatures, r], data: A });
     out.set(t.inputB, { dims: [n0, r, t.outFeatures], data: B });
+    // DoRA factors (neutral 1) and lora_B biases (neutral 0): [rows, 1, out] when some row has one, else [1, 1, out]
+    const one = manifest.dtype === 'fp16' ? 0x3c00 : 1;
+    for (const [which, name, neutral] of [['factor', loraMagnitudeInput(t), one], ['bias', loraBiasInput(t), 0]] as const) {
+      const vs = mods.map((m) => m?.[which] ?? null);
+      const rowsOf = vs.some((v) => v !== null) ? vs.length : 1;
+      const data = new Array<number>(rowsOf * t.outFeatures).fill(neutral);
+      if (rowsOf > 1 || vs[0]) vs.forEach((v, b) => v && v.forEach((x, o) => (data[b * t.outFeatures + o] = x)));
+      out.set(name, { dims: [rowsOf, 1, t.outFeatures], data });
+    }
   });
   return out;
 }
@@ -112,7 +127,15 @@ describe.each(['fp32', 'fp16'] as const)('incremental mixed-row LoRA feeds (%s)'
   const Big = adapterOf(manifest, 'Big', (_, i) => (i % 3 === 0 ? 8 : 4), 3);
   const Sparse = adapterOf(manifest, 'Sparse', (_, i) => (i % 2 === 0 ? 2 : 0), 4);
   const One = adapterOf(manifest, 'One', (_, i) => (i === q0 ? 6 : 0), 5);
-  const pool: (ResidentAdapter | null)[] = [X, Y, Big, Sparse, One, null];
+  // DoRA factors on every target; a lora_B bias on every other one
+  const vector = (seed: number) => (t: LoraTarget) => Array.from({ length: t.outFeatures }, (_, o) => (manifest.dtype === 'fp16' ? 1 + ((seed * 17 + o) % 30000) : seed + o / 100));
+  const withVectors = (a: ResidentAdapter, factor: boolean, bias: boolean): ResidentAdapter => ({
+    versionId: `${a.versionId}+v`,
+    modules: a.modules.map((m, i) => m && { ...m, ...(factor && { factor: modelArrayOf(manifest, vector(7 + i)(targets[i]!)) }), ...(bias && i % 2 === 0 && { bias: modelArrayOf(manifest, vector(9 + i)(targets[i]!)) }) }),
+  });
+  const Dora = withVectors(adapterOf(manifest, 'Dora', () => 4, 6), true, false);
+  const Biased = withVectors(adapterOf(manifest, 'Biased', (_, i) => (i % 2 === 0 ? 3 : 0), 8), false, true);
+  const pool: (ResidentAdapter | null)[] = [X, Y, Big, Sparse, One, Dora, Biased, null];
 
   it('joins at the end, leaves in the middle, rank growth and shrink, broadcast in between: always the from-scratch layout', () => {
     const f = new FeedBuilder(manifest, 4);
@@ -131,6 +154,10 @@ describe.each(['fp32', 'fp16'] as const)('incremental mixed-row LoRA feeds (%s)'
       [Y, X, Big, One, Sparse], // reversed order
       [null, null], // the base for all
       [X, Y],
+      [X, Dora, null], // DoRA factors for one row: ones for the others
+      [Dora, Biased], // factors and biases in one step
+      [Dora, Dora], // shared: the adapter's own [1, 1, out] vectors
+      [Biased, X],
     ];
     let previous: Feeds | null = null;
     script.forEach((rows, step) => {

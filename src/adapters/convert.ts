@@ -14,6 +14,10 @@ export interface EngineModuleWeights {
   A: Float32Array;
   /** [rank, outFeatures] row-major, already multiplied by the module's scale */
   B: Float32Array;
+  /** [outFeatures]: DoRA's lora_magnitude_vector m as saved (use_dora); the engine turns it into m / ‖W + s·B·A‖ */
+  magnitude?: Float32Array;
+  /** [outFeatures]: lora_B.bias already multiplied by the module's scale (lora_bias) */
+  bias?: Float32Array;
 }
 
 export interface AdapterWeights {
@@ -53,10 +57,27 @@ export function toEngineWeights(report: ValidationReport, tensors: Map<string, F
     if (!b || b.length !== t.outFeatures * r) throw new Error(`toEngineWeights: lora_B of ${m.module} is missing or not [${t.outFeatures}, ${r}]`);
     const A = transpose(a, r, t.inFeatures);
     const B = transpose(b, t.outFeatures, r, m.scale);
-    modules.set(m.module, { rank: r, A, B });
-    bytes += A.byteLength + B.byteLength;
+    const vectors = moduleVectors(m, tensors, t.outFeatures);
+    modules.set(m.module, { rank: r, A, B, ...vectors });
+    bytes += A.byteLength + B.byteLength + (vectors.magnitude?.byteLength ?? 0) + (vectors.bias?.byteLength ?? 0);
   }
   return { modules, bytes };
+}
+
+/** A module's DoRA magnitude (as saved) and lora_B bias (times the scale, as PEFT's forward applies it). */
+function moduleVectors(m: ValidationReport['modules'][number], tensors: ReadonlyMap<string, Float32Array>, out: number): Pick<EngineModuleWeights, 'magnitude' | 'bias'> {
+  const read = (key: string | null | undefined, what: string) => {
+    if (key === null || key === undefined) return undefined;
+    const v = tensors.get(key);
+    if (!v || v.length !== out) throw new Error(`toEngineWeights: ${what} of ${m.module} is missing or not [${out}]`);
+    return v;
+  };
+  const magnitude = read(m.tensorMagnitude, 'lora_magnitude_vector');
+  const bias = read(m.tensorBias, 'lora_B.bias');
+  return {
+    ...(magnitude && { magnitude: Float32Array.from(magnitude) }),
+    ...(bias && { bias: bias.map((v) => v * m.scale) }),
+  };
 }
 
 /**
@@ -72,6 +93,8 @@ export function fromIngested(report: ValidationReport, ingested: { engineLayout:
   const targets = new Map(manifest.loraTargets.map((t) => [t.name, t]));
   const picked: [string, number, number, Float32Array, Float32Array][] = [];
   for (const m of report.modules) {
+    // the stream keeps lora_A / lora_B only: DoRA and lora_bias vectors are read from the file
+    if (m.tensorMagnitude || m.tensorBias) return null;
     const t = targets.get(m.module);
     const A = m.tensorA === null ? undefined : engineLayout.get(m.tensorA);
     const B = m.tensorB === null ? undefined : engineLayout.get(m.tensorB);

@@ -130,6 +130,10 @@ export const ModuleReportSchema = z.object({
   /** tensor keys as they appear in the file; null when missing */
   tensorA: z.string().nullable(),
   tensorB: z.string().nullable(),
+  /** DoRA (use_dora): the lora_magnitude_vector key; absent or null for plain LoRA */
+  tensorMagnitude: z.string().nullable().optional(),
+  /** lora_bias: the lora_B.bias key; absent or null without one */
+  tensorBias: z.string().nullable().optional(),
   /** ‖scale·B·A‖_F in float64 (effect.ts); null when the tensors were not read or do not fit */
   deltaNorm: z.number().nullable().optional(),
   /** deltaNorm ÷ ‖W‖_F of the base projection; null where the base weights are not at hand (loraserve check) */

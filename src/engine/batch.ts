@@ -2,6 +2,7 @@ import { Tensor } from 'onnxruntime-node';
 import { KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
 import type { KvShape, ResidentKv } from './kv.js';
+import { LoraVectorFeeds, type LoraVectors } from './lora-vectors.js';
 
 /**
  * Feeds for one run of the resident-KV graph (graph/kv.ts): token ids, positions, each row's KV
@@ -10,8 +11,8 @@ import type { KvShape, ResidentKv } from './kv.js';
  */
 export type Feeds = Record<string, Tensor>;
 
-/** One adapter module in the model's dtype: A [in, rank], B [rank, out] (scale folded into B). */
-export interface LoraModule {
+/** One adapter module in the model's dtype: A [in, rank], B [rank, out] (scale folded into B), maybe DoRA's factor and lora_B's bias. */
+export interface LoraModule extends LoraVectors {
   rank: number;
   A: ModelArray;
   B: ModelArray;
@@ -73,6 +74,7 @@ export class FeedBuilder {
 
   /** graphs built without LoRA inputs (manifest.lora false) get no LoRA feeds at all */
   private readonly targets: Manifest['loraTargets'];
+  private readonly vectors: LoraVectorFeeds;
 
   /** @param maxBatch rows the mixed-step buffers are sized for (they grow if a step has more) */
   constructor(
@@ -87,6 +89,8 @@ export class FeedBuilder {
       this.baseLora[t.inputA] = this.tensor(allocModel(this.dtype, 0), [1, t.inFeatures, 0]);
       this.baseLora[t.inputB] = this.tensor(allocModel(this.dtype, 0), [1, 0, t.outFeatures]);
     }
+    this.vectors = new LoraVectorFeeds(manifest, this.targets);
+    this.vectors.single(null, this.baseLora);
   }
 
   private tensor(data: ModelArray, dims: number[]): Tensor {
@@ -104,6 +108,7 @@ export class FeedBuilder {
         f![t.inputA] = m ? this.tensor(m.A, [1, t.inFeatures, m.rank]) : this.baseLora[t.inputA];
         f![t.inputB] = m ? this.tensor(m.B, [1, m.rank, t.outFeatures]) : this.baseLora[t.inputB];
       });
+      this.vectors.single(adapter.modules, f);
       this.single.set(adapter, f);
     }
     return f;
@@ -171,6 +176,7 @@ export class FeedBuilder {
       f[t.inputA] = this.tensor(s.A.subarray(0, n * t.inFeatures * r), [n, t.inFeatures, r]);
       f[t.inputB] = this.tensor(s.B.subarray(0, n * r * t.outFeatures), [n, r, t.outFeatures]);
     });
+    this.vectors.rows(rows, f);
     // only live rows are remembered: a freed adapter is never kept alive by a stale slot
     this.held = [...rows];
     return f;

@@ -221,9 +221,20 @@ export class EngineCore {
           `adapter version ${versionId}: ${m.name} with rank ${m.rank} needs A [${t.inFeatures}, ${m.rank}] and B [${m.rank}, ${t.outFeatures}], got ${m.A.length} and ${m.B.length} values`,
         );
       }
+      for (const which of ['factor', 'bias'] as const) {
+        const v = m[which];
+        if (v && v.length !== t.outFeatures) throw new Error(`adapter version ${versionId}: ${m.name} needs a ${which} vector of ${t.outFeatures} values, got ${v.length}`);
+      }
       if (m.rank === 0) continue;
       const { rank, A, B } = m.rank === 1 ? widenRankOne(m.A, m.B) : m;
-      modules[i] = { rank, A: toModelArray(this.manifest.dtype, A), B: toModelArray(this.manifest.dtype, B) };
+      const dtype = this.manifest.dtype;
+      modules[i] = {
+        rank,
+        A: toModelArray(dtype, A),
+        B: toModelArray(dtype, B),
+        ...(m.factor && { factor: toModelArray(dtype, m.factor) }),
+        ...(m.bias && { bias: toModelArray(dtype, m.bias) }),
+      };
     }
     const entry: AdapterEntry = { versionId, modules, refs: 0, unloaded: false };
     this.adapters.set(versionId, entry);

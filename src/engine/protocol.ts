@@ -81,6 +81,10 @@ export interface LoraModuleWire {
   A: Float32Array;
   /** [rank, out] row-major, scale folded in */
   B: Float32Array;
+  /** [out]: DoRA's factor m / ‖W + s·B·A‖ (adapters/dora.ts), for use_dora modules */
+  factor?: Float32Array;
+  /** [out]: lora_B.bias × scale, for lora_bias modules */
+  bias?: Float32Array;
 }
 
 export type ToWorker =

@@ -28,7 +28,8 @@ export type ModelDtype = z.infer<typeof ModelDtypeSchema>;
  *   inputs  input_ids int64 [batch, seq], position_ids int64 [batch, seq],
  *           attention_bias <dtype> [batch, 1, seq, past + seq] (0 = attend, maskValue = do not),
  *           past_key_values.{i}.key|value <dtype> [batch, kvHeads, past, headDim],
- *           every LoRA target's A and B (<dtype>)
+ *           every LoRA target's A and B (<dtype>), and its magnitude and bias vectors
+ *           (loraMagnitudeInput / loraBiasInput, [batch | 1, 1, out])
  *   outputs logits float32 [batch, seq | 1, vocab] (see `logits`),
  *           present.{i}.key|value <dtype> [batch, kvHeads, past + seq, headDim]
  */
@@ -74,6 +75,14 @@ export const KV_ROWS = 'kv_rows';
 export const KV_LENS = 'kv_lens';
 export type KvContract = 'concat' | 'resident';
 export const kvContractOf = (m: { kv?: KvContract }): KvContract => m.kv ?? 'concat';
+
+/**
+ * The per-row vectors of a target ([batch | 1, 1, out]): DoRA's factor m / ‖W + s·B·A‖ multiplying
+ * the projection before its base bias (ones for other rows), and lora_B's bias times the scale
+ * (zeros for other rows). Named from the target so manifests need no new fields.
+ */
+export const loraMagnitudeInput = (t: Pick<LoraTarget, 'layer' | 'module'>) => `lora.${t.layer}.${t.module}.magnitude`;
+export const loraBiasInput = (t: Pick<LoraTarget, 'layer' | 'module'>) => `lora.${t.layer}.${t.module}.bias`;
 
 export function moduleName(layer: number, p: Projection): string {
   return `model.layers.${layer}.${projectionBlock(p)}.${p}`;

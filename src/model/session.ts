@@ -4,7 +4,7 @@ import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import ort from 'onnxruntime-node';
 import './ort-float16.js';
-import { pastKeyName, pastValueName, type Manifest } from './manifest.js';
+import { loraBiasInput, loraMagnitudeInput, pastKeyName, pastValueName, type LoraTarget, type Manifest } from './manifest.js';
 
 export type Device = 'auto' | 'cpu' | 'cuda';
 export type Provider = 'cuda' | 'cpu';
@@ -102,15 +102,30 @@ function emptyFloat(manifest: Manifest, dims: readonly number[]): ort.Tensor {
   return manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(0), dims) : new ort.Tensor('float32', new Float32Array(0), dims);
 }
 
-/** rank-0 LoRA inputs (A [batch, in, 0], B [batch, 0, out]): the graph then adds exactly zero */
+/**
+ * rank-0 LoRA inputs (A [batch, in, 0], B [batch, 0, out]), a DoRA factor of 1 and a lora_B bias of
+ * 0 (broadcast [1, 1, out]): the graph then adds exactly zero
+ */
 export function emptyLoraFeeds(manifest: Manifest, batch: number): Record<string, ort.Tensor> {
   const feeds: Record<string, ort.Tensor> = {};
   for (const t of manifest.loraTargets) {
     feeds[t.inputA] = emptyFloat(manifest, [batch, t.inFeatures, 0]);
     feeds[t.inputB] = emptyFloat(manifest, [batch, 0, t.outFeatures]);
+    Object.assign(feeds, neutralLoraVectors(manifest, t));
   }
   return feeds;
 }
+
+/** the magnitude (ones) and lora_B bias (zeros) of a row without DoRA or lora_bias, [1, 1, out] */
+export function neutralLoraVectors(manifest: Manifest, t: LoraTarget): Record<string, ort.Tensor> {
+  const dims = [1, 1, t.outFeatures];
+  const ones = manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(t.outFeatures).fill(FP16_ONE), dims) : new ort.Tensor('float32', new Float32Array(t.outFeatures).fill(1), dims);
+  const zeros = manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(t.outFeatures), dims) : new ort.Tensor('float32', new Float32Array(t.outFeatures), dims);
+  return { [loraMagnitudeInput(t)]: ones, [loraBiasInput(t)]: zeros };
+}
+
+/** 1.0 as IEEE half bits */
+const FP16_ONE = 0x3c00;
 
 /** an empty KV cache (past = 0) for the first step */
 export function zeroPast(manifest: Manifest, batch: number): Record<string, ort.Tensor> {

@@ -2,7 +2,7 @@ import ort from 'onnxruntime-node';
 import { f16ToF32 } from '../../src/adapters/safetensors.js';
 import { toFloat16Bits } from '../../src/model/graph/onnx-builder.js';
 import { pastKeyName, pastValueName, presentKeyName, presentValueName, type LoraTarget, type Manifest } from '../../src/model/manifest.js';
-import { emptyLoraFeeds, zeroPast } from '../../src/model/session.js';
+import { emptyLoraFeeds, neutralLoraVectors, zeroPast } from '../../src/model/session.js';
 import { MemoryCheckpoint, Rng, type MemoryTensor } from './random-checkpoint.js';
 
 /**
@@ -217,6 +217,7 @@ export function loraFeeds(manifest: Manifest, rows: readonly (Adapter | null)[],
     });
     feeds[t.inputA] = floatTensor(manifest, A, [batch, t.inFeatures, r]);
     feeds[t.inputB] = floatTensor(manifest, B, [batch, r, t.outFeatures]);
+    Object.assign(feeds, neutralLoraVectors(manifest, t));
   }
   return feeds;
 }

@@ -2,7 +2,7 @@ import type { Architecture, Projection } from '../architecture.js';
 import { projectionBlock, projectionDims, projectionHasBias } from '../architecture.js';
 import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
-import { loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
+import { loraBiasInput, loraMagnitudeInput, loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
 import { concatKv, residentKv, type KvLayout } from './kv.js';
 import { frobeniusNorm } from '../../adapters/effect.js';
 import { ropeFrequencies } from './rope.js';
@@ -12,7 +12,7 @@ import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
 import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '9';
+export const BUILDER_VERSION = '10';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -56,6 +56,7 @@ export interface BuiltGraph {
 /** symbolic dims of a target's LoRA inputs: a rank per target, and a batch that may be 1 (broadcast) */
 export const loraRankDim = (t: LoraTarget) => `lora_rank.${t.layer}.${t.module}`;
 export const loraBatchDim = (t: LoraTarget) => `lora_batch.${t.layer}.${t.module}`;
+export const loraVectorBatchDim = (t: LoraTarget) => `lora_vector_batch.${t.layer}.${t.module}`;
 
 /** SimplifiedLayerNormalization is onnxruntime's, registered in the default domain (as onnxruntime-genai emits it) */
 const OPSETS = { '': 17 };
@@ -193,6 +194,9 @@ export async function buildLlamaGraph(
   for (const t of targets) {
     g.input(t.inputA, T, [loraBatchDim(t), t.inFeatures, loraRankDim(t)]);
     g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
+    // DoRA's factor and lora_B's bias (DESIGN "The model graph contract"): [batch | 1, 1, out]
+    g.input(loraMagnitudeInput(t), T, [loraVectorBatchDim(t), 1, t.outFeatures]);
+    g.input(loraBiasInput(t), T, [loraVectorBatchDim(t), 1, t.outFeatures]);
   }
 
   // sliding window (Mistral, Phi-3, windowed Qwen layers): only the bias of those layers changes
@@ -277,10 +281,13 @@ export async function buildLlamaGraph(
     // the divisor of each adapter module's relativeNorm, taken while the weight is in hand anyway
     if (t) t.weightNorm = frobeniusNorm(raw);
     let y = opts.weights ? await quantizedMatMul(`${base}.weight`, raw, outFeatures, inFeatures, x) : g.op('MatMul', [x, await g.weight(`${base}.weight.T`, T, [inFeatures, outFeatures], transpose(raw, outFeatures, inFeatures))]);
+    // PEFT's DoRA (tuners/lora/dora.py): g ⊙ (W·x + s·B·A·x) + bias, so the factor multiplies before
+    // the base bias is added; plain rows are fed g = 1 and lora_B bias = 0, both exact
+    if (t) y = g.op('Mul', [g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, t.inputA]), t.inputB])]), loraMagnitudeInput(t)]);
     if (projectionHasBias(a, p)) {
       y = g.op('Add', [y, await g.weight(`${base}.bias`, T, [outFeatures], tensors.read(`${base}.bias`, [outFeatures]))]);
     }
-    if (t) y = g.op('Add', [y, g.op('MatMul', [g.op('MatMul', [x, t.inputA]), t.inputB])]);
+    if (t) y = g.op('Add', [y, loraBiasInput(t)]);
     return y;
   };
 
