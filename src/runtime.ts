@@ -71,7 +71,7 @@ export async function startRuntime(config: Config, log: Logger): Promise<Runtime
   log.info({ dir: built.dir, cached: built.cached }, built.cached ? 'model graph taken from cache' : 'model graph built');
   const prompts = new PromptEncoder(tokenizer, checkpoint.tokenizer, checkpoint.architecture);
   // the worker opens the provider decided here (DEVICE=auto already probed), so the graph's dtype fits it
-  const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config: { ...config, DEVICE: placement.provider }, log });
+  const engine = await Engine.start({ modelDir: built.dir, manifest: built.manifest, config: { ...config, DEVICE: placement.provider }, log, baseWeights: { modelPath, ...(config.TOKENIZER_PATH && { tokenizerPath: config.TOKENIZER_PATH }) } });
   let registry: AdapterRegistry;
   try {
     const probe = probeIds(tokenizer.encode(PROBE_TEXT), built.manifest, engine.limits.contextLength);

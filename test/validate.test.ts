@@ -243,24 +243,12 @@ describe('features that cannot be served', () => {
     return only(r, 'unsupported_feature');
   };
 
-  it('DoRA (config and magnitude tensors) → one unsupported_feature with a merge hint', () => {
-    const mags = [0, 1, 2].map((l) => ({ name: `base_model.model.model.layers.${l}.self_attn.q_proj.lora_magnitude_vector`, shape: [24], data: new Float32Array(24).fill(1) }));
-    const p = unsupported({ use_dora: true }, [...ok, ...mags]);
-    expect(p).toHaveLength(1);
-    expect(p[0]).toMatchObject({ key: 'use_dora' });
-    expect(p[0]!.hint).toContain('merge_and_unload');
-    // magnitude vectors alone, config silent: still found
-    const q = unsupported({}, [...ok, ...mags]);
-    expect(q[0]!.tensor).toBe(mags[0]!.name);
-  });
-
-  it('modules_to_save, AdaLoRA, bias, lora_bias, target_parameters, fan_in_fan_out', () => {
+  it('modules_to_save, AdaLoRA, bias, target_parameters, fan_in_fan_out (DoRA and lora_bias: variants-validate.test.ts)', () => {
     expect(unsupported({ modules_to_save: ['lm_head'] })[0]!.hint).toContain('modules_to_save');
     const ada = unsupported({ peft_type: 'ADALORA' });
     expect(ada[0]!.message).toContain('AdaLoRA');
     expect(ada[0]!.hint).toContain('merge_and_unload');
     expect(unsupported({ bias: 'all' })[0]!.key).toBe('bias');
-    expect(unsupported({ lora_bias: true })[0]!.key).toBe('lora_bias');
     expect(unsupported({ target_parameters: ['experts.gate_up_proj'] })[0]!.key).toBe('target_parameters');
     expect(unsupported({ fan_in_fan_out: true })[0]!.hint).toContain('fan_in_fan_out=false');
   });
@@ -329,7 +317,7 @@ describe('values, dtypes, base model', () => {
   it('collects every problem at once', () => {
     const tensors = makePeftTensors(ARCH, { r: 8, targets: QV, seed: 19, shapeOverride: ({ part, layer, projection }) => (layer === 0 && part === 'B' && projection === 'v_proj' ? [99, 8] : undefined) }).filter((t) => !t.name.includes('layers.2.self_attn.q_proj.lora_A'));
     tensors[0]!.data[0] = NaN;
-    const r = validateAdapter(input(peftConfig({ use_dora: true, init_lora_weights: 'olora', rank_pattern: { nothing: 2 }, base_model_name_or_path: 'other/model' }), tensors, { values: true }), MODEL, { maxLoraRank: 4, strictBaseModel: false });
+    const r = validateAdapter(input(peftConfig({ target_parameters: ['experts.gate_up_proj'], init_lora_weights: 'olora', rank_pattern: { nothing: 2 }, base_model_name_or_path: 'other/model' }), tensors, { values: true }), MODEL, { maxLoraRank: 4, strictBaseModel: false });
     expect(new Set(codes(r))).toEqual(new Set(['unsupported_feature', 'base_modifying_init', 'rank_too_large', 'shape_mismatch', 'missing_tensor', 'non_finite']));
     expect(new Set(r.warnings.map((w) => w.code))).toEqual(new Set(['rank_pattern_unmatched', 'base_model_mismatch']));
   });

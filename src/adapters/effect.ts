@@ -120,6 +120,8 @@ export interface EffectInput {
   file: string;
   /** the config's use_rslora, named in large_delta's hint */
   useRslora: boolean | null;
+  /** lora_B bias keys whose values are known to be all zero (a bias not listed may add something) */
+  zeroVectors?: ReadonlySet<string>;
 }
 
 export interface EffectResult {
@@ -187,7 +189,10 @@ export function assessEffect(input: EffectInput): EffectResult {
     // NaN / ±Inf in the values: non_finite reports them, and no norm describes them
     if (norm === null || !Number.isFinite(norm)) return { ...m, deltaNorm: null, relativeNorm: null };
     measured++;
-    if (norm === 0) zero.push({ m, cause: noEffectCause(m.scale, a!, b!) });
+    // DoRA rescales rows by m / ‖W + ΔW‖, which needs W (the served probe measures it), and a
+    // lora_B bias adds scale·b: with either, a zero ΔW alone does not make the module a no-op
+    const beyondDelta = Boolean(m.tensorMagnitude) || (Boolean(m.tensorBias) && !input.zeroVectors?.has(m.tensorBias!));
+    if (norm === 0 && !beyondDelta) zero.push({ m, cause: noEffectCause(m.scale, a!, b!) });
     const w = weightNorms?.get(m.module);
     return { ...m, deltaNorm: norm, relativeNorm: w === undefined ? null : w > 0 ? norm / w : null };
   });

@@ -7,6 +7,7 @@ import { CONFIG_FILE, foreignPeftType, jsonExcerpt, parsePeftConfig, type PeftCo
 import { boundProblems, error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import { resolveModules, type ResolvedModule } from './resolve.js';
 import { isFloatDtype, type SafetensorsHeader, type TensorHeader } from './safetensors.js';
+import { checkLoraVectors, variantConfigProblems, type VectorTensor } from './variants.js';
 
 /**
  * The validator: one pure function from (adapter files, model facts, limits) to a report that
@@ -71,16 +72,14 @@ const fmt = (shape: readonly number[]) => `[${shape.join(', ')}]`;
 const countOf = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 /** What to say about each feature we cannot serve; keyed so config and tensor evidence merge into one problem. */
-type Feature = 'peft_type' | 'dora' | 'modules_to_save' | 'bias' | 'lora_bias' | 'target_parameters' | 'embedding' | 'lm_head' | 'non_linear' | 'fan_in_fan_out' | 'layer_replication' | 'trainable_tokens' | 'alora' | 'qalora';
+type Feature = 'peft_type' | 'modules_to_save' | 'bias' | 'target_parameters' | 'embedding' | 'lm_head' | 'non_linear' | 'fan_in_fan_out' | 'layer_replication' | 'trainable_tokens' | 'alora' | 'qalora';
 
 const MERGE = 'merge it into the base model with PEFT merge_and_unload() and serve the merged model';
 
 const FEATURE_HINTS: Record<Feature, string> = {
   peft_type: `Only plain LoRA adapters (peft_type "LORA") are served: ${MERGE}, or retrain with LoraConfig.`,
-  dora: `DoRA rescales the base weight per column, which a per-row low-rank delta cannot express: ${MERGE}, or retrain with use_dora=False.`,
   modules_to_save: `modules_to_save ships fully trained copies of base modules (e.g. lm_head, embed_tokens) that replace the base weights: ${MERGE}, or retrain without modules_to_save.`,
   bias: `Trained biases change the base model's own bias terms: ${MERGE}, or retrain with bias="none".`,
-  lora_bias: `lora_B with a bias adds a per-module constant the engine does not carry: ${MERGE}, or retrain with lora_bias=False.`,
   target_parameters: `LoRA on raw nn.Parameters (target_parameters, e.g. MoE experts) is not a Linear projection: ${MERGE}, or retrain with target_modules only.`,
   embedding: `LoRA on the token embedding is not served (only the attention and MLP projections are): ${MERGE}, or retrain without embed_tokens in target_modules.`,
   lm_head: `LoRA on lm_head is not served (only the attention and MLP projections are): ${MERGE}, or retrain without lm_head in target_modules.`,
@@ -111,10 +110,8 @@ function configFeatures(c: PeftConfig, bag: FeatureBag): void {
     const { message, hint } = foreignPeftType(c.peftType);
     bag.add('peft_type', { ...cfg('peft_type', c.peftType.slice(0, 40), message), hint });
   }
-  if (c.useDora) bag.add('dora', cfg('use_dora', true, 'The adapter uses DoRA (use_dora=true), which the engine cannot apply as a low-rank delta.'));
   if (c.modulesToSave && c.modulesToSave.length > 0) bag.add('modules_to_save', cfg('modules_to_save', c.modulesToSave, `modules_to_save is ${JSON.stringify(c.modulesToSave)}: the adapter replaces whole base modules.`));
   if (c.bias !== 'none') bag.add('bias', cfg('bias', c.bias, `bias is "${c.bias}": the adapter trained bias terms of the base model.`));
-  if (c.loraBias) bag.add('lora_bias', cfg('lora_bias', true, 'lora_bias is true: lora_B carries a bias vector.'));
   if (c.targetParameters && c.targetParameters.length > 0) bag.add('target_parameters', cfg('target_parameters', c.targetParameters, `target_parameters is ${JSON.stringify(c.targetParameters)}: LoRA on raw parameters.`));
   if (c.fanInFanOut) bag.add('fan_in_fan_out', cfg('fan_in_fan_out', true, 'fan_in_fan_out is true, which describes Conv1D (transposed) weights, not the nn.Linear projections of this model.'));
   const r = c.raw;
@@ -230,6 +227,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     summary.loraAlpha = config.loraAlpha;
     summary.useRslora = config.useRslora;
     configFeatures(config, bag);
+    problems.push(...variantConfigProblems(config));
     const init = initProblem(config);
     if (init) problems.push(init);
     if (config.baseModel && model.modelId && !sameBaseModel(config.baseModel, model.modelId)) {
@@ -304,6 +302,8 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   let loraTensors = 0;
   const tensorProblems: Problem[] = [];
   const nonLinear = new Set(['model.embed_tokens', 'lm_head']);
+  /** DoRA magnitudes and lora_A/lora_B biases, checked by loraVectorProblems */
+  const vectorKeys: VectorTensor[] = [];
 
   // another PEFT method's tensors (AdaLoRA's lora_E) are not LoRA tensors gone wrong: the method is the answer
   const foreign = bag.has('peft_type');
@@ -318,7 +318,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     const where = { file, tensor: t.name, module: pk.module ?? undefined };
     switch (pk.kind) {
       case 'dora_magnitude':
-        bag.add('dora', { ...where, message: `${pk.normalized} is a DoRA magnitude vector.` });
+        vectorKeys.push({ parsed: pk, header: t });
         continue;
       case 'lora_embedding':
         bag.add('embedding', { ...where, message: `${pk.normalized} is LoRA on an embedding layer.` });
@@ -330,7 +330,8 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
         bag.add('trainable_tokens', { ...where, message: `${pk.normalized} holds trained embedding rows (trainable_token_indices).` });
         continue;
       case 'bias':
-        bag.add(pk.part ? 'lora_bias' : 'bias', { ...where, message: `${pk.normalized} is a trained bias.` });
+        if (pk.part === null) bag.add('bias', { ...where, message: `${pk.normalized} is a trained bias.` });
+        else vectorKeys.push({ parsed: pk, header: t });
         continue;
       case 'other':
         tensorProblems.push(error({ code: 'unexpected_tensor', ...where, message: `${t.name} is not a LoRA tensor (expected keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight).` }));
@@ -390,6 +391,9 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   if (header && loraTensors === 0 && input.headerProblems.length === 0 && !foreign) {
     tensorProblems.push(error({ code: 'no_modules_matched', file, message: `${file} holds no LoRA tensors (lora_A / lora_B), so the adapter would change nothing.` }));
   }
+
+  const vectors = checkLoraVectors(vectorKeys, config, targeted, tableByName, (name) => byModule.has(name), file);
+  tensorProblems.push(...vectors.problems);
 
   // per targeted module: shapes, ranks, presence
   const modules: ModuleReport[] = [];
@@ -468,6 +472,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
       alphaKey: m.alphaKey,
       tensorA: slot.A?.parsed.key ?? null,
       tensorB: slot.B?.parsed.key ?? null,
+      ...vectors.keysOf(name),
     });
   }
 
@@ -520,7 +525,8 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   let measuredModules = modules;
   if (grams) {
     const weightNorms = new Map(model.loraTargets.flatMap((t) => (t.weightNorm === undefined ? [] : [[t.name, t.weightNorm] as const])));
-    const effect = assessEffect({ modules, grams, weightNorms, allowNoEffect: limits.allowNoEffect ?? false, file, useRslora: config?.useRslora ?? null });
+    const zeroVectors = new Set(modules.flatMap((m) => (m.tensorBias && input.values?.get(m.tensorBias)?.every((v) => v === 0) ? [m.tensorBias] : [])));
+    const effect = assessEffect({ modules, grams, weightNorms, allowNoEffect: limits.allowNoEffect ?? false, file, useRslora: config?.useRslora ?? null, zeroVectors });
     measuredModules = effect.modules;
     tensorProblems.push(...effect.problems);
   }

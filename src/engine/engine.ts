@@ -1,5 +1,6 @@
 import { Worker } from 'node:worker_threads';
 import type { AdapterWeights } from '../adapters/convert.js';
+import { doraFactorsOffThread, type BaseWeightSource } from '../adapters/dora-factors.js';
 import type { Config } from '../config.js';
 import { kvContractOf, type Manifest } from '../model/manifest.js';
 import type {
@@ -76,6 +77,8 @@ export interface EngineOptions {
   log?: EngineLog;
   /** the longest sequence served (prompt + generated); default and maximum: the model's maxPositions */
   contextLength?: number;
+  /** the base checkpoint, read off-thread for DoRA's factors when such an adapter loads; absent: DoRA adapters are refused */
+  baseWeights?: BaseWeightSource;
 }
 
 type LogFn = (obj: Record<string, unknown>, msg: string) => void;
@@ -260,6 +263,7 @@ export class Engine {
     readonly limits: EngineLimits,
     private readonly maxTokensDefault: number,
     private readonly log: EngineLog | undefined,
+    private readonly baseWeights: BaseWeightSource | undefined,
   ) {
     this.snapshot = EMPTY_STATS(limits);
     worker.on('message', (m: FromWorker) => this.onMessage(m));
@@ -313,7 +317,7 @@ export class Engine {
       await worker.terminate();
       throw e;
     });
-    return new Engine(worker, ready.provider, ready.reason, manifest, limits, config.MAX_TOKENS_DEFAULT, opts.log);
+    return new Engine(worker, ready.provider, ready.reason, manifest, limits, config.MAX_TOKENS_DEFAULT, opts.log, opts.baseWeights);
   }
 
   get contextLength(): number {
@@ -445,11 +449,16 @@ export class Engine {
   async loadAdapter(versionId: string, weights: AdapterWeights): Promise<void> {
     if (this.closing || this.dead) throw new EngineClosedError(this.dead?.message ?? 'the engine is closed');
     if (this.loaded.has(versionId)) throw new EngineError(`adapter version ${versionId} is already loaded`);
+    const factors = await this.doraFactors(weights);
+    // the factors take a while: the engine may have closed meanwhile
+    if (this.isClosed()) throw new EngineClosedError('the engine is closed');
+    if (this.loaded.has(versionId)) throw new EngineError(`adapter version ${versionId} is already loaded`);
     const modules: LoraModuleWire[] = [];
     const buffers = new Set<ArrayBuffer>();
     for (const [name, m] of weights.modules) {
-      modules.push({ name, rank: m.rank, A: m.A, B: m.B });
-      for (const a of [m.A, m.B]) if (a.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
+      const factor = factors.get(name);
+      modules.push({ name, rank: m.rank, A: m.A, B: m.B, ...(factor && { factor }), ...(m.bias && { bias: m.bias }) });
+      for (const a of [m.A, m.B, factor, m.bias]) if (a?.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
     }
     this.loaded.add(versionId);
     try {
@@ -458,6 +467,25 @@ export class Engine {
       this.loaded.delete(versionId);
       throw e;
     }
+  }
+
+  private isClosed(): boolean {
+    return this.closing !== null || this.dead !== null;
+  }
+
+  /** DoRA's g = m / ‖W + s·B·A‖ per DoRA module, computed off both threads (adapters/dora-factors.ts) */
+  private async doraFactors(weights: AdapterWeights): Promise<Map<string, Float32Array>> {
+    const dora = [...weights.modules].filter(([, m]) => m.magnitude);
+    if (dora.length === 0) return new Map();
+    if (!this.baseWeights) throw new EngineError('this engine was started without the base checkpoint (baseWeights), which DoRA adapters need for their norms');
+    const targets = new Map(this.manifest.loraTargets.map((t) => [t.name, t]));
+    const modules = dora.map(([name, m]) => {
+      const t = targets.get(name);
+      if (!t) throw new EngineError(`the model has no LoRA target ${name}`);
+      return { name, inFeatures: t.inFeatures, outFeatures: t.outFeatures, rank: m.rank, A: m.A, B: m.B, magnitude: m.magnitude! };
+    });
+    const served = { dtype: this.manifest.dtype, ...(this.manifest.weights && { weights: this.manifest.weights }) };
+    return doraFactorsOffThread({ ...this.baseWeights, served, modules });
   }
 
   /**
