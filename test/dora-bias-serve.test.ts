@@ -1,0 +1,245 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { FastifyInstance } from 'fastify';
+import { encodeSafetensors } from '../src/adapters/safetensors.js';
+import { projectionDims, projectionsOf, type Architecture, type Projection } from '../src/model/architecture.js';
+import { loraTargetsFor } from '../src/model/manifest.js';
+import { llamaConfigJson, makePeftTensors, peftConfig, seededRandom, type PeftTensor } from './helpers/adapter-fixtures.js';
+import { form } from './helpers/adapter-uploads.js';
+import { FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
+import { maxAbsDiff } from './helpers/lora-feeds.js';
+import { dequantizedProjections } from './helpers/quantized-graph.js';
+import { MemoryCheckpoint, randomCheckpoint, tinyArchitecture, type MemoryTensor } from './helpers/random-checkpoint.js';
+import { referenceForward } from './reference/forward.js';
+import { peftMerge, rowNorms, type PeftModule } from './reference/peft-merge.js';
+
+/**
+ * DoRA (use_dora, lora_magnitude_vector) and LoRA biases (lora_bias, lora_B.bias) uploaded over
+ * HTTP as PEFT's save_pretrained writes them, served alone and in one batch with base and plain
+ * LoRA rows, against the independent reference forward of the checkpoint merged as PEFT's
+ * merge_and_unload does (test/reference/peft-merge.ts): greedy ids equal, logprobs within 1e-4.
+ */
+
+type Kind = 'lora' | 'dora' | 'dora_b0' | 'bias';
+
+interface Variant {
+  name: string;
+  kind: Kind;
+  config: Record<string, unknown>;
+  tensors: PeftTensor[];
+  /** module name → what PEFT holds for it */
+  modules: Map<string, PeftModule>;
+}
+
+const R = 4;
+const ALPHA = 8;
+
+/**
+ * An adapter of `kind` on `targets`, with PEFT's tensor names. DoRA magnitudes are the base rows'
+ * norms (PEFT's initial value, computed from `weights`) moved by ±30%: a trained magnitude.
+ * `dora_b0` has lora_B = 0 (PEFT's initial B) with such magnitudes: its delta is zero, its effect not.
+ */
+function variant(arch: Architecture, weights: ReadonlyMap<string, MemoryTensor>, kind: Kind, seed: number, targets: readonly Projection[]): Variant {
+  const tensors = makePeftTensors(arch, { r: R, targets, seed, scale: 0.15 });
+  const rand = seededRandom(seed + 1000);
+  const modules = new Map<string, PeftModule>();
+  const extra: PeftTensor[] = [];
+  for (const t of loraTargetsFor(arch).filter((t) => targets.includes(t.module))) {
+    const A = tensors.find((p) => p.name === `base_model.model.${t.name}.lora_A.weight`)!.data;
+    const B = tensors.find((p) => p.name === `base_model.model.${t.name}.lora_B.weight`)!.data;
+    if (kind === 'dora_b0') B.fill(0);
+    const mod: PeftModule = { A, B, rank: R, scaling: ALPHA / R };
+    if (kind === 'dora' || kind === 'dora_b0') {
+      const w = weights.get(`${t.name}.weight`)!;
+      const norms = rowNorms(w.data, t.outFeatures, t.inFeatures);
+      mod.magnitude = Float32Array.from(norms, (n) => n * (1 + 0.3 * (rand() * 2 - 1)));
+      extra.push({ name: `base_model.model.${t.name}.lora_magnitude_vector`, shape: [t.outFeatures], data: mod.magnitude });
+    }
+    if (kind === 'bias') {
+      mod.biasB = Float32Array.from({ length: t.outFeatures }, () => (rand() * 2 - 1) * 0.2);
+      extra.push({ name: `base_model.model.${t.name}.lora_B.bias`, shape: [t.outFeatures], data: mod.biasB });
+    }
+    modules.set(t.name, mod);
+  }
+  const config = peftConfig({ r: R, lora_alpha: ALPHA, target_modules: targets, use_dora: kind === 'dora' || kind === 'dora_b0', lora_bias: kind === 'bias' });
+  return { name: kind.replace('_', '-'), kind, config, tensors: [...tensors, ...extra], modules };
+}
+
+async function upload(app: FastifyInstance, v: Variant): Promise<void> {
+  const res = await app.inject({
+    method: 'POST',
+    url: '/v1/adapters',
+    payload: form([
+      ['name', v.name],
+      ['config', Buffer.from(JSON.stringify(v.config)), 'adapter_config.json'],
+      ['weights', encodeSafetensors(v.tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+    ]),
+  });
+  expect(res.statusCode, res.body).toBe(201);
+}
+
+interface Served {
+  tokens: number[];
+  logprobs: { id: number; logprob: number; top_logprobs: { token: number; logprob: number }[] }[];
+}
+
+const PROMPT = 'Once upon a time there was a model that';
+const MAX_TOKENS = 10;
+
+async function generate(app: FastifyInstance, adapter: string | null): Promise<Served> {
+  const res = await app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT, ...(adapter && { adapter }), max_tokens: MAX_TOKENS, temperature: 0, logprobs: 20 } });
+  expect(res.statusCode, res.body).toBe(200);
+  return res.json() as Served;
+}
+
+/** greedy ids equal to the reference's argmax; returns the largest |Δ logprob| over the served top 20 */
+function againstReference(app: FastifyInstance, out: Served, ck: MemoryCheckpoint, label: string): number {
+  const promptIds = app.runtime.tokenizer.encode(PROMPT);
+  const logits = referenceForward(ck, [...promptIds, ...out.tokens], { prefill: promptIds.length });
+  let worst = 0;
+  expect(out.tokens.length, label).toBeGreaterThanOrEqual(3);
+  out.tokens.forEach((tok, k) => {
+    const row = logits[promptIds.length - 1 + k]!;
+    const max = Math.max(...row);
+    const lse = max + Math.log(row.reduce((s, v) => s + Math.exp(v - max), 0));
+    expect(row.indexOf(max), `${label}: greedy token ${k}`).toBe(tok);
+    const lp = out.logprobs[k]!;
+    worst = Math.max(worst, maxAbsDiff([lp.logprob, ...lp.top_logprobs.map((t) => t.logprob)], [row[tok]! - lse, ...lp.top_logprobs.map((t) => row[t.token]! - lse)]));
+  });
+  return worst;
+}
+
+/** the largest |Δ logit| between two checkpoints over the prompt: the adapter does change the model */
+function effectOf(app: FastifyInstance, a: MemoryCheckpoint, b: MemoryCheckpoint): number {
+  const ids = app.runtime.tokenizer.encode(PROMPT);
+  const x = referenceForward(a, ids, { prefill: ids.length });
+  const y = referenceForward(b, ids, { prefill: ids.length });
+  return Math.max(...x.map((row, i) => maxAbsDiff(row, y[i]!)));
+}
+
+/**
+ * Alone, then all at once (base + every variant in one batch, observed sharing a decode step):
+ * each row equal to its merged reference.
+ */
+async function checkVariants(served: ServedFamily, base: MemoryCheckpoint, variants: readonly Variant[], label: string): Promise<void> {
+  const { app } = served;
+  for (const v of variants) await upload(app, v);
+  const merged = new Map(variants.map((v) => [v.name, peftMerge(base, v.modules, v.kind)]));
+  const alone = new Map<string | null, Served>();
+  for (const v of variants) {
+    const out = await generate(app, v.name);
+    const worst = againstReference(app, out, merged.get(v.name)!, `${label} ${v.name} alone`);
+    const effect = effectOf(app, merged.get(v.name)!, base);
+    console.info(`[${label}] ${v.name} alone: ${out.tokens.length} tokens, max |Δ logprob| ${worst.toExponential(2)}, adapter moves logits by ${effect.toFixed(3)}`);
+    expect(worst).toBeLessThan(1e-4);
+    expect(effect).toBeGreaterThan(1e-2);
+    alone.set(v.name, out);
+  }
+  alone.set(null, await generate(app, null));
+
+  // every kind in one batch: poll the engine's stats while the requests run
+  let widest = 0;
+  let polling = true;
+  const poll = (async () => {
+    while (polling) {
+      widest = Math.max(widest, app.runtime.engine.stats().batchSize);
+      await new Promise((r) => setImmediate(r));
+    }
+  })();
+  const names = [null, ...variants.map((v) => v.name)];
+  const together = await Promise.all(names.map((n) => generate(app, n)));
+  polling = false;
+  await poll;
+  names.forEach((n, i) => {
+    const out = together[i]!;
+    expect(out.tokens, `${label} ${n ?? 'base'} in the batch vs alone`).toEqual(alone.get(n)!.tokens);
+    const worst = againstReference(app, out, n === null ? base : merged.get(n)!, `${label} ${n ?? 'base'} in the batch`);
+    expect(worst).toBeLessThan(1e-4);
+  });
+  console.info(`[${label}] ${names.length} requests together (base, ${variants.map((v) => v.name).join(', ')}): widest decode step ${widest} rows, each equal to its reference`);
+  expect(widest).toBe(names.length);
+}
+
+const baseDims: Partial<Architecture> = { vocabSize: FAMILY_VOCAB, maxPositions: 256, bosTokenId: 506, eosTokenIds: [507], tieWordEmbeddings: false };
+
+describe('Llama with a bias on every projection: DoRA, lora_bias and plain LoRA per request', () => {
+  const arch = tinyArchitecture({ ...baseDims, attentionBias: true, outputBias: true, mlpBias: true });
+  const folder: FamilyFolder = { config: llamaConfigJson(arch), tensors: randomCheckpoint(arch, 61).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily('dora-llama', folder, { MAX_BATCH: 8 });
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('each alone and all in one batch with base rows: equal to PEFT merge_and_unload', async () => {
+    const stored = storedTensors(folder);
+    const all = projectionsOf(arch);
+    const variants = [variant(arch, stored, 'lora', 3, all), variant(arch, stored, 'dora', 4, all), variant(arch, stored, 'bias', 5, all), variant(arch, stored, 'dora_b0', 6, ['q_proj', 'v_proj', 'down_proj'])];
+    await checkVariants(served, new MemoryCheckpoint(arch, stored, 'reference'), variants, 'llama');
+    // the description names the variant's tensors
+    const d = (await served.app.inject({ url: '/v1/adapters/dora' })).json() as { report: { modules: { tensorMagnitude?: string }[] } };
+    expect(d.report.modules[0]!.tensorMagnitude).toMatch(/lora_magnitude_vector$/);
+  });
+});
+
+describe('Phi-3 layout (fused qkv_proj / gate_up_proj): DoRA magnitudes span the fused output', () => {
+  const arch = tinyArchitecture({ ...baseDims, family: 'phi3', fusedProjections: true, numHeads: 4, numKvHeads: 2, headDim: 16 });
+  const config = {
+    architectures: ['Phi3ForCausalLM'],
+    model_type: 'phi3',
+    hidden_size: arch.hiddenSize,
+    intermediate_size: arch.intermediateSize,
+    num_hidden_layers: arch.numLayers,
+    num_attention_heads: arch.numHeads,
+    num_key_value_heads: arch.numKvHeads,
+    max_position_embeddings: arch.maxPositions,
+    rms_norm_eps: 1e-5,
+    rope_theta: 10000.0,
+    hidden_act: 'silu',
+    tie_word_embeddings: false,
+    vocab_size: arch.vocabSize,
+    bos_token_id: arch.bosTokenId,
+    eos_token_id: arch.eosTokenIds[0],
+    torch_dtype: 'bfloat16',
+  };
+  const folder: FamilyFolder = { config, tensors: randomCheckpoint(arch, 62).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily('dora-phi3', folder, { MAX_BATCH: 8 });
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('DoRA on qkv_proj, o_proj, gate_up_proj, down_proj alone and batched with plain LoRA and the base', async () => {
+    const stored = storedTensors(folder);
+    expect(projectionDims(arch, 'qkv_proj').outFeatures).toBe(64 + 2 * 32);
+    const all = projectionsOf(arch);
+    const variants = [variant(arch, stored, 'dora', 7, all), variant(arch, stored, 'lora', 8, all)];
+    await checkVariants(served, new MemoryCheckpoint(arch, stored, 'reference'), variants, 'phi3');
+  });
+});
+
+describe.each(['int8', 'int4'] as const)('WEIGHTS=%s: the DoRA norm is taken over the dequantized base, as PEFT does for a quantized layer', (bits) => {
+  const arch = tinyArchitecture({ ...baseDims, attentionBias: true, outputBias: true, mlpBias: true });
+  const folder: FamilyFolder = { config: llamaConfigJson(arch, { torch_dtype: 'float32' }), tensors: randomCheckpoint(arch, 63).tensors, dtype: 'F32' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily(`dora-${bits}`, folder, { WEIGHTS: bits, WEIGHTS_ACCURACY_LEVEL: '0', MAX_BATCH: 8 });
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('DoRA and lora_bias alone and batched: equal to PEFT merge into the dequantized base', async () => {
+    // the base as MatMulNBits holds it, decoded from the built graph (test/reference/matmulnbits.ts)
+    const deq = await dequantizedProjections(served.app.runtime.modelDir);
+    const stored = storedTensors(folder);
+    const dequantized = new Map<string, MemoryTensor>(stored);
+    for (const [name, w] of deq) dequantized.set(name, { shape: stored.get(name)!.shape, data: w });
+    const all = projectionsOf(arch);
+    const variants = [variant(arch, dequantized, 'dora', 9, all), variant(arch, dequantized, 'bias', 10, all), variant(arch, dequantized, 'lora', 11, all)];
+    await checkVariants(served, new MemoryCheckpoint(arch, dequantized, 'reference'), variants, bits);
+  });
+});
