@@ -136,19 +136,21 @@ async function checkVariants(served: ServedFamily, base: MemoryCheckpoint, varia
   }
   alone.set(null, await generate(app, null));
 
-  // every kind in one batch: poll the engine's stats while the requests run
+  // every kind in one batch: each stats snapshot the worker sends (one per step) is watched as it
+  // lands, since polling from this thread can miss steps whose messages arrive together
   let widest = 0;
-  let polling = true;
-  const poll = (async () => {
-    while (polling) {
-      widest = Math.max(widest, app.runtime.engine.stats().batchSize);
-      await new Promise((r) => setImmediate(r));
-    }
-  })();
+  const engine = app.runtime.engine;
+  let snapshot = engine.stats();
+  Object.defineProperty(engine, 'snapshot', {
+    configurable: true,
+    get: () => snapshot,
+    set: (v: typeof snapshot) => {
+      widest = Math.max(widest, v.batchSize);
+      snapshot = v;
+    },
+  });
   const names = [null, ...variants.map((v) => v.name)];
   const together = await Promise.all(names.map((n) => generate(app, n)));
-  polling = false;
-  await poll;
   names.forEach((n, i) => {
     const out = together[i]!;
     expect(out.tokens, `${label} ${n ?? 'base'} in the batch vs alone`).toEqual(alone.get(n)!.tokens);
