@@ -83,7 +83,7 @@ interface Served {
 }
 
 const PROMPT = 'Once upon a time there was a model that';
-const MAX_TOKENS = 10;
+const MAX_TOKENS = 20;
 
 async function generate(app: FastifyInstance, adapter: string | null): Promise<Served> {
   const res = await app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT, ...(adapter && { adapter }), max_tokens: MAX_TOKENS, temperature: 0, logprobs: 20 } });
@@ -157,7 +157,7 @@ async function checkVariants(served: ServedFamily, base: MemoryCheckpoint, varia
     const worst = againstReference(app, out, n === null ? base : merged.get(n)!, `${label} ${n ?? 'base'} in the batch`);
     expect(worst).toBeLessThan(1e-4);
   });
-  console.info(`[${label}] ${names.length} requests together (base, ${variants.map((v) => v.name).join(', ')}): widest decode step ${widest} rows, each equal to its reference`);
+  console.info(`[${label}] tokens ${together.map((t) => t.tokens.length).join('/')}; ${names.length} requests together (base, ${variants.map((v) => v.name).join(', ')}): widest decode step ${widest} rows, each equal to its reference`);
   expect(widest).toBe(names.length);
 }
 
@@ -182,6 +182,32 @@ describe('Llama with a bias on every projection: DoRA, lora_bias and plain LoRA 
     // the description names the variant's tensors
     const d = (await served.app.inject({ url: '/v1/adapters/dora' })).json() as { report: { modules: { tensorMagnitude?: string }[] } };
     expect(d.report.modules[0]!.tensorMagnitude).toMatch(/lora_magnitude_vector$/);
+  });
+  it('a DoRA upload whose magnitudes do not fit, or hold NaN: 422 naming the tensor, nothing stored', async () => {
+    const { app } = served;
+    const stored = storedTensors(folder);
+    const v = variant(arch, stored, 'dora', 12, ['q_proj']);
+    const mag = v.tensors.find((t) => t.name.endsWith('layers.1.self_attn.q_proj.lora_magnitude_vector'))!;
+    const out = mag.shape[0]!;
+    const shapes: [string, PeftTensor[]][] = [
+      ['bad-shape', v.tensors.map((t) => (t === mag ? { ...t, shape: [out / 2], data: t.data.subarray(0, out / 2) } : t))],
+      ['nan', v.tensors.map((t) => (t === mag ? { ...t, data: t.data.map((x, i) => (i === 3 ? Number.NaN : x)) } : t))],
+    ];
+    for (const [name, tensors] of shapes) {
+      const res = await app.inject({
+        method: 'POST',
+        url: '/v1/adapters',
+        payload: form([
+          ['name', name],
+          ['config', Buffer.from(JSON.stringify(v.config)), 'adapter_config.json'],
+          ['weights', encodeSafetensors(tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+        ]),
+      });
+      expect(res.statusCode, res.body).toBe(422);
+      const body = res.json() as { errors: { code: string; tensor?: string; expected?: unknown; actual?: unknown }[] };
+      expect(body.errors, name).toMatchObject([name === 'nan' ? { code: 'non_finite', tensor: mag.name } : { code: 'shape_mismatch', tensor: mag.name, expected: [out], actual: [out / 2] }]);
+      expect((await app.inject({ url: `/v1/adapters/${name}` })).statusCode).toBe(404);
+    }
   });
 });
 
