@@ -430,9 +430,13 @@ describe('session', () => {
       lora: true, maskValue: -1e9, files: { graph: 'model.onnx', weights: 'model.onnx.data' }, loraTargets: loraTargetsFor(tinyArchitecture()),
     });
     const lora = emptyLoraFeeds(m, 3);
-    expect(Object.keys(lora)).toHaveLength(2 * 7 * 2);
+    // A, B, and the neutral DoRA factor / lora_B bias of every target
+    expect(Object.keys(lora)).toHaveLength(2 * 7 * 4);
     expect(lora['lora.1.down_proj.A'].dims).toEqual([3, 96, 0]);
     expect(lora['lora.1.down_proj.B'].dims).toEqual([3, 0, 64]);
+    expect(lora['lora.1.down_proj.magnitude'].dims).toEqual([1, 1, 64]);
+    expect([...(lora['lora.1.down_proj.magnitude'].data as Float32Array)].every((v) => v === 1)).toBe(true);
+    expect([...(lora['lora.1.down_proj.bias'].data as Float32Array)].every((v) => v === 0)).toBe(true);
     const past = zeroPast(m, 3);
     expect(past['past_key_values.1.value'].dims).toEqual([3, 2, 0, 16]);
   });
