@@ -4,7 +4,7 @@ import { encodeSafetensors, f16ToF32 } from '../src/adapters/safetensors.js';
 import { float32ToFloat16Bits } from '../src/model/graph/onnx-builder.js';
 import { projectionDims, projectionsOf, type Architecture, type Projection } from '../src/model/architecture.js';
 import { loraTargetsFor } from '../src/model/manifest.js';
-import { llamaConfigJson, makePeftTensors, peftConfig, seededRandom, type PeftTensor } from './helpers/adapter-fixtures.js';
+import { hfConfigJson, llamaConfigJson, makePeftTensors, peftConfig, seededRandom, type PeftTensor } from './helpers/adapter-fixtures.js';
 import { form } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { maxAbsDiff } from './helpers/lora-feeds.js';
@@ -253,6 +253,28 @@ describe('Phi-3 layout (fused qkv_proj / gate_up_proj): DoRA magnitudes span the
     const all = projectionsOf(arch);
     const variants = [variant(arch, stored, 'dora', 7, all), variant(arch, stored, 'lora', 8, all)];
     await checkVariants(served, new MemoryCheckpoint(arch, stored, 'reference'), variants, 'phi3');
+  });
+});
+
+describe.each([
+  { label: 'Qwen2 (q/k/v biases): lora_bias on q/k/v, DoRA everywhere', arch: tinyArchitecture({ ...baseDims, family: 'qwen2', attentionBias: true, numHeads: 4, numKvHeads: 2 }), biasTargets: ['q_proj', 'k_proj', 'v_proj'] as Projection[] },
+  { label: 'Qwen3 (q/k norms, head_dim ≠ hidden / heads): DoRA everywhere', arch: tinyArchitecture({ ...baseDims, family: 'qwen3', numHeads: 4, numKvHeads: 2, headDim: 24, qkNorm: true }), biasTargets: [] as Projection[] },
+])('$label', ({ arch, biasTargets }) => {
+  const folder: FamilyFolder = { config: { ...hfConfigJson(arch), torch_dtype: 'bfloat16' }, tensors: randomCheckpoint(arch, 65).tensors, dtype: 'BF16' };
+  let served: ServedFamily;
+  beforeAll(async () => {
+    served = await serveFamily(`dora-${arch.family}`, folder, { MAX_BATCH: 8 });
+  });
+  afterAll(async () => {
+    await served?.close();
+  });
+
+  it('alone and batched with plain LoRA and the base: equal to PEFT merge_and_unload', async () => {
+    expect(served.app.runtime.manifest.architecture).toMatchObject({ family: arch.family, attentionBias: arch.attentionBias });
+    const stored = storedTensors(folder);
+    const all = projectionsOf(arch);
+    const variants = [variant(arch, stored, 'dora', 16, all), variant(arch, stored, 'lora', 19, all), ...(biasTargets.length ? [variant(arch, stored, 'bias', 18, biasTargets)] : [])];
+    await checkVariants(served, new MemoryCheckpoint(arch, stored, 'reference'), variants, arch.family);
   });
 });
 
