@@ -215,6 +215,24 @@ describe('Llama with a bias on every projection: DoRA, lora_bias and plain LoRA 
       expect(body.errors, name).toMatchObject([name === 'nan' ? { code: 'non_finite', tensor: mag.name } : { code: 'shape_mismatch', tensor: mag.name, expected: [out], actual: [out / 2] }]);
       expect((await app.inject({ url: `/v1/adapters/${name}` })).statusCode).toBe(404);
     }
+    // lora_B = 0 and a zero lora_B.bias change nothing: no_effect, as for plain LoRA; a non-zero bias alone is accepted
+    const zero = variant(arch, stored, 'bias', 14, ['v_proj']);
+    for (const t of zero.tensors) if (t.name.includes('lora_B')) t.data.fill(0);
+    const upload = (name: string, tensors: PeftTensor[]) =>
+      app.inject({
+        method: 'POST',
+        url: '/v1/adapters',
+        payload: form([
+          ['name', name],
+          ['config', Buffer.from(JSON.stringify(zero.config)), 'adapter_config.json'],
+          ['weights', encodeSafetensors(tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+        ]),
+      });
+    const none = await upload('bias-zero', zero.tensors);
+    expect(none.statusCode, none.body).toBe(422);
+    expect((none.json() as { errors: { code: string }[] }).errors.map((e) => e.code)).toEqual(['no_effect']);
+    const biasOnly = await upload('bias-only', zero.tensors.map((t) => (t.name.endsWith('lora_B.bias') ? { ...t, data: t.data.map((_, i) => (i % 5) * 0.01) } : t)));
+    expect(biasOnly.statusCode, biasOnly.body).toBe(201);
   });
 });
 

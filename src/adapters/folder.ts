@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { engineGrams } from './effect.js';
 import { fromIngested, toEngineWeights, type AdapterWeights } from './convert.js';
 import type { IngestedWeights } from './ingest.js';
+import { parseTensorKey } from './keys.js';
 import { CONFIG_FILE } from './peft-config.js';
 import type { ValidationReport } from './report.js';
 import { ADAPTER_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
@@ -42,6 +43,13 @@ async function readValues(weightsPath: string, header: SafetensorsHeader): Promi
   return values;
 }
 
+function hasVariantVectors(header: SafetensorsHeader): boolean {
+  return header.tensors.some((t) => {
+    const k = parseTensorKey(t.name);
+    return k.kind === 'dora_magnitude' || (k.kind === 'bias' && k.part !== null);
+  });
+}
+
 export interface AdapterFolderResult {
   report: ValidationReport;
   /** engine-layout weights; null when the report has errors or values were not read */
@@ -58,7 +66,9 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
 
   const readable = opts.readValues && head.header && head.problems.length === 0 ? head.header : null;
   // a decode that left a fitting tensor out lacks what the overflow check needs: read the file
-  const ingested = readable && opts.ingested?.keptAll && sameHeader(readable, opts.ingested.header) ? opts.ingested : null;
+  // the stream keeps lora_A / lora_B only: with DoRA magnitudes or lora_B biases the values are read
+  // from the file anyway (for conversion), so validation reads them too (their zero / NaN checks)
+  const ingested = readable && opts.ingested?.keptAll && sameHeader(readable, opts.ingested.header) && !hasVariantVectors(readable) ? opts.ingested : null;
   const values = readable && !ingested ? await readValues(weightsPath, readable) : undefined;
   const otherFiles = files.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
   // before fromIngested consumes the arrays (it folds the scale into B in place)
