@@ -183,6 +183,9 @@ describe('Llama with a bias on every projection: DoRA, lora_bias and plain LoRA 
     // the description names the variant's tensors
     const d = (await served.app.inject({ url: '/v1/adapters/dora' })).json() as { report: { modules: { tensorMagnitude?: string }[] } };
     expect(d.report.modules[0]!.tensorMagnitude).toMatch(/lora_magnitude_vector$/);
+    expect(d).toMatchObject({ useDora: true, loraBias: false });
+    expect((await served.app.inject({ url: '/v1/adapters/bias' })).json()).toMatchObject({ useDora: false, loraBias: true });
+    expect((await served.app.inject({ url: '/v1/adapters/lora' })).json()).toMatchObject({ useDora: false, loraBias: false });
     // lora_B = 0 under DoRA: no delta, yet accepted and measured by the probe (through the served graph) as changing the output
     const b0 = (await served.app.inject({ url: '/v1/adapters/dora-b0' })).json() as { report: { modules: { deltaNorm: number | null }[]; warnings: { code: string }[]; effect: { maxLogprobDelta: number } } };
     expect(b0.report.modules.every((m) => m.deltaNorm === 0)).toBe(true);

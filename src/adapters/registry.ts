@@ -99,6 +99,9 @@ export interface AdapterSummary {
   r: number | null;
   loraAlpha: number | null;
   useRslora: boolean | null;
+  /** PEFT variants the modules carry: DoRA magnitudes (use_dora), lora_B biases (lora_bias) */
+  useDora: boolean;
+  loraBias: boolean;
   parameters: number;
   /** per projection: which layers, which ranks and which scales (alpha/r, folded into B) */
   targets: TargetSummary[];
@@ -181,6 +184,8 @@ function summarize(v: AdapterVersion, loaded = false): AdapterSummary {
     r: s.r,
     loraAlpha: s.loraAlpha,
     useRslora: s.useRslora,
+    useDora: v.report.modules.some((m) => Boolean(m.tensorMagnitude)),
+    loraBias: v.report.modules.some((m) => Boolean(m.tensorBias)),
     parameters: s.parameters,
     targets: [...byProjection].map(([projection, t]) => ({ projection, layers: distinct(t.layers), ranks: distinct(t.ranks), scales: distinct(t.scales) })),
     errors: v.report.errors,
