@@ -193,7 +193,7 @@ describe('Llama with a bias on every projection: DoRA, lora_bias and plain LoRA 
     console.info(`[llama] dora-b0 (lora_B = 0, m ≠ ‖W‖): probe maxLogprobDelta ${b0.report.effect.maxLogprobDelta.toFixed(3)}`);
     expect(b0.report.effect.maxLogprobDelta).toBeGreaterThan(0.01);
   });
-  it('a DoRA upload whose magnitudes do not fit, or hold NaN: 422 naming the tensor, nothing stored', async () => {
+  it('422s that change nothing: DoRA magnitudes that do not fit or hold NaN, a zero row of W + s·B·A; a no-op lora_bias adapter', async () => {
     const { app } = served;
     const stored = storedTensors(folder);
     const v = variant(arch, stored, 'dora', 12, ['q_proj']);
@@ -234,6 +234,28 @@ describe('Llama with a bias on every projection: DoRA, lora_bias and plain LoRA 
     const none = await upload('bias-zero', zero.tensors);
     expect(none.statusCode, none.body).toBe(422);
     expect((none.json() as { errors: { code: string }[] }).errors.map((e) => e.code)).toEqual(['no_effect']);
+    // a row of W + s·B·A that is exactly zero (s = 1, lora_A's first row = −W's first row): PEFT's
+    // m / ‖·‖ would be non-finite there, which only the load (reading W) can see: 422, nothing stored
+    const zeroRow = variant(arch, stored, 'dora', 15, ['q_proj']);
+    zeroRow.config.lora_alpha = R;
+    const q0 = 'base_model.model.model.layers.0.self_attn.q_proj';
+    const w0 = stored.get('model.layers.0.self_attn.q_proj.weight')!.data;
+    const a0 = zeroRow.tensors.find((t) => t.name === `${q0}.lora_A.weight`)!;
+    const b0 = zeroRow.tensors.find((t) => t.name === `${q0}.lora_B.weight`)!;
+    for (let k = 0; k < arch.hiddenSize; k++) a0.data[k] = -w0[k]!;
+    b0.data.set([1, 0, 0, 0], 0);
+    const zr = await app.inject({
+      method: 'POST',
+      url: '/v1/adapters',
+      payload: form([
+        ['name', 'zero-row'],
+        ['config', Buffer.from(JSON.stringify(zeroRow.config)), 'adapter_config.json'],
+        ['weights', encodeSafetensors(zeroRow.tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+      ]),
+    });
+    expect(zr.statusCode, zr.body).toBe(422);
+    expect((zr.json() as { errors: unknown[] }).errors).toMatchObject([{ code: 'non_finite', module: 'model.layers.0.self_attn.q_proj', message: expect.stringMatching(/row 0 .* norm 0/) }]);
+    expect((await app.inject({ url: '/v1/adapters/zero-row' })).statusCode).toBe(404);
     const biasOnly = await upload('bias-only', zero.tensors.map((t) => (t.name.endsWith('lora_B.bias') ? { ...t, data: t.data.map((_, i) => (i % 5) * 0.01) } : t)));
     expect(biasOnly.statusCode, biasOnly.body).toBe(201);
   });

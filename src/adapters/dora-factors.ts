@@ -1,5 +1,5 @@
 import { Worker } from 'node:worker_threads';
-import type { DoraModuleInput, ServedWeightOptions } from './dora.js';
+import { DoraNormError, type DoraModuleInput, type ServedWeightOptions } from './dora.js';
 
 /** Where the base weights are read from, and how the graph holds them. */
 export interface BaseWeightSource {
@@ -12,7 +12,8 @@ export interface DoraJob extends BaseWeightSource {
   modules: DoraModuleInput[];
 }
 
-export type DoraReply = { factors: { name: string; factor: Float32Array }[] } | { error: string };
+/** `normOf`: the module whose row norm was 0 (DoraNormError), when that was the failure */
+export type DoraReply = { factors: { name: string; factor: Float32Array }[] } | { error: string; normOf?: string };
 
 export class DoraFactorError extends Error {
   override name = 'DoraFactorError';
@@ -32,7 +33,7 @@ export async function doraFactorsOffThread(job: DoraJob): Promise<Map<string, Fl
       worker.once('error', reject);
       worker.once('exit', (code) => reject(new DoraFactorError(`the DoRA worker exited (code ${code}) before answering`)));
     });
-    if ('error' in reply) throw new DoraFactorError(`DoRA factors could not be computed: ${reply.error}`);
+    if ('error' in reply) throw reply.normOf ? new DoraNormError(reply.normOf, reply.error) : new DoraFactorError(`DoRA factors could not be computed: ${reply.error}`);
     return new Map(reply.factors.map((f) => [f.name, f.factor]));
   } finally {
     await worker.terminate();

@@ -1,6 +1,6 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { openCheckpoint } from '../model/checkpoint/index.js';
-import { doraFactor, servedWeight } from './dora.js';
+import { doraFactor, DoraNormError, servedWeight } from './dora.js';
 import type { DoraJob, DoraReply } from './dora-factors.js';
 
 /**
@@ -22,5 +22,5 @@ try {
   }
   post({ factors }, factors.map((f) => f.factor.buffer as ArrayBuffer));
 } catch (e) {
-  post({ error: e instanceof Error ? e.message : String(e) });
+  post({ error: e instanceof Error ? e.message : String(e), ...(e instanceof DoraNormError && { normOf: e.module }) });
 }

@@ -46,8 +46,15 @@ export interface DoraModuleInput {
   magnitude: Float32Array;
 }
 
+/** A row of W + s·B·A with norm 0: PEFT's forward would give NaN there, so the adapter is refused (422 non_finite). */
 export class DoraNormError extends Error {
   override name = 'DoraNormError';
+  constructor(
+    readonly module: string,
+    message: string,
+  ) {
+    super(message);
+  }
 }
 
 /** g [out] in float64 sums; W is [out, in] row-major */
@@ -69,7 +76,7 @@ export function doraFactor(W: Float32Array, m: DoraModuleInput): Float32Array {
     }
     const factor = magnitude[o]! / Math.sqrt(ss);
     if (!Number.isFinite(factor)) {
-      throw new DoraNormError(`${m.name}: row ${o} of W + scale·B·A has norm ${Math.sqrt(ss)}, so DoRA's factor m / ‖W + scale·B·A‖ is ${factor}; PEFT would produce non-finite outputs with this adapter on this base model.`);
+      throw new DoraNormError(m.name, `${m.name}: row ${o} of W + scale·B·A has norm ${Math.sqrt(ss)}, so DoRA's factor m / ‖W + scale·B·A‖ is ${factor}; PEFT would produce non-finite outputs with this adapter on this base model.`);
     }
     g[o] = factor;
   }

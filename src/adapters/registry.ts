@@ -6,6 +6,7 @@ import type { Manifest } from '../model/manifest.js';
 import { HttpProblem, badRequest, notFound } from '../http/problem.js';
 import type { AdapterWeights } from './convert.js';
 import { readAdapterFolder } from './folder.js';
+import { DoraNormError } from './dora.js';
 import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
 import { EffectSchema, error, type Effect, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import type { ProbeResult } from '../engine/probe.js';
@@ -199,6 +200,20 @@ function detail(v: AdapterVersion, loaded = false): AdapterDetail {
     modules: v.report.modules.map(({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm, relativeNorm }) => ({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm: deltaNorm ?? null, relativeNorm: relativeNorm ?? null })),
     effect: v.report.effect ?? null,
   };
+}
+
+/**
+ * engine.loadAdapter, with a DoRA row whose ‖W + s·B·A‖ is 0 (known only once W is read, see
+ * dora.ts) turned into the 422 it is: PEFT would produce NaN there.
+ */
+async function loadOrReject(engine: AdapterEngine, versionId: string, weights: AdapterWeights, report: ValidationReport, what: string): Promise<void> {
+  try {
+    await engine.loadAdapter(versionId, weights);
+  } catch (e) {
+    if (!(e instanceof DoraNormError)) throw e;
+    const problem = error({ code: 'non_finite', module: e.module, expected: '‖W + scale·B·A‖ > 0 in every row', actual: 0, message: e.message, hint: "A DoRA adapter divides each output row by its norm; this base model has a zero row there (a pruned model?). Serve the base it was trained on." });
+    throw rejectedProblem({ ...report, ok: false, errors: [problem] }, what);
+  }
 }
 
 /** A report for a stored adapter that could not even be validated (meta.json or files damaged). */
@@ -680,7 +695,7 @@ export class AdapterRegistry {
     const { report, weights } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect: staged.allowNoEffect === true }, { readValues: true, ingested: staged.ingested });
     if (!report.ok || !weights || this.probe.ids.length === 0 || !this.engine.probeAdapter) return report;
     const versionId = `.validate#${++versionSeq}`;
-    await this.engine.loadAdapter(versionId, weights);
+    await loadOrReject(this.engine, versionId, weights, report, 'the adapter');
     try {
       return { ...report, effect: await this.measure(versionId, versionId) };
     } finally {
@@ -764,7 +779,7 @@ export class AdapterRegistry {
     const files = staged.digests ?? (await this.store.digest(stagedDir));
     const versionId = this.nextVersionId(name, version);
     this.makeRoom(name);
-    await this.engine.loadAdapter(versionId, weights);
+    await loadOrReject(this.engine, versionId, weights, validated, `adapter ${JSON.stringify(name)}`);
     const report: ValidationReport = { ...validated, effect: await this.measure(versionId, name) };
     const meta: AdapterMeta = { metaVersion: 1, name, version, created: new Date().toISOString(), files, report, ...(allowNoEffect ? { allowNoEffect } : {}) };
     let entry: StoredEntry;

@@ -302,7 +302,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   let loraTensors = 0;
   const tensorProblems: Problem[] = [];
   const nonLinear = new Set(['model.embed_tokens', 'lm_head']);
-  /** DoRA magnitudes and lora_A/lora_B biases, checked by loraVectorProblems */
+  /** DoRA magnitudes and lora_A/lora_B biases, checked by checkLoraVectors (variants.ts) */
   const vectorKeys: VectorTensor[] = [];
 
   // another PEFT method's tensors (AdaLoRA's lora_E) are not LoRA tensors gone wrong: the method is the answer
