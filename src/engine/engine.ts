@@ -443,8 +443,9 @@ export class Engine {
 
   /**
    * Hands an adapter version to the worker. Its buffers are transferred (the caller's arrays are
-   * detached afterwards; the main thread keeps no copy). Requests may name the version as soon as
-   * this is called; the promise settles when the worker has checked and stored it.
+   * detached afterwards; the main thread keeps no copy). A DoRA adapter's factors are computed
+   * first, in a thread of their own (DoraNormError: a zero row, a 422); from then on requests may
+   * name the version, and the promise settles when the worker has checked and stored it.
    */
   async loadAdapter(versionId: string, weights: AdapterWeights): Promise<void> {
     if (this.closing || this.dead) throw new EngineClosedError(this.dead?.message ?? 'the engine is closed');
