@@ -88,14 +88,18 @@ function reference(manifest: Manifest, rows: readonly (ResidentAdapter | null)[]
     }
     out.set(t.inputA, { dims: [n0, t.inFeatures, r], data: A });
     out.set(t.inputB, { dims: [n0, r, t.outFeatures], data: B });
-    // DoRA factors (neutral 1) and lora_B biases (neutral 0): [rows, 1, out] when some row has one, else [1, 1, out]
+    // DoRA factors (neutral 1) and lora_B biases (neutral 0): [rows, 1, out] when some row has one, the
+    // adapter's own [1, 1, out] when every row shares it, else the neutral [1, 1, 1]
     const one = manifest.dtype === 'fp16' ? 0x3c00 : 1;
     for (const [which, name, neutral] of [['factor', loraMagnitudeInput(t), one], ['bias', loraBiasInput(t), 0]] as const) {
       const vs = mods.map((m) => m?.[which] ?? null);
-      const rowsOf = vs.some((v) => v !== null) ? vs.length : 1;
-      const data = new Array<number>(rowsOf * t.outFeatures).fill(neutral);
-      if (rowsOf > 1 || vs[0]) vs.forEach((v, b) => v && v.forEach((x, o) => (data[b * t.outFeatures + o] = x)));
-      out.set(name, { dims: [rowsOf, 1, t.outFeatures], data });
+      if (!vs.some((v) => v !== null)) {
+        out.set(name, { dims: [1, 1, 1], data: [neutral] });
+        continue;
+      }
+      const data = new Array<number>(vs.length * t.outFeatures).fill(neutral);
+      vs.forEach((v, b) => v && v.forEach((x, o) => (data[b * t.outFeatures + o] = x)));
+      out.set(name, { dims: [vs.length, 1, t.outFeatures], data });
     }
   });
   return out;

@@ -434,7 +434,7 @@ describe('session', () => {
     expect(Object.keys(lora)).toHaveLength(2 * 7 * 4);
     expect(lora['lora.1.down_proj.A'].dims).toEqual([3, 96, 0]);
     expect(lora['lora.1.down_proj.B'].dims).toEqual([3, 0, 64]);
-    expect(lora['lora.1.down_proj.magnitude'].dims).toEqual([1, 1, 64]);
+    expect(lora['lora.1.down_proj.magnitude'].dims).toEqual([1, 1, 1]);
     expect([...(lora['lora.1.down_proj.magnitude'].data as Float32Array)].every((v) => v === 1)).toBe(true);
     expect([...(lora['lora.1.down_proj.bias'].data as Float32Array)].every((v) => v === 0)).toBe(true);
     const past = zeroPast(m, 3);

@@ -3,7 +3,7 @@ import { loraBiasInput, loraMagnitudeInput, type Manifest } from '../model/manif
 import { allocModel, modelScalar, tensorType, type ModelArray } from './dtype.js';
 
 /**
- * The per-row vector inputs of each LoRA target ([rows | 1, 1, out]): DoRA's factor
+ * The per-row vector inputs of each LoRA target ([rows | 1, 1, out | 1]): DoRA's factor
  * g = m / ‖W + s·B·A‖ and lora_B's bias times the scale. A row whose adapter has neither gets
  * g = 1 and bias 0, which the graph applies exactly, so plain LoRA and base rows are unchanged by
  * sharing a step with DoRA or lora_bias rows.
@@ -28,10 +28,10 @@ export class LoraVectorFeeds {
   ) {
     this.type = tensorType(manifest.dtype);
     this.one = modelScalar(manifest.dtype, 1);
-    this.neutral = targets.map((t) => ({
-      magnitude: new Tensor(this.type, allocModel(manifest.dtype, t.outFeatures).fill(this.one), [1, 1, t.outFeatures]),
-      bias: new Tensor(this.type, allocModel(manifest.dtype, t.outFeatures), [1, 1, t.outFeatures]),
-    }));
+    // [1, 1, 1], broadcast over rows and outputs: what crosses to the runtime per step stays tiny
+    const magnitude = new Tensor(this.type, allocModel(manifest.dtype, 1).fill(this.one), [1, 1, 1]);
+    const bias = new Tensor(this.type, allocModel(manifest.dtype, 1), [1, 1, 1]);
+    this.neutral = targets.map(() => ({ magnitude, bias }));
   }
 
   /** one row (or every row the same adapter): [1, 1, out] each, broadcast by the graph */

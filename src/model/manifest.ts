@@ -29,7 +29,7 @@ export type ModelDtype = z.infer<typeof ModelDtypeSchema>;
  *           attention_bias <dtype> [batch, 1, seq, past + seq] (0 = attend, maskValue = do not),
  *           past_key_values.{i}.key|value <dtype> [batch, kvHeads, past, headDim],
  *           every LoRA target's A and B (<dtype>), and its magnitude and bias vectors
- *           (loraMagnitudeInput / loraBiasInput, [batch | 1, 1, out])
+ *           (loraMagnitudeInput / loraBiasInput, [batch | 1, 1, out | 1])
  *   outputs logits float32 [batch, seq | 1, vocab] (see `logits`),
  *           present.{i}.key|value <dtype> [batch, kvHeads, past + seq, headDim]
  */

@@ -116,11 +116,11 @@ export function emptyLoraFeeds(manifest: Manifest, batch: number): Record<string
   return feeds;
 }
 
-/** the magnitude (ones) and lora_B bias (zeros) of a row without DoRA or lora_bias, [1, 1, out] */
+/** the magnitude (1) and lora_B bias (0) of rows without DoRA or lora_bias: [1, 1, 1], broadcast */
 export function neutralLoraVectors(manifest: Manifest, t: LoraTarget): Record<string, ort.Tensor> {
-  const dims = [1, 1, t.outFeatures];
-  const ones = manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(t.outFeatures).fill(FP16_ONE), dims) : new ort.Tensor('float32', new Float32Array(t.outFeatures).fill(1), dims);
-  const zeros = manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(t.outFeatures), dims) : new ort.Tensor('float32', new Float32Array(t.outFeatures), dims);
+  const dims = [1, 1, 1];
+  const ones = manifest.dtype === 'fp16' ? new ort.Tensor('float16', Uint16Array.of(FP16_ONE), dims) : new ort.Tensor('float32', Float32Array.of(1), dims);
+  const zeros = manifest.dtype === 'fp16' ? new ort.Tensor('float16', new Uint16Array(1), dims) : new ort.Tensor('float32', new Float32Array(1), dims);
   return { [loraMagnitudeInput(t)]: ones, [loraBiasInput(t)]: zeros };
 }
 

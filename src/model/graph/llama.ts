@@ -57,6 +57,8 @@ export interface BuiltGraph {
 export const loraRankDim = (t: LoraTarget) => `lora_rank.${t.layer}.${t.module}`;
 export const loraBatchDim = (t: LoraTarget) => `lora_batch.${t.layer}.${t.module}`;
 export const loraVectorBatchDim = (t: LoraTarget) => `lora_vector_batch.${t.layer}.${t.module}`;
+/** out, or 1 for the neutral broadcast (ones / zeros) fed when no row of the step needs the vector */
+export const loraVectorWidthDim = (t: LoraTarget) => `lora_vector_width.${t.layer}.${t.module}`;
 
 /** SimplifiedLayerNormalization is onnxruntime's, registered in the default domain (as onnxruntime-genai emits it) */
 const OPSETS = { '': 17 };
@@ -194,9 +196,10 @@ export async function buildLlamaGraph(
   for (const t of targets) {
     g.input(t.inputA, T, [loraBatchDim(t), t.inFeatures, loraRankDim(t)]);
     g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
-    // DoRA's factor and lora_B's bias (DESIGN "The model graph contract"): [batch | 1, 1, out]
-    g.input(loraMagnitudeInput(t), T, [loraVectorBatchDim(t), 1, t.outFeatures]);
-    g.input(loraBiasInput(t), T, [loraVectorBatchDim(t), 1, t.outFeatures]);
+    // DoRA's factor and lora_B's bias (DESIGN "The model graph contract"): [batch | 1, 1, out | 1];
+    // steps without such rows feed [1, 1, 1], so the neutral values cost 4 bytes, not `out`
+    g.input(loraMagnitudeInput(t), T, [loraVectorBatchDim(t), 1, loraVectorWidthDim(t)]);
+    g.input(loraBiasInput(t), T, [loraVectorBatchDim(t), 1, loraVectorWidthDim(t)]);
   }
 
   // sliding window (Mistral, Phi-3, windowed Qwen layers): only the bias of those layers changes
