@@ -1,7 +1,9 @@
 import { Tensor } from 'onnxruntime-node';
-import { KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
+import type { EngineEmbedding } from '../adapters/convert.js';
+import { hasRowEmbeddings, KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
 import type { KvShape, ResidentKv } from './kv.js';
+import { embedFeedsFor, neutralEmbedFeeds, type EmbedFeeds } from './embed-rows.js';
 
 /**
  * Feeds for one run of the resident-KV graph (graph/kv.ts): token ids, positions, each row's KV
@@ -21,6 +23,8 @@ export interface LoraModule {
 export interface ResidentAdapter {
   readonly versionId: string;
   readonly modules: readonly (LoraModule | null)[];
+  /** embedding LoRA, trainable tokens, saved embed_tokens / lm_head (embed-rows.ts, head.ts) */
+  readonly embedding?: EngineEmbedding | null;
 }
 
 export function kvShapeOf(manifest: Manifest): KvShape {
@@ -73,6 +77,9 @@ export class FeedBuilder {
 
   /** graphs built without LoRA inputs (manifest.lora false) get no LoRA feeds at all */
   private readonly targets: Manifest['loraTargets'];
+  /** the graph's per-row embedding inputs at their neutral values; null when it has none */
+  private readonly neutralEmbed: EmbedFeeds | null;
+  private readonly hidden: number;
 
   /** @param maxBatch rows the mixed-step buffers are sized for (they grow if a step has more) */
   constructor(
@@ -82,6 +89,8 @@ export class FeedBuilder {
     this.targets = manifest.lora ? manifest.loraTargets : [];
     this.dtype = manifest.dtype;
     this.type = tensorType(manifest.dtype);
+    this.hidden = manifest.architecture.hiddenSize;
+    this.neutralEmbed = hasRowEmbeddings(manifest) ? neutralEmbedFeeds(manifest.dtype, this.hidden) : null;
     this.baseLora = {};
     for (const t of this.targets) {
       this.baseLora[t.inputA] = this.tensor(allocModel(this.dtype, 0), [1, t.inFeatures, 0]);
@@ -183,6 +192,15 @@ export class FeedBuilder {
     this.held = [];
   }
 
+  /** The step's per-row embedding inputs (embed-rows.ts); nothing for a graph without them. */
+  private embedRows(tokens: readonly (readonly number[])[], adapters: readonly (ResidentAdapter | null)[]): Partial<EmbedFeeds> {
+    if (!this.neutralEmbed) {
+      if (adapters.some((a) => a?.embedding)) throw new Error('this model graph has no per-row embedding inputs (rebuild it with LoRA inputs and the resident KV contract)');
+      return {};
+    }
+    return embedFeedsFor(tokens, adapters, this.dtype, this.hidden) ?? this.neutralEmbed;
+  }
+
   /** A prefill chunk of the row in `slot`: tokens at positions [start, start + n) after its `start` cached ones. */
   prefill(tokens: readonly number[], slot: number, start: number, kv: ResidentKv, adapter: ResidentAdapter | null): Feeds {
     const n = tokens.length;
@@ -198,6 +216,7 @@ export class FeedBuilder {
       [KV_ROWS]: new Tensor('int64', BigInt64Array.of(BigInt(slot)), [1]),
       [KV_LENS]: new Tensor('int64', BigInt64Array.of(BigInt(start)), [1]),
       ...this.loraForOne(adapter),
+      ...this.embedRows([tokens], [adapter]),
       ...kv.feeds(start),
     };
   }
@@ -226,6 +245,10 @@ export class FeedBuilder {
       [KV_ROWS]: new Tensor('int64', rows, [n]),
       [KV_LENS]: new Tensor('int64', kvLens, [n]),
       ...this.loraForRows(adapters),
+      ...this.embedRows(
+        tokens.map((t) => [t]),
+        adapters,
+      ),
       ...kv.feeds(past),
     };
   }

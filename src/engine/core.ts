@@ -1,5 +1,7 @@
-import type { InferenceSession, Tensor } from 'onnxruntime-node';
-import { kvContractOf, type Manifest } from '../model/manifest.js';
+import type { InferenceSession } from 'onnxruntime-node';
+import type { EngineEmbedding } from '../adapters/convert.js';
+import { hasRowEmbeddings, kvContractOf, type Manifest } from '../model/manifest.js';
+import { fetchesWithHidden, hasOwnHead, rowLogits } from './head.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
 import { ResidentKv, type KvPrefix } from './kv.js';
@@ -205,8 +207,9 @@ export class EngineCore {
 
   // ── adapters ────────────────────────────────────────────────────────────────────────────────
 
-  loadAdapter(versionId: string, wire: readonly LoraModuleWire[]): void {
+  loadAdapter(versionId: string, wire: readonly LoraModuleWire[], embedding?: EngineEmbedding): void {
     if (!this.manifest.lora) throw new Error('this model graph was built without LoRA inputs');
+    if (embedding) checkEmbedding(versionId, embedding, this.manifest);
     if (this.adapters.has(versionId) || [...this.resident].some((a) => a.versionId === versionId)) {
       throw new Error(`adapter version ${versionId} is already loaded`);
     }
@@ -225,7 +228,7 @@ export class EngineCore {
       const { rank, A, B } = m.rank === 1 ? widenRankOne(m.A, m.B) : m;
       modules[i] = { rank, A: toModelArray(this.manifest.dtype, A), B: toModelArray(this.manifest.dtype, B) };
     }
-    const entry: AdapterEntry = { versionId, modules, refs: 0, unloaded: false };
+    const entry: AdapterEntry = { versionId, modules, embedding: embedding ?? null, refs: 0, unloaded: false };
     this.adapters.set(versionId, entry);
     this.resident.add(entry);
     this.dirty = true;
@@ -283,14 +286,13 @@ export class EngineCore {
     if (given) this.unfollow(row);
     if (row.slot < 0) row.slot = this.kv.acquire();
     this.kv.reserve(end);
-    const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter));
+    const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter), [row.adapter]);
     this.prefillTokens += end - start;
     this.kv.write(out, [row.slot], [start], end - start);
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
-    const { data: logits, vocab } = logitsOf(out);
-    const last = logits.subarray(logits.length - vocab);
+    const last = rowLogits(out, 0, 1, row.adapter, this.manifest);
     const leads = this.shared.get(row.id);
     if (leads && end === row.promptLength) {
       // followers take these; the logits are copied because the output buffer is not ours to keep
@@ -330,24 +332,21 @@ export class EngineCore {
       this.kv,
       rows.map((r) => r.adapter),
     );
-    const out = await this.run(feeds);
+    const out = await this.run(feeds, rows.map((r) => r.adapter));
     this.kv.write(out, slots, lens, 1);
     this.lastBatchSize = rows.length;
-    const { data: logits, vocab } = logitsOf(out);
-    const perRow = logits.length / rows.length;
     rows.forEach((row, b) => {
       row.kvLen++;
       if (row.cancelled) return this.finish(row, 'cancelled');
-      // [rows, 1 | seq, vocab]: the last position of each row
-      const end = (b + 1) * perRow;
-      this.emit(row, this.pick(logits.subarray(end - vocab, end), row));
+      this.emit(row, this.pick(rowLogits(out, b, rows.length, row.adapter, this.manifest), row));
     });
     this.dirty = true;
   }
 
   /** One run of the session, with what crosses the JS↔runtime boundary counted. */
-  private async run(feeds: Feeds): Promise<InferenceSession.ReturnType> {
-    const out = await this.session.run(feeds);
+  private async run(feeds: Feeds, adapters: readonly (ResidentAdapter | null)[]): Promise<InferenceSession.ReturnType> {
+    // the hidden state crosses back only for a step with a row whose adapter has its own lm_head
+    const out = adapters.some((a) => hasOwnHead(a?.embedding)) ? await this.session.run(feeds, fetchesWithHidden(this.manifest)) : await this.session.run(feeds);
     countTransfer(this.transferred, feeds, out, this.provider);
     return out;
   }
@@ -444,17 +443,17 @@ function rowsOf<R>(plan: StepPlan<R>): readonly R[] {
   return plan.kind === 'prefill' ? [plan.row] : plan.rows;
 }
 
-function output(out: InferenceSession.ReturnType, name: string): Tensor {
-  const t = out[name];
-  if (!t) throw new Error(`the graph returned no output ${name}`);
-  return t;
-}
-
-/** logits [batch, 1 | seq, vocab], float32 whatever the model dtype */
-function logitsOf(out: InferenceSession.ReturnType): { data: Float32Array; vocab: number } {
-  const t = output(out, 'logits');
-  if (!(t.data instanceof Float32Array)) throw new Error('output logits is not float32');
-  return { data: t.data, vocab: t.dims[t.dims.length - 1] };
+/** The sizes the worker relies on when it reads an adapter's embedding parts per token. */
+function checkEmbedding(versionId: string, e: EngineEmbedding, m: Manifest): void {
+  if (!hasRowEmbeddings(m)) throw new Error(`adapter version ${versionId} changes the embedding or lm_head; this model graph has no per-row embedding inputs (rebuild it)`);
+  const V = m.architecture.vocabSize;
+  const H = m.architecture.hiddenSize;
+  const bad = (what: string) => new Error(`adapter version ${versionId}: ${what}`);
+  if (e.lora && (e.lora.A.length !== V * e.lora.rank || e.lora.B.length !== e.lora.rank * H)) throw bad(`embedding LoRA of rank ${e.lora.rank} needs A [${V}, r] and B [r, ${H}]`);
+  for (const [what, t] of [['trainable tokens', e.tokens], ['lm_head tokens', e.headTokens]] as const) {
+    if (t && (t.values.length !== t.indices.length * H || t.indices.some((i) => i < 0 || i >= V))) throw bad(`${what} need ids below ${V} and [k, ${H}] values`);
+  }
+  for (const [what, t] of [['embed_tokens', e.table], ['lm_head', e.headTable]] as const) if (t && t.length !== V * H) throw bad(`a saved ${what} must be [${V}, ${H}]`);
 }
 
 function sameIds(a: readonly number[], b: readonly number[]): boolean {

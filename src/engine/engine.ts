@@ -451,9 +451,11 @@ export class Engine {
       modules.push({ name, rank: m.rank, A: m.A, B: m.B });
       for (const a of [m.A, m.B]) if (a.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
     }
+    const e = weights.embedding;
+    for (const a of e ? [e.lora?.A, e.lora?.B, e.tokens?.values, e.table, e.headTable, e.headTokens?.values] : []) if (a && a.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
     this.loaded.add(versionId);
     try {
-      await this.call((callId) => ({ type: 'loadAdapter', callId, versionId, modules }), [...buffers]);
+      await this.call((callId) => ({ type: 'loadAdapter', callId, versionId, modules, ...(e && { embedding: e }) }), [...buffers]);
     } catch (e) {
       this.loaded.delete(versionId);
       throw e;

@@ -1,0 +1,69 @@
+import type { InferenceSession, Tensor } from 'onnxruntime-node';
+import type { EngineEmbedding } from '../adapters/convert.js';
+import { HIDDEN_OUTPUT, kvNewKeyName, kvNewValueName, type Manifest } from '../model/manifest.js';
+
+/**
+ * A row's logits when its adapter has its own lm_head (DESIGN.md: "a saved lm_head: group rows by
+ * adapter after the last norm; never a per-row copy of the whole head"): the graph returns the
+ * normed hidden state (manifest.ts HIDDEN_OUTPUT) and the row's logits are recomputed here from it —
+ * every logit from a saved lm_head copy (ModulesToSaveWrapper), or only the replaced tokens' logits
+ * (trainable tokens' index_copy into lm_head, or into a tied one through the embedding's adapter).
+ * Gemma 2's final soft-cap is applied as the graph applies it to the base logits.
+ */
+export function hasOwnHead(e: EngineEmbedding | null | undefined): boolean {
+  return !!e && (e.headTable !== null || e.headTokens !== null);
+}
+
+const dot = (w: Float32Array, row: number, h: Float32Array): number => {
+  const H = h.length;
+  let s = 0;
+  const o = row * H;
+  for (let i = 0; i < H; i++) s += w[o + i]! * h[i]!;
+  return Math.fround(s);
+};
+
+/** New logits for one position: `base` (the graph's, with the base head) changed by the adapter's head. */
+export function headLogits(e: EngineEmbedding, hidden: Float32Array, base: Float32Array, softcap: number | undefined): Float32Array {
+  const cap = (v: number) => (softcap ? Math.fround(Math.tanh(v / softcap) * softcap) : v);
+  if (e.headTable) {
+    const out = new Float32Array(base.length);
+    for (let v = 0; v < out.length; v++) out[v] = cap(dot(e.headTable, v, hidden));
+    return out;
+  }
+  const out = base.slice();
+  const t = e.headTokens!;
+  t.indices.forEach((token, j) => (out[token] = cap(dot(t.values, j, hidden))));
+  return out;
+}
+
+/** Every output of a row-embedding graph, the hidden state included. */
+export function fetchesWithHidden(m: Manifest): string[] {
+  const kv = Array.from({ length: m.architecture.numLayers }, (_, l) => [kvNewKeyName(l), kvNewValueName(l)]).flat();
+  return ['logits', ...kv, HIDDEN_OUTPUT];
+}
+
+/**
+ * Row b's logits at its last position ([rows, 1 | seq, vocab]), with its adapter's own lm_head
+ * applied (head.ts) when it has one. A view of the output unless the head changed it.
+ */
+export function rowLogits(out: InferenceSession.ReturnType, b: number, rows: number, adapter: { readonly embedding?: EngineEmbedding | null } | null, manifest: Manifest): Float32Array {
+  const logits = output(out, 'logits');
+  if (!(logits.data instanceof Float32Array)) throw new Error('output logits is not float32');
+  const data = logits.data;
+  const vocab = logits.dims[logits.dims.length - 1]!;
+  const end = ((b + 1) * data.length) / rows;
+  const base = data.subarray(end - vocab, end);
+  const e = adapter?.embedding;
+  if (!e || !hasOwnHead(e)) return base;
+  const h = output(out, HIDDEN_OUTPUT);
+  if (!(h.data instanceof Float32Array)) throw new Error(`output ${HIDDEN_OUTPUT} is not float32`);
+  const hidden = h.dims[h.dims.length - 1]!;
+  const hEnd = ((b + 1) * h.data.length) / rows;
+  return headLogits(e, h.data.subarray(hEnd - hidden, hEnd), base, manifest.architecture.finalSoftcap);
+}
+
+function output(out: InferenceSession.ReturnType, name: string): Tensor {
+  const t = out[name];
+  if (!t) throw new Error(`the graph returned no output ${name}`);
+  return t;
+}
