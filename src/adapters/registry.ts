@@ -7,7 +7,7 @@ import { HttpProblem, badRequest, notFound } from '../http/problem.js';
 import type { AdapterWeights } from './convert.js';
 import { readAdapterFolder } from './folder.js';
 import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
-import { EffectSchema, error, type Effect, type ModuleReport, type Problem, type ValidationReport } from './report.js';
+import { EffectSchema, error, type Effect, type EmbeddingParts, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import type { ProbeResult } from '../engine/probe.js';
 import { AdapterStore, NameTakenError, NotStoredError, adapterNameProblem, pauseHookFromEnv, type AdapterBackend, type AdapterMeta, type FileDigest, type StoreHooks, type StoredEntry } from './store.js';
 import { SharedFolderStore } from './shared-folder.js';
@@ -102,6 +102,8 @@ export interface AdapterSummary {
   parameters: number;
   /** per projection: which layers, which ranks and which scales (alpha/r, folded into B) */
   targets: TargetSummary[];
+  /** bytes the served weights take when loaded (LoRA matrices plus embedding parts); null in reports older than it */
+  memoryBytes: number | null;
   errors: Problem[];
   warnings: Problem[];
 }
@@ -110,6 +112,8 @@ export interface AdapterDetail extends AdapterSummary {
   modules: Pick<ModuleReport, 'module' | 'rank' | 'alpha' | 'scale' | 'rankKey' | 'alphaKey' | 'deltaNorm' | 'relativeNorm'>[];
   /** measured through the served graph on the probe prompt; null when it could not be run */
   effect: Effect | null;
+  /** embedding LoRA, trainable tokens, saved embed_tokens / lm_head (embedding-parts.ts); null when none */
+  embedding: EmbeddingParts | null;
 }
 
 export interface AdapterDetailWithReport extends AdapterDetail {
@@ -183,6 +187,7 @@ function summarize(v: AdapterVersion, loaded = false): AdapterSummary {
     useRslora: s.useRslora,
     parameters: s.parameters,
     targets: [...byProjection].map(([projection, t]) => ({ projection, layers: distinct(t.layers), ranks: distinct(t.ranks), scales: distinct(t.scales) })),
+    memoryBytes: v.report.memoryBytes ?? null,
     errors: v.report.errors,
     warnings: v.report.warnings,
   };
@@ -193,6 +198,7 @@ function detail(v: AdapterVersion, loaded = false): AdapterDetail {
     ...summarize(v, loaded),
     modules: v.report.modules.map(({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm, relativeNorm }) => ({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm: deltaNorm ?? null, relativeNorm: relativeNorm ?? null })),
     effect: v.report.effect ?? null,
+    embedding: v.report.embedding ?? null,
   };
 }
 
@@ -274,7 +280,7 @@ export class AdapterRegistry {
     const registry = new AdapterRegistry(
       store,
       { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId, dtype: manifest.dtype },
-      { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL },
+      { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL, ...(config.ADAPTER_MEMORY_BUDGET_MB > 0 && { maxAdapterBytes: config.ADAPTER_MEMORY_BUDGET_MB * 2 ** 20 }) },
       config.MAX_ADAPTERS,
       config.MAX_LOADED_ADAPTERS,
       engine,

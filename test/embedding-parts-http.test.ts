@@ -1,0 +1,252 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { encodeSafetensors } from '../src/adapters/safetensors.js';
+import type { Architecture } from '../src/model/architecture.js';
+import { loraTargetsFor, type LoraTarget } from '../src/model/manifest.js';
+import { makePeftTensors, peftConfig, type PeftTensor } from './helpers/adapter-fixtures.js';
+import { form } from './helpers/adapter-uploads.js';
+import { FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
+import { maxAbsDiff, mergeAdapter, type Adapter } from './helpers/lora-feeds.js';
+import { MemoryCheckpoint, Rng, randomCheckpoint, tinyArchitecture } from './helpers/random-checkpoint.js';
+import { referenceForward, type ReferenceEmbedding } from './reference/forward.js';
+
+/**
+ * Issue 18 items 3–5 over real HTTP: adapters with LoRA on embed_tokens, trainable tokens, and
+ * saved embed_tokens / lm_head copies (PEFT's tensor names, real safetensors), served on a tied
+ * Gemma 2 (√hidden embedding scale, final soft-cap: the hooks these parts interact with) and
+ * compared with the independent reference forward pass, which applies each part as PEFT's module
+ * does — alone, and in one batch with base and plain-LoRA rows.
+ */
+
+const arch: Architecture = tinyArchitecture({
+  vocabSize: FAMILY_VOCAB,
+  maxPositions: 256,
+  bosTokenId: 506,
+  eosTokenIds: [507],
+  family: 'gemma2',
+  numLayers: 2,
+  numHeads: 4,
+  numKvHeads: 2,
+  headDim: 24,
+  normPlusOne: true,
+  embedScale: true,
+  sandwichNorms: true,
+  activation: 'gelu_tanh',
+  tieWordEmbeddings: true,
+});
+
+/** config.json as transformers' Gemma2Config writes it (the keys readArchitecture reads) */
+const gemma2Config = (a: Architecture) => ({
+  architectures: ['Gemma2ForCausalLM'],
+  model_type: 'gemma2',
+  attention_bias: false,
+  attention_dropout: 0.0,
+  bos_token_id: a.bosTokenId,
+  eos_token_id: a.eosTokenIds[0],
+  head_dim: a.headDim,
+  hidden_act: 'gelu_pytorch_tanh',
+  hidden_activation: 'gelu_pytorch_tanh',
+  hidden_size: a.hiddenSize,
+  intermediate_size: a.intermediateSize,
+  max_position_embeddings: a.maxPositions,
+  num_attention_heads: a.numHeads,
+  num_hidden_layers: a.numLayers,
+  num_key_value_heads: a.numKvHeads,
+  pad_token_id: 0,
+  rms_norm_eps: 1e-6,
+  torch_dtype: 'bfloat16',
+  vocab_size: a.vocabSize,
+  attn_logit_softcapping: 50.0,
+  final_logit_softcapping: 8.0,
+  query_pre_attn_scalar: a.headDim,
+  rope_theta: 10000.0,
+  sliding_window: 64,
+  tie_word_embeddings: true,
+});
+
+const folder: FamilyFolder = { config: gemma2Config(arch), tensors: randomCheckpoint(arch, 83).tensors, dtype: 'BF16' };
+const stored = storedTensors(folder);
+const H = arch.hiddenSize;
+const V = arch.vocabSize;
+const PROMPT = 'Once upon a time there was a model that';
+const R = 4;
+const ALPHA = 8;
+
+let served: ServedFamily;
+let targets: LoraTarget[];
+let promptIds: number[];
+
+beforeAll(async () => {
+  served = await serveFamily('embedding-parts', folder, { MAX_BATCH: 8 });
+  targets = loraTargetsFor(served.app.runtime.manifest.architecture);
+  promptIds = served.app.runtime.tokenizer.encode(PROMPT);
+}, 120_000);
+afterAll(async () => {
+  await served?.close();
+});
+
+const uniform = (rng: Rng, n: number, scale: number) => Float32Array.from({ length: n }, () => (rng.next() * 2 - 1) * scale);
+
+interface Kind {
+  name: string;
+  config: Record<string, unknown>;
+  tensors: PeftTensor[];
+  /** the q/v LoRA (PEFT layout) merged into the reference checkpoint */
+  lora: PeftTensor[];
+  embedding: ReferenceEmbedding;
+}
+
+/** q_proj / v_proj LoRA, as every kind below also carries (PEFT saves them alongside) */
+const projectionLora = (seed: number) => makePeftTensors(arch, { r: R, targets: ['q_proj', 'v_proj'], seed, scale: 0.15 });
+
+function kinds(): Kind[] {
+  const rng = new Rng(91);
+  const baseEmbed = stored.get('model.embed_tokens.weight')!.data;
+  const plain = projectionLora(31);
+  // LoRA on the embedding: A [r, vocab], B [hidden, r] (PEFT's lora_embedding_A / _B, no .weight)
+  const embA = uniform(rng, R * V, 1);
+  const embB = uniform(rng, H * R, 0.05);
+  const embLora = projectionLora(32);
+  // trainable tokens: the prompt's first ids and a few others; the saved rows are values
+  const indices = [...new Set([...promptIds.slice(0, 5), 3, 200, 201, 300])];
+  const values = uniform(rng, indices.length * H, 0.4);
+  const tokLora = projectionLora(33);
+  // modules_to_save copies: the base table moved by noise (a fine-tune's copies start from the base)
+  const embedCopy = Float32Array.from(baseEmbed, (v) => v + (rng.next() * 2 - 1) * 0.1);
+  const headCopy = Float32Array.from(baseEmbed, (v) => v + (rng.next() * 2 - 1) * 0.1);
+  const savedLora = projectionLora(34);
+  const config = (extra: Record<string, unknown>) => peftConfig({ base_model_name_or_path: served.dir, r: R, lora_alpha: ALPHA, target_modules: ['q_proj', 'v_proj'], ...extra });
+  return [
+    { name: 'plain', config: config({}), tensors: plain, lora: plain, embedding: {} },
+    {
+      name: 'emb-lora',
+      config: config({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'] }),
+      tensors: [...embLora, { name: 'base_model.model.model.embed_tokens.lora_embedding_A', shape: [R, V], data: embA }, { name: 'base_model.model.model.embed_tokens.lora_embedding_B', shape: [H, R], data: embB }],
+      lora: embLora,
+      embedding: { lora: { A: embA, B: embB, rank: R, scale: ALPHA / R } },
+    },
+    {
+      name: 'tokens',
+      config: config({ trainable_token_indices: indices }),
+      tensors: [...tokLora, { name: 'base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta', shape: [indices.length, H], data: values }],
+      lora: tokLora,
+      // tied Gemma 2: PEFT ties lm_head's token adapter to the embedding's
+      embedding: { tokens: { indices, values, tiedHead: true } },
+    },
+    {
+      name: 'saved',
+      config: config({ modules_to_save: ['embed_tokens', 'lm_head'] }),
+      tensors: [...savedLora, { name: 'base_model.model.model.embed_tokens.weight', shape: [V, H], data: embedCopy }, { name: 'base_model.model.lm_head.weight', shape: [V, H], data: headCopy }],
+      lora: savedLora,
+      embedding: { embedWeight: embedCopy, lmHeadWeight: headCopy },
+    },
+  ];
+}
+
+async function upload(k: Kind): Promise<Record<string, unknown>> {
+  const res = await served.app.inject({
+    method: 'POST',
+    url: '/v1/adapters',
+    payload: form([
+      ['name', k.name],
+      ['config', Buffer.from(JSON.stringify(k.config)), 'adapter_config.json'],
+      ['weights', encodeSafetensors(k.tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+    ]),
+  });
+  expect(res.statusCode, res.body).toBe(201);
+  return res.json() as Record<string, unknown>;
+}
+
+interface Served {
+  tokens: number[];
+  logprobs: { logprob: number; top_logprobs: { token: number; logprob: number }[] }[];
+}
+
+async function generate(adapter: string | null): Promise<Served> {
+  const res = await served.app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT, ...(adapter && { adapter }), max_tokens: 8, temperature: 0, logprobs: 20 } });
+  expect(res.statusCode, res.body).toBe(200);
+  return res.json() as Served;
+}
+
+/** The reference for `k` (null: the base) on the served sequence: greedy ids equal, worst |Δ logprob| returned. */
+function check(k: Kind | null, out: Served): { worst: number; effect: number } {
+  const base = new MemoryCheckpoint(arch, stored, 'reference');
+  const adapter: Adapter = new Map(
+    (k?.lora ?? [])
+      .filter((t) => t.name.includes('lora_A'))
+      .map((a) => {
+        const module = a.name.replace(/^base_model\.model\./, '').replace(/\.lora_A\.weight$/, '');
+        const b = k!.lora.find((t) => t.name === a.name.replace('lora_A', 'lora_B'))!;
+        return [module, { rank: R, A: a.data, B: b.data, scale: ALPHA / R }];
+      }),
+  );
+  const seq = [...promptIds, ...out.tokens];
+  const logits = referenceForward(mergeAdapter(base, targets, adapter), seq, { prefill: promptIds.length, embedding: k?.embedding });
+  const onlyLora = referenceForward(mergeAdapter(base, targets, adapter), seq, { prefill: promptIds.length });
+  let worst = 0;
+  let effect = 0;
+  out.tokens.forEach((tok, i) => {
+    const row = logits[promptIds.length - 1 + i]!;
+    effect = Math.max(effect, maxAbsDiff(row, onlyLora[promptIds.length - 1 + i]!));
+    const max = Math.max(...row);
+    const lse = max + Math.log(row.reduce((s, v) => s + Math.exp(v - max), 0));
+    expect(row.indexOf(max), `${k?.name ?? 'base'}: greedy token ${i}`).toBe(tok);
+    const lp = out.logprobs[i]!;
+    worst = Math.max(worst, maxAbsDiff([lp.logprob, ...lp.top_logprobs.map((t) => t.logprob)], [row[tok]! - lse, ...lp.top_logprobs.map((t) => row[t.token]! - lse)]));
+  });
+  expect(out.tokens.length).toBeGreaterThanOrEqual(3);
+  return { worst, effect };
+}
+
+describe('embedding LoRA, trainable tokens and saved embed_tokens / lm_head, served as PEFT computes them', () => {
+  let all: Kind[];
+  beforeAll(async () => {
+    all = kinds();
+    for (const k of all) await upload(k);
+  }, 60_000);
+
+  it.each(['emb-lora', 'tokens', 'saved'])('%s alone: greedy tokens equal the reference, logprobs within 1e-4', async (name) => {
+    const k = all.find((x) => x.name === name)!;
+    const r = check(k, await generate(name));
+    console.info(`[${name}] alone: max |Δ logprob| ${r.worst.toExponential(2)}; the part moves logits by ${r.effect.toFixed(3)} beyond its q/v LoRA`);
+    // each part must change the output, or this test could not fail
+    expect(r.effect).toBeGreaterThan(1e-2);
+    expect(r.worst).toBeLessThan(1e-4);
+  });
+
+  it('one batch of base, plain LoRA and each part: every row equals its reference', async () => {
+    const names = [null, 'plain', 'emb-lora', 'tokens', 'saved', null, 'saved', 'tokens'];
+    let maxBatch = 0;
+    let maxDistinct = 0;
+    const poll = setInterval(() => {
+      const s = served.app.runtime.engine.stats();
+      maxBatch = Math.max(maxBatch, s.batchSize);
+      maxDistinct = Math.max(maxDistinct, new Set(s.runningAdapters).size);
+    }, 1);
+    const outs = await Promise.all(names.map((n) => generate(n)));
+    clearInterval(poll);
+    console.info(`[mixed] largest decode batch ${maxBatch}, distinct adapters running at once ${maxDistinct}`);
+    expect(maxBatch).toBeGreaterThanOrEqual(4);
+    let worst = 0;
+    outs.forEach((out, i) => {
+      const k = names[i] === null ? null : all.find((x) => x.name === names[i])!;
+      worst = Math.max(worst, check(k, out).worst);
+    });
+    console.info(`[mixed] ${names.length} rows: max |Δ logprob| ${worst.toExponential(2)}`);
+    expect(worst).toBeLessThan(1e-4);
+  });
+
+  it('the description and /metrics count the memory the saved copies take', async () => {
+    const d = (await served.app.inject({ method: 'GET', url: '/v1/adapters/saved' })).json() as Record<string, unknown>;
+    // two [vocab, hidden] float32 copies plus the q/v LoRA matrices
+    const lora = targets.filter((t) => t.module === 'q_proj' || t.module === 'v_proj').reduce((n, t) => n + 4 * R * (t.inFeatures + t.outFeatures), 0);
+    expect(d.memoryBytes).toBe(2 * 4 * V * H + lora);
+    expect(d.embedding).toMatchObject({ embedCopy: 'base_model.model.model.embed_tokens.weight', headCopy: 'base_model.model.lm_head.weight' });
+    const tok = (await served.app.inject({ method: 'GET', url: '/v1/adapters/tokens' })).json() as { memoryBytes: number; embedding: { tokens: { indices: number[]; tiedHead: boolean } } };
+    expect(tok.embedding.tokens.tiedHead).toBe(true);
+    expect(tok.memoryBytes).toBe(4 * tok.embedding.tokens.indices.length * H + lora);
+    const metrics = (await served.app.inject({ method: 'GET', url: '/metrics' })).body;
+    const line = metrics.split('\n').find((l) => l.startsWith('loraserve_adapter_memory_bytes{adapter="saved"}'));
+    expect(line, metrics).toBeDefined();
+    expect(Number(line!.split(' ').pop())).toBe(d.memoryBytes);
+  });
+});
