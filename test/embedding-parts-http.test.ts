@@ -169,7 +169,8 @@ async function generate(adapter: string | null): Promise<Served> {
 
 /** The reference for `k` (null: the base) on the served sequence: greedy ids equal, worst |Δ logprob| returned. */
 function check(k: Kind | null, out: Served): { worst: number; effect: number } {
-  const base = new MemoryCheckpoint(arch, stored, 'reference');
+  // the architecture as the server read it from config.json (soft-caps, window, scalar included)
+  const base = new MemoryCheckpoint(served.app.runtime.manifest.architecture, stored, 'reference');
   const adapter: Adapter = new Map(
     (k?.lora ?? [])
       .filter((t) => t.name.includes('lora_A'))
