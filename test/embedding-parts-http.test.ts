@@ -242,6 +242,8 @@ describe('embedding LoRA, trainable tokens and saved embed_tokens / lm_head, ser
     const lora = targets.filter((t) => t.module === 'q_proj' || t.module === 'v_proj').reduce((n, t) => n + 4 * R * (t.inFeatures + t.outFeatures), 0);
     expect(d.memoryBytes).toBe(2 * 4 * V * H + lora);
     expect(d.embedding).toMatchObject({ embedCopy: 'base_model.model.model.embed_tokens.weight', headCopy: 'base_model.model.lm_head.weight' });
+    // the effect probe (issue 17) ran through the served graph with the adapter's own embedding and head
+    expect((d.effect as { maxLogprobDelta: number } | null)?.maxLogprobDelta).toBeGreaterThan(1e-2);
     const tok = (await served.app.inject({ method: 'GET', url: '/v1/adapters/tokens' })).json() as { memoryBytes: number; embedding: { tokens: { indices: number[]; tiedHead: boolean } } };
     expect(tok.embedding.tokens.tiedHead).toBe(true);
     expect(tok.memoryBytes).toBe(4 * tok.embedding.tokens.indices.length * H + lora);
