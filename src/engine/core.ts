@@ -292,7 +292,7 @@ export class EngineCore {
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
-    const last = rowLogits(out, 0, 1, row.adapter, this.manifest);
+    const last = await rowLogits(out, 0, 1, row.adapter, this.manifest);
     const leads = this.shared.get(row.id);
     if (leads && end === row.promptLength) {
       // followers take these; the logits are copied because the output buffer is not ours to keep
@@ -335,10 +335,12 @@ export class EngineCore {
     const out = await this.run(feeds, rows.map((r) => r.adapter));
     this.kv.write(out, slots, lens, 1);
     this.lastBatchSize = rows.length;
+    // the logits first (an adapter's own head may run a session), then every row's step at once
+    const logits = await Promise.all(rows.map((row, b) => rowLogits(out, b, rows.length, row.adapter, this.manifest)));
     rows.forEach((row, b) => {
       row.kvLen++;
       if (row.cancelled) return this.finish(row, 'cancelled');
-      this.emit(row, this.pick(rowLogits(out, b, rows.length, row.adapter, this.manifest), row));
+      this.emit(row, this.pick(logits[b]!, row));
     });
     this.dirty = true;
   }

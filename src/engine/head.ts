@@ -1,4 +1,7 @@
+import { availableParallelism } from 'node:os';
+import * as ort from 'onnxruntime-node';
 import type { InferenceSession, Tensor } from 'onnxruntime-node';
+import { GraphBuilder, int } from '../model/graph/onnx-builder.js';
 import type { EngineEmbedding } from '../adapters/convert.js';
 import { HIDDEN_OUTPUT, kvNewKeyName, kvNewValueName, type Manifest } from '../model/manifest.js';
 
@@ -22,14 +25,46 @@ const dot = (w: Float32Array, row: number, h: Float32Array): number => {
   return Math.fround(s);
 };
 
-/** New logits for one position: `base` (the graph's, with the base head) changed by the adapter's head. */
-export function headLogits(e: EngineEmbedding, hidden: Float32Array, base: Float32Array, softcap: number | undefined): Float32Array {
-  const cap = (v: number) => (softcap ? Math.fround(Math.tanh(v / softcap) * softcap) : v);
-  if (e.headTable) {
-    const out = new Float32Array(base.length);
-    for (let v = 0; v < out.length; v++) out[v] = cap(dot(e.headTable, v, hidden));
-    return out;
+/**
+ * logits = hidden · Wᵀ (then the soft-cap) for a whole saved head: vocab × hidden per row is too
+ * much for a JS loop at real sizes, so it runs as one Gemm in a tiny CPU session of its own (the
+ * base graph's head is the same Gemm with transB), with the head fed as an input.
+ */
+const headSessions = new Map<string, Promise<InferenceSession>>();
+function headSession(softcap: number | undefined): Promise<InferenceSession> {
+  const key = String(softcap ?? 0);
+  let s = headSessions.get(key);
+  if (!s) {
+    const g = new GraphBuilder(null);
+    const hidden = g.input('hidden', 'float32', ['rows', 'hidden']);
+    const weight = g.input('weight', 'float32', ['vocab', 'hidden']);
+    let y = g.op('Gemm', [hidden, weight], { transB: int(1) });
+    if (softcap) {
+      const c = (v: number) => g.constFloat(new Float32Array([v]), [], 'float32');
+      y = g.op('Mul', [g.op('Tanh', [g.op('Mul', [y, c(1 / softcap)])]), c(softcap)]);
+    }
+    g.node('Identity', [y], { outputs: ['logits'] });
+    g.output('logits', 'float32', ['rows', 'vocab']);
+    const bytes = g.encode('loraserve-head', { '': 17 }, 'head');
+    s = ort.InferenceSession.create(bytes, { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() });
+    headSessions.set(key, s);
   }
+  return s;
+}
+
+async function fullHead(table: Float32Array, hidden: Float32Array, softcap: number | undefined): Promise<Float32Array> {
+  const H = hidden.length;
+  const session = await headSession(softcap);
+  const out = await session.run({ hidden: new ort.Tensor('float32', hidden.slice(), [1, H]), weight: new ort.Tensor('float32', table, [table.length / H, H]) });
+  const logits = out.logits;
+  if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the head session returned no float32 logits');
+  return logits.data;
+}
+
+/** New logits for one position: `base` (the graph's, with the base head) changed by the adapter's head. */
+export async function headLogits(e: EngineEmbedding, hidden: Float32Array, base: Float32Array, softcap: number | undefined): Promise<Float32Array> {
+  const cap = (v: number) => (softcap ? Math.fround(Math.tanh(v / softcap) * softcap) : v);
+  if (e.headTable) return fullHead(e.headTable, hidden, softcap);
   const out = base.slice();
   const t = e.headTokens!;
   t.indices.forEach((token, j) => (out[token] = cap(dot(t.values, j, hidden))));
@@ -46,7 +81,7 @@ export function fetchesWithHidden(m: Manifest): string[] {
  * Row b's logits at its last position ([rows, 1 | seq, vocab]), with its adapter's own lm_head
  * applied (head.ts) when it has one. A view of the output unless the head changed it.
  */
-export function rowLogits(out: InferenceSession.ReturnType, b: number, rows: number, adapter: { readonly embedding?: EngineEmbedding | null } | null, manifest: Manifest): Float32Array {
+export async function rowLogits(out: InferenceSession.ReturnType, b: number, rows: number, adapter: { readonly embedding?: EngineEmbedding | null } | null, manifest: Manifest): Promise<Float32Array> {
   const logits = output(out, 'logits');
   if (!(logits.data instanceof Float32Array)) throw new Error('output logits is not float32');
   const data = logits.data;

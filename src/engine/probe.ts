@@ -105,7 +105,7 @@ export class ProbeRun {
     const feeds = this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows);
     const out = hasOwnHead(this.rows[1]?.embedding) ? await this.session.run(feeds, fetchesWithHidden(this.manifest)) : await this.session.run(feeds);
     // row 0 is the base, row 1 the adapter (its own lm_head applied, head.ts)
-    const c = compareDistributions(rowLogits(out, 1, 2, this.rows[1]!, this.manifest), rowLogits(out, 0, 2, null, this.manifest));
+    const c = compareDistributions(await rowLogits(out, 1, 2, this.rows[1]!, this.manifest), await rowLogits(out, 0, 2, null, this.manifest));
     this.klSum += c.kl;
     if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
     this.kv.write(out, [0, 1], [t, t], 1);
