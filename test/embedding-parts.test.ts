@@ -43,6 +43,8 @@ describe('LoRA on embed_tokens', () => {
     const config = peftConfig({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'], rank_pattern: { embed_tokens: 4 }, lora_alpha: 16 });
     const r = validateAdapter(input(config, [...qv, a, b]), facts(), LIMITS);
     expect(r.errors).toEqual([]);
+    // the rank_pattern key matches an adapted module: no rank_pattern_unmatched warning
+    expect(r.warnings).toEqual([]);
     expect(r.embedding?.lora).toEqual({ tensorA: EMB_A, tensorB: EMB_B, rank: 4, alpha: 16, scale: 4 });
     const w = toEngineWeights(r, new Map([...qv, a, b].map((t) => [t.name, t.data])), facts());
     // Δ(token) = scale · B · A[:, token], as lora/layer.py Embedding computes it
@@ -54,6 +56,14 @@ describe('LoRA on embed_tokens', () => {
       for (let k = 0; k < 4; k++) got += w.embedding!.lora!.A[token * 4 + k]! * w.embedding!.lora!.B[k * H + i]!;
       expect(got).toBeCloseTo(4 * want, 5);
     }
+  });
+
+  it('ensure_weight_tying on a tied model (lm_head would get the transposed LoRA) is refused precisely', () => {
+    const config = peftConfig({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'], r: 8, ensure_weight_tying: true });
+    const tensors = [...qv, tensor(EMB_A, [8, V]), tensor(EMB_B, [H, 8])];
+    expect(validateAdapter(input(config, tensors), facts(), LIMITS).ok).toBe(true);
+    const tied = validateAdapter(input(config, tensors), facts(TIED), LIMITS);
+    expect(tied.errors).toMatchObject([{ code: 'unsupported_feature', key: 'ensure_weight_tying', module: 'lm_head' }]);
   });
 
   it('a wrong vocabulary, a missing B and a rank over MAX_LORA_RANK are each named', () => {

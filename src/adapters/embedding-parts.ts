@@ -217,6 +217,12 @@ export function validateEmbeddingParts(config: PeftConfig | null, tensors: reado
   if (embedCopy && tokenIndices.has(EMBED_MODULE)) combo('both a saved full copy and trainable tokens', 'PEFT refuses this combination too: keep embed_tokens in modules_to_save or in trainable_token_indices, not both.');
   if (headCopy && tokenIndices.has(HEAD_MODULE)) problems.push(error({ code: 'unsupported_feature', file: CONFIG_FILE, module: HEAD_MODULE, message: 'The adapter has both a saved lm_head and trainable tokens of lm_head.', hint: 'PEFT refuses this combination too.' }));
 
+  // ensure_weight_tying with LoRA on the embedding (tuners_utils.py `_add_targets_to_tie`): PEFT also
+  // gives the tied lm_head a LoRA made of the embedding's matrices, which is not served
+  if (lora && a.tieWordEmbeddings && config?.raw.ensure_weight_tying === true) {
+    problems.push(error({ code: 'unsupported_feature', file: CONFIG_FILE, key: 'ensure_weight_tying', module: HEAD_MODULE, actual: true, message: 'ensure_weight_tying is true with LoRA on embed_tokens of a tied model: PEFT then also applies that LoRA, transposed, to lm_head, which is not served.', hint: 'Merge the adapter into the base model with PEFT merge_and_unload() and serve the merged model, or retrain with ensure_weight_tying=false.' }));
+  }
+
   const any = lora || tokens || headTokens || embedCopy || headCopy;
   const parts: EmbeddingParts | null = any ? { lora, tokens, headTokens, embedCopy, headCopy } : null;
   const bytes = parts ? embeddingPartsBytes(parts, a) : 0;
