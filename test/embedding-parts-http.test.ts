@@ -236,6 +236,31 @@ describe('embedding LoRA, trainable tokens and saved embed_tokens / lm_head, ser
     expect(worst).toBeLessThan(1e-4);
   });
 
+  it('a saved embedding with more rows than the vocabulary (added tokens) is a 422 naming both sizes, and nothing is stored', async () => {
+    const k = all.find((x) => x.name === 'saved')!;
+    const bigger: Kind = {
+      ...k,
+      name: 'added-tokens',
+      config: { ...k.config, modules_to_save: ['embed_tokens'] },
+      tensors: [...k.lora, { name: 'base_model.model.model.embed_tokens.weight', shape: [V + 8, H], data: new Float32Array((V + 8) * H) }],
+    };
+    const res = await served.app.inject({
+      method: 'POST',
+      url: '/v1/adapters',
+      payload: form([
+        ['name', bigger.name],
+        ['config', Buffer.from(JSON.stringify(bigger.config)), 'adapter_config.json'],
+        ['weights', encodeSafetensors(bigger.tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
+      ]),
+    });
+    expect(res.statusCode).toBe(422);
+    const body = res.json() as { errors: { code: string; message: string; expected: unknown; actual: unknown }[] };
+    expect(body.errors).toMatchObject([{ code: 'shape_mismatch', expected: [V, H], actual: [V + 8, H] }]);
+    expect(body.errors[0]!.message).toContain(`${V + 8} tokens`);
+    expect(body.errors[0]!.message).toContain(`vocab_size ${V}`);
+    expect((await served.app.inject({ method: 'GET', url: '/v1/adapters/added-tokens' })).statusCode).toBe(404);
+  });
+
   it('the description and /metrics count the memory the saved copies take', async () => {
     const d = (await served.app.inject({ method: 'GET', url: '/v1/adapters/saved' })).json() as Record<string, unknown>;
     // two [vocab, hidden] float32 copies plus the q/v LoRA matrices
