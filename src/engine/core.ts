@@ -1,7 +1,7 @@
 import type { InferenceSession } from 'onnxruntime-node';
 import type { EngineEmbedding } from '../adapters/convert.js';
 import { hasRowEmbeddings, kvContractOf, type Manifest } from '../model/manifest.js';
-import { fetchesWithHidden, hasOwnHead, rowLogits } from './head.js';
+import { fetchesWithHidden, hasOwnHead, rowsLogits } from './head.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
 import { ResidentKv, type KvPrefix } from './kv.js';
@@ -292,7 +292,7 @@ export class EngineCore {
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
-    const last = await rowLogits(out, 0, 1, row.adapter, this.manifest);
+    const [last] = (await rowsLogits(out, [row.adapter], this.manifest)) as [Float32Array];
     const leads = this.shared.get(row.id);
     if (leads && end === row.promptLength) {
       // followers take these; the logits are copied because the output buffer is not ours to keep
@@ -336,7 +336,7 @@ export class EngineCore {
     this.kv.write(out, slots, lens, 1);
     this.lastBatchSize = rows.length;
     // the logits first (an adapter's own head may run a session), then every row's step at once
-    const logits = await Promise.all(rows.map((row, b) => rowLogits(out, b, rows.length, row.adapter, this.manifest)));
+    const logits = await rowsLogits(out, rows.map((r) => r.adapter), this.manifest);
     rows.forEach((row, b) => {
       row.kvLen++;
       if (row.cancelled) return this.finish(row, 'cancelled');

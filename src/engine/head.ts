@@ -52,19 +52,23 @@ function headSession(softcap: number | undefined): Promise<InferenceSession> {
   return s;
 }
 
-async function fullHead(table: Float32Array, hidden: Float32Array, softcap: number | undefined): Promise<Float32Array> {
-  const H = hidden.length;
+/** logits [rows, vocab] of `hidden` [rows, H] through a saved head [vocab, H], one row per result */
+async function fullHead(table: Float32Array, hidden: readonly Float32Array[], softcap: number | undefined): Promise<Float32Array[]> {
+  const H = hidden[0]!.length;
+  const rows = new Float32Array(hidden.length * H);
+  hidden.forEach((h, i) => rows.set(h, i * H));
   const session = await headSession(softcap);
-  const out = await session.run({ hidden: new ort.Tensor('float32', hidden.slice(), [1, H]), weight: new ort.Tensor('float32', table, [table.length / H, H]) });
+  const out = await session.run({ hidden: new ort.Tensor('float32', rows, [hidden.length, H]), weight: new ort.Tensor('float32', table, [table.length / H, H]) });
   const logits = out.logits;
   if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the head session returned no float32 logits');
-  return logits.data;
+  const vocab = table.length / H;
+  return hidden.map((_, i) => logits.data.slice(i * vocab, (i + 1) * vocab) as Float32Array);
 }
 
 /** New logits for one position: `base` (the graph's, with the base head) changed by the adapter's head. */
 export async function headLogits(e: EngineEmbedding, hidden: Float32Array, base: Float32Array, softcap: number | undefined): Promise<Float32Array> {
   const cap = (v: number) => (softcap ? Math.fround(Math.tanh(v / softcap) * softcap) : v);
-  if (e.headTable) return fullHead(e.headTable, hidden, softcap);
+  if (e.headTable) return (await fullHead(e.headTable, [hidden], softcap))[0]!;
   const out = base.slice();
   const t = e.headTokens!;
   t.indices.forEach((token, j) => (out[token] = cap(dot(t.values, j, hidden))));
@@ -78,23 +82,42 @@ export function fetchesWithHidden(m: Manifest): string[] {
 }
 
 /**
- * Row b's logits at its last position ([rows, 1 | seq, vocab]), with its adapter's own lm_head
- * applied (head.ts) when it has one. A view of the output unless the head changed it.
+ * Each row's logits at its last position ([rows, 1 | seq, vocab]), with its adapter's own lm_head
+ * applied when it has one: rows that share a saved head go through it together, in one Gemm.
+ * Views of the output for the rows whose head is the base's.
  */
-export async function rowLogits(out: InferenceSession.ReturnType, b: number, rows: number, adapter: { readonly embedding?: EngineEmbedding | null } | null, manifest: Manifest): Promise<Float32Array> {
+export async function rowsLogits(out: InferenceSession.ReturnType, adapters: readonly ({ readonly embedding?: EngineEmbedding | null } | null)[], manifest: Manifest): Promise<Float32Array[]> {
   const logits = output(out, 'logits');
   if (!(logits.data instanceof Float32Array)) throw new Error('output logits is not float32');
   const data = logits.data;
+  const n = adapters.length;
   const vocab = logits.dims[logits.dims.length - 1]!;
-  const end = ((b + 1) * data.length) / rows;
-  const base = data.subarray(end - vocab, end);
-  const e = adapter?.embedding;
-  if (!e || !hasOwnHead(e)) return base;
+  const result = adapters.map((_, b) => {
+    const end = ((b + 1) * data.length) / n;
+    return data.subarray(end - vocab, end);
+  });
+  if (!adapters.some((a) => hasOwnHead(a?.embedding))) return result;
   const h = output(out, HIDDEN_OUTPUT);
   if (!(h.data instanceof Float32Array)) throw new Error(`output ${HIDDEN_OUTPUT} is not float32`);
-  const hidden = h.dims[h.dims.length - 1]!;
-  const hEnd = ((b + 1) * h.data.length) / rows;
-  return headLogits(e, h.data.subarray(hEnd - hidden, hEnd), base, manifest.architecture.finalSoftcap);
+  const hData = h.data;
+  const H = h.dims[h.dims.length - 1]!;
+  const hiddenOf = (b: number) => {
+    const end = ((b + 1) * hData.length) / n;
+    return hData.subarray(end - H, end);
+  };
+  const softcap = manifest.architecture.finalSoftcap;
+  const groups = new Map<Float32Array, number[]>();
+  for (let b = 0; b < n; b++) {
+    const e = adapters[b]?.embedding;
+    if (!e || !hasOwnHead(e)) continue;
+    if (e.headTable) groups.set(e.headTable, [...(groups.get(e.headTable) ?? []), b]);
+    else result[b] = await headLogits(e, hiddenOf(b), result[b]!, softcap);
+  }
+  for (const [table, rows] of groups) {
+    const got = await fullHead(table, rows.map(hiddenOf), softcap);
+    rows.forEach((b, i) => (result[b] = got[i]!));
+  }
+  return result;
 }
 
 function output(out: InferenceSession.ReturnType, name: string): Tensor {

@@ -2,7 +2,7 @@ import type { InferenceSession } from 'onnxruntime-node';
 import type { Manifest } from '../model/manifest.js';
 import { FeedBuilder, kvShapeOf, type ResidentAdapter } from './batch.js';
 import { ResidentKv } from './kv.js';
-import { fetchesWithHidden, hasOwnHead, rowLogits } from './head.js';
+import { fetchesWithHidden, hasOwnHead, rowsLogits } from './head.js';
 
 /**
  * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
@@ -105,7 +105,8 @@ export class ProbeRun {
     const feeds = this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows);
     const out = hasOwnHead(this.rows[1]?.embedding) ? await this.session.run(feeds, fetchesWithHidden(this.manifest)) : await this.session.run(feeds);
     // row 0 is the base, row 1 the adapter (its own lm_head applied, head.ts)
-    const c = compareDistributions(await rowLogits(out, 1, 2, this.rows[1]!, this.manifest), await rowLogits(out, 0, 2, null, this.manifest));
+    const [base, tuned] = (await rowsLogits(out, this.rows, this.manifest)) as [Float32Array, Float32Array];
+    const c = compareDistributions(tuned, base);
     this.klSum += c.kl;
     if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
     this.kv.write(out, [0, 1], [t, t], 1);
