@@ -199,11 +199,9 @@ export function validateEmbeddingParts(config: PeftConfig | null, tensors: reado
       problems.push(error({ code: 'shape_mismatch', file, tensor: t.name, module, expected: [indices.length, H], actual: s, message: `${name} has shape ${fmt(s)}; trainable_token_indices lists ${indices.length} tokens and this model's hidden_size is ${H}, so ${fmt([indices.length, H])} was expected.` }));
     }
     if (!ok) continue;
+    // on a tied model, lm_head follows the embedding's adapter unless the dict gives it indices of its own
     if (module === EMBED_MODULE) tokens = { tensor: t.name, indices, tiedHead: a.tieWordEmbeddings && !tokenIndices.has(HEAD_MODULE) };
-    else if (a.tieWordEmbeddings && tokenIndices.has(EMBED_MODULE)) {
-      // PEFT wraps a tied lm_head with its own indices only when they differ (indices_mismatch)
-      headTokens = { tensor: t.name, indices };
-    } else headTokens = { tensor: t.name, indices };
+    else headTokens = { tensor: t.name, indices };
   }
   if (tokens && tokenIndices.has(HEAD_MODULE) && a.tieWordEmbeddings) {
     const same = JSON.stringify(tokenIndices.get(HEAD_MODULE)) === JSON.stringify(tokens.indices);
@@ -213,7 +211,7 @@ export function validateEmbeddingParts(config: PeftConfig | null, tensors: reado
 
   // ---- combinations PEFT itself refuses or that replace the same rows twice
   const combo = (what: string, hint: string) => problems.push(error({ code: 'unsupported_feature', file: CONFIG_FILE, module: EMBED_MODULE, message: `The adapter has ${what} on embed_tokens; one way of changing the embedding per adapter is served.`, hint }));
-  if (lora && (embedCopy || tokens)) combo(embedCopy ? 'both LoRA and a saved full copy' : 'both LoRA and trainable tokens', `${'merge the adapter into the base model with PEFT merge_and_unload() and serve the merged model'}.`);
+  if (lora && (embedCopy || tokens)) combo(embedCopy ? 'both LoRA and a saved full copy' : 'both LoRA and trainable tokens', 'Merge the adapter into the base model with PEFT merge_and_unload() and serve the merged model.');
   if (embedCopy && tokenIndices.has(EMBED_MODULE)) combo('both a saved full copy and trainable tokens', 'PEFT refuses this combination too: keep embed_tokens in modules_to_save or in trainable_token_indices, not both.');
   if (headCopy && tokenIndices.has(HEAD_MODULE)) problems.push(error({ code: 'unsupported_feature', file: CONFIG_FILE, module: HEAD_MODULE, message: 'The adapter has both a saved lm_head and trainable tokens of lm_head.', hint: 'PEFT refuses this combination too.' }));
 

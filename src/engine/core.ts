@@ -1,7 +1,7 @@
 import type { InferenceSession } from 'onnxruntime-node';
 import type { EngineEmbedding } from '../adapters/convert.js';
 import { hasRowEmbeddings, kvContractOf, type Manifest } from '../model/manifest.js';
-import { fetchesWithHidden, hasOwnHead, rowsLogits } from './head.js';
+import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
 import { ResidentKv, type KvPrefix } from './kv.js';
@@ -348,7 +348,7 @@ export class EngineCore {
   /** One run of the session, with what crosses the JS↔runtime boundary counted. */
   private async run(feeds: Feeds, adapters: readonly (ResidentAdapter | null)[]): Promise<InferenceSession.ReturnType> {
     // the hidden state crosses back only for a step with a row whose adapter has its own lm_head
-    const out = adapters.some((a) => hasOwnHead(a?.embedding)) ? await this.session.run(feeds, fetchesWithHidden(this.manifest)) : await this.session.run(feeds);
+    const out = hasRowEmbeddings(this.manifest) ? await this.session.run(feeds, fetchesOf(this.manifest, adapters.some((a) => hasOwnHead(a?.embedding)))) : await this.session.run(feeds);
     countTransfer(this.transferred, feeds, out, this.provider);
     return out;
   }

@@ -75,10 +75,13 @@ export async function headLogits(e: EngineEmbedding, hidden: Float32Array, base:
   return out;
 }
 
-/** Every output of a row-embedding graph, the hidden state included. */
-export function fetchesWithHidden(m: Manifest): string[] {
+/**
+ * The outputs a step fetches from a row-embedding graph: the hidden state only when a row's adapter
+ * has its own head, so other steps take back what they did before it existed (logits and KV rows).
+ */
+export function fetchesOf(m: Manifest, hidden: boolean): string[] {
   const kv = Array.from({ length: m.architecture.numLayers }, (_, l) => [kvNewKeyName(l), kvNewValueName(l)]).flat();
-  return ['logits', ...kv, HIDDEN_OUTPUT];
+  return hidden ? ['logits', ...kv, HIDDEN_OUTPUT] : ['logits', ...kv];
 }
 
 /**

@@ -1,8 +1,8 @@
 import type { InferenceSession } from 'onnxruntime-node';
-import type { Manifest } from '../model/manifest.js';
+import { hasRowEmbeddings, type Manifest } from '../model/manifest.js';
 import { FeedBuilder, kvShapeOf, type ResidentAdapter } from './batch.js';
 import { ResidentKv } from './kv.js';
-import { fetchesWithHidden, hasOwnHead, rowsLogits } from './head.js';
+import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
 
 /**
  * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
@@ -103,7 +103,7 @@ export class ProbeRun {
     const id = this.ids[t]!;
     this.kv.reserve(t + 1);
     const feeds = this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows);
-    const out = hasOwnHead(this.rows[1]?.embedding) ? await this.session.run(feeds, fetchesWithHidden(this.manifest)) : await this.session.run(feeds);
+    const out = hasRowEmbeddings(this.manifest) ? await this.session.run(feeds, fetchesOf(this.manifest, hasOwnHead(this.rows[1]?.embedding))) : await this.session.run(feeds);
     // row 0 is the base, row 1 the adapter (its own lm_head applied, head.ts)
     const [base, tuned] = (await rowsLogits(out, this.rows, this.manifest)) as [Float32Array, Float32Array];
     const c = compareDistributions(tuned, base);
