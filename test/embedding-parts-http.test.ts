@@ -2,11 +2,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeSafetensors } from '../src/adapters/safetensors.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { loraTargetsFor, type LoraTarget } from '../src/model/manifest.js';
-import { makePeftTensors, peftConfig, type PeftTensor } from './helpers/adapter-fixtures.js';
+import { llamaConfigJson, makePeftTensors, peftConfig, type PeftTensor } from './helpers/adapter-fixtures.js';
 import { form } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { maxAbsDiff, mergeAdapter, type Adapter } from './helpers/lora-feeds.js';
-import { MemoryCheckpoint, Rng, randomCheckpoint, tinyArchitecture } from './helpers/random-checkpoint.js';
+import { MemoryCheckpoint, Rng, randomCheckpoint, tinyArchitecture, type MemoryTensor } from './helpers/random-checkpoint.js';
 import { referenceForward, type ReferenceEmbedding } from './reference/forward.js';
 
 /**
@@ -63,26 +63,35 @@ const gemma2Config = (a: Architecture) => ({
   tie_word_embeddings: true,
 });
 
-const folder: FamilyFolder = { config: gemma2Config(arch), tensors: randomCheckpoint(arch, 83).tensors, dtype: 'BF16' };
-const stored = storedTensors(folder);
-const H = arch.hiddenSize;
-const V = arch.vocabSize;
 const PROMPT = 'Once upon a time there was a model that';
 const R = 4;
 const ALPHA = 8;
+const H = arch.hiddenSize;
+const V = arch.vocabSize;
 
-let served: ServedFamily;
-let targets: LoraTarget[];
-let promptIds: number[];
+/** A served model and what the reference needs of it. */
+interface Ctx {
+  served: ServedFamily;
+  stored: ReadonlyMap<string, MemoryTensor>;
+  targets: LoraTarget[];
+  promptIds: number[];
+}
 
-beforeAll(async () => {
-  served = await serveFamily('embedding-parts', folder, { MAX_BATCH: 8 });
-  targets = loraTargetsFor(served.app.runtime.manifest.architecture);
-  promptIds = served.app.runtime.tokenizer.encode(PROMPT);
-}, 120_000);
-afterAll(async () => {
-  await served?.close();
-});
+/** Serves `folder` for the enclosing describe; tests call the result. */
+function serveDuringDescribe(label: string, folder: FamilyFolder): () => Ctx {
+  let ctx: Ctx | undefined;
+  beforeAll(async () => {
+    const served = await serveFamily(label, folder, { MAX_BATCH: 8 });
+    ctx = { served, stored: storedTensors(folder), targets: loraTargetsFor(served.app.runtime.manifest.architecture), promptIds: served.app.runtime.tokenizer.encode(PROMPT) };
+  }, 120_000);
+  afterAll(async () => {
+    await ctx?.served.close();
+  });
+  return () => {
+    if (!ctx) throw new Error(`${label} is not being served (its beforeAll failed)`);
+    return ctx;
+  };
+}
 
 const uniform = (rng: Rng, n: number, scale: number) => Float32Array.from({ length: n }, () => (rng.next() * 2 - 1) * scale);
 
@@ -96,38 +105,45 @@ interface Kind {
 }
 
 /** q_proj / v_proj LoRA, as every kind below also carries (PEFT saves them alongside) */
-const projectionLora = (seed: number) => makePeftTensors(arch, { r: R, targets: ['q_proj', 'v_proj'], seed, scale: 0.15 });
+const projectionLora = (a: Architecture, seed: number) => makePeftTensors(a, { r: R, targets: ['q_proj', 'v_proj'], seed, scale: 0.15 });
+const peftFor = (ctx: Ctx) => (extra: Record<string, unknown>) => peftConfig({ base_model_name_or_path: ctx.served.dir, r: R, lora_alpha: ALPHA, target_modules: ['q_proj', 'v_proj'], ...extra });
+const EMB_A = 'base_model.model.model.embed_tokens.lora_embedding_A';
+const EMB_B = 'base_model.model.model.embed_tokens.lora_embedding_B';
+const EMBED_DELTA = 'base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta';
 
-function kinds(): Kind[] {
+/** The kinds served on the tied Gemma 2 */
+function kinds(ctx: Ctx): Kind[] {
+  const { stored, promptIds } = ctx;
+  const projectionLoraOf = (seed: number) => projectionLora(arch, seed);
   const rng = new Rng(91);
   const baseEmbed = stored.get('model.embed_tokens.weight')!.data;
-  const plain = projectionLora(31);
+  const plain = projectionLoraOf(31);
   // LoRA on the embedding: A [r, vocab], B [hidden, r] (PEFT's lora_embedding_A / _B, no .weight)
   const embA = uniform(rng, R * V, 1);
   const embB = uniform(rng, H * R, 0.05);
-  const embLora = projectionLora(32);
+  const embLora = projectionLoraOf(32);
   // trainable tokens: the prompt's first ids and a few others; the saved rows are values
   const indices = [...new Set([...promptIds.slice(0, 5), 3, 200, 201, 300])];
   const values = uniform(rng, indices.length * H, 0.4);
-  const tokLora = projectionLora(33);
+  const tokLora = projectionLoraOf(33);
   // modules_to_save copies: the base table moved by noise (a fine-tune's copies start from the base)
   const embedCopy = Float32Array.from(baseEmbed, (v) => v + (rng.next() * 2 - 1) * 0.1);
   const headCopy = Float32Array.from(baseEmbed, (v) => v + (rng.next() * 2 - 1) * 0.1);
-  const savedLora = projectionLora(34);
-  const config = (extra: Record<string, unknown>) => peftConfig({ base_model_name_or_path: served.dir, r: R, lora_alpha: ALPHA, target_modules: ['q_proj', 'v_proj'], ...extra });
+  const savedLora = projectionLoraOf(34);
+  const config = peftFor(ctx);
   return [
     { name: 'plain', config: config({}), tensors: plain, lora: plain, embedding: {} },
     {
       name: 'emb-lora',
       config: config({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'] }),
-      tensors: [...embLora, { name: 'base_model.model.model.embed_tokens.lora_embedding_A', shape: [R, V], data: embA }, { name: 'base_model.model.model.embed_tokens.lora_embedding_B', shape: [H, R], data: embB }],
+      tensors: [...embLora, { name: EMB_A, shape: [R, V], data: embA }, { name: EMB_B, shape: [H, R], data: embB }],
       lora: embLora,
       embedding: { lora: { A: embA, B: embB, rank: R, scale: ALPHA / R } },
     },
     {
       name: 'tokens',
       config: config({ trainable_token_indices: indices }),
-      tensors: [...tokLora, { name: 'base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta', shape: [indices.length, H], data: values }],
+      tensors: [...tokLora, { name: EMBED_DELTA, shape: [indices.length, H], data: values }],
       lora: tokLora,
       // tied Gemma 2: PEFT ties lm_head's token adapter to the embedding's
       embedding: { tokens: { indices, values, tiedHead: true } },
@@ -142,8 +158,8 @@ function kinds(): Kind[] {
   ];
 }
 
-async function upload(k: Kind): Promise<Record<string, unknown>> {
-  const res = await served.app.inject({
+async function upload(ctx: Ctx, k: Kind): Promise<Record<string, unknown>> {
+  const res = await ctx.served.app.inject({
     method: 'POST',
     url: '/v1/adapters',
     payload: form([
@@ -161,14 +177,15 @@ interface Served {
   logprobs: { logprob: number; top_logprobs: { token: number; logprob: number }[] }[];
 }
 
-async function generate(adapter: string | null): Promise<Served> {
-  const res = await served.app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT, ...(adapter && { adapter }), max_tokens: 8, temperature: 0, logprobs: 20 } });
+async function generate(ctx: Ctx, adapter: string | null): Promise<Served> {
+  const res = await ctx.served.app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT, ...(adapter && { adapter }), max_tokens: 8, temperature: 0, logprobs: 20 } });
   expect(res.statusCode, res.body).toBe(200);
   return res.json() as Served;
 }
 
 /** The reference for `k` (null: the base) on the served sequence: greedy ids equal, worst |Δ logprob| returned. */
-function check(k: Kind | null, out: Served): { worst: number; effect: number } {
+function check(ctx: Ctx, k: Kind | null, out: Served): { worst: number; effect: number } {
+  const { served, stored, targets, promptIds } = ctx;
   // the architecture as the server read it from config.json (soft-caps, window, scalar included)
   const base = new MemoryCheckpoint(served.app.runtime.manifest.architecture, stored, 'reference');
   const adapter: Adapter = new Map(
@@ -198,16 +215,21 @@ function check(k: Kind | null, out: Served): { worst: number; effect: number } {
   return { worst, effect };
 }
 
-describe('embedding LoRA, trainable tokens and saved embed_tokens / lm_head, served as PEFT computes them', () => {
+describe('tied Gemma 2: embedding LoRA, trainable tokens and saved embed_tokens / lm_head, served as PEFT computes them', () => {
+  const folder: FamilyFolder = { config: gemma2Config(arch), tensors: randomCheckpoint(arch, 83).tensors, dtype: 'BF16' };
+  const gemma = serveDuringDescribe('embedding-parts', folder);
   let all: Kind[];
+  let served: ServedFamily;
+  let targets: LoraTarget[];
   beforeAll(async () => {
-    all = kinds();
-    for (const k of all) await upload(k);
+    ({ served, targets } = gemma());
+    all = kinds(gemma());
+    for (const k of all) await upload(gemma(), k);
   }, 60_000);
 
   it.each(['emb-lora', 'tokens', 'saved'])('%s alone: greedy tokens equal the reference, logprobs within 1e-4', async (name) => {
     const k = all.find((x) => x.name === name)!;
-    const r = check(k, await generate(name));
+    const r = check(gemma(), k, await generate(gemma(), name));
     console.info(`[${name}] alone: max |Δ logprob| ${r.worst.toExponential(2)}; the part moves logits by ${r.effect.toFixed(3)} beyond its q/v LoRA`);
     // each part must change the output, or this test could not fail
     expect(r.effect).toBeGreaterThan(1e-2);
@@ -223,14 +245,14 @@ describe('embedding LoRA, trainable tokens and saved embed_tokens / lm_head, ser
       maxBatch = Math.max(maxBatch, s.batchSize);
       maxDistinct = Math.max(maxDistinct, new Set(s.runningAdapters).size);
     }, 1);
-    const outs = await Promise.all(names.map((n) => generate(n)));
+    const outs = await Promise.all(names.map((n) => generate(gemma(), n)));
     clearInterval(poll);
     console.info(`[mixed] largest decode batch ${maxBatch}, distinct adapters running at once ${maxDistinct}`);
     expect(maxBatch).toBeGreaterThanOrEqual(4);
     let worst = 0;
     outs.forEach((out, i) => {
       const k = names[i] === null ? null : all.find((x) => x.name === names[i])!;
-      worst = Math.max(worst, check(k, out).worst);
+      worst = Math.max(worst, check(gemma(), k, out).worst);
     });
     console.info(`[mixed] ${names.length} rows: max |Δ logprob| ${worst.toExponential(2)}`);
     expect(worst).toBeLessThan(1e-4);
@@ -276,5 +298,64 @@ describe('embedding LoRA, trainable tokens and saved embed_tokens / lm_head, ser
     const line = metrics.split('\n').find((l) => l.startsWith('loraserve_adapter_memory_bytes{adapter="saved"}'));
     expect(line, metrics).toBeDefined();
     expect(Number(line!.split(' ').pop())).toBe(d.memoryBytes);
+  });
+});
+
+describe('untied Llama: trainable tokens leave lm_head alone unless the dict names it; embedding LoRA', () => {
+  const llama = tinyArchitecture({ vocabSize: FAMILY_VOCAB, maxPositions: 256, bosTokenId: 506, eosTokenIds: [507], tieWordEmbeddings: false });
+  const folder: FamilyFolder = { config: llamaConfigJson(llama), tensors: randomCheckpoint(llama, 87).tensors, dtype: 'BF16' };
+  const ctx = serveDuringDescribe('embedding-parts-untied', folder);
+  const Hl = llama.hiddenSize;
+  let all: Kind[];
+  beforeAll(async () => {
+    const c = ctx();
+    const rng = new Rng(93);
+    const config = peftFor(c);
+    const embIds = [...new Set([...c.promptIds.slice(0, 4), 10, 400])];
+    const headIds = [11, 12, 300, 301, 302];
+    const embValues = uniform(rng, embIds.length * Hl, 0.8);
+    const headValues = uniform(rng, headIds.length * Hl, 0.8);
+    const embA = uniform(rng, R * V, 1);
+    const embB = uniform(rng, Hl * R, 0.3);
+    const loras = [41, 42, 43].map((seed) => projectionLora(llama, seed));
+    all = [
+      {
+        name: 'tokens-list',
+        config: config({ trainable_token_indices: embIds }),
+        tensors: [...loras[0]!, { name: EMBED_DELTA, shape: [embIds.length, Hl], data: embValues }],
+        lora: loras[0]!,
+        // untied: only the embedding's rows change
+        embedding: { tokens: { indices: embIds, values: embValues, tiedHead: false } },
+      },
+      {
+        name: 'tokens-dict',
+        config: config({ trainable_token_indices: { embed_tokens: embIds, lm_head: headIds } }),
+        tensors: [...loras[1]!, { name: EMBED_DELTA, shape: [embIds.length, Hl], data: embValues }, { name: 'base_model.model.lm_head.token_adapter.trainable_tokens_delta', shape: [headIds.length, Hl], data: headValues }],
+        lora: loras[1]!,
+        embedding: { tokens: { indices: embIds, values: embValues, tiedHead: false }, headTokens: { indices: headIds, values: headValues } },
+      },
+      {
+        name: 'emb-lora',
+        config: config({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'] }),
+        tensors: [...loras[2]!, { name: EMB_A, shape: [R, V], data: embA }, { name: EMB_B, shape: [Hl, R], data: embB }],
+        lora: loras[2]!,
+        embedding: { lora: { A: embA, B: embB, rank: R, scale: ALPHA / R } },
+      },
+    ];
+    for (const k of all) await upload(c, k);
+  }, 60_000);
+
+  it('one batch of base rows and each kind: every row equals its reference, and each part moves its logits', async () => {
+    const names = [null, 'tokens-list', 'tokens-dict', 'emb-lora', null, 'tokens-dict'];
+    const outs = await Promise.all(names.map((n) => generate(ctx(), n)));
+    let worst = 0;
+    outs.forEach((out, i) => {
+      const k = names[i] === null ? null : all.find((x) => x.name === names[i])!;
+      const r = check(ctx(), k, out);
+      if (k) expect(r.effect, k.name).toBeGreaterThan(1e-2);
+      worst = Math.max(worst, r.worst);
+    });
+    console.info(`[untied mixed] ${names.length} rows: max |Δ logprob| ${worst.toExponential(2)}`);
+    expect(worst).toBeLessThan(1e-4);
   });
 });

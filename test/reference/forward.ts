@@ -141,6 +141,8 @@ function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: nu
 export interface ReferenceEmbedding {
   lora?: { A: Float32Array; B: Float32Array; rank: number; scale: number };
   tokens?: { indices: readonly number[]; values: Float32Array; tiedHead: boolean };
+  /** trainable tokens of an untied lm_head (trainable_token_indices as a dict naming lm_head) */
+  headTokens?: { indices: readonly number[]; values: Float32Array };
   embedWeight?: Float32Array;
   lmHeadWeight?: Float32Array;
 }
@@ -182,6 +184,7 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
   if (e.tokens) embed = indexCopy(embed, dim, e.tokens.indices, e.tokens.values);
   let head = e.lmHeadWeight ?? (a.tieWordEmbeddings ? baseEmbed : w.get('lm_head.weight'));
   if (e.tokens?.tiedHead) head = indexCopy(head, dim, e.tokens.indices, e.tokens.values);
+  if (e.headTokens) head = indexCopy(head, dim, e.headTokens.indices, e.headTokens.values);
   // GemmaRMSNorm: x / rms(x) · (1 + weight); every other family: · weight
   const norm = (x: Float64Array, weight: Float32Array) => rmsnorm(x, a.normPlusOne ? weight.map((v) => 1 + v) : weight, a.rmsNormEps);
   // Gemma2/3 attention: scores · query_pre_attn_scalar^-0.5, then tanh soft-capping
