@@ -33,6 +33,12 @@ export interface EngineEmbedding {
   headTokens: { indices: Int32Array; values: Float32Array } | null;
 }
 
+/** ids a row of this adapter may hold: the base's vocabulary, or its saved copies' when it adds tokens */
+export function vocabOf(e: EngineEmbedding | null | undefined, m: { architecture: { vocabSize: number; hiddenSize: number } }): number {
+  const H = m.architecture.hiddenSize;
+  return Math.max(m.architecture.vocabSize, e?.table ? e.table.length / H : 0, e?.headTable ? e.headTable.length / H : 0);
+}
+
 export interface AdapterWeights {
   /** module name (model.layers.0.self_attn.q_proj) → weights */
   modules: Map<string, EngineModuleWeights>;
@@ -59,8 +65,10 @@ export function toEngineEmbedding(parts: EmbeddingParts, tensors: Map<string, Fl
   }
   const rows = (p: { tensor: string; indices: number[] } | null) => (p ? { indices: Int32Array.from(p.indices), values: get(p.tensor, p.indices.length * H) } : null);
   const tokens = rows(parts.tokens);
-  const table = parts.embedCopy ? get(parts.embedCopy, V * H) : null;
-  const headTable = parts.headCopy === null ? null : parts.headCopy === parts.embedCopy ? table : get(parts.headCopy, V * H);
+  // copies of an adapter that adds tokens hold its own vocabulary's rows
+  const copyRows = parts.vocabSize ?? V;
+  const table = parts.embedCopy ? get(parts.embedCopy, copyRows * H) : null;
+  const headTable = parts.headCopy === null ? null : parts.headCopy === parts.embedCopy ? table : get(parts.headCopy, copyRows * H);
   const headTokens = parts.tokens?.tiedHead ? tokens : rows(parts.headTokens);
   const embedding: EngineEmbedding = { lora, tokens, table, headTable, headTokens };
   const arrays = new Set<Float32Array>([lora?.A, lora?.B, tokens?.values, table, headTable, headTokens?.values].filter((x): x is Float32Array => x != null));

@@ -22,6 +22,17 @@ import type { TensorHeader } from './safetensors.js';
  */
 
 export const EMBED_MODULE = 'model.embed_tokens';
+export const TOKENIZER_FILE = 'tokenizer.json';
+
+/** What the upload's own tokenizer files say (folder.ts reads them); absent files: vocabSize null. */
+export interface AdapterTokenizerFacts {
+  /** ids the tokenizer can produce: its largest id (model vocab and added_tokens) + 1 */
+  vocabSize: number | null;
+  /** ids in [0, vocabSize) that map to no token (holes the embedding rows would never be reached by) */
+  missingIds: number[];
+  /** the files would not load */
+  problems: Problem[];
+}
 export const HEAD_MODULE = 'lm_head';
 
 export interface EmbeddingPartsResult {
@@ -78,7 +89,7 @@ function tokenIndexConfig(raw: unknown, problems: Problem[]): Map<string, number
   return out;
 }
 
-export function validateEmbeddingParts(config: PeftConfig | null, tensors: readonly TensorHeader[], a: Architecture, otherTargeted: readonly string[], maxLoraRank: number, file: string): EmbeddingPartsResult {
+export function validateEmbeddingParts(config: PeftConfig | null, tensors: readonly TensorHeader[], a: Architecture, otherTargeted: readonly string[], maxLoraRank: number, file: string, tokenizer: AdapterTokenizerFacts | null = null): EmbeddingPartsResult {
   const problems: Problem[] = [];
   const claimed = new Set<string>();
   const V = a.vocabSize;
@@ -149,25 +160,37 @@ export function validateEmbeddingParts(config: PeftConfig | null, tensors: reado
   }
 
   // ---- saved copies
+  /** copies with more rows than the vocabulary (added tokens): judged together below */
+  const larger = new Map<string, TensorHeader>();
   const copyOf = (module: string): string | null => {
     const t = copies.get(module);
     if (!t) return null;
     const s = t.shape;
     if (s.length === 2 && s[0] === V && s[1] === H) return t.name;
     if (s.length === 2 && s[1] === H && s[0]! > V) {
-      problems.push(error({ code: 'shape_mismatch', file, tensor: t.name, module, expected: [V, H], actual: s, message: `${t.name} has ${s[0]} rows: the adapter's vocabulary (${s[0]} tokens) is larger than the served model's (vocab_size ${V}); the tokens added in training are not served.`, hint: `Serve the base model with its embeddings resized to ${s[0]} tokens, or train without adding tokens.` }));
-    } else {
-      problems.push(error({ code: 'shape_mismatch', file, tensor: t.name, module, expected: [V, H], actual: s, message: `${t.name} has shape ${fmt(s)}; this model's ${module} is [vocab_size, hidden_size] = ${fmt([V, H])}.` }));
+      larger.set(module, t);
+      return t.name;
     }
+    problems.push(error({ code: 'shape_mismatch', file, tensor: t.name, module, expected: [V, H], actual: s, message: `${t.name} has shape ${fmt(s)}; this model's ${module} is [vocab_size, hidden_size] = ${fmt([V, H])}.` }));
     return null;
   };
-  const embedCopy = copyOf(EMBED_MODULE);
+  let embedCopy = copyOf(EMBED_MODULE);
   let headCopy = copyOf(HEAD_MODULE);
   for (const module of savedModules) {
     if (!copies.has(module)) problems.push(error({ code: 'missing_tensor', file, module, tensor: `${module}.weight`, expected: [V, H], message: `modules_to_save lists ${module}, but ${file} holds no ${module}.weight; PEFT saves the trained copy under base_model.model.${module}.weight.` }));
   }
   // ensure_weight_tying on a tied model: lm_head's copy is the embedding's (utils/other.py, modules_to_tie)
   if (!headCopy && embedCopy && a.tieWordEmbeddings && config?.raw.ensure_weight_tying === true) headCopy = embedCopy;
+
+  // ---- a larger vocabulary (resize_token_embeddings before training): served with the adapter's tokenizer
+  let vocabSize: number | undefined;
+  if (larger.size) {
+    const ok = largerVocabulary(larger, { embedCopy, headCopy }, V, H, file, tokenizer, problems);
+    if (ok === null) {
+      embedCopy = larger.has(EMBED_MODULE) ? null : embedCopy;
+      headCopy = larger.has(HEAD_MODULE) || (headCopy !== null && headCopy === larger.get(EMBED_MODULE)?.name) ? null : headCopy;
+    } else vocabSize = ok;
+  }
 
   // ---- trainable tokens
   let tokens: EmbeddingParts['tokens'] = null;
@@ -222,7 +245,7 @@ export function validateEmbeddingParts(config: PeftConfig | null, tensors: reado
   }
 
   const any = lora || tokens || headTokens || embedCopy || headCopy;
-  const parts: EmbeddingParts | null = any ? { lora, tokens, headTokens, embedCopy, headCopy } : null;
+  const parts: EmbeddingParts | null = any ? { lora, tokens, headTokens, embedCopy, headCopy, ...(vocabSize !== undefined && { vocabSize }) } : null;
   const bytes = parts ? embeddingPartsBytes(parts, a) : 0;
   return { problems, parts, claimed, otherModulesToSave, bytes };
 }
@@ -234,7 +257,44 @@ export function embeddingPartsBytes(p: EmbeddingParts, a: Architecture): number 
   if (p.lora) n += p.lora.rank * (a.vocabSize + H);
   if (p.tokens) n += p.tokens.indices.length * H;
   if (p.headTokens) n += p.headTokens.indices.length * H;
-  if (p.embedCopy) n += a.vocabSize * H;
-  if (p.headCopy && p.headCopy !== p.embedCopy) n += a.vocabSize * H;
+  const copyRows = p.vocabSize ?? a.vocabSize;
+  if (p.embedCopy) n += copyRows * H;
+  if (p.headCopy && p.headCopy !== p.embedCopy) n += copyRows * H;
   return 4 * n;
+}
+
+/**
+ * Saved copies with more rows than the model's vocabulary: the adapter was trained after
+ * resize_token_embeddings, so its added tokens exist only in its own tokenizer. Served when both the
+ * embedding and lm_head have the same larger row count (a token the embedding knows can be generated,
+ * and a generated one can be fed back) and the upload's tokenizer.json produces exactly those ids.
+ * Returns the adapter's vocabulary size, or null after reporting why not.
+ */
+function largerVocabulary(larger: ReadonlyMap<string, TensorHeader>, copies: { embedCopy: string | null; headCopy: string | null }, V: number, H: number, file: string, tokenizer: AdapterTokenizerFacts | null, problems: Problem[]): number | null {
+  const rows = [...larger.values()].map((t) => t.shape[0]!);
+  const Vp = Math.max(...rows);
+  const first = [...larger.values()][0]!;
+  const sizes = `the adapter's vocabulary is ${Vp} tokens (${first.name} has ${first.shape[0]} rows), the served model's is ${V}`;
+  const before = problems.length;
+  const embed = larger.get(EMBED_MODULE);
+  const head = larger.get(HEAD_MODULE);
+  if (embed && head && embed.shape[0] !== head.shape[0]) {
+    problems.push(error({ code: 'shape_mismatch', file, tensor: head.name, module: HEAD_MODULE, expected: [embed.shape[0], H], actual: head.shape, message: `${head.name} has ${head.shape[0]} rows but ${embed.name} has ${embed.shape[0]}: the embedding and lm_head of an adapter that adds tokens must cover the same vocabulary.` }));
+  }
+  const headLarger = head !== undefined || (embed !== undefined && copies.headCopy === embed.name);
+  if (!embed || !headLarger) {
+    const [has, lacks] = embed ? [EMBED_MODULE, HEAD_MODULE] : [HEAD_MODULE, EMBED_MODULE];
+    const t = (embed ?? head)!;
+    problems.push(error({ code: 'shape_mismatch', file, tensor: t.name, module: lacks, expected: [t.shape[0], H], actual: [V, H], message: `${sizes}, but only ${has} covers the added tokens; ${lacks} is the base's ${V} rows, so the added tokens could ${embed ? 'never be generated' : 'not be read back as input'}.`, hint: `Save both: modules_to_save=["embed_tokens", "lm_head"] (or save_embedding_layers=True with an untied lm_head).` }));
+  }
+  if (!tokenizer || tokenizer.vocabSize === null) {
+    problems.push(error({ code: 'missing_file', file: TOKENIZER_FILE, tensor: first.name, expected: Vp, actual: V, message: `${sizes}; the upload has no ${TOKENIZER_FILE}, and only the adapter's own tokenizer can produce the added ids ${V}…${Vp - 1}.`, hint: `Upload ${TOKENIZER_FILE} (and tokenizer_config.json) from the adapter's folder with it: tokenizer.save_pretrained(dir) beside model.save_pretrained(dir).` }));
+  } else if (tokenizer.problems.length) {
+    problems.push(...tokenizer.problems);
+  } else if (tokenizer.vocabSize !== Vp) {
+    problems.push(error({ code: 'shape_mismatch', file: TOKENIZER_FILE, tensor: first.name, expected: Vp, actual: tokenizer.vocabSize, message: `${TOKENIZER_FILE} has ${tokenizer.vocabSize} tokens (its largest id + 1, added_tokens included), but ${sizes}: the tokenizer is not the one the adapter was trained with.`, hint: 'Upload the tokenizer saved with this adapter.' }));
+  } else if (tokenizer.missingIds.length) {
+    problems.push(error({ code: 'invalid_config', file: TOKENIZER_FILE, actual: tokenizer.missingIds.slice(0, 8), message: `${TOKENIZER_FILE} has no token for ${tokenizer.missingIds.length} id${tokenizer.missingIds.length === 1 ? '' : 's'} below ${Vp} (e.g. ${tokenizer.missingIds[0]}): the adapter's rows and its tokenizer's ids do not line up.` }));
+  }
+  return problems.length === before ? Vp : null;
 }

@@ -6,13 +6,14 @@ import type { Manifest } from '../model/manifest.js';
 import { HttpProblem, badRequest, notFound } from '../http/problem.js';
 import type { AdapterWeights } from './convert.js';
 import { readAdapterFolder } from './folder.js';
+import type { Tokenizer } from '../tokenizer/types.js';
 import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
 import { EffectSchema, error, type Effect, type EmbeddingParts, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import type { ProbeResult } from '../engine/probe.js';
 import { AdapterStore, NameTakenError, NotStoredError, adapterNameProblem, pauseHookFromEnv, type AdapterBackend, type AdapterMeta, type FileDigest, type StoreHooks, type StoredEntry } from './store.js';
 import { SharedFolderStore } from './shared-folder.js';
 import { S3Store, parseS3Url } from './s3-store.js';
-import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
+import { CONFIG_FILE, WEIGHTS_FILE, type VersionFiles } from './store.js';
 import type { ModelFacts, ValidationLimits } from './validate.js';
 
 /**
@@ -74,7 +75,7 @@ export interface AdapterVersion {
   readonly entry: StoredEntry;
   readonly state: AdapterState;
   readonly created: string | null;
-  readonly files: Readonly<Record<typeof CONFIG_FILE | typeof WEIGHTS_FILE, FileDigest>> | null;
+  readonly files: Readonly<VersionFiles> | null;
   readonly report: ValidationReport;
 }
 
@@ -145,11 +146,15 @@ interface Resident {
   lastUsed: number;
   /** requests holding it (acquire … release) */
   inUse: number;
+  /** its own tokenizer when it adds tokens (folder.ts), loaded once per version */
+  readonly tokenizer: Tokenizer | null;
 }
 
 /** A request's hold on a loaded version: call release() when the request ends. */
 export interface AdapterLease {
   versionId: string;
+  /** the adapter's own tokenizer (it adds tokens): encode, decode and stop on it; null: the base's */
+  tokenizer: Tokenizer | null;
   release(): void;
 }
 
@@ -365,7 +370,7 @@ export class AdapterRegistry {
         this.markIncompatible(v, failedReport(problems));
         return this.versions.get(name)!;
       }
-      const { report: validatedReport, weights } = await readAdapterFolder(entry.dir, this.model, { ...this.limits, allowNoEffect: meta?.allowNoEffect === true }, { readValues: true });
+      const { report: validatedReport, weights, tokenizer } = await readAdapterFolder(entry.dir, this.model, { ...this.limits, allowNoEffect: meta?.allowNoEffect === true }, { readValues: true });
       // measured on this very graph before: the same numbers again, without the probe's cost
       const stored = EffectSchema.safeParse((meta?.report as { effect?: unknown } | undefined)?.effect);
       const storedEffect = stored.success && stored.data.modelHash === this.probe.modelHash ? stored.data : null;
@@ -386,7 +391,7 @@ export class AdapterRegistry {
           return this.versions.get(name)!;
         }
         if (!storedEffect) ready = { ...ready, report: { ...report, effect: await this.measure(versionId, name) } };
-        this.resident.set(name, { name, ref: ready.ref, versionId, lastUsed: performance.now(), inUse: 0 });
+        this.resident.set(name, { name, ref: ready.ref, versionId, lastUsed: performance.now(), inUse: 0, tokenizer });
         this.counters.loads++;
         const done = performance.now();
         if (this.loadTimes.length < 10_000) this.loadTimes.push((done - t0) / 1000);
@@ -605,6 +610,7 @@ export class AdapterRegistry {
         let released = false;
         return {
           versionId: r.versionId,
+          tokenizer: r.tokenizer,
           release: () => {
             if (released) return;
             released = true;
@@ -760,7 +766,7 @@ export class AdapterRegistry {
   private async install(name: string, stagedDir: string, staged: StagedExtras, version: number, write: (meta: AdapterMeta) => Promise<StoredEntry>): Promise<AdapterVersion> {
     const flushed = this.store.flushStaged(stagedDir);
     const allowNoEffect = staged.allowNoEffect === true;
-    const { report: validated, weights, source } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect }, { readValues: true, ingested: staged.ingested });
+    const { report: validated, weights, source, tokenizer } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect }, { readValues: true, ingested: staged.ingested });
     if (!validated.ok || !weights) throw rejectedProblem(validated, `adapter ${JSON.stringify(name)}`);
     const files = staged.digests ?? (await this.store.digest(stagedDir));
     const versionId = this.nextVersionId(name, version);
@@ -780,7 +786,7 @@ export class AdapterRegistry {
     const v: AdapterVersion = { name, version, ref: entry.ref, entry, state: 'ready', created: meta.created, files, report };
     this.versions.set(name, v);
     this.dropResident(name);
-    this.resident.set(name, { name, ref: entry.ref, versionId, lastUsed: performance.now(), inUse: 0 });
+    this.resident.set(name, { name, ref: entry.ref, versionId, lastUsed: performance.now(), inUse: 0, tokenizer });
     return v;
   }
 

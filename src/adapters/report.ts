@@ -169,6 +169,8 @@ export const EmbeddingPartsSchema = z.object({
   embedCopy: z.string().nullable(),
   /** a full saved lm_head weight [vocab, hidden]; with ensure_weight_tying on a tied model, the embed copy */
   headCopy: z.string().nullable(),
+  /** the copies' row count when the adapter adds tokens (larger than the model's vocab_size; served with its tokenizer.json) */
+  vocabSize: z.number().int().positive().optional(),
 });
 export type EmbeddingParts = z.infer<typeof EmbeddingPartsSchema>;
 

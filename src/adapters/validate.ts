@@ -3,7 +3,7 @@ import type { LoraTarget, ModelDtype } from '../model/manifest.js';
 import { assessEffect, peftGrams, type TensorGram } from './effect.js';
 import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
 import { maxAbsFinite, scaleOverflowProblems, type ScaledModule } from './overflow.js';
-import { unservedModulesToSave, validateEmbeddingParts, type EmbeddingPartsResult } from './embedding-parts.js';
+import { unservedModulesToSave, validateEmbeddingParts, type AdapterTokenizerFacts, type EmbeddingPartsResult } from './embedding-parts.js';
 import { CONFIG_FILE, foreignPeftType, jsonExcerpt, parsePeftConfig, type PeftConfig } from './peft-config.js';
 import { boundProblems, error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import { resolveModules, type ResolvedModule } from './resolve.js';
@@ -33,6 +33,8 @@ export interface AdapterInput {
   maxAbs?: ReadonlyMap<string, number>;
   /** names of the other files that came with the adapter */
   otherFiles?: string[];
+  /** the upload's own tokenizer.json, when it has one (an adapter that adds tokens needs it) */
+  tokenizer?: AdapterTokenizerFacts | null;
   /** r×r Gram matrices per tensor key (effect.ts), when the values were decoded elsewhere; else taken from `values` */
   grams?: ReadonlyMap<string, TensorGram>;
 }
@@ -257,7 +259,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   const targeted = resolved.filter((m) => m.targeted);
   summary.targetedModules = targeted.length;
 
-  const parts = embeddingPartsOf(config, header?.tensors ?? [], model, otherTargeted, limits, file, bag.has('peft_type'));
+  const parts = embeddingPartsOf(config, header?.tensors ?? [], model, otherTargeted, limits, file, bag.has('peft_type'), input.tokenizer ?? null);
   problems.push(...parts.problems);
   otherTargeted = otherTargeted.filter((n) => n !== 'model.embed_tokens');
   const otherFeature = (n: string): Feature => (n === 'lm_head' ? 'lm_head' : n === 'model.embed_tokens' ? 'embedding' : 'non_linear');
@@ -547,9 +549,9 @@ const projectionIn = (model: ModelFacts, name: string) => model.loraTargets.find
 const projectionOut = (model: ModelFacts, name: string) => model.loraTargets.find((t) => t.name === name)?.outFeatures ?? 0;
 
 /** embedding-parts.ts for a config PEFT can load as LoRA; nothing for another PEFT method (that is the answer) */
-function embeddingPartsOf(config: PeftConfig | null, tensors: readonly TensorHeader[], model: ModelFacts, otherTargeted: readonly string[], limits: ValidationLimits, file: string, foreign: boolean): EmbeddingPartsResult {
+function embeddingPartsOf(config: PeftConfig | null, tensors: readonly TensorHeader[], model: ModelFacts, otherTargeted: readonly string[], limits: ValidationLimits, file: string, foreign: boolean, tokenizer: AdapterTokenizerFacts | null): EmbeddingPartsResult {
   if (foreign) return { problems: [], parts: null, claimed: new Set(), otherModulesToSave: [], bytes: 0 };
-  return validateEmbeddingParts(config, tensors, model.architecture, otherTargeted, limits.maxLoraRank, file);
+  return validateEmbeddingParts(config, tensors, model.architecture, otherTargeted, limits.maxLoraRank, file, tokenizer);
 }
 
 /** ADAPTER_MEMORY_BUDGET_MB: an adapter whose served weights would take more is refused, saying how much */

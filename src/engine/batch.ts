@@ -80,6 +80,8 @@ export class FeedBuilder {
   /** the graph's per-row embedding inputs at their neutral values; null when it has none */
   private readonly neutralEmbed: EmbedFeeds | null;
   private readonly hidden: number;
+  /** the base's vocabulary: ids at or above it (an adapter's added tokens) are gathered as 0, their rows come from embed_rows */
+  private readonly vocab: number;
 
   /** @param maxBatch rows the mixed-step buffers are sized for (they grow if a step has more) */
   constructor(
@@ -90,6 +92,7 @@ export class FeedBuilder {
     this.dtype = manifest.dtype;
     this.type = tensorType(manifest.dtype);
     this.hidden = manifest.architecture.hiddenSize;
+    this.vocab = manifest.architecture.vocabSize;
     this.neutralEmbed = hasRowEmbeddings(manifest) ? neutralEmbedFeeds(manifest.dtype, this.hidden) : null;
     this.baseLora = {};
     for (const t of this.targets) {
@@ -207,7 +210,7 @@ export class FeedBuilder {
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
     for (let i = 0; i < n; i++) {
-      ids[i] = BigInt(tokens[i]);
+      ids[i] = BigInt(tokens[i]! < this.vocab ? tokens[i]! : 0);
       pos[i] = BigInt(start + i);
     }
     return {
@@ -233,7 +236,7 @@ export class FeedBuilder {
     const kvLens = new BigInt64Array(n);
     let past = 0;
     for (let b = 0; b < n; b++) {
-      ids[b] = BigInt(tokens[b]);
+      ids[b] = BigInt(tokens[b]! < this.vocab ? tokens[b]! : 0);
       pos[b] = BigInt(lens[b]);
       rows[b] = BigInt(slots[b]);
       kvLens[b] = BigInt(lens[b]);

@@ -1,5 +1,5 @@
 import type { InferenceSession } from 'onnxruntime-node';
-import type { EngineEmbedding } from '../adapters/convert.js';
+import { vocabOf, type EngineEmbedding } from '../adapters/convert.js';
 import { hasRowEmbeddings, kvContractOf, type Manifest } from '../model/manifest.js';
 import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
@@ -112,17 +112,18 @@ export class EngineCore {
   submit(id: number, req: WorkerRequest): void {
     const reject = (kind: 'queue_full' | 'context_length' | 'unknown_adapter' | 'bad_request', message: string) =>
       this.sink({ type: 'rejected', id, kind, message });
-    const vocab = this.manifest.architecture.vocabSize;
     if (req.promptIds.length === 0) return reject('bad_request', 'the prompt has no tokens');
-    const bad = req.promptIds.find((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
-    if (bad !== undefined) return reject('bad_request', `token id ${bad} is outside the vocabulary [0, ${vocab})`);
-    if (req.promptIds.length + 1 > this.limits.contextLength) {
-      return reject('context_length', `the prompt has ${req.promptIds.length} tokens; the context holds ${this.limits.contextLength}, including at least one generated token`);
-    }
     let adapter: AdapterEntry | null = null;
     if (req.adapterVersion !== null) {
       adapter = this.adapters.get(req.adapterVersion) ?? null;
       if (!adapter) return reject('unknown_adapter', `adapter version ${req.adapterVersion} is not loaded`);
+    }
+    // an adapter that adds tokens has a vocabulary of its own (embed-rows.ts feeds their rows)
+    const vocab = vocabOf(adapter?.embedding, this.manifest);
+    const bad = req.promptIds.find((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
+    if (bad !== undefined) return reject('bad_request', `token id ${bad} is outside the vocabulary [0, ${vocab})`);
+    if (req.promptIds.length + 1 > this.limits.contextLength) {
+      return reject('context_length', `the prompt has ${req.promptIds.length} tokens; the context holds ${this.limits.contextLength}, including at least one generated token`);
     }
     if (this.sched.full) return reject('queue_full', `${this.sched.running} requests running and ${this.sched.waiting.length} waiting`);
     const row: Row = {
@@ -455,7 +456,10 @@ function checkEmbedding(versionId: string, e: EngineEmbedding, m: Manifest): voi
   for (const [what, t] of [['trainable tokens', e.tokens], ['lm_head tokens', e.headTokens]] as const) {
     if (t && (t.values.length !== t.indices.length * H || t.indices.some((i) => i < 0 || i >= V))) throw bad(`${what} need ids below ${V} and [k, ${H}] values`);
   }
-  for (const [what, t] of [['embed_tokens', e.table], ['lm_head', e.headTable]] as const) if (t && t.length !== V * H) throw bad(`a saved ${what} must be [${V}, ${H}]`);
+  // copies of an adapter that adds tokens have more rows than V, the same number in both
+  const rows = vocabOf(e, m);
+  for (const [what, t] of [['embed_tokens', e.table], ['lm_head', e.headTable]] as const) if (t && t.length !== rows * H) throw bad(`a saved ${what} must be [${rows} ≥ ${V}, ${H}]`);
+  if (rows > V && (!e.table || !e.headTable)) throw bad(`an adapter with ${rows} tokens needs both a saved embed_tokens and lm_head`);
 }
 
 function sameIds(a: readonly number[], b: readonly number[]): boolean {

@@ -57,7 +57,9 @@ export function compareDistributions(adapterLogits: Float32Array, baseLogits: Fl
   const lb = logSoftmax(baseLogits);
   let kl = 0;
   let maxDelta = 0;
-  for (let i = 0; i < la.length; i++) {
+  // an adapter that adds tokens has more logits: compared over the base's ids, where both are defined
+  const n = Math.min(la.length, lb.length);
+  for (let i = 0; i < n; i++) {
     const d = la[i]! - lb[i]!;
     kl += Math.exp(la[i]!) * d;
     const ad = Math.abs(d);
