@@ -8,6 +8,8 @@ import { FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type Serve
 import { maxAbsDiff, mergeAdapter, type Adapter } from './helpers/lora-feeds.js';
 import { MemoryCheckpoint, Rng, randomCheckpoint, tinyArchitecture, type MemoryTensor } from './helpers/random-checkpoint.js';
 import { referenceForward, type ReferenceEmbedding } from './reference/forward.js';
+import { embeddedModelFiles } from '../src/model/embedded.js';
+import { HfTokenizer } from '../src/tokenizer/hf.js';
 
 /**
  * Issue 18 items 3–5 over real HTTP: adapters with LoRA on embed_tokens, trainable tokens, and
@@ -64,6 +66,8 @@ const gemma2Config = (a: Architecture) => ({
 });
 
 const PROMPT = 'Once upon a time there was a model that';
+/** holds a token only the added-tokens adapter's tokenizer knows */
+const PROMPT_ADDED = 'Once upon a time <|tool|> there was';
 const R = 4;
 const ALPHA = 8;
 const H = arch.hiddenSize;
@@ -258,29 +262,111 @@ describe('tied Gemma 2: embedding LoRA, trainable tokens and saved embed_tokens 
     expect(worst).toBeLessThan(1e-4);
   });
 
-  it('a saved embedding with more rows than the vocabulary (added tokens) is a 422 naming both sizes, and nothing is stored', async () => {
+  /**
+   * An adapter trained after resize_token_embeddings(V + 2): its saved embed_tokens and lm_head have
+   * two rows more than the base, and its tokenizer.json adds the two tokens (ids V, V + 1).
+   */
+  function addedTokens() {
     const k = all.find((x) => x.name === 'saved')!;
-    const bigger: Kind = {
-      ...k,
-      name: 'added-tokens',
-      config: { ...k.config, modules_to_save: ['embed_tokens'] },
-      tensors: [...k.lora, { name: 'base_model.model.model.embed_tokens.weight', shape: [V + 8, H], data: new Float32Array((V + 8) * H) }],
-    };
-    const res = await served.app.inject({
-      method: 'POST',
-      url: '/v1/adapters',
-      payload: form([
-        ['name', bigger.name],
-        ['config', Buffer.from(JSON.stringify(bigger.config)), 'adapter_config.json'],
-        ['weights', encodeSafetensors(bigger.tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data }))), 'adapter_model.safetensors'],
-      ]),
-    });
+    const rng = new Rng(97);
+    const baseEmbed = gemma().stored.get('model.embed_tokens.weight')!.data;
+    const Vp = V + 2;
+    const embed = new Float32Array(Vp * H);
+    embed.set(baseEmbed.map((v) => v + (rng.next() * 2 - 1) * 0.1));
+    embed.set(uniform(rng, 2 * H, 0.5), V * H);
+    const head = new Float32Array(Vp * H);
+    head.set(baseEmbed.map((v) => v + (rng.next() * 2 - 1) * 0.1));
+    head.set(uniform(rng, 2 * H, 0.5), V * H);
+    const tj = JSON.parse(embeddedModelFiles().get('tokenizer.json')!.toString('utf8')) as { added_tokens: Record<string, unknown>[] };
+    tj.added_tokens.push(...['<|tool|>', '<|end_tool|>'].map((content, i) => ({ id: V + i, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: false })));
+    const tokenizerJson = Buffer.from(JSON.stringify(tj));
+    const arch0 = served.app.runtime.manifest.architecture;
+    const own = new HfTokenizer(tokenizerJson.toString('utf8'), embeddedModelFiles().get('tokenizer_config.json')!.toString('utf8'), arch0);
+    const promptIds = own.encode(PROMPT_ADDED);
+    // the reference: the base with the q/v LoRA merged, the adapter's own tables, vocabulary V + 2
+    const loraOf: Adapter = new Map(
+      k.lora
+        .filter((t) => t.name.includes('lora_A'))
+        .map((x) => {
+          const module = x.name.replace(/^base_model\.model\./, '').replace(/\.lora_A\.weight$/, '');
+          const b = k.lora.find((t) => t.name === x.name.replace('lora_A', 'lora_B'))!;
+          return [module, { rank: R, A: x.data, B: b.data, scale: ALPHA / R }];
+        }),
+    );
+    const reference = (seq: number[], prefill: number) => referenceForward(mergeAdapter(new MemoryCheckpoint({ ...arch0, vocabSize: Vp }, gemma().stored, 'reference'), targets, loraOf), seq, { prefill, embedding: { embedWeight: embed, lmHeadWeight: head } });
+    // lm_head's row of <|tool|>: 1.3 × the row of the adapter's first greedy token, so that greedy
+    // decoding generates the added token (and feeds it back at the next step)
+    const first = reference(promptIds, promptIds.length).at(-1)!;
+    const g = first.indexOf(Math.max(...first.subarray(0, V)));
+    head.set(head.subarray(g * H, (g + 1) * H).map((v) => v * 1.3), V * H);
+    const tensors = [...k.lora, { name: 'base_model.model.model.embed_tokens.weight', shape: [Vp, H], data: embed }, { name: 'base_model.model.lm_head.weight', shape: [Vp, H], data: head }];
+    const weights = encodeSafetensors(tensors.map((t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: t.data })));
+    return { Vp, tokenizerJson, weights, config: Buffer.from(JSON.stringify(k.config)), promptIds, reference };
+  }
+
+  it('a larger vocabulary without the adapter\'s tokenizer.json is a 422 naming both sizes, and nothing is stored', async () => {
+    const a = addedTokens();
+    const res = await served.app.inject({ method: 'POST', url: '/v1/adapters', payload: form([['name', 'added-tokens'], ['config', a.config, 'adapter_config.json'], ['weights', a.weights, 'adapter_model.safetensors']]) });
     expect(res.statusCode).toBe(422);
-    const body = res.json() as { errors: { code: string; message: string; expected: unknown; actual: unknown }[] };
-    expect(body.errors).toMatchObject([{ code: 'shape_mismatch', expected: [V, H], actual: [V + 8, H] }]);
-    expect(body.errors[0]!.message).toContain(`${V + 8} tokens`);
-    expect(body.errors[0]!.message).toContain(`vocab_size ${V}`);
+    const body = res.json() as { errors: { code: string; file: string; message: string; expected: unknown; actual: unknown }[] };
+    expect(body.errors).toMatchObject([{ code: 'missing_file', file: 'tokenizer.json', expected: V + 2, actual: V }]);
+    expect(body.errors[0]!.message).toContain(`vocabulary is ${V + 2} tokens`);
+    expect(body.errors[0]!.message).toContain(`the served model's is ${V}`);
     expect((await served.app.inject({ method: 'GET', url: '/v1/adapters/added-tokens' })).statusCode).toBe(404);
+    // a tokenizer that does not add the tokens: its size is named against the copies'
+    const plainTok = embeddedModelFiles().get('tokenizer.json')!;
+    const res2 = await served.app.inject({ method: 'POST', url: '/v1/adapters', payload: form([['name', 'added-tokens'], ['config', a.config, 'adapter_config.json'], ['weights', a.weights, 'adapter_model.safetensors'], ['tokenizer', plainTok, 'tokenizer.json']]) });
+    expect(res2.statusCode).toBe(422);
+    expect((res2.json() as { errors: unknown[] }).errors).toMatchObject([{ code: 'shape_mismatch', file: 'tokenizer.json', expected: V + 2, actual: V }]);
+    expect((await served.app.inject({ method: 'GET', url: '/v1/adapters/added-tokens' })).statusCode).toBe(404);
+  });
+
+  it('a larger vocabulary with its tokenizer.json is served: the added token is encoded and generated, matching the reference, in a batch with base rows', async () => {
+    const a = addedTokens();
+    const res = await served.app.inject({ method: 'POST', url: '/v1/adapters', payload: form([['name', 'added-tokens'], ['config', a.config, 'adapter_config.json'], ['weights', a.weights, 'adapter_model.safetensors'], ['tokenizer', a.tokenizerJson, 'tokenizer.json']]) });
+    expect(res.statusCode, res.body).toBe(201);
+    const d = (await served.app.inject({ method: 'GET', url: '/v1/adapters/added-tokens' })).json() as { embedding: { vocabSize: number }; memoryBytes: number };
+    expect(d.embedding.vocabSize).toBe(V + 2);
+
+    const prompt = PROMPT_ADDED;
+    const { promptIds } = a;
+    expect(promptIds).toContain(V);
+    const gen = (adapter: string | null) =>
+      served.app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt, ...(adapter && { adapter }), max_tokens: 8, temperature: 0, logprobs: 20 } }).then((r) => {
+        expect(r.statusCode, r.body).toBe(200);
+        return r.json() as Served & { usage: { prompt_tokens: number }; text: string };
+      });
+    const [tuned, base, tuned2] = await Promise.all([gen('added-tokens'), gen(null), gen('added-tokens')]);
+    expect(tuned.usage.prompt_tokens).toBe(promptIds.length);
+    expect(tuned2.tokens).toEqual(tuned.tokens);
+    expect(base.usage.prompt_tokens).toBe(served.app.runtime.tokenizer.encode(prompt).length);
+    // an added token is generated (and fed back in the next step)
+    expect(tuned.tokens.some((t) => t >= V)).toBe(true);
+    expect(tuned.text).toContain('<|tool|>');
+
+    const seq = [...promptIds, ...tuned.tokens];
+    const logits = a.reference(seq, promptIds.length);
+    let worst = 0;
+    tuned.tokens.forEach((tok, i) => {
+      const row = logits[promptIds.length - 1 + i]!;
+      expect(row.length).toBe(V + 2);
+      const max = Math.max(...row);
+      const lse = max + Math.log(row.reduce((s, v) => s + Math.exp(v - max), 0));
+      expect(row.indexOf(max), `greedy token ${i}`).toBe(tok);
+      const lp = tuned.logprobs[i]!;
+      worst = Math.max(worst, maxAbsDiff([lp.logprob, ...lp.top_logprobs.map((t) => t.logprob)], [row[tok]! - lse, ...lp.top_logprobs.map((t) => row[t.token]! - lse)]));
+    });
+    console.info(`[added-tokens] prompt ${promptIds.length} ids (added id ${V} at ${promptIds.indexOf(V)}), generated ${JSON.stringify(tuned.tokens)}, max |Δ logprob| ${worst.toExponential(2)}`);
+    expect(worst).toBeLessThan(1e-4);
+    // the base row of the same batch: its own tokenizer, its reference
+    const baseIds = served.app.runtime.tokenizer.encode(prompt);
+    const baseLogits = referenceForward(new MemoryCheckpoint(served.app.runtime.manifest.architecture, gemma().stored, 'reference'), [...baseIds, ...base.tokens], { prefill: baseIds.length });
+    base.tokens.forEach((tok, i) => {
+      const row = baseLogits[baseIds.length - 1 + i]!;
+      expect(row.length).toBe(V);
+      expect(row.indexOf(Math.max(...row)), `base greedy token ${i}`).toBe(tok);
+    });
+    expect(base.tokens.every((t) => t < V)).toBe(true);
   });
 
   it('the description and /metrics count the memory the saved copies take', async () => {
