@@ -122,11 +122,28 @@ describe('modules_to_save of embed_tokens / lm_head', () => {
     expect(missing.errors).toMatchObject([{ code: 'missing_tensor', module: 'lm_head' }]);
   });
 
-  it('a larger vocabulary (added tokens) is a 422 naming both sizes', () => {
-    const r = validateAdapter(input(peftConfig({ modules_to_save: ['embed_tokens'] }), [...qv, tensor(EMBED, [V + 6, H])]), facts(), LIMITS);
-    expect(r.errors).toMatchObject([{ code: 'shape_mismatch', tensor: EMBED, expected: [V, H], actual: [V + 6, H] }]);
-    expect(r.errors[0]!.message).toContain(`(${V + 6} tokens)`);
-    expect(r.errors[0]!.message).toContain(`vocab_size ${V}`);
+  it('a larger vocabulary (added tokens): each missing piece is a 422 naming both sizes; with the matching tokenizer it passes', () => {
+    const both = peftConfig({ modules_to_save: ['embed_tokens', 'lm_head'] });
+    const tensors = [...qv, tensor(EMBED, [V + 6, H]), tensor(HEAD, [V + 6, H])];
+    const tok = (vocabSize: number | null, missingIds: number[] = []) => ({ vocabSize, missingIds, problems: [] });
+    const noTok = validateAdapter(input(both, tensors), facts(), LIMITS);
+    expect(noTok.errors).toMatchObject([{ code: 'missing_file', file: 'tokenizer.json', tensor: EMBED, expected: V + 6, actual: V }]);
+    expect(noTok.errors[0]!.message).toContain(`vocabulary is ${V + 6} tokens`);
+    expect(noTok.errors[0]!.message).toContain(`the served model's is ${V}`);
+    const wrongTok = validateAdapter({ ...input(both, tensors), tokenizer: tok(V + 5) }, facts(), LIMITS);
+    expect(wrongTok.errors).toMatchObject([{ code: 'shape_mismatch', file: 'tokenizer.json', expected: V + 6, actual: V + 5 }]);
+    const holes = validateAdapter({ ...input(both, tensors), tokenizer: tok(V + 6, [V + 2]) }, facts(), LIMITS);
+    expect(holes.errors).toMatchObject([{ code: 'invalid_config', file: 'tokenizer.json', actual: [V + 2] }]);
+    // only the embedding covers the added tokens: they could never be generated
+    const embedOnly = validateAdapter({ ...input(peftConfig({ modules_to_save: ['embed_tokens'] }), [...qv, tensor(EMBED, [V + 6, H])]), tokenizer: tok(V + 6) }, facts(), LIMITS);
+    expect(embedOnly.errors).toMatchObject([{ code: 'shape_mismatch', module: 'lm_head', expected: [V + 6, H], actual: [V, H] }]);
+    const unequal = validateAdapter({ ...input(both, [...qv, tensor(EMBED, [V + 6, H]), tensor(HEAD, [V + 4, H])]), tokenizer: tok(V + 6) }, facts(), LIMITS);
+    expect(codes(unequal)).toContain('shape_mismatch');
+    const ok = validateAdapter({ ...input(both, tensors), tokenizer: tok(V + 6) }, facts(), LIMITS);
+    expect(ok.errors).toEqual([]);
+    expect(ok.embedding).toMatchObject({ embedCopy: EMBED, headCopy: HEAD, vocabSize: V + 6 });
+    const lora = ok.modules.reduce((n, m) => n + 4 * m.rank * (ARCH.hiddenSize + (m.projection === 'q_proj' ? ARCH.numHeads : ARCH.numKvHeads) * ARCH.headDim), 0);
+    expect(ok.memoryBytes).toBe(2 * 4 * (V + 6) * H + lora);
   });
 
   it('a saved embedding together with trainable tokens of it is refused, as PEFT refuses it', () => {
