@@ -369,6 +369,25 @@ describe('tied Gemma 2: embedding LoRA, trainable tokens and saved embed_tokens 
     expect(base.tokens.every((t) => t < V)).toBe(true);
   });
 
+  it('chat: the chat template of the adapter\'s tokenizer_config.json renders the prompt, its tokenizer decodes the logprob tokens', async () => {
+    const a = addedTokens();
+    const config = JSON.parse(embeddedModelFiles().get('tokenizer_config.json')!.toString('utf8')) as Record<string, unknown>;
+    config.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}";
+    const res = await served.app.inject({
+      method: 'POST',
+      url: '/v1/adapters',
+      payload: form([['name', 'added-chat'], ['config', a.config, 'adapter_config.json'], ['weights', a.weights, 'adapter_model.safetensors'], ['tokenizer', a.tokenizerJson, 'tokenizer.json'], ['tokenizer_config', Buffer.from(JSON.stringify(config)), 'tokenizer_config.json']]),
+    });
+    expect(res.statusCode, res.body).toBe(201);
+    const chat = await served.app.inject({ method: 'POST', url: '/v1/chat/completions', payload: { model: 'added-chat', messages: [{ role: 'user', content: PROMPT_ADDED }], max_tokens: 3, temperature: 0, logprobs: true, top_logprobs: 2 } });
+    expect(chat.statusCode, chat.body).toBe(200);
+    const body = chat.json() as { usage: { prompt_tokens: number }; choices: { message: { content: string }; logprobs: { content: { token: string }[] } }[] };
+    // the same ids as the native route's BOS + prompt: the template's bos_token and the added token each one id
+    expect(body.usage.prompt_tokens).toBe(a.promptIds.length);
+    expect(body.choices[0]!.logprobs.content[0]!.token).toBe('<|tool|>');
+    expect(body.choices[0]!.message.content).toContain('<|tool|>');
+  });
+
   it('the description and /metrics count the memory the saved copies take', async () => {
     const d = (await served.app.inject({ method: 'GET', url: '/v1/adapters/saved' })).json() as Record<string, unknown>;
     // two [vocab, hidden] float32 copies plus the q/v LoRA matrices
