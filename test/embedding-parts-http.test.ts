@@ -3,7 +3,7 @@ import { encodeSafetensors } from '../src/adapters/safetensors.js';
 import type { Architecture } from '../src/model/architecture.js';
 import { loraTargetsFor, type LoraTarget } from '../src/model/manifest.js';
 import { llamaConfigJson, makePeftTensors, peftConfig, type PeftTensor } from './helpers/adapter-fixtures.js';
-import { form } from './helpers/adapter-uploads.js';
+import { form, gzip, packTar } from './helpers/adapter-uploads.js';
 import { FAMILY_VOCAB, serveFamily, storedTensors, type FamilyFolder, type ServedFamily } from './helpers/family-serve.js';
 import { maxAbsDiff, mergeAdapter, type Adapter } from './helpers/lora-feeds.js';
 import { MemoryCheckpoint, Rng, randomCheckpoint, tinyArchitecture, type MemoryTensor } from './helpers/random-checkpoint.js';
@@ -386,6 +386,27 @@ describe('tied Gemma 2: embedding LoRA, trainable tokens and saved embed_tokens 
     expect(body.usage.prompt_tokens).toBe(a.promptIds.length);
     expect(body.choices[0]!.logprobs.content[0]!.token).toBe('<|tool|>');
     expect(body.choices[0]!.message.content).toContain('<|tool|>');
+  });
+
+  it('in an archive: tokenizer.json beside adapter_config.json is kept and used; without it the archive is a 422 that stores nothing', async () => {
+    const a = addedTokens();
+    const entries = [
+      { name: 'ckpt/adapter_config.json', data: a.config },
+      { name: 'ckpt/adapter_model.safetensors', data: a.weights },
+    ];
+    const upload = async (name: string, withTokenizer: boolean) =>
+      served.app.inject({ method: 'POST', url: '/v1/adapters', payload: form([['name', name], ['archive', gzip(await packTar(withTokenizer ? [...entries, { name: 'ckpt/tokenizer.json', data: a.tokenizerJson }] : entries)), 'adapter.tar.gz']]) });
+    const without = await upload('added-tar', false);
+    expect(without.statusCode).toBe(422);
+    expect((without.json() as { errors: unknown[] }).errors).toMatchObject([{ code: 'missing_file', file: 'tokenizer.json', expected: V + 2, actual: V }]);
+    expect((await served.app.inject({ method: 'GET', url: '/v1/adapters/added-tar' })).statusCode).toBe(404);
+    const ok = await upload('added-tar', true);
+    expect(ok.statusCode, ok.body).toBe(201);
+    const r = await served.app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT_ADDED, adapter: 'added-tar', max_tokens: 4, temperature: 0 } });
+    expect(r.statusCode, r.body).toBe(200);
+    const out = r.json() as { tokens: number[]; usage: { prompt_tokens: number } };
+    expect(out.usage.prompt_tokens).toBe(a.promptIds.length);
+    expect(out.tokens[0]).toBe(V);
   });
 
   it('the description and /metrics count the memory the saved copies take', async () => {
