@@ -10,6 +10,10 @@ import { MemoryCheckpoint, Rng, randomCheckpoint, tinyArchitecture, type MemoryT
 import { referenceForward, type ReferenceEmbedding } from './reference/forward.js';
 import { embeddedModelFiles } from '../src/model/embedded.js';
 import { HfTokenizer } from '../src/tokenizer/hf.js';
+import { cp, readdir } from 'node:fs/promises';
+import path from 'node:path';
+import { buildApp } from '../src/app.js';
+import { makeConfig } from '../src/config.js';
 
 /**
  * Issue 18 items 3–5 over real HTTP: adapters with LoRA on embed_tokens, trainable tokens, and
@@ -386,6 +390,27 @@ describe('tied Gemma 2: embedding LoRA, trainable tokens and saved embed_tokens 
     expect(body.usage.prompt_tokens).toBe(a.promptIds.length);
     expect(body.choices[0]!.logprobs.content[0]!.token).toBe('<|tool|>');
     expect(body.choices[0]!.message.content).toContain('<|tool|>');
+  });
+
+  it('after a restart the stored version brings its tokenizer back: the same ids in and out', async () => {
+    const a = addedTokens();
+    const before = (await served.app.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT_ADDED, adapter: 'added-tokens', max_tokens: 4, temperature: 0 } })).json() as { tokens: number[]; text: string };
+    // a copy of ADAPTER_DIR opened by a second server on the same model (what a restart finds)
+    const tmp = path.dirname(served.dir);
+    const copy = path.join(tmp, 'adapters-restart');
+    await cp(path.join(tmp, 'adapters'), copy, { recursive: true });
+    expect((await readdir(path.join(copy, 'added-tokens'))).sort()).toEqual(['adapter_config.json', 'adapter_model.safetensors', 'meta.json', 'tokenizer.json']);
+    const again = await buildApp(makeConfig({ MODEL_PATH: served.dir, ADAPTER_DIR: copy, CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', LOG_LEVEL: 'silent' }));
+    try {
+      const r = await again.inject({ method: 'POST', url: '/v1/generate', payload: { prompt: PROMPT_ADDED, adapter: 'added-tokens', max_tokens: 4, temperature: 0 } });
+      expect(r.statusCode, r.body).toBe(200);
+      const out = r.json() as { tokens: number[]; text: string; usage: { prompt_tokens: number } };
+      expect(out.usage.prompt_tokens).toBe(a.promptIds.length);
+      expect(out.tokens).toEqual(before.tokens);
+      expect(out.text).toBe(before.text);
+    } finally {
+      await again.close();
+    }
   });
 
   it('in an archive: tokenizer.json beside adapter_config.json is kept and used; without it the archive is a 422 that stores nothing', async () => {
