@@ -32,7 +32,7 @@ export default async function generateRoutes(app: FastifyInstance): Promise<void
       ac.signal,
     );
     const observer = app.hasDecorator('generationObserver') ? app.generationObserver : undefined;
-    const tokenOut = (t: { token: number; logprob: number }) => ({ id: t.token, text: runtime.tokenizer.decode([t.token]), logprob: t.logprob });
+    const tokenOut = (t: { token: number; logprob: number }) => ({ id: t.token, text: gen.tokenizer.decode([t.token]), logprob: t.logprob });
 
     if (body.stream) {
       let index = 0;

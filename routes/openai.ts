@@ -5,6 +5,7 @@ import { HttpProblem, badRequest } from '../src/http/problem.js';
 import { parseChat, parseCompletion, promptsOf, type Prompt } from '../src/http/openai-request.js';
 import { textOptions } from '../src/http/sampling.js';
 import { NoChatTemplateError, renderChat } from '../src/tokenizer/chat-template.js';
+import type { Tokenizer } from '../src/tokenizer/types.js';
 import type { Runtime } from '../src/runtime.js';
 import type { TokenEvent } from '../src/engine/engine.js';
 import type { TextGeneration, TextResult } from '../src/engine/generation.js';
@@ -63,16 +64,30 @@ async function start(runtime: Runtime, call: GenerationCall, n: number, cancel: 
   }
 }
 
+/** The adapter's own tokenizer (it adds tokens), or null; the registry's refusals as `start` maps them. */
+async function ownTokenizer(runtime: Runtime, adapter: string): Promise<Tokenizer | null> {
+  try {
+    const lease = await runtime.registry.acquire(adapter);
+    lease.release();
+    return lease.tokenizer;
+  } catch (e) {
+    if (e instanceof HttpProblem && e.status === 404) throw e.about('model', 'model_not_found');
+    if (e instanceof HttpProblem && e.status === 409) throw e.about('model', 'model_incompatible');
+    throw e;
+  }
+}
+
 const finish = (r: TextResult) => (r.finishReason === 'cancelled' ? 'length' : r.finishReason);
 
 export default async function openaiRoutes(app: FastifyInstance): Promise<void> {
   const { runtime } = app;
-  const piece = (id: number) => runtime.tokenizer.decode([id]);
   const bytesOf = (s: string) => [...Buffer.from(s, 'utf8')];
   const observer = () => (app.hasDecorator('generationObserver') ? app.generationObserver : undefined);
 
   /** the legacy completions logprobs object, for a run of tokens starting at text offset `offset` */
-  const completionLogprobs = (tokens: TokenEvent[], offset: number) => {
+  const completionLogprobs = (tokens: TokenEvent[], offset: number, tok: Tokenizer) => {
+    // an adapter that adds tokens decodes with its own tokenizer (TextGeneration.tokenizer)
+    const piece = (id: number) => tok.decode([id]);
     const text_offset: number[] = [];
     let at = offset;
     for (const t of tokens) {
@@ -86,7 +101,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
       text_offset,
     };
   };
-  const chatLogprobs = (tokens: TokenEvent[]) => ({
+  const chatLogprobs = (tokens: TokenEvent[], tok: Tokenizer, piece = (id: number) => tok.decode([id])) => ({
     content: tokens.map((t) => {
       const s = piece(t.token);
       return {
@@ -127,7 +142,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
         {
           onDelta(i, d, es) {
             const text = pendingEcho[i] + d.text;
-            es.send({ ...head, choices: [{ index: i, text, finish_reason: null, logprobs: wantLogprobs ? completionLogprobs(d.tokens, offsets[i]!) : null }] });
+            es.send({ ...head, choices: [{ index: i, text, finish_reason: null, logprobs: wantLogprobs ? completionLogprobs(d.tokens, offsets[i]!, gens[i]!.tokenizer) : null }] });
             pendingEcho[i] = '';
             offsets[i]! += d.text.length;
           },
@@ -149,7 +164,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
         index: i,
         text: echoOf[i] + result.text,
         finish_reason: finish(result),
-        logprobs: wantLogprobs ? completionLogprobs(tokens, 0) : null,
+        logprobs: wantLogprobs ? completionLogprobs(tokens, 0, gens[i]!.tokenizer) : null,
       })),
       usage: totalUsage(
         collected.map((c) => c.result),
@@ -163,9 +178,11 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
     const adapter = adapterFor(runtime, body.model);
     const n = body.n ?? 1;
     request.log.info({ adapter, n }, 'chat completion');
+    // an adapter that adds tokens may bring its own chat template (its tokenizer_config.json)
+    const own = adapter === null ? null : await ownTokenizer(runtime, adapter);
     let prompt: string;
     try {
-      prompt = renderChat(runtime.tokenizer.chatTemplate, body.messages, runtime.tokenizer.specialTokens);
+      prompt = renderChat(own?.chatTemplate ?? runtime.tokenizer.chatTemplate, body.messages, own?.chatTemplate ? own.specialTokens : runtime.tokenizer.specialTokens);
     } catch (e) {
       if (e instanceof NoChatTemplateError) throw badRequest(e.message).about('messages', 'no_chat_template');
       throw badRequest(`the chat template failed to render these messages: ${(e as Error).message}`).about('messages', 'chat_template_error');
@@ -198,7 +215,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
           onDelta(i, d, es) {
             const delta = first[i] ? { role: 'assistant', content: d.text } : { content: d.text };
             first[i] = false;
-            es.send({ ...chunk, choices: [{ index: i, delta, finish_reason: null, logprobs: wantLogprobs ? chatLogprobs(d.tokens) : null }] });
+            es.send({ ...chunk, choices: [{ index: i, delta, finish_reason: null, logprobs: wantLogprobs ? chatLogprobs(d.tokens, gens[i]!.tokenizer) : null }] });
           },
           onEnd(results, es) {
             const finals = results.map((r, i) => ({ index: i, delta: first[i] ? { role: 'assistant', content: '' } : {}, finish_reason: finish(r), logprobs: null }));
@@ -219,7 +236,7 @@ export default async function openaiRoutes(app: FastifyInstance): Promise<void> 
         index: i,
         message: { role: 'assistant', content: result.text },
         finish_reason: finish(result),
-        logprobs: wantLogprobs ? chatLogprobs(tokens) : null,
+        logprobs: wantLogprobs ? chatLogprobs(tokens, gens[i]!.tokenizer) : null,
       })),
       usage: totalUsage(
         collected.map((c) => c.result),

@@ -44,6 +44,8 @@ export const ConfigSchema = z.object({
   /** MatMulNBits accuracy_level with int8/int4: 4 = int8 activations (fast), 0 = float (exact dequantized product) */
   WEIGHTS_ACCURACY_LEVEL: z.enum(['0', '4']).default('4').transform((v) => (v === '0' ? 0 : 4) as 0 | 4),
   MAX_LORA_RANK: int(64),
+  /** the most memory one adapter's served weights may take, in MiB (saved embed_tokens / lm_head copies are vocab × hidden); 0 = no limit */
+  ADAPTER_MEMORY_BUDGET_MB: int(4096),
   MAX_ADAPTERS: int(32),
   MAX_UPLOAD_BYTES: int(512 * 1024 * 1024),
   /** an upload body that sends nothing for this long is aborted and its staged files removed (0: never) */

@@ -110,6 +110,8 @@ describe('resident KV graph', () => {
     const s = resident.session;
     expect(s.inputNames).toEqual(expect.arrayContaining(['input_ids', 'position_ids', 'kv_rows', 'kv_lens', kvCacheKeyName(0), kvCacheValueName(1)]));
     expect(s.inputNames).not.toContain('attention_bias');
-    expect(s.outputNames).toEqual(['logits', 'kv_new.0.key', 'kv_new.0.value', 'kv_new.1.key', 'kv_new.1.value']);
+    // hidden_states: the lm_head input, fetched only for rows whose adapter has its own head (engine/head.ts)
+    expect(s.outputNames).toEqual(['logits', 'hidden_states', 'kv_new.0.key', 'kv_new.0.value', 'kv_new.1.key', 'kv_new.1.value']);
+    expect(s.inputNames).toEqual(expect.arrayContaining(['embed_keep', 'embed_rows']));
   });
 });

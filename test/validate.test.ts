@@ -244,7 +244,9 @@ describe('features that cannot be served', () => {
   };
 
   it('modules_to_save, AdaLoRA, bias, target_parameters, fan_in_fan_out (DoRA and lora_bias: variants-validate.test.ts)', () => {
-    expect(unsupported({ modules_to_save: ['lm_head'] })[0]!.hint).toContain('modules_to_save');
+    // a classification head is not part of generation; embed_tokens / lm_head copies are served (embedding-parts.test.ts)
+    expect(unsupported({ modules_to_save: ['lm_head', 'score'] })[0]).toMatchObject({ key: 'modules_to_save', actual: ['score'] });
+    expect(unsupported({ modules_to_save: ['classifier'] })[0]!.hint).toContain('modules_to_save');
     const ada = unsupported({ peft_type: 'ADALORA' });
     expect(ada[0]!.message).toContain('AdaLoRA');
     expect(ada[0]!.hint).toContain('merge_and_unload');
@@ -253,11 +255,14 @@ describe('features that cannot be served', () => {
     expect(unsupported({ fan_in_fan_out: true })[0]!.hint).toContain('fan_in_fan_out=false');
   });
 
-  it('embedding and lm_head LoRA, from config and from tensors', () => {
-    expect(unsupported({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'] })[0]!.module).toBe('model.embed_tokens');
+  it('lm_head LoRA is refused; embed_tokens LoRA is checked, not refused (embedding-parts.test.ts)', () => {
     expect(unsupported({ target_modules: ['q_proj', 'v_proj', 'lm_head'] })[0]!.module).toBe('lm_head');
+    const targeted = validateAdapter(input(peftConfig({ target_modules: ['q_proj', 'v_proj', 'embed_tokens'] }), ok), MODEL, LIMITS);
+    expect(codes(targeted)).toEqual(['missing_tensor', 'missing_tensor']);
+    expect(targeted.errors[0]!.module).toBe('model.embed_tokens');
     const emb = [{ name: 'base_model.model.model.embed_tokens.lora_embedding_A', shape: [8, 64], data: new Float32Array(512) }];
-    expect(unsupported({}, [...ok, ...emb])[0]!.tensor).toBe(emb[0]!.name);
+    const untargeted = validateAdapter(input(peftConfig(), [...ok, ...emb]), MODEL, LIMITS);
+    expect(untargeted.errors.map((e) => [e.code, e.tensor])).toEqual([['unexpected_tensor', emb[0]!.name]]);
   });
 
   it.each([

@@ -18,7 +18,7 @@ import tar from 'tar-stream';
  * MAX_UPLOAD_BYTES, which stops zip and gzip bombs after at most one block.
  */
 
-export const ADAPTER_FILE_NAMES = ['adapter_config.json', 'adapter_model.safetensors', 'adapter_model.bin'] as const;
+export const ADAPTER_FILE_NAMES = ['adapter_config.json', 'adapter_model.safetensors', 'adapter_model.bin', 'tokenizer.json', 'tokenizer_config.json'] as const;
 type WantedName = (typeof ADAPTER_FILE_NAMES)[number];
 const isWanted = (n: string): n is WantedName => (ADAPTER_FILE_NAMES as readonly string[]).includes(n);
 

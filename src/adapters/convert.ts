@@ -1,5 +1,5 @@
 import type { LoraTarget } from '../model/manifest.js';
-import type { ValidationReport } from './report.js';
+import type { EmbeddingParts, ValidationReport } from './report.js';
 
 /**
  * Accepted PEFT weights → the engine's layout (DESIGN.md "The model graph contract"):
@@ -20,11 +20,63 @@ export interface EngineModuleWeights {
   bias?: Float32Array;
 }
 
+/**
+ * What an adapter changes outside the projections, float32, in the layout the engine reads per
+ * token (embedding-parts.ts says what each is in PEFT's terms).
+ */
+export interface EngineEmbedding {
+  /** embedding LoRA: A [vocab, rank] (one row per token), B [rank, hidden] with the scale folded in */
+  lora: { rank: number; A: Float32Array; B: Float32Array } | null;
+  /** rows that replace the embedding's: token ids and their values [k, hidden] */
+  tokens: { indices: Int32Array; values: Float32Array } | null;
+  /** a full embedding [vocab, hidden] replacing the base's */
+  table: Float32Array | null;
+  /** a full lm_head [vocab, hidden] */
+  headTable: Float32Array | null;
+  /** rows that replace lm_head's (trainable tokens; on a tied model, the embedding's own) */
+  headTokens: { indices: Int32Array; values: Float32Array } | null;
+}
+
+/** ids a row of this adapter may hold: the base's vocabulary, or its saved copies' when it adds tokens */
+export function vocabOf(e: EngineEmbedding | null | undefined, m: { architecture: { vocabSize: number; hiddenSize: number } }): number {
+  const H = m.architecture.hiddenSize;
+  return Math.max(m.architecture.vocabSize, e?.table ? e.table.length / H : 0, e?.headTable ? e.headTable.length / H : 0);
+}
+
 export interface AdapterWeights {
   /** module name (model.layers.0.self_attn.q_proj) → weights */
   modules: Map<string, EngineModuleWeights>;
-  /** bytes held by all A and B arrays */
+  /** absent: only projections */
+  embedding?: EngineEmbedding;
+  /** bytes held by all A and B arrays and the embedding parts */
   bytes: number;
+}
+
+/** The report's embedding parts from the file's float32 tensors; throws where the validator would have refused. */
+export function toEngineEmbedding(parts: EmbeddingParts, tensors: Map<string, Float32Array>, dims: { vocabSize: number; hiddenSize: number }): { embedding: EngineEmbedding; bytes: number } {
+  const V = dims.vocabSize;
+  const H = dims.hiddenSize;
+  const get = (key: string, n: number) => {
+    const v = tensors.get(key);
+    if (!v || v.length !== n) throw new Error(`toEngineEmbedding: ${key} is missing or does not hold ${n} values`);
+    return v;
+  };
+  let lora: EngineEmbedding['lora'] = null;
+  if (parts.lora) {
+    const r = parts.lora.rank;
+    // PEFT: A [r, vocab], B [hidden, r] → per token a row of Aᵀ, and Bᵀ·scale
+    lora = { rank: r, A: transpose(get(parts.lora.tensorA, r * V), r, V), B: transpose(get(parts.lora.tensorB, H * r), H, r, parts.lora.scale) };
+  }
+  const rows = (p: { tensor: string; indices: number[] } | null) => (p ? { indices: Int32Array.from(p.indices), values: get(p.tensor, p.indices.length * H) } : null);
+  const tokens = rows(parts.tokens);
+  // copies of an adapter that adds tokens hold its own vocabulary's rows
+  const copyRows = parts.vocabSize ?? V;
+  const table = parts.embedCopy ? get(parts.embedCopy, copyRows * H) : null;
+  const headTable = parts.headCopy === null ? null : parts.headCopy === parts.embedCopy ? table : get(parts.headCopy, copyRows * H);
+  const headTokens = parts.tokens?.tiedHead ? tokens : rows(parts.headTokens);
+  const embedding: EngineEmbedding = { lora, tokens, table, headTable, headTokens };
+  const arrays = new Set<Float32Array>([lora?.A, lora?.B, tokens?.values, table, headTable, headTokens?.values].filter((x): x is Float32Array => x != null));
+  return { embedding, bytes: [...arrays].reduce((n, a) => n + a.byteLength, 0) };
 }
 
 /** [rows, cols] row-major → [cols, rows] row-major, each element times `scale`. */
@@ -42,7 +94,7 @@ export function transpose(src: Float32Array, rows: number, cols: number, scale =
  * float32 values. Throws on inputs the validator would have rejected: calling this without a
  * passing report is a programming error, not a user error.
  */
-export function toEngineWeights(report: ValidationReport, tensors: Map<string, Float32Array>, manifest: { loraTargets: readonly LoraTarget[] }): AdapterWeights {
+export function toEngineWeights(report: ValidationReport, tensors: Map<string, Float32Array>, manifest: { loraTargets: readonly LoraTarget[]; architecture: { vocabSize: number; hiddenSize: number } }): AdapterWeights {
   if (!report.ok) throw new Error('toEngineWeights: the adapter did not pass validation');
   const targets = new Map(manifest.loraTargets.map((t) => [t.name, t]));
   const modules = new Map<string, EngineModuleWeights>();
@@ -61,7 +113,9 @@ export function toEngineWeights(report: ValidationReport, tensors: Map<string, F
     modules.set(m.module, { rank: r, A, B, ...vectors });
     bytes += A.byteLength + B.byteLength + (vectors.magnitude?.byteLength ?? 0) + (vectors.bias?.byteLength ?? 0);
   }
-  return { modules, bytes };
+  if (!report.embedding) return { modules, bytes };
+  const e = toEngineEmbedding(report.embedding, tensors, manifest.architecture);
+  return { modules, embedding: e.embedding, bytes: bytes + e.bytes };
 }
 
 /** A module's DoRA magnitude (as saved) and lora_B bias (times the scale, as PEFT's forward applies it). */
@@ -90,6 +144,8 @@ function moduleVectors(m: ValidationReport['modules'][number], tensors: Readonly
 export function fromIngested(report: ValidationReport, ingested: { engineLayout: ReadonlyMap<string, Float32Array>; scaled: ReadonlyMap<string, number> }, manifest: { loraTargets: readonly LoraTarget[] }): AdapterWeights | null {
   const { engineLayout, scaled } = ingested;
   if (!report.ok) throw new Error('fromIngested: the adapter did not pass validation');
+  // the stream keeps LoRA matrices only: embedding parts are read from the file
+  if (report.embedding) return null;
   const targets = new Map(manifest.loraTargets.map((t) => [t.name, t]));
   const picked: [string, number, number, Float32Array, Float32Array][] = [];
   for (const m of report.modules) {

@@ -4,6 +4,8 @@ import { engineGrams } from './effect.js';
 import { fromIngested, toEngineWeights, type AdapterWeights } from './convert.js';
 import type { IngestedWeights } from './ingest.js';
 import { parseTensorKey } from './keys.js';
+import { readAdapterTokenizer } from './adapter-tokenizer.js';
+import type { HfTokenizer } from '../tokenizer/hf.js';
 import { CONFIG_FILE } from './peft-config.js';
 import type { ValidationReport } from './report.js';
 import { ADAPTER_SAFETENSORS_LIMITS, isFloatDtype, readHeader, readTensorBytes, toFloat32, type HeaderResult, type SafetensorsHeader } from './safetensors.js';
@@ -56,6 +58,8 @@ export interface AdapterFolderResult {
   weights: AdapterWeights | null;
   /** where `weights` came from: the stream decode, or the file read back */
   source: 'stream' | 'file' | null;
+  /** the adapter's own tokenizer, when it adds tokens (report.embedding.vocabSize): its requests use it */
+  tokenizer: HfTokenizer | null;
 }
 
 export async function readAdapterFolder(dir: string, model: ModelFacts, limits: ValidationLimits, opts: ReadAdapterOptions = { readValues: true }): Promise<AdapterFolderResult> {
@@ -71,15 +75,17 @@ export async function readAdapterFolder(dir: string, model: ModelFacts, limits: 
   const ingested = readable && opts.ingested?.keptAll && sameHeader(readable, opts.ingested.header) && !hasVariantVectors(readable) ? opts.ingested : null;
   const values = readable && !ingested ? await readValues(weightsPath, readable) : undefined;
   const otherFiles = files.filter((f) => f !== CONFIG_FILE && f !== WEIGHTS_FILE);
+  const own = await readAdapterTokenizer(dir, files, model.architecture);
   // before fromIngested consumes the arrays (it folds the scale into B in place)
   const grams = ingested ? engineGrams(ingested.header.tensors, ingested.engineLayout, ingested.scaled) : undefined;
-  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, maxAbs: ingested?.maxAbs, otherFiles, grams }, model, limits);
-  if (!report.ok) return { report, weights: null, source: null };
-  if (values) return { report, weights: toEngineWeights(report, values, model), source: 'file' };
+  const report = validateAdapter({ configText, weightsFile: WEIGHTS_FILE, header: head.header, headerProblems: head.problems, values, nonFinite: ingested?.nonFinite, maxAbs: ingested?.maxAbs, otherFiles, grams, tokenizer: own.facts }, model, limits);
+  if (!report.ok) return { report, weights: null, source: null, tokenizer: null };
+  const tokenizer = report.embedding?.vocabSize === undefined ? null : own.tokenizer;
+  if (values) return { report, weights: toEngineWeights(report, values, model), source: 'file', tokenizer };
   if (ingested && readable) {
     const streamed = fromIngested(report, ingested, model);
-    if (streamed) return { report, weights: streamed, source: 'stream' };
-    return { report, weights: toEngineWeights(report, await readValues(weightsPath, readable), model), source: 'file' };
+    if (streamed) return { report, weights: streamed, source: 'stream', tokenizer };
+    return { report, weights: toEngineWeights(report, await readValues(weightsPath, readable), model), source: 'file', tokenizer };
   }
-  return { report, weights: null, source: null };
+  return { report, weights: null, source: null, tokenizer };
 }

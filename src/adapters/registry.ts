@@ -7,13 +7,14 @@ import { HttpProblem, badRequest, notFound } from '../http/problem.js';
 import type { AdapterWeights } from './convert.js';
 import { readAdapterFolder } from './folder.js';
 import { DoraNormError } from './dora.js';
+import type { Tokenizer } from '../tokenizer/types.js';
 import { AdapterIngest, moduleScales, type IngestedWeights } from './ingest.js';
-import { EffectSchema, error, type Effect, type ModuleReport, type Problem, type ValidationReport } from './report.js';
+import { EffectSchema, error, type Effect, type EmbeddingParts, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import type { ProbeResult } from '../engine/probe.js';
 import { AdapterStore, NameTakenError, NotStoredError, adapterNameProblem, pauseHookFromEnv, type AdapterBackend, type AdapterMeta, type FileDigest, type StoreHooks, type StoredEntry } from './store.js';
 import { SharedFolderStore } from './shared-folder.js';
 import { S3Store, parseS3Url } from './s3-store.js';
-import { CONFIG_FILE, WEIGHTS_FILE } from './store.js';
+import { CONFIG_FILE, WEIGHTS_FILE, type VersionFiles } from './store.js';
 import type { ModelFacts, ValidationLimits } from './validate.js';
 
 /**
@@ -75,7 +76,7 @@ export interface AdapterVersion {
   readonly entry: StoredEntry;
   readonly state: AdapterState;
   readonly created: string | null;
-  readonly files: Readonly<Record<typeof CONFIG_FILE | typeof WEIGHTS_FILE, FileDigest>> | null;
+  readonly files: Readonly<VersionFiles> | null;
   readonly report: ValidationReport;
 }
 
@@ -106,6 +107,8 @@ export interface AdapterSummary {
   parameters: number;
   /** per projection: which layers, which ranks and which scales (alpha/r, folded into B) */
   targets: TargetSummary[];
+  /** bytes the served weights take when loaded (LoRA matrices plus embedding parts); null in reports older than it */
+  memoryBytes: number | null;
   errors: Problem[];
   warnings: Problem[];
 }
@@ -114,6 +117,8 @@ export interface AdapterDetail extends AdapterSummary {
   modules: Pick<ModuleReport, 'module' | 'rank' | 'alpha' | 'scale' | 'rankKey' | 'alphaKey' | 'deltaNorm' | 'relativeNorm'>[];
   /** measured through the served graph on the probe prompt; null when it could not be run */
   effect: Effect | null;
+  /** embedding LoRA, trainable tokens, saved embed_tokens / lm_head (embedding-parts.ts); null when none */
+  embedding: EmbeddingParts | null;
 }
 
 export interface AdapterDetailWithReport extends AdapterDetail {
@@ -145,11 +150,15 @@ interface Resident {
   lastUsed: number;
   /** requests holding it (acquire … release) */
   inUse: number;
+  /** its own tokenizer when it adds tokens (folder.ts), loaded once per version */
+  readonly tokenizer: Tokenizer | null;
 }
 
 /** A request's hold on a loaded version: call release() when the request ends. */
 export interface AdapterLease {
   versionId: string;
+  /** the adapter's own tokenizer (it adds tokens): encode, decode and stop on it; null: the base's */
+  tokenizer: Tokenizer | null;
   release(): void;
 }
 
@@ -189,6 +198,7 @@ function summarize(v: AdapterVersion, loaded = false): AdapterSummary {
     loraBias: v.report.modules.some((m) => Boolean(m.tensorBias)),
     parameters: s.parameters,
     targets: [...byProjection].map(([projection, t]) => ({ projection, layers: distinct(t.layers), ranks: distinct(t.ranks), scales: distinct(t.scales) })),
+    memoryBytes: v.report.memoryBytes ?? null,
     errors: v.report.errors,
     warnings: v.report.warnings,
   };
@@ -199,6 +209,7 @@ function detail(v: AdapterVersion, loaded = false): AdapterDetail {
     ...summarize(v, loaded),
     modules: v.report.modules.map(({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm, relativeNorm }) => ({ module, rank, alpha, scale, rankKey, alphaKey, deltaNorm: deltaNorm ?? null, relativeNorm: relativeNorm ?? null })),
     effect: v.report.effect ?? null,
+    embedding: v.report.embedding ?? null,
   };
 }
 
@@ -294,7 +305,7 @@ export class AdapterRegistry {
     const registry = new AdapterRegistry(
       store,
       { architecture: manifest.architecture, loraTargets: manifest.loraTargets, modelId: manifest.modelId, dtype: manifest.dtype },
-      { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL },
+      { maxLoraRank: config.MAX_LORA_RANK, strictBaseModel: config.STRICT_BASE_MODEL, ...(config.ADAPTER_MEMORY_BUDGET_MB > 0 && { maxAdapterBytes: config.ADAPTER_MEMORY_BUDGET_MB * 2 ** 20 }) },
       config.MAX_ADAPTERS,
       config.MAX_LOADED_ADAPTERS,
       engine,
@@ -379,7 +390,7 @@ export class AdapterRegistry {
         this.markIncompatible(v, failedReport(problems));
         return this.versions.get(name)!;
       }
-      const { report: validatedReport, weights } = await readAdapterFolder(entry.dir, this.model, { ...this.limits, allowNoEffect: meta?.allowNoEffect === true }, { readValues: true });
+      const { report: validatedReport, weights, tokenizer } = await readAdapterFolder(entry.dir, this.model, { ...this.limits, allowNoEffect: meta?.allowNoEffect === true }, { readValues: true });
       // measured on this very graph before: the same numbers again, without the probe's cost
       const stored = EffectSchema.safeParse((meta?.report as { effect?: unknown } | undefined)?.effect);
       const storedEffect = stored.success && stored.data.modelHash === this.probe.modelHash ? stored.data : null;
@@ -400,7 +411,7 @@ export class AdapterRegistry {
           return this.versions.get(name)!;
         }
         if (!storedEffect) ready = { ...ready, report: { ...report, effect: await this.measure(versionId, name) } };
-        this.resident.set(name, { name, ref: ready.ref, versionId, lastUsed: performance.now(), inUse: 0 });
+        this.resident.set(name, { name, ref: ready.ref, versionId, lastUsed: performance.now(), inUse: 0, tokenizer });
         this.counters.loads++;
         const done = performance.now();
         if (this.loadTimes.length < 10_000) this.loadTimes.push((done - t0) / 1000);
@@ -619,6 +630,7 @@ export class AdapterRegistry {
         let released = false;
         return {
           versionId: r.versionId,
+          tokenizer: r.tokenizer,
           release: () => {
             if (released) return;
             released = true;
@@ -774,7 +786,7 @@ export class AdapterRegistry {
   private async install(name: string, stagedDir: string, staged: StagedExtras, version: number, write: (meta: AdapterMeta) => Promise<StoredEntry>): Promise<AdapterVersion> {
     const flushed = this.store.flushStaged(stagedDir);
     const allowNoEffect = staged.allowNoEffect === true;
-    const { report: validated, weights, source } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect }, { readValues: true, ingested: staged.ingested });
+    const { report: validated, weights, source, tokenizer } = await readAdapterFolder(stagedDir, this.model, { ...this.limits, allowNoEffect }, { readValues: true, ingested: staged.ingested });
     if (!validated.ok || !weights) throw rejectedProblem(validated, `adapter ${JSON.stringify(name)}`);
     const files = staged.digests ?? (await this.store.digest(stagedDir));
     const versionId = this.nextVersionId(name, version);
@@ -794,7 +806,7 @@ export class AdapterRegistry {
     const v: AdapterVersion = { name, version, ref: entry.ref, entry, state: 'ready', created: meta.created, files, report };
     this.versions.set(name, v);
     this.dropResident(name);
-    this.resident.set(name, { name, ref: entry.ref, versionId, lastUsed: performance.now(), inUse: 0 });
+    this.resident.set(name, { name, ref: entry.ref, versionId, lastUsed: performance.now(), inUse: 0, tokenizer });
     return v;
   }
 

@@ -22,6 +22,7 @@ export const PROBLEM_CODES = [
   'no_effect',
   'no_effect_modules',
   'large_delta',
+  'over_memory_budget',
 ] as const;
 export const ProblemCodeSchema = z.enum(PROBLEM_CODES);
 export type ProblemCode = z.infer<typeof ProblemCodeSchema>;
@@ -157,6 +158,26 @@ export const EffectSchema = z.object({
 });
 export type Effect = z.infer<typeof EffectSchema>;
 
+/**
+ * What an adapter changes outside the projections (embedding-parts.ts): LoRA on the embedding,
+ * trainable token rows, saved copies of embed_tokens / lm_head. Tensor keys as in the file.
+ */
+export const EmbeddingPartsSchema = z.object({
+  /** lora_embedding_A [r, vocab] / lora_embedding_B [hidden, r]; scale folded into B by the converter */
+  lora: z.object({ tensorA: z.string(), tensorB: z.string(), rank: z.number().int().positive(), alpha: z.number(), scale: z.number() }).nullable(),
+  /** trainable_tokens_delta [k, hidden] of embed_tokens: rows that replace the embedding's (PEFT index_copy) */
+  tokens: z.object({ tensor: z.string(), indices: z.array(z.number().int().nonnegative()), tiedHead: z.boolean() }).nullable(),
+  /** trainable_tokens_delta of an untied lm_head (trainable_token_indices as a dict naming lm_head) */
+  headTokens: z.object({ tensor: z.string(), indices: z.array(z.number().int().nonnegative()) }).nullable(),
+  /** a full saved embed_tokens weight [vocab, hidden] (modules_to_save, or save_embedding_layers) */
+  embedCopy: z.string().nullable(),
+  /** a full saved lm_head weight [vocab, hidden]; with ensure_weight_tying on a tied model, the embed copy */
+  headCopy: z.string().nullable(),
+  /** the copies' row count when the adapter adds tokens (larger than the model's vocab_size; served with its tokenizer.json) */
+  vocabSize: z.number().int().positive().optional(),
+});
+export type EmbeddingParts = z.infer<typeof EmbeddingPartsSchema>;
+
 export const ValidationReportSchema = z.object({
   ok: z.boolean(),
   errors: z.array(ProblemSchema),
@@ -164,6 +185,10 @@ export const ValidationReportSchema = z.object({
   modules: z.array(ModuleReportSchema),
   /** absent where the adapter was not run (errors, or no served graph: loraserve check) */
   effect: EffectSchema.nullable().optional(),
+  /** absent: the adapter changes only projections */
+  embedding: EmbeddingPartsSchema.optional(),
+  /** bytes the adapter's served weights take in memory (float32): LoRA matrices plus embedding parts */
+  memoryBytes: z.number().int().nonnegative().optional(),
   summary: z.object({
     peftType: z.string().nullable(),
     baseModel: z.string().nullable(),

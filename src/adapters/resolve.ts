@@ -200,7 +200,8 @@ export function resolveModules(config: PeftConfig, targets: readonly LoraTarget[
 
   // PEFT applies a pattern key that matches nothing silently; a typo there changes nothing and
   // nobody notices. Only modules PEFT would adapt count.
-  const adapted = modules.filter((m) => m.targeted).map((m) => m.target.name);
+  // LoRA on embed_tokens is served (embedding-parts.ts): a pattern key for it is not unmatched
+  const adapted = [...modules.filter((m) => m.targeted).map((m) => m.target.name), ...otherTargeted.filter((n) => n === 'model.embed_tokens')];
   for (const [keys, code, field] of [
     [rankKeys, 'rank_pattern_unmatched', 'rank_pattern'],
     [alphaKeys, 'alpha_pattern_unmatched', 'alpha_pattern'],

@@ -14,7 +14,7 @@ import {
   type _Object,
 } from '@aws-sdk/client-s3';
 import {
-  ADAPTER_FILES,
+  filesOf,
   META_FILE,
   NameTakenError,
   NotStoredError,
@@ -25,9 +25,8 @@ import {
   parseMeta,
   verifyEntry,
   type AdapterBackend,
-  type AdapterFile,
+  type VersionFiles,
   type AdapterMeta,
-  type FileDigest,
   type RecoveryAction,
   type StoreHooks,
   type StoredEntry,
@@ -310,7 +309,7 @@ export class S3Store implements AdapterBackend {
       const tmp = path.join(this.dir, 'versions', `.download-${randomUUID()}`);
       await mkdir(tmp, { recursive: true });
       try {
-        for (const f of [...ADAPTER_FILES, META_FILE]) {
+        for (const f of [...filesOf(entry.meta.files), META_FILE]) {
           let res;
           try {
             res = await this.client.send(new GetObjectCommand({ Bucket: this.loc.bucket, Key: this.key('versions', entry.ref, f) }));
@@ -339,7 +338,7 @@ export class S3Store implements AdapterBackend {
     return flushStagedFiles(stagedDir);
   }
 
-  digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
+  digest(stagedDir: string): Promise<VersionFiles> {
     return digestFolder(stagedDir);
   }
 
@@ -349,7 +348,7 @@ export class S3Store implements AdapterBackend {
     this.leased.add(ref);
     try {
       await this.put(this.key('versions', ref, '.lease'), String(Date.now()));
-      for (const [i, f] of ADAPTER_FILES.entries()) {
+      for (const [i, f] of filesOf(meta.files).entries()) {
         const file = path.join(stagedDir, f);
         await this.put(this.key('versions', ref, f), createReadStream(file), { ContentLength: (await stat(file)).size });
         if (i === 0) await this.opts.hooks?.pause?.('mid-write', meta.name);

@@ -14,9 +14,8 @@ import {
   verifyEntry,
   writeVersionFiles,
   type AdapterBackend,
-  type AdapterFile,
+  type VersionFiles,
   type AdapterMeta,
-  type FileDigest,
   type RecoveryAction,
   type StoreHooks,
   type StoredEntry,
@@ -270,7 +269,7 @@ export class SharedFolderStore implements AdapterBackend {
     return flushStagedFiles(stagedDir);
   }
 
-  digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
+  digest(stagedDir: string): Promise<VersionFiles> {
     return digestFolder(stagedDir);
   }
 

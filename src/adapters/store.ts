@@ -34,6 +34,12 @@ export { CONFIG_FILE, WEIGHTS_FILE };
 export const META_FILE = 'meta.json';
 export const ADAPTER_FILES = [CONFIG_FILE, WEIGHTS_FILE] as const;
 export type AdapterFile = (typeof ADAPTER_FILES)[number];
+/** optional files kept with a version when the upload has them: the tokenizer of an adapter that adds tokens */
+export const TOKENIZER_FILES = ['tokenizer.json', 'tokenizer_config.json'] as const;
+export type TokenizerFile = (typeof TOKENIZER_FILES)[number];
+export type VersionFiles = Record<AdapterFile, FileDigest> & Partial<Record<TokenizerFile, FileDigest>>;
+/** The files a version holds: the two adapter files, then whichever tokenizer files it was stored with. */
+export const filesOf = (files: Partial<VersionFiles>): string[] => [...ADAPTER_FILES, ...TOKENIZER_FILES.filter((f) => files[f] !== undefined)];
 
 const NAME_RE = /^[a-zA-Z0-9._-]{1,64}$/;
 
@@ -58,7 +64,7 @@ export interface AdapterMeta {
   version: number;
   /** when this version was stored (ISO 8601) */
   created: string;
-  files: Record<AdapterFile, FileDigest>;
+  files: VersionFiles;
   /** the validation report at upload time (the registry re-validates at every start) */
   report: unknown;
   /** uploaded with allow_no_effect=true: re-validation at start accepts it too */
@@ -142,7 +148,7 @@ export interface AdapterBackend {
   verify(entry: StoredEntry): Promise<string[]>;
   uploadDir(): Promise<string>;
   flushStaged(stagedDir: string): Promise<void>;
-  digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>>;
+  digest(stagedDir: string): Promise<VersionFiles>;
   /** stores a new name; NameTakenError when it exists (across replicas on a shared store) */
   create(meta: AdapterMeta, stagedDir: string): Promise<StoredEntry>;
   /** create-or-replace */
@@ -157,8 +163,8 @@ export interface AdapterBackend {
 export async function verifyEntry(entry: StoredEntry): Promise<string[]> {
   if (!entry.meta) return [entry.metaError ?? `${META_FILE} is missing`];
   const diffs: string[] = [];
-  for (const f of ADAPTER_FILES) {
-    const want = entry.meta.files[f];
+  for (const f of filesOf(entry.meta.files)) {
+    const want = entry.meta.files[f as AdapterFile];
     let got: FileDigest;
     try {
       got = await sha256File(path.join(entry.dir, f));
@@ -175,7 +181,7 @@ export async function verifyEntry(entry: StoredEntry): Promise<string[]> {
 
 /** See AdapterBackend.flushStaged: starts flushing a staged folder's files; never rejects. */
 export function flushStagedFiles(stagedDir: string): Promise<void> {
-  return Promise.all(ADAPTER_FILES.map((f) => fsyncPath(path.join(stagedDir, f)).catch(() => undefined))).then(() => undefined);
+  return Promise.all([...ADAPTER_FILES, ...TOKENIZER_FILES].map((f) => fsyncPath(path.join(stagedDir, f)).catch(() => undefined))).then(() => undefined);
 }
 
 /** A fresh, uniquely named folder under `parent` for an upload being staged (see AdapterBackend.uploadDir). */
@@ -185,10 +191,12 @@ export async function makeUploadDir(parent: string, prefix: string): Promise<str
   return dir;
 }
 
-/** sha256 and size of the two adapter files of a folder. */
-export async function digestFolder(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
+/** sha256 and size of the two adapter files of a folder, and of the tokenizer files it has. */
+export async function digestFolder(stagedDir: string): Promise<VersionFiles> {
   const [config, weights] = await Promise.all(ADAPTER_FILES.map((f) => sha256File(path.join(stagedDir, f))));
-  return { [CONFIG_FILE]: config!, [WEIGHTS_FILE]: weights! } as Record<AdapterFile, FileDigest>;
+  const out: VersionFiles = { [CONFIG_FILE]: config!, [WEIGHTS_FILE]: weights! };
+  for (const f of TOKENIZER_FILES) if (await exists(path.join(stagedDir, f))) out[f] = await sha256File(path.join(stagedDir, f));
+  return out;
 }
 
 /**
@@ -197,7 +205,7 @@ export async function digestFolder(stagedDir: string): Promise<Record<AdapterFil
  * complete by construction.
  */
 export async function writeVersionFiles(dir: string, meta: AdapterMeta, stagedDir: string, hooks: StoreHooks): Promise<void> {
-  for (const [i, f] of ADAPTER_FILES.entries()) {
+  for (const [i, f] of filesOf(meta.files).entries()) {
     await moveFile(path.join(stagedDir, f), path.join(dir, f));
     await fsyncPath(path.join(dir, f));
     if (i === 0) await hooks.pause?.('mid-write', meta.name);
@@ -253,7 +261,8 @@ export function parseMeta(raw: string, name: string): AdapterMeta {
     typeof m.version !== 'number' ||
     typeof m.created !== 'string' ||
     !m.files ||
-    !ADAPTER_FILES.every((f) => digestOk(m.files?.[f]))
+    !ADAPTER_FILES.every((f) => digestOk(m.files?.[f])) ||
+    !TOKENIZER_FILES.every((f) => m.files?.[f] === undefined || digestOk(m.files[f]))
   ) {
     throw new Error(`${META_FILE} does not describe adapter ${JSON.stringify(name)} in the expected format`);
   }
@@ -372,7 +381,7 @@ export class AdapterStore implements AdapterBackend {
     return flushStagedFiles(stagedDir);
   }
 
-  digest(stagedDir: string): Promise<Record<AdapterFile, FileDigest>> {
+  digest(stagedDir: string): Promise<VersionFiles> {
     return digestFolder(stagedDir);
   }
 

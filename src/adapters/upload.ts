@@ -11,7 +11,7 @@ import { HttpProblem, badRequest } from '../http/problem.js';
 import { error, type Problem } from './report.js';
 import { ArchiveError, extractAdapterArchive, sniffArchiveFile } from './archive.js';
 import type { AdapterIngest, IngestedWeights } from './ingest.js';
-import { CONFIG_FILE, WEIGHTS_FILE, type AdapterFile, type FileDigest } from './store.js';
+import { CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, type FileDigest, type TokenizerFile, type VersionFiles } from './store.js';
 
 /**
  * multipart/form-data → a staged folder holding adapter_config.json + adapter_model.safetensors.
@@ -21,6 +21,9 @@ import { CONFIG_FILE, WEIGHTS_FILE, type AdapterFile, type FileDigest } from './
  *     adapter_model.safetensors) or by field name (`config`, `weights`), or
  *   - one archive of the folder (.tar, .tar.gz/.tgz, .zip; field `archive` or any field with such
  *     a file name), whose adapter folder may sit at the top or one folder down.
+ * Optionally, beside either form: tokenizer.json and tokenizer_config.json (fields `tokenizer`,
+ * `tokenizer_config`), as PEFT output folders of adapters that add tokens carry them; each at most
+ * MAX_TOKENIZER_FILE_BYTES.
  * Every file part is streamed to a temp file inside the upload folder, never held in memory.
  * Status codes: 400 malformed request (unknown, duplicate or missing parts; unsafe or unreadable
  * archive), 413 over MAX_UPLOAD_BYTES (request, any file, or an archive's expansion), 415 not
@@ -60,14 +63,25 @@ export interface ReceivedUpload {
    * registry so it need not read the files again to hash them); null for archives, whose files
    * come out of the extractor.
    */
-  digests: Record<AdapterFile, FileDigest> | null;
+  digests: VersionFiles | null;
   /** the weights as decoded in the stream; null for archives, without `ingest`, or when the decoder gave up */
   ingested: IngestedWeights | null;
   /** removes everything this upload wrote */
   cleanup(): Promise<void>;
 }
 
-type Role = 'config' | 'weights' | 'archive' | 'pickle';
+type Role = 'config' | 'weights' | 'archive' | 'pickle' | TokenizerFile;
+
+/** A tokenizer.json is tens of MB at most for real vocabularies (Gemma's 256k tokens: ~34 MB). */
+export const MAX_TOKENIZER_FILE_BYTES = 64 * 1024 * 1024;
+const TOKENIZER_FIELDS: Record<string, TokenizerFile> = { tokenizer: 'tokenizer.json', tokenizer_config: 'tokenizer_config.json' };
+const isTokenizerFile = (n: string): n is TokenizerFile => (TOKENIZER_FILES as readonly string[]).includes(n);
+
+/** Pure: why the optional tokenizer files of a staged upload cannot be kept (413), or null. */
+export function tokenizerTooLarge(sizes: Partial<Record<TokenizerFile, number>>): string | null {
+  const over = TOKENIZER_FILES.filter((f) => (sizes[f] ?? 0) > MAX_TOKENIZER_FILE_BYTES);
+  return over.length ? `${over.map((f) => `${f} is ${sizes[f]} bytes`).join('; ')}: at most ${MAX_TOKENIZER_FILE_BYTES} bytes are accepted per tokenizer file` : null;
+}
 
 const ARCHIVE_EXT = /\.(tar|tar\.gz|tgz|zip)$/i;
 const PICKLE_EXT = /\.(bin|pt|pth|pkl|ckpt)$/i;
@@ -77,12 +91,13 @@ export function classifyPart(fieldname: string, filename: string): Role | null {
   const base = path.basename(filename.replace(/\\/g, '/'));
   if (base === CONFIG_FILE) return 'config';
   if (base === WEIGHTS_FILE) return 'weights';
+  if (isTokenizerFile(base)) return base;
   if (ARCHIVE_EXT.test(base)) return 'archive';
   if (base === 'adapter_model.bin' || ((fieldname === 'weights' || fieldname === 'archive') && PICKLE_EXT.test(base))) return 'pickle';
   if (fieldname === 'config') return 'config';
   if (fieldname === 'weights') return 'weights';
   if (fieldname === 'archive') return 'archive';
-  return null;
+  return TOKENIZER_FIELDS[fieldname] ?? null;
 }
 
 export const payloadTooLarge = (detail: string) => new HttpProblem(413, 'Payload Too Large', detail);
@@ -322,6 +337,10 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
     if (ingest) stages.push(ingest.tap());
     await pipeline([part.file, ...stages, createFlushingWriteStream(dest)]);
     if (part.file.truncated) throw payloadTooLarge(`${label} is larger than MAX_UPLOAD_BYTES (${opts.maxBytes} bytes)`);
+    if (isTokenizerFile(role) && hashed.digest) {
+      const why = tokenizerTooLarge({ [role]: hashed.digest.bytes });
+      if (why) throw payloadTooLarge(why);
+    }
     const ingested = ingest?.finish() ?? null;
     if (ingest && !ingested) request.log.info({ reason: ingest.reason }, 'upload: the weights could not be decoded in the stream; they will be read back from the file');
     got.set(role, { file: dest, filename: part.filename ?? '', digest: hashed.digest, ingested });
@@ -334,7 +353,7 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
 
   const archive = got.get('archive');
   if (archive) {
-    if (got.has('config') || got.has('weights')) throw badRequest('send either the two adapter files or one archive, not both');
+    if (got.has('config') || got.has('weights') || TOKENIZER_FILES.some((f) => got.has(f))) throw badRequest('send either the adapter files or one archive, not both (an archive carries its tokenizer files inside)');
     const kind = await sniffArchiveFile(archive.file, archive.filename);
     if (!kind) throw badRequest(`${archive.filename || 'the archive'} is neither tar, gzip-compressed tar nor zip`);
     const out = path.join(work, 'extracted');
@@ -347,6 +366,10 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
       if (found.files.includes('adapter_model.bin')) throw pickleProblem('adapter_model.bin');
       throw unprocessable(`adapter_model.safetensors is missing ${where}`, [missingFile(WEIGHTS_FILE, where)]);
     }
+    const sizes: Partial<Record<TokenizerFile, number>> = {};
+    for (const f of TOKENIZER_FILES) if ((found.files as readonly string[]).includes(f)) sizes[f] = (await stat(path.join(found.dir, f))).size;
+    const why = tokenizerTooLarge(sizes);
+    if (why) throw payloadTooLarge(why);
     return { dir: found.dir, fields, source: kind, digests: null, ingested: null };
   }
 
@@ -363,6 +386,12 @@ async function receive(request: FastifyRequest, opts: UploadOptions, work: strin
   await rename(got.get('weights')!.file, path.join(dir, WEIGHTS_FILE));
   const config = got.get('config')!.digest;
   const weights = got.get('weights')!.digest;
-  const digests = config && weights ? ({ [CONFIG_FILE]: config, [WEIGHTS_FILE]: weights } as Record<AdapterFile, FileDigest>) : null;
+  let digests: VersionFiles | null = config && weights ? { [CONFIG_FILE]: config, [WEIGHTS_FILE]: weights } : null;
+  for (const f of TOKENIZER_FILES) {
+    const part = got.get(f);
+    if (!part) continue;
+    await rename(part.file, path.join(dir, f));
+    digests = digests && part.digest ? { ...digests, [f]: part.digest } : null;
+  }
   return { dir, fields, source: 'files', digests, ingested: got.get('weights')!.ingested };
 }

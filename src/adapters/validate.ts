@@ -3,6 +3,7 @@ import type { LoraTarget, ModelDtype } from '../model/manifest.js';
 import { assessEffect, peftGrams, type TensorGram } from './effect.js';
 import { layerPrefix, parseTensorKey, type ParsedKey } from './keys.js';
 import { maxAbsFinite, scaleOverflowProblems, type ScaledModule } from './overflow.js';
+import { unservedModulesToSave, validateEmbeddingParts, type AdapterTokenizerFacts, type EmbeddingPartsResult } from './embedding-parts.js';
 import { CONFIG_FILE, foreignPeftType, jsonExcerpt, parsePeftConfig, type PeftConfig } from './peft-config.js';
 import { boundProblems, error, warning, type ModuleReport, type Problem, type ValidationReport } from './report.js';
 import { resolveModules, type ResolvedModule } from './resolve.js';
@@ -33,6 +34,8 @@ export interface AdapterInput {
   maxAbs?: ReadonlyMap<string, number>;
   /** names of the other files that came with the adapter */
   otherFiles?: string[];
+  /** the upload's own tokenizer.json, when it has one (an adapter that adds tokens needs it) */
+  tokenizer?: AdapterTokenizerFacts | null;
   /** r×r Gram matrices per tensor key (effect.ts), when the values were decoded elsewhere; else taken from `values` */
   grams?: ReadonlyMap<string, TensorGram>;
 }
@@ -66,6 +69,8 @@ export interface ValidationLimits {
   strictBaseModel: boolean;
   /** accept an adapter whose every module's delta is zero (no_effect becomes a warning) */
   allowNoEffect?: boolean;
+  /** ADAPTER_MEMORY_BUDGET_MB in bytes: the most one adapter's served weights may take; absent = no limit */
+  maxAdapterBytes?: number;
 }
 
 const fmt = (shape: readonly number[]) => `[${shape.join(', ')}]`;
@@ -78,15 +83,15 @@ const MERGE = 'merge it into the base model with PEFT merge_and_unload() and ser
 
 const FEATURE_HINTS: Record<Feature, string> = {
   peft_type: `Only plain LoRA adapters (peft_type "LORA") are served: ${MERGE}, or retrain with LoraConfig.`,
-  modules_to_save: `modules_to_save ships fully trained copies of base modules (e.g. lm_head, embed_tokens) that replace the base weights: ${MERGE}, or retrain without modules_to_save.`,
+  modules_to_save: `modules_to_save is served for embed_tokens and lm_head only; other modules (e.g. a classification head) are not part of a causal LM's generation: ${MERGE}, or retrain without them in modules_to_save.`,
   bias: `Trained biases change the base model's own bias terms: ${MERGE}, or retrain with bias="none".`,
   target_parameters: `LoRA on raw nn.Parameters (target_parameters, e.g. MoE experts) is not a Linear projection: ${MERGE}, or retrain with target_modules only.`,
-  embedding: `LoRA on the token embedding is not served (only the attention and MLP projections are): ${MERGE}, or retrain without embed_tokens in target_modules.`,
+  embedding: `LoRA is served on this model's embed_tokens and its attention and MLP projections only: ${MERGE}, or retrain without this module in target_modules.`,
   lm_head: `LoRA on lm_head is not served (only the attention and MLP projections are): ${MERGE}, or retrain without lm_head in target_modules.`,
   non_linear: 'PEFT itself cannot put LoRA on these modules (they are not Linear layers); name the projections instead, e.g. ["q_proj", "v_proj"].',
   fan_in_fan_out: 'fan_in_fan_out=true is meant for Conv1D models such as GPT-2; Llama-family projections are nn.Linear (PEFT itself would force it to false). Check that lora_A is [r, in_features] and lora_B is [out_features, r], then re-save the config with fan_in_fan_out=false.',
   layer_replication: `layer_replication builds extra decoder layers the served model does not have: ${MERGE}.`,
-  trainable_tokens: `trainable_token_indices changes rows of the embedding matrix: ${MERGE}, or retrain without trainable_token_indices.`,
+  trainable_tokens: `trainable tokens are served for embed_tokens (and lm_head) only: ${MERGE}, or retrain with trainable_token_indices on embed_tokens.`,
   alora: 'Activated LoRA (alora_invocation_tokens) only applies after its invocation tokens, which the engine does not track; retrain as plain LoRA.',
   qalora: `QA-LoRA pools its input for a quantised base: ${MERGE}, or retrain with use_qalora=False.`,
 };
@@ -110,13 +115,13 @@ function configFeatures(c: PeftConfig, bag: FeatureBag): void {
     const { message, hint } = foreignPeftType(c.peftType);
     bag.add('peft_type', { ...cfg('peft_type', c.peftType.slice(0, 40), message), hint });
   }
-  if (c.modulesToSave && c.modulesToSave.length > 0) bag.add('modules_to_save', cfg('modules_to_save', c.modulesToSave, `modules_to_save is ${JSON.stringify(c.modulesToSave)}: the adapter replaces whole base modules.`));
+  const unserved = unservedModulesToSave(c.modulesToSave ?? []);
+  if (unserved.length > 0) bag.add('modules_to_save', cfg('modules_to_save', unserved, `modules_to_save lists ${JSON.stringify(unserved)}: the adapter replaces whole base modules other than embed_tokens and lm_head.`));
   if (c.bias !== 'none') bag.add('bias', cfg('bias', c.bias, `bias is "${c.bias}": the adapter trained bias terms of the base model.`));
   if (c.targetParameters && c.targetParameters.length > 0) bag.add('target_parameters', cfg('target_parameters', c.targetParameters, `target_parameters is ${JSON.stringify(c.targetParameters)}: LoRA on raw parameters.`));
   if (c.fanInFanOut) bag.add('fan_in_fan_out', cfg('fan_in_fan_out', true, 'fan_in_fan_out is true, which describes Conv1D (transposed) weights, not the nn.Linear projections of this model.'));
   const r = c.raw;
   if (Array.isArray(r.layer_replication) && r.layer_replication.length > 0) bag.add('layer_replication', cfg('layer_replication', r.layer_replication, 'layer_replication is set: the adapter was trained on a model with duplicated layers.'));
-  if (r.trainable_token_indices !== null && r.trainable_token_indices !== undefined) bag.add('trainable_tokens', cfg('trainable_token_indices', r.trainable_token_indices, 'trainable_token_indices is set: the adapter retrains embedding rows.'));
   if (r.alora_invocation_tokens !== null && r.alora_invocation_tokens !== undefined) bag.add('alora', cfg('alora_invocation_tokens', r.alora_invocation_tokens, 'alora_invocation_tokens is set: this is an activated LoRA.'));
   if (r.use_qalora === true) bag.add('qalora', cfg('use_qalora', true, 'use_qalora is true: QA-LoRA, trained against a quantised base.'));
 }
@@ -252,6 +257,9 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
   const targeted = resolved.filter((m) => m.targeted);
   summary.targetedModules = targeted.length;
 
+  const parts = embeddingPartsOf(config, header?.tensors ?? [], model, otherTargeted, limits, file, bag.has('peft_type'), input.tokenizer ?? null);
+  problems.push(...parts.problems);
+  otherTargeted = otherTargeted.filter((n) => n !== 'model.embed_tokens');
   const otherFeature = (n: string): Feature => (n === 'lm_head' ? 'lm_head' : n === 'model.embed_tokens' ? 'embedding' : 'non_linear');
   for (const feature of new Set(otherTargeted.map(otherFeature))) {
     const names = otherTargeted.filter((n) => otherFeature(n) === feature);
@@ -314,6 +322,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     if (!isFloatDtype(t.dtype)) {
       tensorProblems.push(error({ code: 'bad_dtype', file, tensor: t.name, expected: ['F32', 'F16', 'BF16'], actual: t.dtype, message: `${t.name} is ${t.dtype}; adapter weights must be F32, F16 or BF16.`, hint: 'Save the adapter from an unquantised model in float32, float16 or bfloat16.' }));
     }
+    if (parts.claimed.has(t.name)) continue;
     const pk = parseTensorKey(t.name);
     const where = { file, tensor: t.name, module: pk.module ?? undefined };
     switch (pk.kind) {
@@ -388,7 +397,7 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
       tensorProblems.push(error({ code: 'unexpected_tensor', file, tensor: u.key, module: u.module!, message: `${u.normalized} is for ${u.module}, which this model does not have (it has ${model.architecture.numLayers} layers with q/k/v/o_proj and gate/up/down_proj).`, hint: 'The adapter was probably trained on a model with more layers or other module names.' }));
     }
   }
-  if (header && loraTensors === 0 && input.headerProblems.length === 0 && !foreign) {
+  if (header && loraTensors === 0 && parts.claimed.size === 0 && input.headerProblems.length === 0 && !foreign) {
     tensorProblems.push(error({ code: 'no_modules_matched', file, message: `${file} holds no LoRA tensors (lora_A / lora_B), so the adapter would change nothing.` }));
   }
 
@@ -531,9 +540,35 @@ export function validateAdapter(input: AdapterInput, model: ModelFacts, limits: 
     tensorProblems.push(...effect.problems);
   }
 
+  const memoryBytes = modules.reduce((n, m) => n + 4 * m.rank * (projectionIn(model, m.module) + projectionOut(model, m.module)), 0) + parts.bytes;
+  const budget = memoryBudgetProblem(memoryBytes, parts.bytes, limits);
+  if (budget) tensorProblems.push(budget);
+
   problems.push(...bag.problems(), ...tensorProblems);
   // a hostile file can hold 100 000 broken entries: the report quotes a bounded number of each kind
   const errors = boundProblems(problems.filter((p) => p.severity === 'error'));
   const warnings = boundProblems(problems.filter((p) => p.severity === 'warning'));
-  return { ok: errors.length === 0, errors, warnings, modules: measuredModules, summary };
+  return { ok: errors.length === 0, errors, warnings, modules: measuredModules, summary, memoryBytes, ...(parts.parts && { embedding: parts.parts }) };
+}
+
+const projectionIn = (model: ModelFacts, name: string) => model.loraTargets.find((t) => t.name === name)?.inFeatures ?? 0;
+const projectionOut = (model: ModelFacts, name: string) => model.loraTargets.find((t) => t.name === name)?.outFeatures ?? 0;
+
+/** embedding-parts.ts for a config PEFT can load as LoRA; nothing for another PEFT method (that is the answer) */
+function embeddingPartsOf(config: PeftConfig | null, tensors: readonly TensorHeader[], model: ModelFacts, otherTargeted: readonly string[], limits: ValidationLimits, file: string, foreign: boolean, tokenizer: AdapterTokenizerFacts | null): EmbeddingPartsResult {
+  if (foreign) return { problems: [], parts: null, claimed: new Set(), otherModulesToSave: [], bytes: 0 };
+  return validateEmbeddingParts(config, tensors, model.architecture, otherTargeted, limits.maxLoraRank, file, tokenizer);
+}
+
+/** ADAPTER_MEMORY_BUDGET_MB: an adapter whose served weights would take more is refused, saying how much */
+function memoryBudgetProblem(bytes: number, partsBytes: number, limits: ValidationLimits): Problem | null {
+  if (limits.maxAdapterBytes === undefined || bytes <= limits.maxAdapterBytes) return null;
+  const mb = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
+  return error({
+    code: 'over_memory_budget',
+    expected: `<= ${limits.maxAdapterBytes} bytes`,
+    actual: bytes,
+    message: `Loaded, the adapter would take ${mb(bytes)} (${partsBytes > 0 ? `${mb(partsBytes)} of it saved embedding/lm_head rows` : 'LoRA matrices'}), over this server's ADAPTER_MEMORY_BUDGET_MB of ${mb(limits.maxAdapterBytes)}.`,
+    hint: 'Raise ADAPTER_MEMORY_BUDGET_MB, or retrain without full copies of embed_tokens / lm_head (trainable_token_indices changes only the rows that were trained).',
+  });
 }

@@ -1,8 +1,10 @@
 import { Tensor } from 'onnxruntime-node';
-import { KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
+import type { EngineEmbedding } from '../adapters/convert.js';
+import { hasRowEmbeddings, KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
 import type { KvShape, ResidentKv } from './kv.js';
 import { LoraVectorFeeds, type LoraVectors } from './lora-vectors.js';
+import { embedFeedsFor, neutralEmbedFeeds, type EmbedFeeds } from './embed-rows.js';
 
 /**
  * Feeds for one run of the resident-KV graph (graph/kv.ts): token ids, positions, each row's KV
@@ -22,6 +24,8 @@ export interface LoraModule extends LoraVectors {
 export interface ResidentAdapter {
   readonly versionId: string;
   readonly modules: readonly (LoraModule | null)[];
+  /** embedding LoRA, trainable tokens, saved embed_tokens / lm_head (embed-rows.ts, head.ts) */
+  readonly embedding?: EngineEmbedding | null;
 }
 
 export function kvShapeOf(manifest: Manifest): KvShape {
@@ -75,6 +79,11 @@ export class FeedBuilder {
   /** graphs built without LoRA inputs (manifest.lora false) get no LoRA feeds at all */
   private readonly targets: Manifest['loraTargets'];
   private readonly vectors: LoraVectorFeeds;
+  /** the graph's per-row embedding inputs at their neutral values; null when it has none */
+  private readonly neutralEmbed: EmbedFeeds | null;
+  private readonly hidden: number;
+  /** the base's vocabulary: ids at or above it (an adapter's added tokens) are gathered as 0, their rows come from embed_rows */
+  private readonly vocab: number;
 
   /** @param maxBatch rows the mixed-step buffers are sized for (they grow if a step has more) */
   constructor(
@@ -84,6 +93,9 @@ export class FeedBuilder {
     this.targets = manifest.lora ? manifest.loraTargets : [];
     this.dtype = manifest.dtype;
     this.type = tensorType(manifest.dtype);
+    this.hidden = manifest.architecture.hiddenSize;
+    this.vocab = manifest.architecture.vocabSize;
+    this.neutralEmbed = hasRowEmbeddings(manifest) ? neutralEmbedFeeds(manifest.dtype, this.hidden) : null;
     this.baseLora = {};
     for (const t of this.targets) {
       this.baseLora[t.inputA] = this.tensor(allocModel(this.dtype, 0), [1, t.inFeatures, 0]);
@@ -189,13 +201,22 @@ export class FeedBuilder {
     this.held = [];
   }
 
+  /** The step's per-row embedding inputs (embed-rows.ts); nothing for a graph without them. */
+  private embedRows(tokens: readonly (readonly number[])[], adapters: readonly (ResidentAdapter | null)[]): Partial<EmbedFeeds> {
+    if (!this.neutralEmbed) {
+      if (adapters.some((a) => a?.embedding)) throw new Error('this model graph has no per-row embedding inputs (rebuild it with LoRA inputs and the resident KV contract)');
+      return {};
+    }
+    return embedFeedsFor(tokens, adapters, this.dtype, this.hidden) ?? this.neutralEmbed;
+  }
+
   /** A prefill chunk of the row in `slot`: tokens at positions [start, start + n) after its `start` cached ones. */
   prefill(tokens: readonly number[], slot: number, start: number, kv: ResidentKv, adapter: ResidentAdapter | null): Feeds {
     const n = tokens.length;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
     for (let i = 0; i < n; i++) {
-      ids[i] = BigInt(tokens[i]);
+      ids[i] = BigInt(tokens[i]! < this.vocab ? tokens[i]! : 0);
       pos[i] = BigInt(start + i);
     }
     return {
@@ -204,6 +225,7 @@ export class FeedBuilder {
       [KV_ROWS]: new Tensor('int64', BigInt64Array.of(BigInt(slot)), [1]),
       [KV_LENS]: new Tensor('int64', BigInt64Array.of(BigInt(start)), [1]),
       ...this.loraForOne(adapter),
+      ...this.embedRows([tokens], [adapter]),
       ...kv.feeds(start),
     };
   }
@@ -220,7 +242,7 @@ export class FeedBuilder {
     const kvLens = new BigInt64Array(n);
     let past = 0;
     for (let b = 0; b < n; b++) {
-      ids[b] = BigInt(tokens[b]);
+      ids[b] = BigInt(tokens[b]! < this.vocab ? tokens[b]! : 0);
       pos[b] = BigInt(lens[b]);
       rows[b] = BigInt(slots[b]);
       kvLens[b] = BigInt(lens[b]);
@@ -232,6 +254,10 @@ export class FeedBuilder {
       [KV_ROWS]: new Tensor('int64', rows, [n]),
       [KV_LENS]: new Tensor('int64', kvLens, [n]),
       ...this.loraForRows(adapters),
+      ...this.embedRows(
+        tokens.map((t) => [t]),
+        adapters,
+      ),
       ...kv.feeds(past),
     };
   }

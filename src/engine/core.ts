@@ -1,5 +1,7 @@
-import type { InferenceSession, Tensor } from 'onnxruntime-node';
-import { kvContractOf, type Manifest } from '../model/manifest.js';
+import type { InferenceSession } from 'onnxruntime-node';
+import { vocabOf, type EngineEmbedding } from '../adapters/convert.js';
+import { hasRowEmbeddings, kvContractOf, type Manifest } from '../model/manifest.js';
+import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
 import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
 import { ResidentKv, type KvPrefix } from './kv.js';
@@ -110,17 +112,18 @@ export class EngineCore {
   submit(id: number, req: WorkerRequest): void {
     const reject = (kind: 'queue_full' | 'context_length' | 'unknown_adapter' | 'bad_request', message: string) =>
       this.sink({ type: 'rejected', id, kind, message });
-    const vocab = this.manifest.architecture.vocabSize;
     if (req.promptIds.length === 0) return reject('bad_request', 'the prompt has no tokens');
-    const bad = req.promptIds.find((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
-    if (bad !== undefined) return reject('bad_request', `token id ${bad} is outside the vocabulary [0, ${vocab})`);
-    if (req.promptIds.length + 1 > this.limits.contextLength) {
-      return reject('context_length', `the prompt has ${req.promptIds.length} tokens; the context holds ${this.limits.contextLength}, including at least one generated token`);
-    }
     let adapter: AdapterEntry | null = null;
     if (req.adapterVersion !== null) {
       adapter = this.adapters.get(req.adapterVersion) ?? null;
       if (!adapter) return reject('unknown_adapter', `adapter version ${req.adapterVersion} is not loaded`);
+    }
+    // an adapter that adds tokens has a vocabulary of its own (embed-rows.ts feeds their rows)
+    const vocab = vocabOf(adapter?.embedding, this.manifest);
+    const bad = req.promptIds.find((t) => !Number.isInteger(t) || t < 0 || t >= vocab);
+    if (bad !== undefined) return reject('bad_request', `token id ${bad} is outside the vocabulary [0, ${vocab})`);
+    if (req.promptIds.length + 1 > this.limits.contextLength) {
+      return reject('context_length', `the prompt has ${req.promptIds.length} tokens; the context holds ${this.limits.contextLength}, including at least one generated token`);
     }
     if (this.sched.full) return reject('queue_full', `${this.sched.running} requests running and ${this.sched.waiting.length} waiting`);
     const row: Row = {
@@ -205,8 +208,9 @@ export class EngineCore {
 
   // ── adapters ────────────────────────────────────────────────────────────────────────────────
 
-  loadAdapter(versionId: string, wire: readonly LoraModuleWire[]): void {
+  loadAdapter(versionId: string, wire: readonly LoraModuleWire[], embedding?: EngineEmbedding): void {
     if (!this.manifest.lora) throw new Error('this model graph was built without LoRA inputs');
+    if (embedding) checkEmbedding(versionId, embedding, this.manifest);
     if (this.adapters.has(versionId) || [...this.resident].some((a) => a.versionId === versionId)) {
       throw new Error(`adapter version ${versionId} is already loaded`);
     }
@@ -236,7 +240,7 @@ export class EngineCore {
         ...(m.bias && { bias: toModelArray(dtype, m.bias) }),
       };
     }
-    const entry: AdapterEntry = { versionId, modules, refs: 0, unloaded: false };
+    const entry: AdapterEntry = { versionId, modules, embedding: embedding ?? null, refs: 0, unloaded: false };
     this.adapters.set(versionId, entry);
     this.resident.add(entry);
     this.dirty = true;
@@ -294,14 +298,13 @@ export class EngineCore {
     if (given) this.unfollow(row);
     if (row.slot < 0) row.slot = this.kv.acquire();
     this.kv.reserve(end);
-    const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter));
+    const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter), [row.adapter]);
     this.prefillTokens += end - start;
     this.kv.write(out, [row.slot], [start], end - start);
     row.prefilled = end;
     row.kvLen = end;
     this.dirty = true;
-    const { data: logits, vocab } = logitsOf(out);
-    const last = logits.subarray(logits.length - vocab);
+    const [last] = (await rowsLogits(out, [row.adapter], this.manifest)) as [Float32Array];
     const leads = this.shared.get(row.id);
     if (leads && end === row.promptLength) {
       // followers take these; the logits are copied because the output buffer is not ours to keep
@@ -341,24 +344,23 @@ export class EngineCore {
       this.kv,
       rows.map((r) => r.adapter),
     );
-    const out = await this.run(feeds);
+    const out = await this.run(feeds, rows.map((r) => r.adapter));
     this.kv.write(out, slots, lens, 1);
     this.lastBatchSize = rows.length;
-    const { data: logits, vocab } = logitsOf(out);
-    const perRow = logits.length / rows.length;
+    // the logits first (an adapter's own head may run a session), then every row's step at once
+    const logits = await rowsLogits(out, rows.map((r) => r.adapter), this.manifest);
     rows.forEach((row, b) => {
       row.kvLen++;
       if (row.cancelled) return this.finish(row, 'cancelled');
-      // [rows, 1 | seq, vocab]: the last position of each row
-      const end = (b + 1) * perRow;
-      this.emit(row, this.pick(logits.subarray(end - vocab, end), row));
+      this.emit(row, this.pick(logits[b]!, row));
     });
     this.dirty = true;
   }
 
   /** One run of the session, with what crosses the JS↔runtime boundary counted. */
-  private async run(feeds: Feeds): Promise<InferenceSession.ReturnType> {
-    const out = await this.session.run(feeds);
+  private async run(feeds: Feeds, adapters: readonly (ResidentAdapter | null)[]): Promise<InferenceSession.ReturnType> {
+    // the hidden state crosses back only for a step with a row whose adapter has its own lm_head
+    const out = hasRowEmbeddings(this.manifest) ? await this.session.run(feeds, fetchesOf(this.manifest, adapters.some((a) => hasOwnHead(a?.embedding)))) : await this.session.run(feeds);
     countTransfer(this.transferred, feeds, out, this.provider);
     return out;
   }
@@ -455,17 +457,20 @@ function rowsOf<R>(plan: StepPlan<R>): readonly R[] {
   return plan.kind === 'prefill' ? [plan.row] : plan.rows;
 }
 
-function output(out: InferenceSession.ReturnType, name: string): Tensor {
-  const t = out[name];
-  if (!t) throw new Error(`the graph returned no output ${name}`);
-  return t;
-}
-
-/** logits [batch, 1 | seq, vocab], float32 whatever the model dtype */
-function logitsOf(out: InferenceSession.ReturnType): { data: Float32Array; vocab: number } {
-  const t = output(out, 'logits');
-  if (!(t.data instanceof Float32Array)) throw new Error('output logits is not float32');
-  return { data: t.data, vocab: t.dims[t.dims.length - 1] };
+/** The sizes the worker relies on when it reads an adapter's embedding parts per token. */
+function checkEmbedding(versionId: string, e: EngineEmbedding, m: Manifest): void {
+  if (!hasRowEmbeddings(m)) throw new Error(`adapter version ${versionId} changes the embedding or lm_head; this model graph has no per-row embedding inputs (rebuild it)`);
+  const V = m.architecture.vocabSize;
+  const H = m.architecture.hiddenSize;
+  const bad = (what: string) => new Error(`adapter version ${versionId}: ${what}`);
+  if (e.lora && (e.lora.A.length !== V * e.lora.rank || e.lora.B.length !== e.lora.rank * H)) throw bad(`embedding LoRA of rank ${e.lora.rank} needs A [${V}, r] and B [r, ${H}]`);
+  for (const [what, t] of [['trainable tokens', e.tokens], ['lm_head tokens', e.headTokens]] as const) {
+    if (t && (t.values.length !== t.indices.length * H || t.indices.some((i) => i < 0 || i >= V))) throw bad(`${what} need ids below ${V} and [k, ${H}] values`);
+  }
+  // copies of an adapter that adds tokens have more rows than V, the same number in both
+  const rows = vocabOf(e, m);
+  for (const [what, t] of [['embed_tokens', e.table], ['lm_head', e.headTable]] as const) if (t && t.length !== rows * H) throw bad(`a saved ${what} must be [${rows} ≥ ${V}, ${H}]`);
+  if (rows > V && (!e.table || !e.headTable)) throw bad(`an adapter with ${rows} tokens needs both a saved embed_tokens and lm_head`);
 }
 
 function sameIds(a: readonly number[], b: readonly number[]): boolean {

@@ -1,6 +1,6 @@
 import { Worker } from 'node:worker_threads';
-import type { AdapterWeights } from '../adapters/convert.js';
 import { doraFactorsOffThread, type BaseWeightSource } from '../adapters/dora-factors.js';
+import { vocabOf, type AdapterWeights } from '../adapters/convert.js';
 import type { Config } from '../config.js';
 import { kvContractOf, type Manifest } from '../model/manifest.js';
 import type {
@@ -248,7 +248,8 @@ export class Engine {
   private meanRequestSeconds = 1;
   private readonly calls = new Map<number, Pending>();
   /** versions loaded (or being loaded) in the worker and not unloaded */
-  private readonly loaded = new Set<string>();
+  /** loaded version → the ids its rows may hold (larger than the base's when it adds tokens) */
+  private readonly loaded = new Map<string, number>();
   private nextId = 1;
   private snapshot: EngineStats;
   private closing: Promise<void> | null = null;
@@ -384,7 +385,9 @@ export class Engine {
   }
 
   private check(req: GenerateRequest): WorkerRequest {
-    const vocab = this.manifest.architecture.vocabSize;
+    const adapterVersion = req.adapterVersion ?? null;
+    if (adapterVersion !== null && !this.loaded.has(adapterVersion)) throw new UnknownAdapterError(adapterVersion);
+    const vocab = adapterVersion === null ? this.manifest.architecture.vocabSize : this.loaded.get(adapterVersion)!;
     const ids = req.promptIds;
     if (!Array.isArray(ids) || ids.length === 0) throw new InvalidRequestError('the prompt has no tokens');
     for (const t of ids) {
@@ -407,8 +410,6 @@ export class Engine {
     if (!Number.isSafeInteger(seed)) throw new InvalidRequestError(`seed must be an integer, got ${seed}`);
     const vocabLimit = req.vocabLimit ?? vocab;
     if (!Number.isInteger(vocabLimit) || vocabLimit < 1) throw new InvalidRequestError(`vocabLimit must be a positive integer, got ${vocabLimit}`);
-    const adapterVersion = req.adapterVersion ?? null;
-    if (adapterVersion !== null && !this.loaded.has(adapterVersion)) throw new UnknownAdapterError(adapterVersion);
     const sampling: SamplingParams = { temperature, topK, topP, topLogprobs };
     return {
       promptIds: [...ids],
@@ -461,9 +462,12 @@ export class Engine {
       modules.push({ name, rank: m.rank, A: m.A, B: m.B, ...(factor && { factor }), ...(m.bias && { bias: m.bias }) });
       for (const a of [m.A, m.B, factor, m.bias]) if (a?.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
     }
-    this.loaded.add(versionId);
+    const e = weights.embedding;
+    for (const a of e ? [e.lora?.A, e.lora?.B, e.tokens?.values, e.table, e.headTable, e.headTokens?.values] : []) if (a && a.buffer instanceof ArrayBuffer) buffers.add(a.buffer);
+    // before the arrays are transferred to the worker (which empties them here)
+    this.loaded.set(versionId, vocabOf(e, this.manifest));
     try {
-      await this.call((callId) => ({ type: 'loadAdapter', callId, versionId, modules }), [...buffers]);
+      await this.call((callId) => ({ type: 'loadAdapter', callId, versionId, modules, ...(e && { embedding: e }) }), [...buffers]);
     } catch (e) {
       this.loaded.delete(versionId);
       throw e;

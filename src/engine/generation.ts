@@ -50,6 +50,8 @@ export class TextGeneration implements AsyncIterable<TextDelta> {
   constructor(
     private readonly deltas: AsyncGenerator<TextDelta, void>,
     result: Promise<TextResult>,
+    /** what its ids are decoded with (an adapter that adds tokens has its own) */
+    readonly tokenizer: Tokenizer,
   ) {
     this.result = result;
     this.result.catch(() => undefined);
@@ -159,5 +161,5 @@ function textOf(tokenizer: Tokenizer, promptIds: readonly number[], stop: readon
     }
   }
 
-  return new TextGeneration(deltas(), result);
+  return new TextGeneration(deltas(), result, tokenizer);
 }

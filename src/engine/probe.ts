@@ -1,7 +1,8 @@
 import type { InferenceSession } from 'onnxruntime-node';
-import type { Manifest } from '../model/manifest.js';
+import { hasRowEmbeddings, type Manifest } from '../model/manifest.js';
 import { FeedBuilder, kvShapeOf, type ResidentAdapter } from './batch.js';
 import { ResidentKv } from './kv.js';
+import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
 
 /**
  * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
@@ -56,7 +57,9 @@ export function compareDistributions(adapterLogits: Float32Array, baseLogits: Fl
   const lb = logSoftmax(baseLogits);
   let kl = 0;
   let maxDelta = 0;
-  for (let i = 0; i < la.length; i++) {
+  // an adapter that adds tokens has more logits: compared over the base's ids, where both are defined
+  const n = Math.min(la.length, lb.length);
+  for (let i = 0; i < n; i++) {
     const d = la[i]! - lb[i]!;
     kl += Math.exp(la[i]!) * d;
     const ad = Math.abs(d);
@@ -81,7 +84,7 @@ export class ProbeRun {
 
   constructor(
     private readonly session: RunSession,
-    manifest: Manifest,
+    private readonly manifest: Manifest,
     adapter: ResidentAdapter,
     private readonly ids: readonly number[],
   ) {
@@ -101,14 +104,11 @@ export class ProbeRun {
     const { t } = this;
     const id = this.ids[t]!;
     this.kv.reserve(t + 1);
-    const out = await this.session.run(this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows));
-    const logits = out.logits;
-    if (!logits || !(logits.data instanceof Float32Array)) throw new Error('the graph returned no float32 logits');
-    const vocab = logits.dims[logits.dims.length - 1]!;
-    const data = logits.data;
-    // [2, 1, vocab]: row 0 is the base, row 1 the adapter
-    const rowLength = data.length / 2;
-    const c = compareDistributions(data.subarray(2 * rowLength - vocab, 2 * rowLength), data.subarray(rowLength - vocab, rowLength));
+    const feeds = this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows);
+    const out = hasRowEmbeddings(this.manifest) ? await this.session.run(feeds, fetchesOf(this.manifest, hasOwnHead(this.rows[1]?.embedding))) : await this.session.run(feeds);
+    // row 0 is the base, row 1 the adapter (its own lm_head applied, head.ts)
+    const [base, tuned] = (await rowsLogits(out, this.rows, this.manifest)) as [Float32Array, Float32Array];
+    const c = compareDistributions(tuned, base);
     this.klSum += c.kl;
     if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
     this.kv.write(out, [0, 1], [t, t], 1);

@@ -1,3 +1,4 @@
+import type { EngineEmbedding } from '../adapters/convert.js';
 /**
  * Messages between the main thread (`Engine`) and the inference worker. Only structured-clonable
  * data crosses; adapter weights travel as transferred buffers, so the main thread keeps no copy.
@@ -96,7 +97,7 @@ export type ToWorker =
   | { type: 'cancel'; id: number }
   /** draining: refuse every request still waiting for a batch slot (kind 'draining') */
   | { type: 'shedWaiting' }
-  | { type: 'loadAdapter'; callId: number; versionId: string; modules: LoraModuleWire[] }
+  | { type: 'loadAdapter'; callId: number; versionId: string; modules: LoraModuleWire[]; embedding?: EngineEmbedding }
   | { type: 'unloadAdapter'; callId: number; versionId: string }
   /** the adapter's effect on the probe prompt (probe.ts); answered by a reply carrying `probe` */
   | { type: 'probe'; callId: number; versionId: string; ids: number[] }

@@ -74,7 +74,7 @@ async function main(): Promise<void> {
       case 'unloadAdapter': {
         let error: string | null = null;
         try {
-          if (msg.type === 'loadAdapter') core.loadAdapter(msg.versionId, msg.modules);
+          if (msg.type === 'loadAdapter') core.loadAdapter(msg.versionId, msg.modules, msg.embedding);
           else core.unloadAdapter(msg.versionId);
         } catch (e) {
           error = errorMessage(e);

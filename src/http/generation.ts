@@ -4,6 +4,7 @@ import { generateTextChoices, type TextDelta, type TextGeneration, type TextRequ
 import { ContextLengthError, DrainingError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type TokenEvent } from '../engine/engine.js';
 import { HttpProblem, badRequest, notFound, problemBody } from './problem.js';
 import { DRAIN_RETRY_AFTER_S } from '../lifecycle.js';
+import type { Tokenizer } from '../tokenizer/types.js';
 
 /** What the three generation routes (native, OpenAI completions, OpenAI chat) have in common. */
 export interface GenerationCall {
@@ -62,17 +63,22 @@ export async function startChoices(runtime: Runtime, call: GenerationCall, n: nu
       const context = runtime.engine.contextLength;
       const atLeast = runtime.prompts.minTokens(text, opts);
       if (atLeast + 1 > context) throw engineProblem(new ContextLengthError(atLeast, context, true))!;
-      promptIds = await runtime.prompts.encode(text, opts);
+      // an adapter that adds tokens has its own tokenizer (encoded inline: it has no worker of its own)
+      const encode = (tok: Tokenizer | null) => (tok ? Promise.resolve(tok.encode(text, opts)) : runtime.prompts.encode(text, opts));
+      const used = lease?.tokenizer ?? null;
+      promptIds = await encode(used);
       refuseIfDraining();
       if (lease && call.adapter !== null) {
         // the name may have been replaced while the prompt was encoded: hold its current version, submitted in this same turn
         const fresh = await runtime.registry.acquire(call.adapter);
         lease.release();
         lease = fresh;
+        if (fresh.tokenizer !== used) promptIds = await encode(fresh.tokenizer);
       }
     }
     const held = lease;
-    const gens = generateTextChoices({ engine: runtime.engine, tokenizer: runtime.tokenizer }, { ...call.text, promptIds, adapterVersion: held?.versionId ?? null }, n, signal);
+    const tokenizer = held?.tokenizer ?? runtime.tokenizer;
+    const gens = generateTextChoices({ engine: runtime.engine, tokenizer }, { ...call.text, promptIds, adapterVersion: held?.versionId ?? null }, n, signal);
     if (held) void Promise.allSettled(gens.map((g) => g.result)).then(held.release);
     return gens;
   } catch (e) {

@@ -46,6 +46,8 @@ export interface AdapterStateLike {
   state: string;
   /** held in this replica's memory (absent: a ready adapter counts as loaded) */
   loaded?: boolean;
+  /** bytes its served weights take when loaded (LoRA matrices and saved embedding/lm_head rows) */
+  memoryBytes?: number | null;
 }
 
 /** The adapter store's counters (AdapterRegistry.stats()). */
@@ -196,6 +198,17 @@ export class Metrics {
         this.reset();
         const snap = self.read();
         for (const a of snap?.adapters ?? []) if (isLoaded(a)) this.set({ adapter: a.name }, 1);
+      },
+    });
+    new Gauge({
+      name: 'loraserve_adapter_memory_bytes',
+      help: 'bytes each loaded adapter holds in memory (LoRA matrices plus saved embed_tokens / lm_head copies and token rows), by name',
+      labelNames: ['adapter'],
+      registers,
+      collect() {
+        this.reset();
+        const snap = self.read();
+        for (const a of snap?.adapters ?? []) if (isLoaded(a) && typeof a.memoryBytes === 'number') this.set({ adapter: a.name }, a.memoryBytes);
       },
     });
     const loadSeconds = new Histogram({
@@ -421,7 +434,7 @@ export function runtimeSource(app: FastifyInstance): () => MetricsSource | null 
     const { engine, registry, config } = app.runtime;
     return {
       stats: () => engine.stats(),
-      adapters: () => registry.list().map((a) => ({ name: a.name, state: a.state, loaded: a.loaded })),
+      adapters: () => registry.list().map((a) => ({ name: a.name, state: a.state, loaded: a.loaded, memoryBytes: a.memoryBytes })),
       adapterName: adapterNameOfVersion,
       maxLora: Math.min(config.MAX_BATCH, config.MAX_LOADED_ADAPTERS || config.MAX_ADAPTERS || config.MAX_BATCH),
       storeStats: () => registry.stats(),

@@ -71,6 +71,17 @@ export const kvCacheKeyName = (layer: number) => `${KV_CACHE_PREFIX}${layer}.key
 export const kvCacheValueName = (layer: number) => `${KV_CACHE_PREFIX}${layer}.value`;
 export const kvNewKeyName = (layer: number) => `kv_new.${layer}.key`;
 export const kvNewValueName = (layer: number) => `kv_new.${layer}.value`;
+/**
+ * Per-row embedding inputs and the final hidden state (graphs with LoRA inputs and the resident
+ * KV contract, i.e. the engine's): the step's embedding is gather(embed, ids) · embed_keep +
+ * embed_rows ([batch, seq, 1] and [batch, seq, hidden], broadcast from [1, 1, …]; keep 1 and rows 0
+ * leave it exact), before Gemma's √hidden; `hidden_states` float32 [batch, seq | 1, hidden] is the
+ * normed input of lm_head, for rows whose adapter has its own head.
+ */
+export const EMBED_ROWS = 'embed_rows';
+export const EMBED_KEEP = 'embed_keep';
+export const HIDDEN_OUTPUT = 'hidden_states';
+export const hasRowEmbeddings = (m: { lora: boolean; kv?: KvContract }): boolean => m.lora && m.kv === 'resident';
 export const KV_ROWS = 'kv_rows';
 export const KV_LENS = 'kv_lens';
 export type KvContract = 'concat' | 'resident';

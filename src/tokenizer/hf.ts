@@ -46,6 +46,8 @@ export class HfTokenizer implements Tokenizer {
   readonly bosId: number | null;
   readonly eosIds: number[];
   readonly vocabSize: number;
+  /** distinct ids in the vocabulary (added tokens included): vocabSize when it has no holes */
+  readonly idCount: number;
   readonly chatTemplate: string | null;
   readonly specialTokens: Record<string, string>;
   private readonly lib: HfLibTokenizer;
@@ -61,8 +63,13 @@ export class HfTokenizer implements Tokenizer {
     }
     this.addBosToken = typeof config.add_bos_token === 'boolean' ? config.add_bos_token : null;
     let maxId = -1;
-    for (const id of this.lib.get_vocab(true).values()) maxId = Math.max(maxId, id);
+    const ids = new Set<number>();
+    for (const id of this.lib.get_vocab(true).values()) {
+      maxId = Math.max(maxId, id);
+      ids.add(id);
+    }
     this.vocabSize = maxId + 1;
+    this.idCount = ids.size;
     this.chatTemplate = chatTemplateOf(config);
 
     const special: Record<string, string> = {};
@@ -93,6 +100,11 @@ export class HfTokenizer implements Tokenizer {
     const ids = this.lib.encode(text, { add_special_tokens: addBos && this.addBosToken !== false }).ids;
     if (addBos && this.addBosToken === true && this.bosId !== null && ids[0] !== this.bosId) ids.unshift(this.bosId);
     return ids;
+  }
+
+  /** the token string of an id, undefined when the vocabulary has none */
+  tokenOf(id: number): string | undefined {
+    return this.lib.id_to_token(id) ?? undefined;
   }
 
   decode(ids: readonly number[]): string {

@@ -128,7 +128,35 @@ function ropeRotateHalf(a: Architecture, v: Float64Array, heads: number, pos: nu
   }
 }
 
+/**
+ * What a PEFT adapter changes outside the projections, in PEFT's own tensor layouts, applied here
+ * the way PEFT's modules compute them (not the way the served graph does):
+ * - `lora` (peft/tuners/lora/layer.py `Embedding.forward`): result = embedding(x) +
+ *   (embedding(x, A.T) @ B.T) · scaling, times the model's embed scale like the base row (Gemma);
+ *   only the embedding's forward is wrapped, so a tied lm_head keeps the base weight.
+ * - `tokens` (trainable_tokens/layer.py `get_merged_weights`): W.index_copy(0, indices, values)
+ *   for the embedding and, when `tiedHead`, for the lm_head that shares its weight.
+ * - `embedWeight` / `lmHeadWeight` (ModulesToSaveWrapper): the module's own trained copy.
+ */
+export interface ReferenceEmbedding {
+  lora?: { A: Float32Array; B: Float32Array; rank: number; scale: number };
+  tokens?: { indices: readonly number[]; values: Float32Array; tiedHead: boolean };
+  /** trainable tokens of an untied lm_head (trainable_token_indices as a dict naming lm_head) */
+  headTokens?: { indices: readonly number[]; values: Float32Array };
+  embedWeight?: Float32Array;
+  lmHeadWeight?: Float32Array;
+}
+
+/** torch's index_copy along dim 0 of a [rows, dim] matrix: a new matrix, the listed rows replaced */
+function indexCopy(w: Float32Array, dim: number, indices: readonly number[], values: Float32Array): Float32Array {
+  const out = Float32Array.from(w);
+  indices.forEach((row, j) => out.set(values.subarray(j * dim, (j + 1) * dim), row * dim));
+  return out;
+}
+
 export interface ReferenceOptions {
+  /** an adapter's embedding LoRA, trainable tokens or saved embed_tokens / lm_head */
+  embedding?: ReferenceEmbedding;
   /** position of each token (default 0, 1, 2, …) */
   positions?: number[];
   /**
@@ -150,7 +178,13 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
   const keyCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
   const valueCache: Float64Array[][] = Array.from({ length: a.numLayers }, () => []);
   const positionCache: number[][] = Array.from({ length: a.numLayers }, () => []);
-  const embed = w.get('model.embed_tokens.weight');
+  const baseEmbed = w.get('model.embed_tokens.weight');
+  const e = options.embedding ?? {};
+  let embed = e.embedWeight ?? baseEmbed;
+  if (e.tokens) embed = indexCopy(embed, dim, e.tokens.indices, e.tokens.values);
+  let head = e.lmHeadWeight ?? (a.tieWordEmbeddings ? baseEmbed : w.get('lm_head.weight'));
+  if (e.tokens?.tiedHead) head = indexCopy(head, dim, e.tokens.indices, e.tokens.values);
+  if (e.headTokens) head = indexCopy(head, dim, e.headTokens.indices, e.headTokens.values);
   // GemmaRMSNorm: x / rms(x) · (1 + weight); every other family: · weight
   const norm = (x: Float64Array, weight: Float32Array) => rmsnorm(x, a.normPlusOne ? weight.map((v) => 1 + v) : weight, a.rmsNormEps);
   // Gemma2/3 attention: scores · query_pre_attn_scalar^-0.5, then tanh soft-capping
@@ -167,6 +201,15 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
     const callMax = t < prefill ? Math.max(...Array.from({ length: Math.min(prefill, tokens.length) }, (_, i) => posOf(i))) : pos;
     const longStep = a.rope?.type === 'longrope' && callMax + 1 > a.rope.originalMaxPositions;
     const x = Float64Array.from(embed.subarray(tokens[t] * dim, (tokens[t] + 1) * dim));
+    if (e.lora) {
+      // after_A = A.T[token] ([r]); delta = after_A @ B.T · scaling ([hidden])
+      const { A, B, rank, scale } = e.lora;
+      for (let i = 0; i < dim; i++) {
+        let d = 0;
+        for (let k = 0; k < rank; k++) d += A[k * a.vocabSize + tokens[t]] * B[i * rank + k];
+        x[i] += d * scale;
+      }
+    }
     // Gemma: the embedding normalizer sqrt(hidden_size), a float32 tensor in a float32 model
     if (a.embedScale) for (let i = 0; i < dim; i++) x[i] *= Math.fround(Math.sqrt(dim));
     for (let l = 0; l < a.numLayers; l++) {
@@ -253,7 +296,6 @@ export function referenceForward(ck: Checkpoint, tokens: readonly number[], opti
       for (let i = 0; i < dim; i++) x[i] += down[i];
     }
     const xf = norm(x, w.get('model.norm.weight'));
-    const head = a.tieWordEmbeddings ? embed : w.get('lm_head.weight');
     out.push(Float32Array.from(linear(head, xf, a.vocabSize), (v) => cap(v, a.finalSoftcap)));
   }
   return out;

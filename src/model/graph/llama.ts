@@ -2,7 +2,7 @@ import type { Architecture, Projection } from '../architecture.js';
 import { projectionBlock, projectionDims, projectionHasBias } from '../architecture.js';
 import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
-import { loraBiasInput, loraMagnitudeInput, loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
+import { EMBED_KEEP, EMBED_ROWS, HIDDEN_OUTPUT, hasRowEmbeddings, loraBiasInput, loraMagnitudeInput, loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
 import { concatKv, residentKv, type KvLayout } from './kv.js';
 import { frobeniusNorm } from '../../adapters/effect.js';
 import { ropeFrequencies } from './rope.js';
@@ -12,7 +12,7 @@ import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
 import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '10';
+export const BUILDER_VERSION = '11';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -296,6 +296,14 @@ export async function buildLlamaGraph(
 
   // ---- layers
   let h = g.op('Gather', [embed, inputIds], { axis: int(0) });
+  const rowEmbeddings = hasRowEmbeddings({ lora: opts.lora, kv: opts.kv });
+  if (rowEmbeddings) {
+    // each row's own embedding values (embedding LoRA, trainable tokens, a saved embed_tokens), fed per
+    // step for its few tokens; before the Gemma normalizer, which scales the embedding module's output
+    const keep = g.input(EMBED_KEEP, T, ['embed_batch', 'embed_seq', 1]);
+    const rows = g.input(EMBED_ROWS, T, ['embed_batch', 'embed_seq', a.hiddenSize]);
+    h = g.op('Add', [g.op('Mul', [h, keep]), rows]);
+  }
   // Gemma: embeddings × sqrt(hidden_size), rounded to the compute dtype as transformers' normalizer is
   if (a.embedScale) h = g.op('Mul', [h, scalar(Math.fround(Math.sqrt(a.hiddenSize)))]);
   for (let i = 0; i < a.numLayers; i++) {
@@ -344,6 +352,7 @@ export async function buildLlamaGraph(
   const finalNorm = await normWeight('model.norm.weight', a.hiddenSize);
   let hn = rmsNorm(h, finalNorm);
   if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
+  if (rowEmbeddings) g.node(T === 'float16' ? 'Cast' : 'Identity', [hn], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: [HIDDEN_OUTPUT] });
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
   let rows: string;
   if (opts.weights) {
@@ -361,6 +370,7 @@ export async function buildLlamaGraph(
   g.node(T === 'float16' ? 'Cast' : 'Identity', [logits3], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: ['logits'] });
 
   g.output('logits', 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.vocabSize]);
+  if (rowEmbeddings) g.output(HIDDEN_OUTPUT, 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.hiddenSize]);
   kv.outputs();
   tensors.assertAllConsumed();
   onProgress('encoding graph');
