@@ -13,6 +13,7 @@ import type { LoraTarget, Manifest } from '../src/model/manifest.js';
 import { Engine, type GenerateResult, type Generation, type TokenEvent } from '../src/engine/engine.js';
 import type { Adapter } from './helpers/lora-feeds.js';
 import { randomCheckpoint, type MemoryCheckpoint } from './helpers/random-checkpoint.js';
+import { testRuntime } from './helpers/test-runtime.js';
 
 export const quietLog = { debug: () => {}, info: () => {}, warn: () => {}, error: () => {} };
 
@@ -41,7 +42,7 @@ export function testDevice(): 'cpu' | 'cuda' {
 }
 
 export function startEngine(model: TestModel, config: Partial<ConfigInput> = {}): Promise<Engine> {
-  return Engine.start({ modelDir: model.dir, manifest: model.manifest, config: makeConfig({ DEVICE: testDevice(), ...config }), log: quietLog });
+  return Engine.start({ modelDir: model.dir, manifest: model.manifest, config: makeConfig({ DEVICE: testDevice(), RUNTIME: testRuntime(), ...config }), log: quietLog });
 }
 
 /** PEFT layout (A [r, in], B [out, r], scale) → the engine's (A [in, r], B [r, out] · scale), fresh arrays */

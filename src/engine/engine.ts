@@ -73,7 +73,7 @@ export class EngineClosedError extends EngineError {
 export interface EngineOptions {
   modelDir: string;
   manifest: Manifest;
-  config: Pick<Config, 'DEVICE' | 'MAX_BATCH' | 'MAX_QUEUE' | 'PREFILL_CHUNK' | 'REQUEST_TIMEOUT_MS' | 'MAX_TOKENS_DEFAULT'>;
+  config: Pick<Config, 'DEVICE' | 'MAX_BATCH' | 'MAX_QUEUE' | 'PREFILL_CHUNK' | 'REQUEST_TIMEOUT_MS' | 'MAX_TOKENS_DEFAULT'> & Partial<Pick<Config, 'RUNTIME'>>;
   log?: EngineLog;
   /** the longest sequence served (prompt + generated); default and maximum: the model's maxPositions */
   contextLength?: number;
@@ -294,6 +294,7 @@ export class Engine {
       modelDir: opts.modelDir,
       manifest,
       device: config.DEVICE,
+      runtime: config.RUNTIME ?? 'node',
       limits,
     };
     const worker = new Worker(new URL('./worker-entry.mjs', self), { workerData: data });

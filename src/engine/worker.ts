@@ -23,7 +23,7 @@ const errorMessage = (e: unknown) => (e instanceof Error ? e.message : String(e)
 async function main(): Promise<void> {
   let created;
   try {
-    created = await createSession(data.modelDir, data.manifest, data.device, sessionLog);
+    created = await createSession(data.modelDir, data.manifest, data.device, sessionLog, data.runtime);
   } catch (e) {
     post({ type: 'startupError', message: errorMessage(e) });
     port!.close();

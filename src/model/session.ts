@@ -8,26 +8,38 @@ import { loraBiasInput, loraMagnitudeInput, pastKeyName, pastValueName, type Lor
 
 export type Device = 'auto' | 'cpu' | 'cuda';
 export type Provider = 'cuda' | 'cpu';
+/** `node`: onnxruntime-node's InferenceSession; `capi`: the C API runner (src/runtime/capi-session.ts) */
+export type SessionRuntime = 'node' | 'capi';
+
+/** what the engine uses of a session; both runtimes provide it */
+export type EngineSession = Pick<ort.InferenceSession, 'run' | 'release' | 'inputNames' | 'outputNames'>;
 
 export interface SessionLog {
   info(msg: string): void;
   warn(msg: string): void;
 }
 
-export interface CreatedSession {
-  session: ort.InferenceSession;
+export interface CreatedSession<S extends EngineSession = ort.InferenceSession> {
+  session: S;
   provider: Provider;
   /** one sentence saying why this provider is the one in use */
   reason: string;
 }
 
-function cpuOptions(): ort.InferenceSession.SessionOptions {
-  return { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() };
-}
-
-/** CPU stays in the list behind CUDA so nodes that CUDA lacks still run */
-function cudaOptions(): ort.InferenceSession.SessionOptions {
-  return { executionProviders: ['cuda', 'cpu'], graphOptimizationLevel: 'all' };
+/**
+ * One session on one provider, through the chosen runtime. CPU stays behind CUDA in both, so
+ * nodes that CUDA lacks still run.
+ */
+async function open(path: string, provider: Provider, runtime: SessionRuntime): Promise<EngineSession> {
+  if (runtime === 'capi') {
+    const { CapiSession } = await import('../runtime/capi-session.js');
+    return CapiSession.create(path, provider === 'cpu' ? { provider, intraOpThreads: availableParallelism() } : { provider });
+  }
+  const options: ort.InferenceSession.SessionOptions =
+    provider === 'cpu'
+      ? { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() }
+      : { executionProviders: ['cuda', 'cpu'], graphOptimizationLevel: 'all' };
+  return ort.InferenceSession.create(path, options);
 }
 
 const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
@@ -59,38 +71,41 @@ export function cudaUnavailableReason(dir = ortBinaryDir()): string | null {
  * at creation (not a silent fallback), so `auto` tries CUDA, logs why it failed, and opens a CPU
  * session; `cuda` lets the original error through.
  */
-export async function createSession(modelDir: string, manifest: Manifest, device: Device, log: SessionLog): Promise<CreatedSession> {
+export function createSession(modelDir: string, manifest: Manifest, device: Device, log: SessionLog): Promise<CreatedSession>;
+export function createSession(modelDir: string, manifest: Manifest, device: Device, log: SessionLog, runtime: SessionRuntime): Promise<CreatedSession<EngineSession>>;
+export async function createSession(modelDir: string, manifest: Manifest, device: Device, log: SessionLog, runtime: SessionRuntime = 'node'): Promise<CreatedSession<EngineSession>> {
   const path = join(modelDir, manifest.files.graph);
+  const via = runtime === 'capi' ? ', RUNTIME=capi' : '';
   if (device === 'cpu') {
-    const session = await ort.InferenceSession.create(path, cpuOptions());
+    const session = await open(path, 'cpu', runtime);
     const reason = 'DEVICE=cpu';
-    log.info(`onnxruntime session on cpu (${reason}, ${availableParallelism()} threads, ${manifest.dtype})`);
+    log.info(`onnxruntime session on cpu (${reason}, ${availableParallelism()} threads, ${manifest.dtype}${via})`);
     return { session, provider: 'cpu', reason };
   }
   if (device === 'cuda') {
-    const session = await ort.InferenceSession.create(path, cudaOptions());
+    const session = await open(path, 'cuda', runtime);
     const reason = 'DEVICE=cuda';
-    log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype})`);
+    log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype}${via})`);
     return { session, provider: 'cuda', reason };
   }
   const missing = cudaUnavailableReason();
   if (missing) {
     const reason = `DEVICE=auto and ${missing}`;
     log.warn(`${reason}; using cpu`);
-    const session = await ort.InferenceSession.create(path, cpuOptions());
-    log.info(`onnxruntime session on cpu (${availableParallelism()} threads, ${manifest.dtype})`);
+    const session = await open(path, 'cpu', runtime);
+    log.info(`onnxruntime session on cpu (${availableParallelism()} threads, ${manifest.dtype}${via})`);
     return { session, provider: 'cpu', reason };
   }
   try {
-    const session = await ort.InferenceSession.create(path, cudaOptions());
+    const session = await open(path, 'cuda', runtime);
     const reason = 'DEVICE=auto and the CUDA execution provider loaded';
-    log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype})`);
+    log.info(`onnxruntime session on cuda (${reason}, ${manifest.dtype}${via})`);
     return { session, provider: 'cuda', reason };
   } catch (err) {
     const reason = `DEVICE=auto and CUDA is unavailable: ${message(err)}`;
     log.warn(`${reason}; using cpu`);
-    const session = await ort.InferenceSession.create(path, cpuOptions());
-    log.info(`onnxruntime session on cpu (${availableParallelism()} threads, ${manifest.dtype})`);
+    const session = await open(path, 'cpu', runtime);
+    log.info(`onnxruntime session on cpu (${availableParallelism()} threads, ${manifest.dtype}${via})`);
     return { session, provider: 'cpu', reason };
   }
 }
