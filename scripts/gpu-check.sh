@@ -16,7 +16,8 @@
 #    reason and the provider library's missing dependencies when it does not load.
 # 3. Runs the reference-equality tests on CUDA (LORASERVE_TEST_DEVICE=cuda): test/engine-device
 #    (fp32 ≤ 2e-3 — TF32 may be on — and fp16 ≤ 5e-2 against the reference forward) and
-#    test/engine-batching (batched = alone, mixed adapters, fp16 vs fp32).
+#    test/engine-batching (batched = alone, mixed adapters, fp16 vs fp32); then the same two and
+#    test/capi-session through the C API runner (LORASERVE_TEST_RUNTIME=capi).
 # 4. Runs `npm run bench -- --preset qwen2.5-0.5b` with DEVICE=cuda (fp16 by default) and prints
 #    tokens/s at batch 1 and 8 and the decode step-time ratio between context 2048 and 128.
 #
@@ -135,6 +136,13 @@ if [[ ${SKIP_TESTS:-0} != 1 ]]; then
   say "reference-equality tests on cuda (fp32 and fp16)"
   if ! LORASERVE_TEST_DEVICE=cuda npx vitest run test/engine-device.test.ts test/engine-batching.test.ts 2>&1 | tee "$OUT/tests.log"; then
     die "reference-equality tests on cuda (log: $OUT/tests.log)"
+  fi
+  # the C API runner (RUNTIME=capi): device tensors in CUDA memory, GroupQueryAttention with its
+  # cache bound as both past and present, and the same engine tests through it
+  say "C API runner on cuda (RUNTIME=capi)"
+  if ! LORASERVE_TEST_DEVICE=cuda npx vitest run test/capi-session.test.ts 2>&1 | tee "$OUT/tests-capi.log" ||
+    ! LORASERVE_TEST_DEVICE=cuda LORASERVE_TEST_RUNTIME=capi npx vitest run test/engine-device.test.ts test/engine-batching.test.ts 2>&1 | tee -a "$OUT/tests-capi.log"; then
+    die "C API runner tests on cuda (log: $OUT/tests-capi.log)"
   fi
 fi
 

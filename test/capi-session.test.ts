@@ -10,7 +10,7 @@ import '../src/model/ort-float16.js';
 import { CapiSession, DeviceTensor } from '../src/runtime/capi-session.js';
 import { OrtCapi, OrtError } from '../src/runtime/ort-capi.js';
 import { ortLibrary } from '../src/runtime/ort-library.js';
-import { buildRandomModel, collect, tempRoot } from './engine-setup.js';
+import { buildRandomModel, collect, tempRoot, testDevice } from './engine-setup.js';
 import { Rng, randomTokens, tinyArchitecture } from './helpers/random-checkpoint.js';
 
 /**
@@ -322,14 +322,15 @@ describe('CapiSession: GroupQueryAttention with past and present in one buffer',
   // 2 query heads sharing 1 KV head; head size 8 (the CPU kernel needs head_size % 8 == 0)
   const [B, Hq, Hkv, D, MAX] = [2, 2, 1, 8, 8];
   const lens = [3, 5];
+  type Float = 'float32' | 'float16';
 
-  function gqaModel(): Uint8Array {
+  function gqaModel(T: Float): Uint8Array {
     const g = new GraphBuilder(null);
-    g.input('query', 'float32', [B, 1, Hq * D]);
-    g.input('key', 'float32', [B, 1, Hkv * D]);
-    g.input('value', 'float32', [B, 1, Hkv * D]);
-    g.input('past_key', 'float32', [B, Hkv, MAX, D]);
-    g.input('past_value', 'float32', [B, Hkv, MAX, D]);
+    g.input('query', T, [B, 1, Hq * D]);
+    g.input('key', T, [B, 1, Hkv * D]);
+    g.input('value', T, [B, 1, Hkv * D]);
+    g.input('past_key', T, [B, Hkv, MAX, D]);
+    g.input('past_value', T, [B, Hkv, MAX, D]);
     g.input('seqlens_k', 'int32', [B]);
     g.input('total_sequence_length', 'int32', []);
     g.node('GroupQueryAttention', ['query', 'key', 'value', 'past_key', 'past_value', 'seqlens_k', 'total_sequence_length'], {
@@ -337,13 +338,29 @@ describe('CapiSession: GroupQueryAttention with past and present in one buffer',
       attrs: { num_heads: int(Hq), kv_num_heads: int(Hkv) },
       outputs: ['output', 'present_key', 'present_value'],
     });
-    g.output('output', 'float32', [B, 1, Hq * D]);
-    g.output('present_key', 'float32', [B, Hkv, MAX, D]);
-    g.output('present_value', 'float32', [B, Hkv, MAX, D]);
+    g.output('output', T, [B, 1, Hq * D]);
+    g.output('present_key', T, [B, Hkv, MAX, D]);
+    g.output('present_value', T, [B, Hkv, MAX, D]);
     return g.encode('gqa', { '': 17, 'com.microsoft': 1 }, 'test');
   }
 
-  const rand = (rng: Rng, n: number) => Float32Array.from({ length: n }, () => rng.next() * 2 - 1);
+  /** IEEE half bits → number */
+  function halfToFloat(h: number): number {
+    const sign = h & 0x8000 ? -1 : 1;
+    const exp = (h >> 10) & 0x1f;
+    const mant = h & 0x3ff;
+    if (exp === 0) return sign * mant * 2 ** -24;
+    if (exp === 31) return mant ? NaN : sign * Infinity;
+    return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+  }
+
+  /** random values as the graph's type: the tensor data, and the values it holds as numbers */
+  function values(rng: Rng, n: number, T: Float): { data: Float32Array | Uint16Array; f: Float32Array } {
+    const x = Float32Array.from({ length: n }, () => rng.next() * 2 - 1);
+    if (T === 'float32') return { data: x, f: x };
+    const bits = toFloat16Bits(x);
+    return { data: bits, f: Float32Array.from(bits, halfToFloat) };
+  }
 
   /** attention written from the operator's definition: row b sees positions [0, lens[b]] */
   function reference(q: Float32Array, k: Float32Array, v: Float32Array, pastK: Float32Array, pastV: Float32Array): Float32Array {
@@ -367,22 +384,34 @@ describe('CapiSession: GroupQueryAttention with past and present in one buffer',
     return out;
   }
 
-  it('writes each row\'s new key and value at its own position, nothing else, and attends correctly', async () => {
-    const rng = new Rng(14);
-    const q = rand(rng, B * Hq * D);
-    const k = rand(rng, B * Hkv * D);
-    const v = rand(rng, B * Hkv * D);
-    const pastK = rand(rng, B * Hkv * MAX * D);
-    const pastV = rand(rng, B * Hkv * MAX * D);
-    const cacheK = new ort.Tensor('float32', pastK.slice(), [B, Hkv, MAX, D]);
-    const cacheV = new ort.Tensor('float32', pastV.slice(), [B, Hkv, MAX, D]);
-    const s = await CapiSession.create(gqaModel(), { provider: 'cpu', intraOpThreads: 1 });
+  /**
+   * One decode step for rows at lengths 3 and 5: the cache must gain each row's new key/value at its
+   * own position and nothing else, and the output must be attention over [0, len].
+   */
+  async function step(provider: 'cpu' | 'cuda', T: Float, cache: 'tensor' | 'device', seed: number) {
+    const rng = new Rng(seed);
+    const [q, k, v] = [values(rng, B * Hq * D, T), values(rng, B * Hkv * D, T), values(rng, B * Hkv * D, T)];
+    const [pastK, pastV] = [values(rng, B * Hkv * MAX * D, T), values(rng, B * Hkv * MAX * D, T)];
+    const dims = [B, Hkv, MAX, D];
+    const s = await CapiSession.create(gqaModel(T), { provider, intraOpThreads: 1 });
     try {
+      let cacheK: ort.Tensor | DeviceTensor;
+      let cacheV: ort.Tensor | DeviceTensor;
+      if (cache === 'tensor') {
+        cacheK = new ort.Tensor(T, pastK.data.slice(), dims);
+        cacheV = new ort.Tensor(T, pastV.data.slice(), dims);
+      } else {
+        cacheK = s.allocate(T, dims);
+        cacheV = s.allocate(T, dims);
+        expect(OrtCapi.get().memoryName(cacheK.handle)).toBe(provider === 'cuda' ? 'Cuda' : 'Cpu');
+        await s.upload(cacheK, new ort.Tensor(T, pastK.data, dims));
+        await s.upload(cacheV, new ort.Tensor(T, pastV.data, dims));
+      }
       const r = await s.run(
         {
-          query: new ort.Tensor('float32', q, [B, 1, Hq * D]),
-          key: new ort.Tensor('float32', k, [B, 1, Hkv * D]),
-          value: new ort.Tensor('float32', v, [B, 1, Hkv * D]),
+          query: new ort.Tensor(T, q.data, [B, 1, Hq * D]),
+          key: new ort.Tensor(T, k.data, [B, 1, Hkv * D]),
+          value: new ort.Tensor(T, v.data, [B, 1, Hkv * D]),
           past_key: cacheK,
           past_value: cacheV,
           seqlens_k: new ort.Tensor('int32', Int32Array.from(lens), [B]),
@@ -390,61 +419,31 @@ describe('CapiSession: GroupQueryAttention with past and present in one buffer',
         },
         { output: null, present_key: cacheK, present_value: cacheV },
       );
-      expect(r.present_key).toBe(cacheK);
-      const ck = cacheK.data as Float32Array;
-      const cv = cacheV.data as Float32Array;
+      if (cache === 'tensor') expect(r.present_key).toBe(cacheK);
+      else expect(Object.keys(r)).toEqual(['output']);
+      const read = async (c: ort.Tensor | DeviceTensor) => (c instanceof DeviceTensor ? (await s.download(c)).data : c.data) as Float32Array | Uint16Array;
+      const [ck, cv] = [await read(cacheK), await read(cacheV)];
       for (let b = 0; b < B; b++)
         for (let p = 0; p < MAX; p++)
           for (let i = 0; i < D; i++) {
             const at = (b * MAX + p) * D + i;
-            expect(ck[at]).toBe(p === lens[b] ? k[b * D + i] : pastK[at]);
-            expect(cv[at]).toBe(p === lens[b] ? v[b * D + i] : pastV[at]);
+            expect(ck[at]).toBe(p === lens[b] ? k.data[b * D + i] : pastK.data[at]);
+            expect(cv[at]).toBe(p === lens[b] ? v.data[b * D + i] : pastV.data[at]);
           }
-      const want = reference(q, k, v, pastK, pastV);
-      const got = r.output.data as Float32Array;
-      for (let i = 0; i < want.length; i++) expect(Math.abs(got[i] - want[i])).toBeLessThan(1e-5);
+      const want = reference(q.f, k.f, v.f, pastK.f, pastV.f);
+      const got = r.output.data as Float32Array | Uint16Array;
+      const tolerance = T === 'float32' ? 1e-5 : 2e-3;
+      for (let i = 0; i < want.length; i++) expect(Math.abs((T === 'float32' ? got[i] : halfToFloat(got[i])) - want[i])).toBeLessThan(tolerance);
     } finally {
       await s.release();
     }
-  });
+  }
 
-  it('the same with the cache in a DeviceTensor', async () => {
-    const rng = new Rng(15);
-    const [q, k, v] = [rand(rng, B * Hq * D), rand(rng, B * Hkv * D), rand(rng, B * Hkv * D)];
-    const [pastK, pastV] = [rand(rng, B * Hkv * MAX * D), rand(rng, B * Hkv * MAX * D)];
-    const s = await CapiSession.create(gqaModel(), { provider: 'cpu', intraOpThreads: 1 });
-    try {
-      const cacheK = s.allocate('float32', [B, Hkv, MAX, D]);
-      const cacheV = s.allocate('float32', [B, Hkv, MAX, D]);
-      await s.upload(cacheK, new ort.Tensor('float32', pastK, [B, Hkv, MAX, D]));
-      await s.upload(cacheV, new ort.Tensor('float32', pastV, [B, Hkv, MAX, D]));
-      const r = await s.run(
-        {
-          query: new ort.Tensor('float32', q, [B, 1, Hq * D]),
-          key: new ort.Tensor('float32', k, [B, 1, Hkv * D]),
-          value: new ort.Tensor('float32', v, [B, 1, Hkv * D]),
-          past_key: cacheK,
-          past_value: cacheV,
-          seqlens_k: new ort.Tensor('int32', Int32Array.from(lens), [B]),
-          total_sequence_length: new ort.Tensor('int32', Int32Array.of(Math.max(...lens) + 1), []),
-        },
-        { output: null, present_key: cacheK, present_value: cacheV },
-      );
-      expect(Object.keys(r)).toEqual(['output']);
-      const ck = (await s.download(cacheK)).data as Float32Array;
-      for (let b = 0; b < B; b++)
-        for (let p = 0; p < MAX; p++)
-          for (let i = 0; i < D; i++) {
-            const at = (b * MAX + p) * D + i;
-            expect(ck[at]).toBe(p === lens[b] ? k[b * D + i] : pastK[at]);
-          }
-      const want = reference(q, k, v, pastK, pastV);
-      const got = r.output.data as Float32Array;
-      for (let i = 0; i < want.length; i++) expect(Math.abs(got[i] - want[i])).toBeLessThan(1e-5);
-    } finally {
-      await s.release();
-    }
-  });
+  it('float32, the cache in a Tensor fed and fetched', () => step('cpu', 'float32', 'tensor', 14));
+  it('float32, the cache in a DeviceTensor', () => step('cpu', 'float32', 'device', 15));
+  it('float16, the cache in a DeviceTensor', () => step('cpu', 'float16', 'device', 16));
+  // CUDA's GroupQueryAttention is float16/bfloat16 only; LORASERVE_TEST_DEVICE=cuda (scripts/gpu-check.sh)
+  it.runIf(testDevice() === 'cuda')('cuda: float16, the cache in CUDA memory', () => step('cuda', 'float16', 'device', 17));
 });
 
 describe('CapiSession in a worker thread and in the engine', () => {
