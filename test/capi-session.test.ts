@@ -5,6 +5,7 @@ import pkg from 'onnx-proto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { makeConfig } from '../src/config.js';
 import { Engine } from '../src/engine/engine.js';
+import { cudaUnavailableReason } from '../src/model/session.js';
 import { GraphBuilder, int, toFloat16Bits, type ElemType } from '../src/model/graph/onnx-builder.js';
 import '../src/model/ort-float16.js';
 import { CapiSession, DeviceTensor } from '../src/runtime/capi-session.js';
@@ -82,6 +83,20 @@ describe('the C API table', () => {
     const capi = OrtCapi.get();
     expect(() => capi.check(capi.api.CreateStatus(2, 'bad thing'), 'doing it')).toThrow(new OrtError(2, 'doing it: bad thing'));
     expect(() => capi.check(null, 'fine')).not.toThrow();
+  });
+});
+
+describe('CapiSession.create', () => {
+  const identity = () => graph([['x', 'float32', [1]]], [['Identity', ['x'], 'y', 'float32', [1]]]);
+
+  it("rejects a missing model file with onnxruntime's message", async () => {
+    await expect(CapiSession.create('/nonexistent/model.onnx')).rejects.toThrow(/CreateSession: .*\/nonexistent\/model\.onnx.*(doesn't exist|No such file)/);
+  });
+
+  // where the CUDA provider is not installed, the C API path gets as far as loading it, from the
+  // folder of the library it drives, and says which file is missing
+  it.runIf(cudaUnavailableReason() !== null)('cuda without the provider libraries: a clear error naming the library', async () => {
+    await expect(CapiSession.create(identity(), { provider: 'cuda' })).rejects.toThrow(/libonnxruntime_providers_shared\.so/);
   });
 });
 
