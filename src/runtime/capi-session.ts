@@ -325,10 +325,11 @@ export class CapiSession {
    * each returned as a new Tensor; a record → a Tensor or DeviceTensor is written in place (a
    * Tensor is returned as itself, a DeviceTensor is not returned: it stays on the device), null is
    * returned as a new Tensor. Results are keyed by output name, whatever the order asked.
+   * RunOptions are taken for the InferenceSession shape and not used.
    */
-  async run(feeds: CapiFeeds, fetchesOrOptions?: CapiFetches | ort.InferenceSession.RunOptions, _options?: ort.InferenceSession.RunOptions): Promise<CapiResults> {
+  async run(feeds: CapiFeeds, fetchesOrOptions?: CapiFetches | ort.InferenceSession.RunOptions, runOptions?: ort.InferenceSession.RunOptions): Promise<CapiResults> {
     this.alive();
-    const fetches = normaliseFetches(this.outputNames, fetchesOrOptions, _options !== undefined);
+    const fetches = normaliseFetches(this.outputNames, fetchesOrOptions, runOptions !== undefined);
     const { api } = this.capi;
     const wrapped = new Map<ort.Tensor, Pointer>();
     // Everything whose memory onnxruntime reads or writes during the run stays referenced here
