@@ -86,10 +86,24 @@ function maxOf(logits: ArrayLike<number>): number {
   return max;
 }
 
-/** Σ exp(l - max) in id order, in float64: the normalizer of the reported logprobs. */
-function expSum(logits: ArrayLike<number>, max: number): number {
+/** Below this, exp(d) < 2^-53 (exp(-37) ≈ 8.5e-17 < 1.1e-16), a wide margin over exp's rounding. */
+const NEGLIGIBLE_EXPONENT = -37;
+
+/**
+ * Σ exp(l - max) in id order, in float64: the normalizer of the reported logprobs. `first` is the
+ * first id holding `max`; its term is exp(0) = 1, so from there on the sum is ≥ 1, and a term
+ * under 2^-53 (less than half an ulp of any sum ≥ 1) leaves it unchanged to the last bit: such
+ * terms are skipped without calling exp. Before `first` every term is added.
+ */
+function expSum(logits: ArrayLike<number>, max: number, first: number): number {
   let sum = 0;
-  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
+  const exact = logits[first] === max ? first + 1 : logits.length;
+  for (let i = 0; i < exact; i++) sum += Math.exp(logits[i] - max);
+  for (let i = exact; i < logits.length; i++) {
+    const d = logits[i] - max;
+    // written so that a NaN still reaches the sum, as it always did
+    if (!(d < NEGLIGIBLE_EXPONENT)) sum += Math.exp(d);
+  }
   return sum;
 }
 
@@ -190,20 +204,19 @@ function drawShaped(logits: ArrayLike<number>, p: SamplingParams, u: number, max
  */
 export function sample(logits: ArrayLike<number>, p: SamplingParams, rng: Rng): Sampled {
   let token: number;
-  let max: number;
   let sum: number;
+  const first = argmax(logits);
+  const top = logits[first];
+  // the first of the largest is the max, unless it is a NaN at id 0 (argmax never moves past one)
+  const max = top === top ? top : maxOf(logits);
   if (isGreedy(p)) {
-    token = argmax(logits);
-    const top = logits[token];
-    // the first of the largest is the max, unless it is a NaN at id 0 (argmax never moves past one)
-    max = top === top ? top : maxOf(logits);
-    sum = expSum(logits, max);
+    token = first;
+    sum = expSum(logits, max, first);
   } else {
-    max = maxOf(logits);
     const drawn = drawShaped(logits, p, rng(), max);
     token = drawn.token;
     // (l - max) * 1 is l - max exactly: the same terms in the same order
-    sum = p.temperature === 1 ? drawn.sum : expSum(logits, max);
+    sum = p.temperature === 1 ? drawn.sum : expSum(logits, max, first);
   }
   const logSum = Math.log(sum);
   const out: Sampled = { token, logprob: logits[token] - max - logSum };
