@@ -18,14 +18,16 @@ import { measureUploads, type UploadResult } from './upload.js';
 import { peerFolder, runPeer } from './peer.js';
 import { formatReport, target, type BenchReport } from './report.js';
 import { now, throughput } from './timing.js';
+import { alternate, fastest, type PairedRatio } from './paired.js';
 import { parseArgsOrReport } from './cli-args.js';
 
 /**
  * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b|llama-3.2-1b | --model <dir>] [--quick] [--json]
  *   [--tokens N] [--adapters N] [--rank N] [--reps N] [--cache <dir>]`
  * Prints a table and then the JSON report (with --json: the JSON only). Progress goes to stderr.
- * Sections run in this order, one session at a time so the 0.5B preset fits: upload (a child
- * process), limit, raw, minimal, the server (engine, api), peer.
+ * Sections run in this order, one session at a time so the 0.5B preset fits, except where api-1
+ * takes turns with the raw loop (two sessions of the model: +1 copy of the weights for that
+ * section): upload (a child process), limit, raw, minimal, the server (engine, api), peer.
  */
 
 interface Options {
@@ -249,6 +251,10 @@ export async function main(argv: readonly string[]): Promise<number> {
   let engine1;
   let engine8;
   let api: BenchReport['api'];
+  let apiOverRaw: PairedRatio;
+  let mixedOverSame: PairedRatio;
+  // the ratios with targets, measured in alternating pairs (paired.ts)
+  const pairs = o.reps ?? (o.quick ? 3 : big ? 4 : 5);
   try {
     progress('server: starting on 127.0.0.1');
     const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8, device: provider, dtype: placement.dtype });
@@ -259,9 +265,23 @@ export async function main(argv: readonly string[]): Promise<number> {
       engine1 = await best(reps, () => runEngine(runtime.engine, spec, 1), tp);
       engine8 = await best(reps, () => runEngine(runtime.engine, spec, 8), tp);
 
-      progress('api: 1 stream, 8 streams on the base model');
+      // api-1 against the raw loop in alternating turns, the loop on a second session of the same model
+      progress(`api: 1 stream, paired with the raw loop in ${pairs} alternating turns`);
       await streamGenerate(server.base, { prompt: PROMPT, maxTokens: 2, adapter: null });
-      const api1 = await best(reps, async () => throughput([await streamGenerate(server.base, { prompt: PROMPT, maxTokens, adapter: null })]), tp);
+      const pairedCore = await openCore(built.dir, built.manifest, provider);
+      try {
+        await runCore(pairedCore.session, built.manifest, { ...spec, maxTokens: 2 }, 1, provider, false);
+        apiOverRaw = await alternate(
+          'api-1 ÷ raw b1 (the core loop on a second session in this process)',
+          pairs,
+          async () => (await runCore(pairedCore.session, built.manifest, spec, 1, provider, false)).throughput,
+          async () => throughput([await streamGenerate(server.base, { prompt: PROMPT, maxTokens, adapter: null })]),
+        );
+      } finally {
+        await pairedCore.close();
+      }
+      const api1 = fastest(apiOverRaw.b);
+      progress('api: 8 streams on the base model');
       const base8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => null)), tp);
 
       const names = Array.from({ length: 8 }, (_, i) => `bench-${i}`);
@@ -270,10 +290,17 @@ export async function main(argv: readonly string[]): Promise<number> {
         const r = await postForm(`${server.base}/v1/adapters`, adapterForm(name, files.config, files.weights));
         if (r.status !== 201) throw new Error(`upload of ${name} → ${r.status}: ${r.body.slice(0, 300)}`);
       }
-      progress('api: 8 streams on one adapter, on 8 different adapters');
+      progress(`api: 8 streams on one adapter and on 8 different adapters, in ${pairs} alternating turns`);
       await concurrentStreams(server.base, PROMPT, 2, names);
-      const same8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => names[0])), tp);
-      const mixed8 = await best(reps, () => concurrentStreams(server.base, PROMPT, maxTokens, names), tp);
+      await concurrentStreams(server.base, PROMPT, 2, Array.from({ length: 8 }, () => names[0]));
+      mixedOverSame = await alternate(
+        'api-8-mixed ÷ api-8-same',
+        pairs,
+        () => concurrentStreams(server.base, PROMPT, maxTokens, Array.from({ length: 8 }, () => names[0])),
+        () => concurrentStreams(server.base, PROMPT, maxTokens, names),
+      );
+      const same8 = fastest(mixedOverSame.a);
+      const mixed8 = fastest(mixedOverSame.b);
       api = { api1, same8, mixed8, base8 };
     } finally {
       await server.close();
@@ -321,12 +348,15 @@ export async function main(argv: readonly string[]): Promise<number> {
     rawB8OverB1: d(raw8.throughput) / d(raw1.throughput),
     engineB1OverRaw: d(engine1) / d(raw1.throughput),
     engineB8OverRawB8: d(engine8) / d(raw8.throughput),
-    api1OverRaw: d(api.api1) / d(raw1.throughput),
+    // the medians of the alternating pairs; the unpaired quotients (best run of each section, measured minutes apart) for comparison
+    api1OverRaw: apiOverRaw.median,
+    api1OverRawUnpaired: d(api.api1) / d(raw1.throughput),
     api1OverEngine: d(api.api1) / d(engine1),
     base8OverApi1: d(api.base8) / d(api.api1),
     same8OverApi1: d(api.same8) / d(api.api1),
     mixed8OverApi1: d(api.mixed8) / d(api.api1),
-    mixedOverSame: d(api.mixed8) / d(api.same8),
+    mixedOverSame: mixedOverSame.median,
+    mixedOverSameOfFastest: d(api.mixed8) / d(api.same8),
     sameOverBase8: d(api.same8) / d(api.base8),
   };
   if (minimal) {
@@ -383,6 +413,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     context,
     minimal,
     api,
+    paired: { api1OverRaw: apiOverRaw, mixedOverSame },
     upload,
     peer,
     ratios,

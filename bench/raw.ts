@@ -42,6 +42,11 @@ export interface CoreProfile {
   /** measured apart on the same shapes: FeedBuilder.decode, and sample() for every row */
   feedsMs: number;
   sampleMs: number;
+  /**
+   * sample() for every row over the model's whole vocabulary (the presets' tokenizer has 512 ids,
+   * so `sampleMs` is far below what a real tokenizer's vocabulary costs: 151,936 ids on Qwen2.5)
+   */
+  sampleFullVocabMs: number;
   prefillRunMs: number;
 }
 
@@ -70,7 +75,8 @@ export async function openCore(modelDir: string, manifest: Manifest, provider: P
   return { session, close: () => session.release() };
 }
 
-export async function runCore(session: InferenceSession, manifest: Manifest, spec: GenSpec, batch: number, provider: Provider = 'cpu'): Promise<CoreResult> {
+/** `micro`: also time FeedBuilder and the sampler apart (the profile's feedsMs, sampleMs…; NaN without) */
+export async function runCore(session: InferenceSession, manifest: Manifest, spec: GenSpec, batch: number, provider: Provider = 'cpu', micro = true): Promise<CoreResult> {
   // what the last session.run was: a decode step has one token per row
   const last = { kind: 'prefill' as 'prefill' | 'decode', rows: 0, runMs: 0 };
   const timing: RunSession = {
@@ -123,16 +129,16 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
   if (failures.length) throw new Error(`core loop failed: ${failures[0]}`);
   const stepMs = median(steps.map((s) => s.step));
   const runMedian = median(steps.map((s) => s.run));
-  const micro = microProfile(manifest, batch, spec.promptIds.length + spec.maxTokens / 2, spec.vocabLimit);
+  const parts = micro ? microProfile(manifest, batch, spec.promptIds.length + spec.maxTokens / 2, spec.vocabLimit) : { feedsMs: Number.NaN, sampleMs: Number.NaN, sampleFullVocabMs: Number.NaN };
   return {
     throughput: throughput([...traces.values()]),
-    profile: { decodeSteps: steps.length, stepMs, meanStepMs: steps.reduce((x, y) => x + y.step, 0) / Math.max(1, steps.length), betweenStepsMs: between / Math.max(1, turns), runMs: runMedian, outsideRunMs: stepMs - runMedian, feedsMs: micro.feedsMs, sampleMs: micro.sampleMs, prefillRunMs: median(prefills) },
+    profile: { decodeSteps: steps.length, stepMs, meanStepMs: steps.reduce((x, y) => x + y.step, 0) / Math.max(1, steps.length), betweenStepsMs: between / Math.max(1, turns), runMs: runMedian, outsideRunMs: stepMs - runMedian, feedsMs: parts.feedsMs, sampleMs: parts.sampleMs, sampleFullVocabMs: parts.sampleFullVocabMs, prefillRunMs: median(prefills) },
     tokens,
   };
 }
 
 /** FeedBuilder.decode and sample() alone, on the shapes of a mid-run decode step. */
-function microProfile(manifest: Manifest, batch: number, past: number, vocabLimit: number): { feedsMs: number; sampleMs: number } {
+function microProfile(manifest: Manifest, batch: number, past: number, vocabLimit: number): { feedsMs: number; sampleMs: number; sampleFullVocabMs: number } {
   const shape = kvShapeOf(manifest);
   const len = Math.max(1, Math.round(past));
   const kv = new ResidentKv(shape, batch, len, len);
@@ -151,13 +157,16 @@ function microProfile(manifest: Manifest, batch: number, past: number, vocabLimi
   const logits = new Float32Array(vocab);
   for (let i = 0; i < vocab; i++) logits[i] = Math.sin(i);
   const rng = () => 0.5;
-  const sampleTimes: number[] = [];
-  for (let i = 0; i < 10; i++) {
-    const t0 = now();
-    for (let b = 0; b < batch; b++) sample(logits.subarray(0, Math.min(vocabLimit, vocab)), greedy, rng);
-    sampleTimes.push(now() - t0);
-  }
-  return { feedsMs: median(feedTimes), sampleMs: median(sampleTimes) };
+  const sampleTimes = (limit: number) => {
+    const times: number[] = [];
+    for (let i = 0; i < 10; i++) {
+      const t0 = now();
+      for (let b = 0; b < batch; b++) sample(logits.subarray(0, Math.min(limit, vocab)), greedy, rng);
+      times.push(now() - t0);
+    }
+    return median(times);
+  };
+  return { feedsMs: median(feedTimes), sampleMs: sampleTimes(vocabLimit), sampleFullVocabMs: sampleTimes(vocab) };
 }
 
 /** Engine.generate: the worker loop, no HTTP, no detokenizer. */

@@ -3,6 +3,7 @@ import type { CoreProfile } from './raw.js';
 import type { ContextScaling } from './context.js';
 import type { Throughput } from './timing.js';
 import type { UploadResult } from './upload.js';
+import type { PairedRatio } from './paired.js';
 
 /** Everything one run measured; every comparison is between numbers of this same run. */
 export interface BenchReport {
@@ -34,6 +35,8 @@ export interface BenchReport {
   context: ContextScaling;
   minimal: { what: string; b1: Throughput; b8: Throughput; runMs1: number; runMs8: number } | null;
   api: { api1: Throughput; same8: Throughput; mixed8: Throughput; base8: Throughput };
+  /** the two targets' ratios, measured in alternating pairs (api1 and same8/mixed8 above are the fastest of these runs) */
+  paired: { api1OverRaw: PairedRatio; mixedOverSame: PairedRatio };
   upload: UploadResult;
   peer:
     | {
@@ -103,10 +106,10 @@ export function formatReport(r: BenchReport): string {
     rows.push(tp('minimal b8 (peer graph)', r.minimal.b8, `raw/this ${f(r.ratios.rawB8OverMinimal, 2)}`));
   }
   rows.push(
-    tp('api-1 (HTTP SSE)', r.api.api1, `${f(r.ratios.api1OverRaw, 2)}× raw`),
+    tp('api-1 (HTTP SSE)', r.api.api1, `${f(r.ratios.api1OverRaw, 2)}× raw (paired)`),
     tp('api-8-base', r.api.base8, `${f(r.ratios.base8OverApi1, 2)}× api-1`),
     tp('api-8-same', r.api.same8, `${f(r.ratios.same8OverApi1, 2)}× api-1`),
-    tp('api-8-mixed', r.api.mixed8, `${f(r.ratios.mixedOverSame, 2)}× same`),
+    tp('api-8-mixed', r.api.mixed8, `${f(r.ratios.mixedOverSame, 2)}× same (paired)`),
   );
   if (r.peer.available) {
     rows.push(tp('peer b1 (transformers.js)', r.peer.b1, `engine b1 ${f(r.ratios.engineB1OverPeer, 2)}×`));
@@ -114,6 +117,9 @@ export function formatReport(r: BenchReport): string {
     rows.push(tp('peer 8 concurrent', r.peer.c8, `engine b8 ${f(r.ratios.engineB8OverPeerConcurrent, 2)}×`));
   }
   out.push(table(['section', 'streams', 'tokens', 'decode tok/s', 'e2e tok/s', 'ttft ms', 'ratio'], rows));
+  for (const p of [r.paired.api1OverRaw, r.paired.mixedOverSame]) {
+    out.push(`paired: ${p.what} = median ${f(p.median, 3)} of ${p.ratios.length} alternating pairs [${p.ratios.map((x) => f(x, 3)).join(', ')}]`);
+  }
   if (!r.peer.available) out.push(`peer: not measured — ${r.peer.missing}`);
   else {
     const p = r.peer;
@@ -131,7 +137,7 @@ export function formatReport(r: BenchReport): string {
   const p8 = r.raw.profile8;
   out.push(
     table(
-      ['decode step profile (ms)', 'step', 'mean step', 'session.run', 'outside run', 'feeds', 'sample', 'between steps', 'prefill run'],
+      ['decode step profile (ms)', 'step', 'mean step', 'session.run', 'outside run', 'feeds', 'sample', 'sample, all ids', 'between steps', 'prefill run'],
       [p1, p8].map((p, i) => [
         `batch ${i === 0 ? 1 : 8}`,
         f(p.stepMs, 2),
@@ -140,6 +146,7 @@ export function formatReport(r: BenchReport): string {
         f(p.outsideRunMs, 2),
         f(p.feedsMs, 3),
         f(p.sampleMs, 3),
+        f(p.sampleFullVocabMs, 3),
         f(p.betweenStepsMs, 2),
         f(p.prefillRunMs, 2),
       ]),

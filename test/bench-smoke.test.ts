@@ -44,7 +44,7 @@ describe('bench --quick --json', () => {
   });
 
   it('reports every section', () => {
-    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'upload', 'peer', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
+    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
     expect(report.model).toMatchObject({ name: 'tiny', maxTokens: 24 });
     for (const k of ['api1', 'same8', 'mixed8', 'base8']) expect(report.api).toHaveProperty(k);
     for (const k of ['b1', 'b8', 'profile1', 'profile8']) expect(report.raw).toHaveProperty(k);
@@ -54,7 +54,7 @@ describe('bench --quick --json', () => {
 
   it('has only finite numbers in the measured sections', () => {
     const bad: string[] = [];
-    for (const k of ['limit', 'raw', 'engine', 'minimal', 'api', 'upload', 'peer', 'ratios', 'targets']) nonFinite(report[k] ?? null, k, bad);
+    for (const k of ['limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'ratios', 'targets']) nonFinite(report[k] ?? null, k, bad);
     expect(bad).toEqual([]);
   });
 
@@ -63,6 +63,14 @@ describe('bench --quick --json', () => {
     const api = report.api as Record<string, { streams: number; tokens: number }>;
     expect(api.api1).toMatchObject({ streams: 1, tokens: 24 });
     for (const k of ['same8', 'mixed8', 'base8']) expect(api[k], k).toMatchObject({ streams: 8, tokens: 8 * 24 });
+    // the targets' ratios come from alternating pairs: 3 in a --quick run, each side a full run
+    const paired = report.paired as Record<string, { ratios: number[]; median: number; a: { streams: number; tokens: number }[]; b: { streams: number; tokens: number }[] }>;
+    const ratios = report.ratios as Record<string, number>;
+    expect(paired.api1OverRaw.ratios).toHaveLength(3);
+    expect(paired.api1OverRaw.b.every((t) => t.streams === 1 && t.tokens === 24)).toBe(true);
+    expect(paired.mixedOverSame.b.every((t) => t.streams === 8 && t.tokens === 8 * 24)).toBe(true);
+    expect(ratios.api1OverRaw).toBe(paired.api1OverRaw.median);
+    expect(ratios.mixedOverSame).toBe(paired.mixedOverSame.median);
     const peer = report.peer as { b8: { tokens: number }; c8: { streams: number; tokens: number }; concurrentAgreement: { streams: number; equalToB1: number } };
     expect(peer.b8.tokens).toBe(8 * 24);
     // 8 concurrent generate calls, each its full length and each the same tokens as the peer alone

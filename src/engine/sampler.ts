@@ -7,6 +7,8 @@
  * comparable across sampling settings.
  */
 
+import { DescendingWalk, nucleusEdge, type Edge } from './nucleus.js';
+
 export interface SamplingParams {
   /** 0 → greedy (argmax; ties go to the lowest token id) */
   temperature: number;
@@ -77,18 +79,45 @@ export function isGreedy(p: Pick<SamplingParams, 'temperature'>): boolean {
   return p.temperature <= 0;
 }
 
-/** max and log Σ exp(l - max) over the row, in float64. */
-function logNormalizer(logits: ArrayLike<number>): { max: number; logSum: number } {
+/** The largest logit (NaN never is). */
+function maxOf(logits: ArrayLike<number>): number {
   let max = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
-  let sum = 0;
-  for (let i = 0; i < logits.length; i++) sum += Math.exp(logits[i] - max);
-  return { max, logSum: Math.log(sum) };
+  return max;
 }
 
+/** Below this, exp(d) < 2^-53 (exp(-37) ≈ 8.5e-17 < 1.1e-16), a wide margin over exp's rounding. */
+const NEGLIGIBLE_EXPONENT = -37;
+
+/**
+ * Σ exp(l - max) in id order, in float64: the normalizer of the reported logprobs. `first` is the
+ * first id holding `max`; its term is exp(0) = 1, so from there on the sum is ≥ 1, and a term
+ * under 2^-53 (less than half an ulp of any sum ≥ 1) leaves it unchanged to the last bit: such
+ * terms are skipped without calling exp. Before `first` every term is added.
+ */
+function expSum(logits: ArrayLike<number>, max: number, first: number): number {
+  let sum = 0;
+  const exact = logits[first] === max ? first + 1 : logits.length;
+  for (let i = 0; i < exact; i++) sum += Math.exp(logits[i] - max);
+  for (let i = exact; i < logits.length; i++) {
+    const d = logits[i] - max;
+    // written so that a NaN still reaches the sum, as it always did
+    if (!(d < NEGLIGIBLE_EXPONENT)) sum += Math.exp(d);
+  }
+  return sum;
+}
+
+/** The first id holding the largest logit (ties to the lowest id). */
 function argmax(logits: ArrayLike<number>): number {
   let best = 0;
-  for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
+  let bestV = logits[0];
+  for (let i = 1; i < logits.length; i++) {
+    const v = logits[i];
+    if (v > bestV) {
+      best = i;
+      bestV = v;
+    }
+  }
   return best;
 }
 
@@ -119,13 +148,11 @@ let scratch = new Float64Array(0);
  * whose mass reaches p, ties at its edge to the lower id). The kept set is described by a cutoff
  * weight and how many tokens exactly at the cutoff it includes, and the draw walks the vocabulary
  * in id order, so a given (logits, u) always picks the same token and nothing but the candidates'
- * weights needs sorting.
+ * weights needs sorting. Also returns Σ weights, which at T = 1 is the logprobs' normalizer.
  */
-function drawShaped(logits: ArrayLike<number>, p: SamplingParams, u: number): number {
+function drawShaped(logits: ArrayLike<number>, p: SamplingParams, u: number, max: number): { token: number; sum: number } {
   const V = logits.length;
   const invT = 1 / p.temperature;
-  let max = -Infinity;
-  for (let i = 0; i < V; i++) if (logits[i] > max) max = logits[i];
   if (scratch.length < V) scratch = new Float64Array(V);
   const w = scratch;
   let sum = 0;
@@ -133,65 +160,65 @@ function drawShaped(logits: ArrayLike<number>, p: SamplingParams, u: number): nu
   const useTopK = p.topK > 0 && p.topK < V;
   const useTopP = p.topP > 0 && p.topP < 1;
 
-  let cutoff = -1;
-  let atCutoff = 0;
-  let mass = sum;
-  if (useTopK || useTopP) {
-    // candidate weights, largest first, and the mass top-p is measured against
-    let desc: Float64Array;
-    let total: number;
-    if (useTopK) {
-      desc = Float64Array.from(topN(logits, p.topK), (i) => w[i]);
-      total = desc.reduce((a, b) => a + b, 0);
-    } else {
-      // a token below (1 - p) / V of the mass can never be in the nucleus (all such tokens
-      // together hold less than 1 - p), so only the rest is sorted
-      const floor = ((1 - p.topP) / V) * sum;
-      const cand: number[] = [];
-      for (let i = 0; i < V; i++) if (w[i] >= floor) cand.push(w[i]);
-      desc = Float64Array.from(cand).sort().reverse();
-      total = sum;
-    }
-    let keep = desc.length;
-    if (useTopP) {
-      let acc = 0;
-      for (let j = 0; j < desc.length; j++) {
-        acc += desc[j];
-        if (acc >= p.topP * total) {
-          keep = j + 1;
-          break;
-        }
-      }
-    }
-    cutoff = desc[keep - 1];
-    atCutoff = 0;
-    mass = 0;
-    for (let j = 0; j < keep; j++) {
-      mass += desc[j];
-      if (desc[j] === cutoff) atCutoff++;
-    }
+  let edge: Edge = { cutoff: -1, atCutoff: 0, mass: sum };
+  if (useTopK) {
+    // the k largest, largest first; top-p then measures against their mass
+    const ids = topN(logits, p.topK);
+    let total = 0;
+    for (const i of ids) total += w[i];
+    const walk = new DescendingWalk();
+    const target = useTopP ? p.topP * total : Infinity;
+    let keep = 0;
+    while (keep < ids.length && !walk.done) walk.step(w[ids[keep++]], target);
+    // the k are in logit order: count the weights equal to the cutoff wherever they stand
+    let atCutoff = 0;
+    for (let j = 0; j < keep; j++) if (w[ids[j]] === walk.last) atCutoff++;
+    edge = { cutoff: walk.last, atCutoff, mass: walk.acc };
+  } else if (useTopP) {
+    // a token below (1 - p) / V of the mass can never be in the nucleus (all such tokens
+    // together hold less than 1 - p), so only the rest are candidates
+    edge = nucleusEdge(logits, w, max, invT, ((1 - p.topP) / V) * sum, p.topP * sum);
   }
 
-  let target = u * mass;
+  let target = u * edge.mass;
   let last = -1;
-  let ties = atCutoff;
+  let ties = edge.atCutoff;
+  const cutoff = edge.cutoff;
   for (let i = 0; i < V; i++) {
     const x = w[i];
     if (x < cutoff || (x === cutoff && ties-- <= 0)) continue;
     last = i;
     target -= x;
-    if (target < 0) return i;
+    if (target < 0) return { token: i, sum };
   }
-  return last >= 0 ? last : argmax(logits);
+  return { token: last >= 0 ? last : argmax(logits), sum };
 }
 
 /**
  * Picks the next token from one row's logits. Exactly one number is drawn from `rng` per sampled
  * (non-greedy) token, none for greedy ones.
+ *
+ * The reported logprob is l − max − log Σ exp(l − max), the sum taken in id order; greedy finds
+ * the token and the max in one pass, and at T = 1 the draw's own weights are the sum's terms, so
+ * the row is exponentiated once.
  */
 export function sample(logits: ArrayLike<number>, p: SamplingParams, rng: Rng): Sampled {
-  const token = isGreedy(p) ? argmax(logits) : drawShaped(logits, p, rng());
-  const { max, logSum } = logNormalizer(logits);
+  let token: number;
+  let sum: number;
+  const first = argmax(logits);
+  const top = logits[first];
+  // the first of the largest is the max, unless it is a NaN at id 0 (argmax never moves past one)
+  const max = top === top ? top : maxOf(logits);
+  if (isGreedy(p)) {
+    token = first;
+    sum = expSum(logits, max, first);
+  } else {
+    const drawn = drawShaped(logits, p, rng(), max);
+    token = drawn.token;
+    // (l - max) * 1 is l - max exactly: the same terms in the same order
+    sum = p.temperature === 1 ? drawn.sum : expSum(logits, max, first);
+  }
+  const logSum = Math.log(sum);
   const out: Sampled = { token, logprob: logits[token] - max - logSum };
   if (p.topLogprobs > 0) {
     out.top = topN(logits, p.topLogprobs).map((t) => ({ token: t, logprob: logits[t] - max - logSum }));
