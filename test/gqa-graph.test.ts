@@ -92,8 +92,9 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
     const concat = (await createSession(c.dir, c.manifest, 'cpu', quiet)).session;
     try {
       const targets = g.manifest.loraTargets;
-      const a1 = randomAdapter(targets, 1, mixedRanks);
-      const a2 = randomAdapter(targets, 2, attentionOnly);
+      // Phi-3's fused modules (qkv_proj, gate_up_proj) are not in the helpers' tables
+      const a1 = randomAdapter(targets, 1, arch.fusedProjections ? (t) => 1 + ((t.layer + t.module.length) % 4) : mixedRanks);
+      const a2 = randomAdapter(targets, 2, arch.fusedProjections ? (t) => (t.module === 'qkv_proj' || t.module === 'o_proj' ? 6 : -1) : attentionOnly);
       const resident = new Map<Adapter, ResidentAdapter>([
         [a1, residentAdapter(targets, a1, 'a1')],
         [a2, residentAdapter(targets, a2, 'a2')],

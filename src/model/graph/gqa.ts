@@ -90,8 +90,9 @@ export function gqaAttention(g: GraphBuilder, T: Float, numLayers: number, H: nu
         num_heads: int(H),
         kv_num_heads: int(KVH),
         scale: float(l.scale),
-        // onnxruntime's window counts the keys before the query: transformers' W keys include it
-        ...(l.window !== undefined && { local_window_size: int(l.window - 1) }),
+        // measured on 1.30 (test/gqa-graph.test.ts): the op's window counts the query's own key, as
+        // transformers' sliding_window does (W − 1 differs from the plain-ops graph by ~50 in the logits)
+        ...(l.window !== undefined && { local_window_size: int(l.window) }),
         ...(l.softcap !== undefined && { softcap: float(l.softcap) }),
         ...(l.rotary && { do_rotary: int(1), rotary_interleaved: int(l.rotary.interleaved ? 1 : 0) }),
       };

@@ -217,7 +217,12 @@ export async function buildLlamaGraph(
   onProgress('writing embeddings');
   const embedName = 'model.embed_tokens.weight';
   const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], tensors.read(embedName, [a.vocabSize, a.hiddenSize]));
-  const axis2 = g.constInt64([2]);
+  // constants made on first use, so a graph that never uses one (gqa's fused attention) holds none
+  const once = <V>(make: () => V): (() => V) => {
+    let v: V | undefined;
+    return () => (v ??= make());
+  };
+  const axis2 = once(() => g.constInt64([2]));
   /** rot(x) = x·cos + (x·R)·sin with the tables of `ra` (`a`, or Gemma 3's local layers' variant) */
   const ropeFor = async (ra: Architecture, suffix: string): Promise<(x: string) => string> => {
     g.scope = '/model/rope';
@@ -226,8 +231,8 @@ export async function buildLlamaGraph(
     const sinTable = await g.weight(`rope.sin${suffix}`, T, [a.maxPositions, hd], rope.sin);
     const rotation = g.constFloat(rope.rotation, [hd, hd], T);
     // [B, S, 1, hd]: broadcast over heads of q [B, S, H, hd] and k [B, S, KVH, hd]
-    let cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
-    let sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
+    let cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2()]);
+    let sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2()]);
     if (rope.long && ra.rope?.type === 'longrope') {
       // LongRoPE (transformers' dynamic update): a step whose max(position_ids) + 1 exceeds the
       // original context uses the long factors, per row here
@@ -235,8 +240,8 @@ export async function buildLlamaGraph(
       const longSin = await g.weight(`rope.sin_long${suffix}`, T, [a.maxPositions, hd], rope.long.sin);
       const lastPos = g.op('ReduceMax', [positionIds], { axes: ints([1]), keepdims: int(1) }); // [B, 1] (opset 17: axes is an attribute)
       const isLong = g.op('Unsqueeze', [g.op('Greater', [lastPos, g.constInt64([ra.rope.originalMaxPositions - 1], [])]), g.constInt64([2, 3])]); // [B, 1, 1, 1]
-      cos = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longCos, positionIds], { axis: int(0) }), axis2]), cos]);
-      sin = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longSin, positionIds], { axis: int(0) }), axis2]), sin]);
+      cos = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longCos, positionIds], { axis: int(0) }), axis2()]), cos]);
+      sin = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longSin, positionIds], { axis: int(0) }), axis2()]), sin]);
     }
     const [c, s] = [cos, sin];
     return (x: string) => g.op('Add', [g.op('Mul', [x, c]), g.op('Mul', [g.op('MatMul', [x, rotation]), s])]);
@@ -260,15 +265,15 @@ export async function buildLlamaGraph(
   const globalRotary = rotaryInside ? await rotaryFor(a, '') : undefined;
   const localRotary = rotaryInside && localArch ? await rotaryFor(localArch, '.local') : globalRotary;
 
-  const qScale = scalar(1 / Math.sqrt(a.queryPreAttnScalar ?? hd));
+  const qScale = once(() => scalar(1 / Math.sqrt(a.queryPreAttnScalar ?? hd)));
   const shape = (dims: number[]) => g.constInt64(dims);
-  const toHeads = shape([0, 0, H, hd]);
-  const toKvHeads = shape([0, 0, KVH, hd]);
-  const toGroups = shape([0, KVH, -1, hd]); // [B, H, S, hd] → [B, KVH, G·S, hd]
-  const scoresToHeads = shape([0, H, -1, 0]); // [B, KVH, G·S, T] → [B, H, S, T]
-  const probsToGroups = shape([0, KVH, -1, 0]); // [B, H, S, T] → [B, KVH, G·S, T]
-  const ctxToHeads = shape([0, H, -1, hd]);
-  const mergeHeads = shape([0, 0, H * hd]);
+  const toHeads = once(() => shape([0, 0, H, hd]));
+  const toKvHeads = once(() => shape([0, 0, KVH, hd]));
+  const toGroups = once(() => shape([0, KVH, -1, hd])); // [B, H, S, hd] → [B, KVH, G·S, hd]
+  const scoresToHeads = once(() => shape([0, H, -1, 0])); // [B, KVH, G·S, T] → [B, H, S, T]
+  const probsToGroups = once(() => shape([0, KVH, -1, 0])); // [B, H, S, T] → [B, KVH, G·S, T]
+  const ctxToHeads = once(() => shape([0, H, -1, hd]));
+  const mergeHeads = once(() => shape([0, 0, H * hd]));
 
   const rmsNorm = (x: string, weight: string) =>
     g.op('SimplifiedLayerNormalization', [x, weight], { axis: int(-1), epsilon: float(a.rmsNormEps), stash_type: int(1) });
@@ -366,8 +371,8 @@ export async function buildLlamaGraph(
     if (fused) {
       // q/k stay [B, S, heads·hd] unless Qwen3's per-head norms need the heads apart
       const flat = (x4: string) => g.op('Reshape', [x4, shape([0, 0, -1])]);
-      const qIn = a.qkNorm || !rotaryInside ? flat(applyRope(await headNorm(g.op('Reshape', [qp, toHeads]), 'q_norm'))) : qp;
-      const kIn = a.qkNorm || !rotaryInside ? flat(applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads]), 'k_norm'))) : kp;
+      const qIn = a.qkNorm || !rotaryInside ? flat(applyRope(await headNorm(g.op('Reshape', [qp, toHeads()]), 'q_norm'))) : qp;
+      const kIn = a.qkNorm || !rotaryInside ? flat(applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads()]), 'k_norm'))) : kp;
       merged = fused.attend(i, {
         q: qIn,
         k: kIn,
@@ -378,18 +383,18 @@ export async function buildLlamaGraph(
         ...(rotaryInside && { rotary: local ? localRotary! : globalRotary! }),
       });
     } else {
-      const q = applyRope(await headNorm(g.op('Reshape', [qp, toHeads]), 'q_norm'));
-      const k = applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads]), 'k_norm'));
-      const v = g.op('Reshape', [vp, toKvHeads]);
+      const q = applyRope(await headNorm(g.op('Reshape', [qp, toHeads()]), 'q_norm'));
+      const k = applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads()]), 'k_norm'));
+      const v = g.op('Reshape', [vp, toKvHeads()]);
       const perm = { perm: ints([0, 2, 1, 3]) };
-      const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
+      const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale()]);
       const { keys: presentK, values: presentV } = kv!.layer(i, k, v);
-      const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
+      const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups()]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
       const capped = a.attnSoftcap ? softcap(scores, a.attnSoftcap) : scores;
-      const biased = g.op('Add', [g.op('Reshape', [capped, scoresToHeads]), local ? windowBias : attnBias]);
+      const biased = g.op('Add', [g.op('Reshape', [capped, scoresToHeads()]), local ? windowBias : attnBias]);
       const probs = g.op('Softmax', [biased], { axis: int(-1) });
-      const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups]), presentV]);
-      merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads])], perm), mergeHeads]);
+      const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups()]), presentV]);
+      merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads()])], perm), mergeHeads()]);
     }
     const attnOut = await projection(i, 'o_proj', merged);
     const postNorm = await normWeight(`${pre}.post_attention_layernorm.weight`, a.hiddenSize);
