@@ -52,7 +52,7 @@ export async function measureContextScaling(session: InferenceSession, manifest:
   const longest = Math.max(...usable) + steps + 3;
   const points: ContextPoint[] = [];
   for (const context of usable) {
-    const kv = kvStoreFor(manifest, batch, kvContract === 'gqa' ? longest : context + steps + 3, { initialCapacity: context + steps + 3 });
+    const kv = kvStoreFor(manifest, batch, kvContract === 'gqa' ? longest : context + steps + 3, { initialCapacity: kvContract === 'gqa' ? longest : context + steps + 3 });
     const feeds = new FeedBuilder(manifest, batch);
     const slots = Array.from({ length: batch }, () => kv.acquire());
     const adapters = slots.map(() => null);

@@ -57,7 +57,8 @@ async function decodeBytesPerToken(promptLength: number, rows: number, provider:
       for (const [id] of m.tokens) started.add(id);
     }
   };
-  const core = new EngineCore(session, model.manifest, limits, sink, { provider, boundOutputs });
+  // the gqa cache allocated whole (its capacity, not the context, sizes what the Node API copies back)
+  const core = new EngineCore(session, model.manifest, limits, sink, { provider, boundOutputs, initialKvCapacity: limits.contextLength });
   const maxTokens = 12;
   for (let i = 0; i < rows; i++) core.submit(i + 1, request(promptLength, maxTokens));
   // every prefill ends with each row's first token; from then on only decode steps run

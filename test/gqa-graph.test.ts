@@ -110,7 +110,8 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
       ];
       const expected = await Promise.all(seqs.map((s) => reference(concat, c.manifest, s)));
 
-      const kv = new GqaKv(kvShapeOf(g.manifest), 3, arch.maxPositions);
+      // 8 positions at first: the buffers double (8 → 16 → 32) while rows hold cached tokens
+      const kv = new GqaKv(kvShapeOf(g.manifest), 3, arch.maxPositions, undefined, 8);
       const feeds = new FeedBuilder(g.manifest, 3);
       const got: Float32Array[][] = seqs.map(() => []);
       const handle: number[] = [];
@@ -120,6 +121,7 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
       const prefillChunk = async (i: number) => {
         const s = seqs[i]!;
         const end = Math.min(s.prompt.length, len[i]! + 4);
+        kv.reserve(end);
         const f = feeds.prefill(s.prompt.slice(len[i], end), handle[i]!, len[i]!, kv, adapterOf(i));
         const out = await runEngineStep(gqa, g.manifest, kv, f, false);
         kv.write(out, [handle[i]!], [len[i]!], end - len[i]!);
@@ -129,6 +131,7 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
       const decodeStep = async (rows: number[]) => {
         const order = kv.order(rows.map((i) => handle[i]!)).map((k) => rows[k]!);
         const tokens = order.map((i) => seqs[i]!.decode[fed[i]!]!);
+        kv.reserve(Math.max(...order.map((i) => len[i]! + 1)));
         const f = feeds.decode(tokens, order.map((i) => handle[i]!), order.map((i) => len[i]!), kv, order.map(adapterOf));
         const out = await runEngineStep(gqa, g.manifest, kv, f, false);
         kv.write(out, order.map((i) => handle[i]!), order.map((i) => len[i]!), 1);
@@ -158,6 +161,7 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
       await decodeStep([0, 2]);
       kv.release(handle[3]!);
       expect(kv.moves - movesAfter).toBeLessThanOrEqual(1);
+      expect(kv.capacity).toBe(32);
 
       let worst = 0;
       seqs.forEach((s, i) => {

@@ -1,7 +1,7 @@
 import { Tensor } from 'onnxruntime-node';
 import { kvCacheKeyName, kvCacheValueName, kvPresentKeyName, kvPresentValueName, KV_SEQLENS, KV_TOTAL, type EngineKv, type Manifest, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
-import { ResidentKv, type KvShape } from './kv.js';
+import { INITIAL_CAPACITY, ResidentKv, type KvShape } from './kv.js';
 
 /**
  * The engine's KV cache behind one interface, whichever contract the graph was built with
@@ -102,9 +102,16 @@ class GqaPrefix implements KvPrefix {
 
 /**
  * The cache of the `gqa` contract (graph/gqa.ts): per layer one key and one value buffer
- * [slots + 1, kvHeads, maxCtx, headDim], allocated whole, once, through `buffers`. A step hands
+ * [slots + 1, kvHeads, capacity, headDim], allocated through `buffers`. A step hands
  * GroupQueryAttention a view of the slots it runs as both past and present, and the op writes the
  * step's keys and values into it; nothing is written back from JS.
+ *
+ * Capacity: allocated once at `initialCapacity` (default 256 positions, or the whole context) and
+ * doubled up to the context length when a step needs more (each held slot's cached positions
+ * copied over, amortised O(1) per token) — as ResidentKv does, because the whole context at once
+ * is MAX_BATCH × max_position_embeddings per layer: tens of GB for a 128k-context model. Pass
+ * `initialCapacity = maxLen` for one allocation for the engine's life. (Through onnxruntime-node
+ * each step also copies the bound buffers back whole, so that copy follows the capacity too.)
  *
  * Slot-major, so a step's view must be one contiguous range of slots, row b in its b-th slot:
  * - a prefill chunk (batch 1) is the row's own slot, wherever it is;
@@ -127,30 +134,41 @@ export class GqaKv implements KvStore {
   /** cached positions per handle (from `write`), so a move copies only those */
   private readonly lens: number[];
   private readonly scratch: number;
+  private cap: number;
   /** slot moves made by `order` (tests: they must stay one per ended request, not per step) */
   moves = 0;
 
   constructor(
     readonly shape: KvShape,
     readonly slots: number,
-    /** the context length: the buffers' position axis */
+    /** the context length: no slot ever holds more */
     readonly maxLen: number,
     private readonly buffers: KvBuffers = hostKvBuffers,
+    initialCapacity = INITIAL_CAPACITY,
   ) {
     if (!Number.isInteger(slots) || slots < 1) throw new Error(`a KV cache needs at least one slot, got ${slots}`);
     this.scratch = slots;
     this.at = new Array<number>(slots).fill(-1);
     this.holder = new Array<number>(slots + 1).fill(-1);
     this.lens = new Array<number>(slots).fill(0);
-    const dims = [slots + 1, shape.kvHeads, maxLen, shape.headDim];
+    this.cap = Math.max(1, Math.min(initialCapacity, maxLen));
     for (let l = 0; l < shape.layers; l++) {
-      this.keys.push(buffers.allocate(shape.dtype, dims));
-      this.values.push(buffers.allocate(shape.dtype, dims));
+      this.keys.push(this.allocate(this.cap));
+      this.values.push(this.allocate(this.cap));
     }
   }
 
+  private allocate(cap: number): Tensor {
+    return this.buffers.allocate(this.shape.dtype, [this.slots + 1, this.shape.kvHeads, cap, this.shape.headDim]);
+  }
+
+  /** positions per slot currently allocated */
+  get capacity(): number {
+    return this.cap;
+  }
+
   get bytes(): number {
-    const per = (this.slots + 1) * this.shape.kvHeads * this.maxLen * this.shape.headDim * (this.shape.dtype === 'fp16' ? 2 : 4);
+    const per = (this.slots + 1) * this.shape.kvHeads * this.cap * this.shape.headDim * (this.shape.dtype === 'fp16' ? 2 : 4);
     return per * this.shape.layers * 2;
   }
 
@@ -176,6 +194,22 @@ export class GqaKv implements KvStore {
 
   reserve(len: number): void {
     if (len > this.maxLen) throw new Error(`${len} positions do not fit a context of ${this.maxLen}`);
+    if (len <= this.cap) return;
+    let cap = this.cap;
+    while (cap < len) cap *= 2;
+    cap = Math.min(cap, this.maxLen);
+    const grow = (old: Tensor) => {
+      const next = this.allocate(cap);
+      this.holder.forEach((h, slot) => {
+        if (h >= 0 && this.lens[h]! > 0) this.buffers.copy(old, slot, next, slot, this.lens[h]!);
+      });
+      return next;
+    };
+    for (let l = 0; l < this.shape.layers; l++) {
+      this.keys[l] = grow(this.keys[l]!);
+      this.values[l] = grow(this.values[l]!);
+    }
+    this.cap = cap;
   }
 
   order(handles: readonly number[]): number[] {
@@ -228,7 +262,7 @@ export class GqaKv implements KvStore {
     const seqlens = new Int32Array(n);
     let total = 0;
     lens.forEach((len, b) => {
-      if (len + S > this.maxLen) throw new Error(`positions up to ${len + S} are beyond the cache's ${this.maxLen}`);
+      if (len + S > this.cap) throw new Error(`positions up to ${len + S} are beyond the cache's ${this.cap} (call reserve first)`);
       seqlens[b] = len + S - 1;
       total = Math.max(total, len + S);
     });
@@ -297,7 +331,7 @@ export class GqaKv implements KvStore {
 export function kvStoreFor(manifest: Pick<Manifest, 'kv' | 'architecture' | 'dtype'>, slots: number, maxLen: number, opts: { initialCapacity?: number; buffers?: KvBuffers } = {}): KvStore {
   const a = manifest.architecture;
   const shape: KvShape = { layers: a.numLayers, kvHeads: a.numKvHeads, headDim: a.headDim, dtype: manifest.dtype };
-  if (manifest.kv === 'gqa') return new GqaKv(shape, slots, maxLen, opts.buffers);
+  if (manifest.kv === 'gqa') return new GqaKv(shape, slots, maxLen, opts.buffers, opts.initialCapacity);
   if (manifest.kv === 'resident') return new ResidentKv(shape, slots, maxLen, opts.initialCapacity);
   throw new Error(`this graph was built with the ${manifest.kv ?? 'concat'} KV contract; the engine serves graphs built with kv: resident or gqa (rebuild the model)`);
 }
