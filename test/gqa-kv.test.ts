@@ -10,7 +10,6 @@ import { kvCacheKeyName, kvCacheValueName, kvPresentKeyName, KV_SEQLENS, KV_TOTA
  */
 
 const shape: KvShape = { layers: 2, kvHeads: 2, headDim: 8, dtype: 'fp32' };
-const W = shape.kvHeads * shape.headDim;
 
 /** Writes `len` positions of recognisable values into a row's slot through the step's views, as the op would. */
 function fill(kv: GqaKv, handle: number, len: number, tag: number): void {
