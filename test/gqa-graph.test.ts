@@ -1,3 +1,4 @@
+import * as ort from 'onnxruntime-node';
 import type { InferenceSession, Tensor } from 'onnxruntime-node';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -7,6 +8,7 @@ import { GqaKv } from '../src/engine/kv-store.js';
 import { runStep as runEngineStep } from '../src/engine/step-run.js';
 import { buildModel } from '../src/model/build.js';
 import { gqaSupport } from '../src/model/graph/gqa.js';
+import { GraphBuilder, float, int } from '../src/model/graph/onnx-builder.js';
 import { kvCacheKeyName, kvPresentKeyName, KV_SEQLENS, KV_TOTAL, type LoraTarget, type Manifest } from '../src/model/manifest.js';
 import { createSession } from '../src/model/session.js';
 import { KvState, broadcastLoraFeeds, maxAbsDiff, randomAdapter, runStep, type Adapter } from './helpers/lora-feeds.js';
@@ -199,5 +201,54 @@ describe('gqa contract', () => {
     const g = await buildModel(randomCheckpoint(arch, 5), { outDir: join(root.dir, 'm'), dtype: 'fp32', logits: 'last', kv: 'gqa', onProgress: (l) => lines.push(l) });
     expect(g.manifest.kv).toBe('resident');
     expect(lines.filter((l) => /KV=gqa is not possible/.test(l))).toEqual([expect.stringMatching(/head_dim 12.*resident/)]);
+  });
+});
+
+/**
+ * One GroupQueryAttention node run with the cache bound as past and present: what the CPU kernel of
+ * the installed onnxruntime accepts. gqaSupport and GqaKv.step encode these; if a new onnxruntime
+ * lifts one, this fails and says which.
+ */
+async function gqaNodeRun(o: { hd: number; rotary: boolean; B: number; S: number; past: number }): Promise<string> {
+  const H = 2;
+  const cap = 16;
+  const g = new GraphBuilder(null);
+  const ins = [g.input('q', 'float32', ['B', 'S', H * o.hd]), g.input('k', 'float32', ['B', 'S', o.hd]), g.input('v', 'float32', ['B', 'S', o.hd])];
+  ins.push(g.input('pk', 'float32', ['B', 1, 'C', o.hd]), g.input('pv', 'float32', ['B', 1, 'C', o.hd]), g.input('sl', 'int32', ['B']), g.input('tot', 'int32', []));
+  if (o.rotary) for (const v of [1, 0]) ins.push(g.constFloat(new Float32Array(32 * (o.hd / 2)).fill(v), [32, o.hd / 2], 'float32'));
+  g.node('GroupQueryAttention', ins, { attrs: { num_heads: int(H), kv_num_heads: int(1), scale: float(1), ...(o.rotary && { do_rotary: int(1) }) }, domain: 'com.microsoft', outputs: ['out', 'presk', 'presv'] });
+  g.output('out', 'float32', ['B', 'S', H * o.hd]);
+  g.output('presk', 'float32', ['B', 1, 'C', o.hd]);
+  g.output('presv', 'float32', ['B', 1, 'C', o.hd]);
+  const session = await ort.InferenceSession.create(g.encode('gqa-constraints', { '': 17, 'com.microsoft': 1 }, 'test'));
+  const t = (dims: number[]) => new ort.Tensor('float32', new Float32Array(dims.reduce((a, b) => a * b, 1)).fill(0.1), dims);
+  const pk = t([o.B, 1, cap, o.hd]);
+  const pv = t([o.B, 1, cap, o.hd]);
+  try {
+    const feeds = { q: t([o.B, o.S, H * o.hd]), k: t([o.B, o.S, o.hd]), v: t([o.B, o.S, o.hd]), pk, pv, sl: new ort.Tensor('int32', new Int32Array(o.B).fill(o.past + o.S - 1), [o.B]), tot: new ort.Tensor('int32', Int32Array.of(o.past + o.S), []) };
+    await session.run(feeds, { out: null, presk: pk, presv: pv });
+    return 'ok';
+  } catch (e) {
+    return (e as Error).message;
+  } finally {
+    await session.release();
+  }
+}
+
+describe('onnxruntime GroupQueryAttention (CPU) constraints behind gqaSupport and GqaKv.step', () => {
+  it('head_dim % 8; % 16 with the rotary caches; S > 1 over a past only at batch 1', async () => {
+    expect(await gqaNodeRun({ hd: 12, rotary: false, B: 1, S: 1, past: 2 })).toMatch(/head_size must be a multiple of 8/);
+    expect(await gqaNodeRun({ hd: 8, rotary: false, B: 1, S: 1, past: 2 })).toBe('ok');
+    expect(await gqaNodeRun({ hd: 8, rotary: true, B: 1, S: 1, past: 2 })).toMatch(/multiple of 16/);
+    expect(await gqaNodeRun({ hd: 24, rotary: true, B: 1, S: 1, past: 2 })).toMatch(/multiple of 16/);
+    expect(await gqaNodeRun({ hd: 32, rotary: true, B: 1, S: 1, past: 2 })).toBe('ok');
+    expect(await gqaNodeRun({ hd: 16, rotary: true, B: 1, S: 3, past: 2 })).toBe('ok');
+    expect(await gqaNodeRun({ hd: 16, rotary: true, B: 2, S: 3, past: 2 })).toMatch(/batch_size must be 1 when sequence_length > 1 and past context is given/);
+    expect(await gqaNodeRun({ hd: 16, rotary: true, B: 2, S: 3, past: 0 })).toBe('ok');
+    expect([8, 24, 12].map((headDim) => gqaSupport(tinyArchitecture({ headDim })))).toEqual([
+      { ok: true, rotary: 'outside' },
+      { ok: true, rotary: 'outside' },
+      { ok: false, reason: expect.stringMatching(/multiple of 8/) },
+    ]);
   });
 });
