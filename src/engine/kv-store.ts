@@ -218,7 +218,9 @@ export class GqaKv implements KvStore {
     for (const h of handles) {
       const from = this.slotOf(h);
       if (from < n) continue;
+      // there is one: fewer than n of the step's rows sit below n while this one does not
       const to = this.holder.findIndex((o, s) => s < n && !inStep.has(o));
+      if (to < 0) throw new Error(`the step's ${n} rows are not ${n} distinct held slots`);
       const other = this.holder[to]!;
       if (other >= 0) {
         // a row outside the step (mid-prefill) sits there: to a free slot, or swap through scratch
