@@ -1,16 +1,30 @@
+import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import type { InferenceSession } from 'onnxruntime-node';
-import { FeedBuilder, kvShapeOf } from '../src/engine/batch.js';
-import { ResidentKv } from '../src/engine/kv.js';
+import { FeedBuilder } from '../src/engine/batch.js';
+import { kvStoreFor } from '../src/engine/kv-store.js';
+import { runStep } from '../src/engine/step-run.js';
 import { countTransfer, type Transfer } from '../src/engine/transfer.js';
-import type { Manifest } from '../src/model/manifest.js';
-import type { Provider } from '../src/model/session.js';
+import { openCheckpoint } from '../src/model/checkpoint/index.js';
+import { buildModel } from '../src/model/build.js';
+import type { EngineKv, Manifest } from '../src/model/manifest.js';
+import { createSession, type Provider } from '../src/model/session.js';
+import { ensurePreset, isPresetName, PRESET_NAMES } from './presets.js';
 import { median, now } from './timing.js';
 
 /**
  * Decode step time against context length, on the same batch: the engine's own step (FeedBuilder
- * over the resident cache, session.run, the new K/V written back) with every row at `context`
- * cached tokens. With the cache resident, the step grows only by the extra attention compute;
- * the bytes handed across per step stay the same, which this also reports.
+ * over the engine's KV store, session.run, the store's write) with every row at `context` cached
+ * tokens, for whichever KV contract the graph was built with (manifest.kv). With the cache
+ * resident, the step grows only by the attention compute; the bytes handed across per step stay
+ * the same, which this also reports.
+ *
+ * The gqa store is sized as the server sizes it, for the longest context measured, at every point:
+ * through onnxruntime-node its bound present buffers come back copied whole each step (flat in the
+ * context, proportional to that length; docs/resident-kv.md), and the numbers show that cost.
+ *
+ * Standalone: `npx tsx bench/context.ts [--preset tiny|…] [--steps N] [--cache <dir>]` builds the
+ * preset with kv: resident and kv: gqa and prints the two side by side (CPU, fp32).
  */
 export interface ContextPoint {
   context: number;
@@ -22,6 +36,8 @@ export interface ContextPoint {
 
 export interface ContextScaling {
   batch: number;
+  /** the graph's KV contract */
+  kv: EngineKv;
   points: ContextPoint[];
   /** stepMs at the longest context ÷ at the shortest */
   ratio: number;
@@ -29,11 +45,14 @@ export interface ContextScaling {
 }
 
 export async function measureContextScaling(session: InferenceSession, manifest: Manifest, provider: Provider, batch: number, contexts: readonly number[], steps: number): Promise<ContextScaling> {
+  const kvContract = manifest.kv;
+  if (kvContract !== 'resident' && kvContract !== 'gqa') throw new Error(`the graph has the ${manifest.kv ?? 'concat'} KV contract; the engine's are resident and gqa`);
   const maxPos = manifest.architecture.maxPositions;
   const usable = [...new Set(contexts.map((c) => Math.min(c, maxPos - steps - 3)))].filter((c) => c > 0);
+  const longest = Math.max(...usable) + steps + 3;
   const points: ContextPoint[] = [];
   for (const context of usable) {
-    const kv = new ResidentKv(kvShapeOf(manifest), batch, context + steps + 3, context + steps + 3);
+    const kv = kvStoreFor(manifest, batch, kvContract === 'gqa' ? longest : context + steps + 3, { initialCapacity: kvContract === 'gqa' ? longest : context + steps + 3 });
     const feeds = new FeedBuilder(manifest, batch);
     const slots = Array.from({ length: batch }, () => kv.acquire());
     const adapters = slots.map(() => null);
@@ -45,9 +64,10 @@ export async function measureContextScaling(session: InferenceSession, manifest:
     const transfer: Transfer = { toRuntime: 0, fromRuntime: 0 };
     for (let s = 0; s < steps + 2; s++) {
       const t0 = now();
+      kv.reserve(Math.max(...lens) + 1);
       const f = feeds.decode(tokens, slots, lens, kv, adapters);
       const r0 = now();
-      const out = await session.run(f);
+      const out = await runStep(session, manifest, kv, f, false);
       const r1 = now();
       kv.write(out, slots, lens, 1);
       for (let b = 0; b < batch; b++) lens[b]++;
@@ -64,8 +84,52 @@ export async function measureContextScaling(session: InferenceSession, manifest:
   const last = points[points.length - 1];
   return {
     batch,
+    kv: kvContract,
     points,
     ratio: first && last ? last.stepMs / first.stepMs : Number.NaN,
-    what: `decode step (feeds + session.run + KV write) with every one of ${batch} rows at the given context, median of ${steps} steps`,
+    what: `decode step (feeds + session.run + KV write, kv ${kvContract}) with every one of ${batch} rows at the given context, median of ${steps} steps`,
   };
+}
+
+export function contextLine(cx: ContextScaling): string {
+  const f = (v: number, d: number) => v.toFixed(d);
+  return (
+    `kv ${cx.kv}, batch ${cx.batch}: ` +
+    cx.points.map((p) => `context ${p.context}: step ${f(p.stepMs, 2)} ms (run ${f(p.runMs, 2)} ms), ${f(p.bytesPerStep.toRuntime, 0)} B in / ${f(p.bytesPerStep.fromRuntime, 0)} B out per step`).join('; ') +
+    `; ratio ${f(cx.ratio, 2)}×`
+  );
+}
+
+async function main(argv: readonly string[]): Promise<void> {
+  let preset = 'tiny';
+  let steps = 4;
+  let cache = './data/bench-models';
+  for (let i = 0; i < argv.length; i++) {
+    const v = argv[i + 1];
+    if (argv[i] === '--preset' && v) preset = v;
+    else if (argv[i] === '--steps' && v) steps = Number(v);
+    else if (argv[i] === '--cache' && v) cache = v;
+    else throw new Error(`usage: tsx bench/context.ts [--preset ${PRESET_NAMES.join('|')}] [--steps N] [--cache <dir>]`);
+    i++;
+  }
+  if (!isPresetName(preset)) throw new Error(`unknown preset ${preset}`);
+  if (!Number.isInteger(steps) || steps < 1) throw new Error(`--steps must be a positive integer`);
+  const progress = (l: string) => console.error(l);
+  const ck = await openCheckpoint(await ensurePreset(preset, resolve(cache), progress));
+  for (const kv of ['resident', 'gqa'] as const) {
+    const built = await buildModel(ck, { outDir: join(resolve(cache), 'built'), dtype: 'fp32', logits: 'last', kv, onProgress: progress });
+    const { session } = await createSession(built.dir, built.manifest, 'cpu', { info: () => {}, warn: () => {} });
+    try {
+      console.log(`${preset} ${contextLine(await measureContextScaling(session, built.manifest, 'cpu', 8, [128, 2048], steps))}`);
+    } finally {
+      await session.release();
+    }
+  }
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
+  main(process.argv.slice(2)).catch((e: unknown) => {
+    console.error(e instanceof Error ? e.message : e);
+    process.exit(1);
+  });
 }

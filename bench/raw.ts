@@ -80,12 +80,13 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
   // what the last session.run was: a decode step has one token per row
   const last = { kind: 'prefill' as 'prefill' | 'decode', rows: 0, runMs: 0 };
   const timing: RunSession = {
-    run: async (feeds: InferenceSession.FeedsType) => {
+    // fetches pass through: the gqa KV store binds its cache as pre-allocated outputs (engine/step-run.ts)
+    run: async (feeds: InferenceSession.FeedsType, fetches?: InferenceSession.FetchesType) => {
       const ids = feeds.input_ids as Tensor;
       last.kind = ids.dims[1] === 1 ? 'decode' : 'prefill';
       last.rows = Number(ids.dims[0]);
       const t0 = now();
-      const out = await session.run(feeds);
+      const out = fetches ? await session.run(feeds, fetches) : await session.run(feeds);
       last.runMs = now() - t0;
       return out;
     },

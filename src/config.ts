@@ -45,6 +45,12 @@ export const ConfigSchema = z.object({
   WEIGHTS: z.enum(['auto', 'fp32', 'fp16', 'int8', 'int4']).default('auto'),
   /** MatMulNBits accuracy_level with int8/int4: 4 = int8 activations (fast), 0 = float (exact dequantized product) */
   WEIGHTS_ACCURACY_LEVEL: z.enum(['0', '4']).default('4').transform((v) => (v === '0' ? 0 : 4) as 0 | 4),
+  /**
+   * the KV cache: `gqa` = GroupQueryAttention writing a slot-major cache in place (graph/gqa.ts);
+   * `resident` = plain-ops attention over the position-major cache (graph/kv.ts). A model gqa
+   * cannot run (head_dim not a multiple of 8) is built resident, with a log line saying why.
+   */
+  KV: z.enum(['gqa', 'resident']).default('gqa'),
   MAX_LORA_RANK: int(64),
   /** the most memory one adapter's served weights may take, in MiB (saved embed_tokens / lm_head copies are vocab × hidden); 0 = no limit */
   ADAPTER_MEMORY_BUDGET_MB: int(4096),

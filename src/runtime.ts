@@ -53,7 +53,7 @@ export function servedBuildOptions(config: Config, placement: Placement): Omit<B
     outDir: path.resolve(config.CACHE_DIR),
     dtype: placement.dtype,
     logits: 'last',
-    kv: 'resident',
+    kv: config.KV,
     ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
   };
 }

@@ -5,7 +5,7 @@ import type { Engine, GenerateRequest } from '../src/engine/engine.js';
 import { mergeAdapter, randomAdapter, type Adapter } from './helpers/lora-feeds.js';
 import { Rng, randomTokens, tinyArchitecture, type MemoryCheckpoint } from './helpers/random-checkpoint.js';
 import { referenceForward } from './reference/forward.js';
-import { attentionOnly, buildRandomModel, collect, engineWeights, mixedRanks, mlpOnly, startEngine, tempRoot, type Collected, type TestModel } from './engine-setup.js';
+import { attentionOnly, buildRandomModel, collect, engineWeights, mixedRanks, mlpOnly, startEngine, tempRoot, testKv, type Collected, type TestModel } from './engine-setup.js';
 
 /**
  * Continuous batching on a real onnxruntime session (tiny random Llama, untied head so greedy
@@ -156,7 +156,7 @@ describe('engine: vocabulary limit', () => {
 
 describe('engine: fp16 graph (float16 feeds and caches as raw Uint16Array bits)', () => {
   it('batched rows over mixed adapters equal their runs alone, and track the fp32 engine', async () => {
-    const built = await buildModel(model.ck, { outDir: join(root.dir, 'fp16'), dtype: 'fp16', logits: 'last', kv: 'resident' });
+    const built = await buildModel(model.ck, { outDir: join(root.dir, 'fp16'), dtype: 'fp16', logits: 'last', kv: testKv() });
     const half = await startEngine({ ck: model.ck, dir: built.dir, manifest: built.manifest }, { MAX_BATCH: 8, PREFILL_CHUNK: 4 });
     try {
       for (const v of VERSIONS) await half.loadAdapter(v, engineWeights(built.manifest.loraTargets, adapters[v]));

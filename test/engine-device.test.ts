@@ -5,7 +5,7 @@ import type { ModelDtype } from '../src/model/manifest.js';
 import { referenceForward } from './reference/forward.js';
 import { mergeAdapter, randomAdapter, type Adapter } from './helpers/lora-feeds.js';
 import { Rng, randomCheckpoint, randomTokens, tinyArchitecture } from './helpers/random-checkpoint.js';
-import { collect, engineWeights, mixedRanks, startEngine, tempRoot, testDevice } from './engine-setup.js';
+import { collect, engineWeights, mixedRanks, startEngine, tempRoot, testDevice, testKv } from './engine-setup.js';
 
 /**
  * Reference equality of the resident-KV engine on the test device (LORASERVE_TEST_DEVICE, default
@@ -41,7 +41,7 @@ function logSoftmaxAt(logits: Float32Array, token: number): number {
 describe(`resident-KV engine on ${device}`, () => {
   for (const dtype of ['fp32', 'fp16'] as const) {
     it(`${dtype}: every token's logprob equals the reference forward (≤ ${TOLERANCE[dtype]}), rows batched over adapters and chunked prefill`, async () => {
-      const built = await buildModel(ck, { outDir: join(root.dir, 'models'), dtype, logits: 'last', kv: 'resident' });
+      const built = await buildModel(ck, { outDir: join(root.dir, 'models'), dtype, logits: 'last', kv: testKv() });
       adapter ??= randomAdapter(built.manifest.loraTargets, 5, mixedRanks, 2);
       const engine = await startEngine({ ck, dir: built.dir, manifest: built.manifest }, { MAX_BATCH: 4, PREFILL_CHUNK: 5 });
       try {

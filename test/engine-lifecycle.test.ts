@@ -1,7 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ContextLengthError, EngineClosedError, InvalidRequestError, QueueFullError, UnknownAdapterError, type Engine, type GenerateRequest } from '../src/engine/engine.js';
-import { FeedBuilder, kvShapeOf } from '../src/engine/batch.js';
-import { ResidentKv } from '../src/engine/kv.js';
+import { FeedBuilder } from '../src/engine/batch.js';
+import { kvStoreFor } from '../src/engine/kv-store.js';
+import { runStep } from '../src/engine/step-run.js';
 import { createSession } from '../src/model/session.js';
 import { randomAdapter } from './helpers/lora-feeds.js';
 import { tinyArchitecture } from './helpers/random-checkpoint.js';
@@ -166,9 +167,11 @@ describe('engine lifecycle', () => {
 
     // control: the same prefill run on this thread shows what the timer sees when run() blocks it
     const { session } = await createSession(model.dir, model.manifest, 'cpu', { info: () => {}, warn: () => {} });
-    const feeds = new FeedBuilder(model.manifest).prefill(prompt, 0, 0, new ResidentKv(kvShapeOf(model.manifest), 1, 1024), null);
+    const kv = kvStoreFor(model.manifest, 1, 1024);
+    kv.reserve(prompt.length);
+    const feeds = new FeedBuilder(model.manifest).prefill(prompt, kv.acquire(), 0, kv, null);
     const control = startBeat();
-    await session.run(feeds);
+    await runStep(session, model.manifest, kv, feeds, false);
     await new Promise((resolve) => setTimeout(resolve, 20));
     const blocked = control.stop();
     await session.release();

@@ -30,8 +30,18 @@ export interface TestModel {
 
 export async function buildRandomModel(root: string, arch: Architecture, seed: number): Promise<TestModel> {
   const ck = randomCheckpoint(arch, seed);
-  const built = await buildModel(ck, { outDir: join(root, 'models'), dtype: 'fp32', logits: 'last', kv: 'resident' });
+  const built = await buildModel(ck, { outDir: join(root, 'models'), dtype: 'fp32', logits: 'last', kv: testKv() });
   return { ck, dir: built.dir, manifest: built.manifest };
+}
+
+/**
+ * LORASERVE_TEST_KV=gqa|resident: the KV contract the engine tests build (default gqa, the
+ * server's default); the engine and its HTTP tests are meant to pass both ways
+ */
+export function testKv(): 'gqa' | 'resident' {
+  const k = process.env.LORASERVE_TEST_KV ?? 'gqa';
+  if (k !== 'gqa' && k !== 'resident') throw new Error(`LORASERVE_TEST_KV must be gqa or resident, got ${k}`);
+  return k;
 }
 
 /** LORASERVE_TEST_DEVICE=cuda runs the engine tests on the CUDA provider (scripts/gpu-check.sh); default cpu */

@@ -8,7 +8,7 @@ import { loadTokenizer } from '../src/tokenizer/index.js';
 import type { Tokenizer } from '../src/tokenizer/types.js';
 import { Rng, randomTokens, tinyArchitecture } from './helpers/random-checkpoint.js';
 import { STORIES_BIN, TOK512_BIN, HAVE_STORIES } from './helpers/model-io-files.js';
-import { buildRandomModel, startEngine, tempRoot, type TestModel } from './engine-setup.js';
+import { buildRandomModel, startEngine, tempRoot, testKv, type TestModel } from './engine-setup.js';
 
 /**
  * generation.ts: token ids → text deltas, stop strings, EOS, usage, cancellation. On the random
@@ -150,7 +150,7 @@ describe.skipIf(!HAVE_STORIES)('generateText on stories260K (real weights, real 
   let tokenizer: Tokenizer;
   beforeAll(async () => {
     const ck = await openCheckpoint(STORIES_BIN, TOK512_BIN);
-    const built = await buildModel(ck, { outDir: join(root.dir, 'stories'), dtype: 'fp32', logits: 'last', kv: 'resident' });
+    const built = await buildModel(ck, { outDir: join(root.dir, 'stories'), dtype: 'fp32', logits: 'last', kv: testKv() });
     tokenizer = await loadTokenizer(ck.tokenizer!, ck.architecture);
     storiesEngine = await startEngine({ ck: null as never, dir: built.dir, manifest: built.manifest }, { MAX_BATCH: 4, PREFILL_CHUNK: 3 });
   });

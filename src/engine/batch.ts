@@ -1,17 +1,19 @@
 import { Tensor } from 'onnxruntime-node';
 import type { EngineEmbedding } from '../adapters/convert.js';
-import { hasRowEmbeddings, KV_LENS, KV_ROWS, type Manifest, type ModelDtype } from '../model/manifest.js';
+import { hasRowEmbeddings, type Manifest, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
-import type { KvShape, ResidentKv } from './kv.js';
+import type { KvShape } from './kv.js';
+import type { Feeds, KvStore } from './kv-store.js';
 import { LoraVectorFeeds, type LoraVectors } from './lora-vectors.js';
 import { embedFeedsFor, neutralEmbedFeeds, type EmbedFeeds } from './embed-rows.js';
 
 /**
- * Feeds for one run of the resident-KV graph (graph/kv.ts): token ids, positions, each row's KV
- * slot and cached length, views of the resident cache, and every LoRA target's A/B. Nothing here
- * grows with the context: the mask is built inside the graph from the lengths.
+ * Feeds for one run of the engine's graph (resident or gqa KV contract): token ids, positions,
+ * every LoRA target's A/B, the per-row embedding inputs, and what the KV store feeds (views of the
+ * cache and O(rows) lengths). Nothing here grows with the context: the mask is built inside the
+ * graph (resident) or by GroupQueryAttention (gqa) from the lengths.
  */
-export type Feeds = Record<string, Tensor>;
+export type { Feeds };
 
 /** One adapter module in the model's dtype: A [in, rank], B [rank, out] (scale folded into B), maybe DoRA's factor and lora_B's bias. */
 export interface LoraModule extends LoraVectors {
@@ -211,7 +213,7 @@ export class FeedBuilder {
   }
 
   /** A prefill chunk of the row in `slot`: tokens at positions [start, start + n) after its `start` cached ones. */
-  prefill(tokens: readonly number[], slot: number, start: number, kv: ResidentKv, adapter: ResidentAdapter | null): Feeds {
+  prefill(tokens: readonly number[], slot: number, start: number, kv: KvStore, adapter: ResidentAdapter | null): Feeds {
     const n = tokens.length;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
@@ -222,43 +224,33 @@ export class FeedBuilder {
     return {
       input_ids: new Tensor('int64', ids, [1, n]),
       position_ids: new Tensor('int64', pos, [1, n]),
-      [KV_ROWS]: new Tensor('int64', BigInt64Array.of(BigInt(slot)), [1]),
-      [KV_LENS]: new Tensor('int64', BigInt64Array.of(BigInt(start)), [1]),
       ...this.loraForOne(adapter),
       ...this.embedRows([tokens], [adapter]),
-      ...kv.feeds(start),
+      ...kv.step([slot], [start], n),
     };
   }
 
   /**
-   * A decode step: one token per row, row b in slot slots[b] with lens[b] cached tokens. The
-   * cache is fed up to the longest row; the graph masks each row's keys beyond its own length.
+   * A decode step: one token per row, row b in slot slots[b] with lens[b] cached tokens (in the
+   * order the store asked for: KvStore.order). Each row attends to its own length only.
    */
-  decode(tokens: readonly number[], slots: readonly number[], lens: readonly number[], kv: ResidentKv, adapters: readonly (ResidentAdapter | null)[]): Feeds {
+  decode(tokens: readonly number[], slots: readonly number[], lens: readonly number[], kv: KvStore, adapters: readonly (ResidentAdapter | null)[]): Feeds {
     const n = tokens.length;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
-    const rows = new BigInt64Array(n);
-    const kvLens = new BigInt64Array(n);
-    let past = 0;
     for (let b = 0; b < n; b++) {
       ids[b] = BigInt(tokens[b]! < this.vocab ? tokens[b]! : 0);
       pos[b] = BigInt(lens[b]);
-      rows[b] = BigInt(slots[b]);
-      kvLens[b] = BigInt(lens[b]);
-      past = Math.max(past, lens[b]);
     }
     return {
       input_ids: new Tensor('int64', ids, [n, 1]),
       position_ids: new Tensor('int64', pos, [n, 1]),
-      [KV_ROWS]: new Tensor('int64', rows, [n]),
-      [KV_LENS]: new Tensor('int64', kvLens, [n]),
       ...this.loraForRows(adapters),
       ...this.embedRows(
         tokens.map((t) => [t]),
         adapters,
       ),
-      ...kv.feeds(past),
+      ...kv.step(slots, lens, 1),
     };
   }
 }

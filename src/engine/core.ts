@@ -1,12 +1,13 @@
 import type { InferenceSession } from 'onnxruntime-node';
 import { vocabOf, type EngineEmbedding } from '../adapters/convert.js';
-import { hasRowEmbeddings, kvContractOf, type Manifest } from '../model/manifest.js';
-import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
-import { FeedBuilder, kvShapeOf, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
+import { hasRowEmbeddings, type Manifest } from '../model/manifest.js';
+import { hasOwnHead, rowsLogits } from './head.js';
+import { FeedBuilder, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
-import { ResidentKv, type KvPrefix } from './kv.js';
+import { kvStoreFor, type KvBuffers, type KvPrefix, type KvStore } from './kv-store.js';
+import { runStep } from './step-run.js';
 import type { DoneWire, EngineLimits, EngineStats, FinishReason, FromWorker, LoraModuleWire, Provider, TokenWire, WorkerRequest } from './protocol.js';
-import { countTransfer, type Transfer } from './transfer.js';
+import { countTransfer, type BoundOutputs, type Transfer } from './transfer.js';
 import { sample, seededRng, type Rng, type Sampled } from './sampler.js';
 import { Scheduler, type StepPlan } from './scheduler.js';
 
@@ -72,8 +73,9 @@ export class EngineCore {
   private readonly adapters = new Map<string, AdapterEntry>();
   /** every version still in memory, unloaded ones included until their last request ends */
   private readonly resident = new Set<AdapterEntry>();
-  private readonly kv: ResidentKv;
+  private readonly kv: KvStore;
   private readonly provider: Provider;
+  private readonly boundOutputs: BoundOutputs;
   private readonly transferred: Transfer = { toRuntime: 0, fromRuntime: 0 };
   private lastBatchSize = 0;
   private tokensGenerated = 0;
@@ -90,16 +92,22 @@ export class EngineCore {
     private readonly manifest: Manifest,
     private readonly limits: EngineLimits,
     private readonly sink: Sink,
-    /** on cuda, onnxruntime-node copies every input to the device per run, the cache views included */
-    opts: { provider?: Provider; initialKvCapacity?: number } = {},
+    opts: {
+      /** on cuda, onnxruntime-node copies every input to the device per run, the cache views included */
+      provider?: Provider;
+      initialKvCapacity?: number;
+      /** where the gqa store's cache lives (a runner with device buffers plugs in here); default host typed arrays */
+      kvBuffers?: KvBuffers;
+      /** whether the runtime copies pre-allocated outputs back (onnxruntime-node: yes); see transfer.ts */
+      boundOutputs?: BoundOutputs;
+    } = {},
   ) {
-    if (kvContractOf(manifest) !== 'resident') {
-      throw new Error(`this graph was built with the ${kvContractOf(manifest)} KV contract; the engine serves graphs built with kv: resident (rebuild the model)`);
-    }
     this.sched = new Scheduler<Row>(limits);
     this.feeds = new FeedBuilder(manifest, limits.maxBatch);
-    this.kv = new ResidentKv(kvShapeOf(manifest), limits.maxBatch, limits.contextLength, opts.initialKvCapacity);
+    // throws for a graph the engine cannot serve (the concat contract)
+    this.kv = kvStoreFor(manifest, limits.maxBatch, limits.contextLength, { ...(opts.initialKvCapacity !== undefined && { initialCapacity: opts.initialKvCapacity }), ...(opts.kvBuffers && { buffers: opts.kvBuffers }) });
     this.provider = opts.provider ?? 'cpu';
+    this.boundOutputs = opts.boundOutputs ?? 'copied';
     this.targetIndex = new Map(manifest.loraTargets.map((t, i) => [t.name, i]));
   }
 
@@ -332,8 +340,9 @@ export class EngineCore {
     this.emit(row, this.pick(logits, row));
   }
 
-  /** Every decoding row attends to its own slot; no cache moves when rows join or leave. */
-  private async decode(rows: readonly Row[]): Promise<void> {
+  /** Every decoding row attends to its own slot, in the order the KV store needs (KvStore.order). */
+  private async decode(decoding: readonly Row[]): Promise<void> {
+    const rows = this.kv.order(decoding.map((r) => r.slot)).map((i) => decoding[i]!);
     const slots = rows.map((r) => r.slot);
     const lens = rows.map((r) => r.kvLen);
     this.kv.reserve(Math.max(...lens) + 1);
@@ -360,8 +369,9 @@ export class EngineCore {
   /** One run of the session, with what crosses the JS↔runtime boundary counted. */
   private async run(feeds: Feeds, adapters: readonly (ResidentAdapter | null)[]): Promise<InferenceSession.ReturnType> {
     // the hidden state crosses back only for a step with a row whose adapter has its own lm_head
-    const out = hasRowEmbeddings(this.manifest) ? await this.session.run(feeds, fetchesOf(this.manifest, adapters.some((a) => hasOwnHead(a?.embedding)))) : await this.session.run(feeds);
-    countTransfer(this.transferred, feeds, out, this.provider);
+    const hidden = hasRowEmbeddings(this.manifest) && adapters.some((a) => hasOwnHead(a?.embedding));
+    const out = await runStep(this.session, this.manifest, this.kv, feeds, hidden);
+    countTransfer(this.transferred, feeds, out, this.provider, { boundOutputs: this.boundOutputs });
     return out;
   }
 

@@ -277,8 +277,8 @@ export class Engine {
   static async start(opts: EngineOptions): Promise<Engine> {
     const { config, manifest } = opts;
     if (manifest.peer) throw new EngineError('this graph is the Optimum-style peer export (attention_mask, no LoRA inputs); the engine serves graphs built with kv: resident');
-    if (kvContractOf(manifest) !== 'resident') {
-      throw new EngineError(`this graph was built with the ${kvContractOf(manifest)} KV contract; the engine serves graphs built with kv: resident (rebuild the model)`);
+    if (kvContractOf(manifest) !== 'resident' && kvContractOf(manifest) !== 'gqa') {
+      throw new EngineError(`this graph was built with the ${kvContractOf(manifest)} KV contract; the engine serves graphs built with kv: resident or gqa (rebuild the model)`);
     }
     const maxPositions = manifest.architecture.maxPositions;
     const limits: EngineLimits = {

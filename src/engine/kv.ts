@@ -1,6 +1,7 @@
 import { Tensor } from 'onnxruntime-node';
-import { kvCacheKeyName, kvCacheValueName, kvNewKeyName, kvNewValueName, type ModelDtype } from '../model/manifest.js';
+import { kvCacheKeyName, kvCacheValueName, kvNewKeyName, kvNewValueName, KV_LENS, KV_ROWS, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
+import type { Feeds, KvPrefix, KvStore } from './kv-store.js';
 
 /**
  * The KV cache of every slot, resident for the engine's life (DESIGN.md "Engine"): per layer one
@@ -25,13 +26,16 @@ export interface KvShape {
 export const INITIAL_CAPACITY = 256;
 
 /** Positions [0, len) of one slot, every layer, each [len, kvHeads, headDim]: see ResidentKv.snapshot. */
-export interface KvPrefix {
-  readonly len: number;
-  readonly keys: readonly ModelArray[];
-  readonly values: readonly ModelArray[];
+class ResidentPrefix implements KvPrefix {
+  constructor(
+    readonly len: number,
+    readonly keys: readonly ModelArray[],
+    readonly values: readonly ModelArray[],
+  ) {}
 }
 
-export class ResidentKv {
+export class ResidentKv implements KvStore {
+  readonly contract = 'resident' as const;
   private readonly keys: ModelArray[] = [];
   private readonly values: ModelArray[] = [];
   private cap: number;
@@ -97,6 +101,26 @@ export class ResidentKv {
     this.cap = cap;
   }
 
+  /** any order: kv_rows says which slot each row is */
+  order(slots: readonly number[]): number[] {
+    return slots.map((_, i) => i);
+  }
+
+  /** kv_rows, kv_lens and the cache up to the longest row's length */
+  step(slots: readonly number[], lens: readonly number[], _S: number): Feeds {
+    const rows = BigInt64Array.from(slots, (s) => BigInt(s));
+    const kvLens = BigInt64Array.from(lens, (l) => BigInt(l));
+    return {
+      [KV_ROWS]: new Tensor('int64', rows, [slots.length]),
+      [KV_LENS]: new Tensor('int64', kvLens, [slots.length]),
+      ...this.feeds(Math.max(0, ...lens)),
+    };
+  }
+
+  bound(): Record<string, Tensor> {
+    return {};
+  }
+
   /** The cache inputs of a step attending to positions [0, past): views, nothing copied. */
   feeds(past: number): Record<string, Tensor> {
     if (past > this.cap) throw new Error(`past ${past} is beyond the cache's ${this.cap} positions`);
@@ -143,11 +167,12 @@ export class ResidentKv {
       for (let p = 0; p < len; p++) out.set(src.subarray((p * this.slots + slot) * w, (p * this.slots + slot + 1) * w), p * w);
       return out;
     };
-    return { len, keys: this.keys.map(copy), values: this.values.map(copy) };
+    return new ResidentPrefix(len, this.keys.map(copy), this.values.map(copy));
   }
 
   /** Writes a snapshot into positions [0, prefix.len) of `slot`. Call `reserve` first. */
   restore(prefix: KvPrefix, slot: number): void {
+    if (!(prefix instanceof ResidentPrefix)) throw new Error('a KV snapshot of another store');
     if (prefix.len > this.cap) throw new Error(`a prefix of ${prefix.len} positions is beyond the cache's ${this.cap}`);
     const w = this.width;
     for (let l = 0; l < this.shape.layers; l++) {

@@ -1,8 +1,8 @@
-import type { InferenceSession } from 'onnxruntime-node';
 import { hasRowEmbeddings, type Manifest } from '../model/manifest.js';
-import { FeedBuilder, kvShapeOf, type ResidentAdapter } from './batch.js';
-import { ResidentKv } from './kv.js';
-import { fetchesOf, hasOwnHead, rowsLogits } from './head.js';
+import { FeedBuilder, type ResidentAdapter } from './batch.js';
+import { kvStoreFor, type KvStore } from './kv-store.js';
+import { hasOwnHead, rowsLogits } from './head.js';
+import { runStep, type RunSession } from './step-run.js';
 
 /**
  * The measured effect of an adapter (issue 17): the served graph runs the fixed probe prompt twice
@@ -31,7 +31,7 @@ export interface ProbeResult {
   klDivergence: number;
 }
 
-export type RunSession = Pick<InferenceSession, 'run'>;
+export type { RunSession };
 
 /** The probe's token ids for a tokenizer's output: capped in length and to the model's vocabulary and context. */
 export function probeIds(encoded: readonly number[], manifest: Pick<Manifest, 'architecture'>, contextLength = Infinity): number[] {
@@ -76,7 +76,9 @@ export function compareDistributions(adapterLogits: Float32Array, baseLogits: Fl
  */
 export class ProbeRun {
   private readonly feeds: FeedBuilder;
-  private readonly kv: ResidentKv;
+  private readonly kv: KvStore;
+  /** the store's handles of the base row and the adapter row */
+  private readonly slots: readonly [number, number];
   private readonly rows: readonly (ResidentAdapter | null)[];
   private t = 0;
   private klSum = 0;
@@ -90,7 +92,8 @@ export class ProbeRun {
   ) {
     if (ids.length === 0) throw new Error('the probe prompt has no tokens');
     this.feeds = new FeedBuilder(manifest, 2);
-    this.kv = new ResidentKv(kvShapeOf(manifest), 2, ids.length, ids.length);
+    this.kv = kvStoreFor(manifest, 2, ids.length, { initialCapacity: ids.length });
+    this.slots = [this.kv.acquire(), this.kv.acquire()];
     this.rows = [null, adapter];
   }
 
@@ -104,14 +107,15 @@ export class ProbeRun {
     const { t } = this;
     const id = this.ids[t]!;
     this.kv.reserve(t + 1);
-    const feeds = this.feeds.decode([id, id], [0, 1], [t, t], this.kv, this.rows);
-    const out = hasRowEmbeddings(this.manifest) ? await this.session.run(feeds, fetchesOf(this.manifest, hasOwnHead(this.rows[1]?.embedding))) : await this.session.run(feeds);
+    // acquired first on an empty store, the two rows sit in slots 0 and 1: the order any store takes
+    const feeds = this.feeds.decode([id, id], this.slots, [t, t], this.kv, this.rows);
+    const out = await runStep(this.session, this.manifest, this.kv, feeds, hasRowEmbeddings(this.manifest) && hasOwnHead(this.rows[1]?.embedding));
     // row 0 is the base, row 1 the adapter (its own lm_head applied, head.ts)
     const [base, tuned] = (await rowsLogits(out, this.rows, this.manifest)) as [Float32Array, Float32Array];
     const c = compareDistributions(tuned, base);
     this.klSum += c.kl;
     if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
-    this.kv.write(out, [0, 1], [t, t], 1);
+    this.kv.write(out, this.slots, [t, t], 1);
     this.t++;
     return this.done;
   }

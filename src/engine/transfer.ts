@@ -1,5 +1,5 @@
 import type { Tensor } from 'onnxruntime-node';
-import { KV_CACHE_PREFIX } from '../model/manifest.js';
+import { KV_CACHE_PREFIX, KV_PRESENT_PREFIX } from '../model/manifest.js';
 import type { Provider } from '../model/session.js';
 
 /**
@@ -9,10 +9,15 @@ import type { Provider } from '../model/session.js';
  * Measured on onnxruntime-node 1.30 (docs/resident-kv.md): on the CPU
  * provider an input typed array is wrapped as the OrtValue's memory, not copied, while every
  * output — a pre-allocated one passed in `fetches` included — comes back as a fresh copy. So:
- * - out: every output's bytes, always;
- * - in: every input's bytes except the resident KV cache views, which on cpu are wrapped in place.
- *   On cuda the Node API copies each input host→device per run, the cache views too, so they are
- *   counted there: that number is what IO binding through the C API has to remove.
+ * - out: every output's bytes the runtime hands back. The gqa store's present outputs are bound
+ *   to the cache itself and written in place; onnxruntime-node nevertheless copies each of them
+ *   back into a new array ([rows, kvHeads, maxCtx, headDim] per layer, K and V), so with it
+ *   (`boundOutputs: 'copied'`, the default) they are counted — that is the Node API's cost, flat in
+ *   the context but proportional to the cache's length. A runner that returns a bound output
+ *   without copying it (the C-API runner: `boundOutputs: 'in-place'`) leaves them out.
+ * - in: every input's bytes except the KV cache views (kv_cache.*), which on cpu are wrapped in
+ *   place. On cuda the Node API copies each input host→device per run, the cache views too, so
+ *   they are counted there: that number is what IO binding through the C API has to remove.
  * The counts are what each run hands over, so a step's numbers are O(rows) exactly when nothing
  * O(context) is fed or fetched.
  */
@@ -21,12 +26,26 @@ export interface Transfer {
   fromRuntime: number;
 }
 
-export function countTransfer(t: Transfer, feeds: Readonly<Record<string, Tensor>>, out: Readonly<Record<string, Tensor>>, provider: Provider): void {
+/** whether the runtime copies an output bound to a pre-allocated tensor back into a new one */
+export type BoundOutputs = 'copied' | 'in-place';
+
+export function countTransfer(
+  t: Transfer,
+  feeds: Readonly<Record<string, Tensor>>,
+  out: Readonly<Record<string, Tensor>>,
+  provider: Provider,
+  /** deviceCache: the cache views are device buffers (the C-API runner on cuda), never copied */
+  opts: { boundOutputs?: BoundOutputs; deviceCache?: boolean } = {},
+): void {
   for (const [name, tensor] of Object.entries(feeds)) {
-    if (provider === 'cpu' && name.startsWith(KV_CACHE_PREFIX)) continue;
+    // on cpu wrapped; with a device-resident cache (deviceCache) never moved at all
+    if ((provider === 'cpu' || opts.deviceCache) && name.startsWith(KV_CACHE_PREFIX)) continue;
     t.toRuntime += byteLength(tensor);
   }
-  for (const tensor of Object.values(out)) t.fromRuntime += byteLength(tensor);
+  for (const [name, tensor] of Object.entries(out)) {
+    if (opts.boundOutputs === 'in-place' && name.startsWith(KV_PRESENT_PREFIX)) continue;
+    t.fromRuntime += byteLength(tensor);
+  }
 }
 
 function byteLength(t: Tensor): number {

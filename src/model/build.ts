@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import type { Checkpoint } from './checkpoint/types.js';
 import { BUILDER_VERSION, buildLlamaGraph, type BuiltGraph, type GraphOptions, type QuantizedWeights } from './graph/llama.js';
 import { ExternalDataWriter } from './graph/onnx-builder.js';
+import { gqaSupport } from './graph/gqa.js';
 import { ManifestSchema, type KvContract, type Manifest, type ModelDtype } from './manifest.js';
 import { fsyncPath, writeFileDurably } from '../durable-fs.js';
 
@@ -19,7 +20,11 @@ export interface BuildOptions {
   lora?: boolean;
   /** default false; only with lora: false */
   peer?: boolean;
-  /** default concat; the engine serves only `resident` graphs (graph/kv.ts) */
+  /**
+   * default concat; the engine serves `resident` (graph/kv.ts) and `gqa` (graph/gqa.ts) graphs. A
+   * model that GroupQueryAttention cannot run (gqaSupport) is built `resident` instead, with one
+   * progress line saying why; the manifest says which was built.
+   */
   kv?: KvContract;
   /** block-quantized projections (graph/quantize.ts); absent = plain weights at `dtype` */
   weights?: QuantizedWeights;
@@ -38,10 +43,10 @@ export const MANIFEST_FILE = 'manifest.json';
 const GRAPH_FILE = 'model.onnx';
 const WEIGHTS_FILE = 'model.onnx.data';
 
-function graphOptions(opts: BuildOptions): GraphOptions {
+function graphOptions(opts: BuildOptions, kv: KvContract | undefined): GraphOptions {
   const base: GraphOptions = { dtype: opts.dtype, logits: opts.logits, lora: opts.lora ?? true, peer: opts.peer ?? false };
   // only named when set, so the cache key of every other build stays what it was
-  const withKv: GraphOptions = opts.kv === 'resident' ? { ...base, kv: 'resident' } : base;
+  const withKv: GraphOptions = kv === 'resident' || kv === 'gqa' ? { ...base, kv } : base;
   if (!opts.weights) return withKv;
   return opts.accuracyLevel === undefined ? { ...withKv, weights: opts.weights } : { ...withKv, weights: opts.weights, accuracyLevel: opts.accuracyLevel };
 }
@@ -125,8 +130,14 @@ async function syncDir(path: string): Promise<void> {
  * concurrent build never leaves a half-written folder under the final name.
  */
 export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<BuildResult> {
-  const options = graphOptions(opts);
   const progress = opts.onProgress ?? (() => {});
+  let kv = opts.kv;
+  const support = kv === 'gqa' ? gqaSupport(ck.architecture) : null;
+  if (support && !support.ok) {
+    progress(`KV=gqa is not possible for ${ck.modelId}: ${support.reason}; using the resident KV cache (plain-ops attention) instead`);
+    kv = 'resident';
+  }
+  const options = graphOptions(opts, kv);
   const hash = await sourceHash(ck, options);
   const dir = join(opts.outDir, hash.slice(0, 24));
   const existing = await reusable(dir, hash);
@@ -136,7 +147,7 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
   const tmp = join(opts.outDir, `.building-${hash.slice(0, 12)}-${process.pid}-${randomUUID()}`);
   await mkdir(tmp);
   try {
-    progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}${options.kv === 'resident' ? ', resident KV' : ''}${options.weights ? `, ${options.weights} weights` : ''}) into ${dir}`);
+    progress(`building ${ck.modelId} (${opts.dtype}, logits ${options.logits}${options.lora ? ', LoRA inputs' : ''}${options.peer ? ', peer export' : ''}${options.kv === 'resident' || options.kv === 'gqa' ? `, ${options.kv} KV` : ''}${options.weights ? `, ${options.weights} weights` : ''}) into ${dir}`);
     const built = await writeWeightsAndGraph(ck, options, join(tmp, WEIGHTS_FILE), progress);
     await writeFileDurably(join(tmp, GRAPH_FILE), built.model);
     const manifest: Manifest = {

@@ -51,9 +51,13 @@ export const ManifestSchema = z.object({
    * `concat` (absent in manifests written before it existed): past_key_values in, present (past ++
    * new) out, the contract above. `resident`: the engine's — kv_cache.i.* [past, slots, kvHeads,
    * headDim] in (held by the engine, fed as views), kv_rows/kv_lens [batch] int64 in, no
-   * attention_bias; kv_new.i.* [batch, seq, kvHeads, headDim] out (see graph/kv.ts).
+   * attention_bias; kv_new.i.* [batch, seq, kvHeads, headDim] out (see graph/kv.ts). `gqa`:
+   * com.microsoft.GroupQueryAttention per layer — kv_cache.i.* [batch, kvHeads, maxCtx, headDim] in,
+   * kv_present.i.* of the same shape out, both bound by the engine to one buffer (ORT's
+   * past-present share-buffer mode, written in place); seqlens_k int32 [batch] and
+   * total_sequence_length int32 [] in (see graph/gqa.ts).
    */
-  kv: z.enum(['concat', 'resident']).optional(),
+  kv: z.enum(['concat', 'resident', 'gqa']).optional(),
   /** block-quantized projections (MatMulNBits); absent = plain weights at `dtype` */
   weights: z.enum(['int8', 'int4']).optional(),
   maskValue: z.number(),
@@ -71,9 +75,17 @@ export const kvCacheKeyName = (layer: number) => `${KV_CACHE_PREFIX}${layer}.key
 export const kvCacheValueName = (layer: number) => `${KV_CACHE_PREFIX}${layer}.value`;
 export const kvNewKeyName = (layer: number) => `kv_new.${layer}.key`;
 export const kvNewValueName = (layer: number) => `kv_new.${layer}.value`;
+/** the gqa contract's outputs: the same memory as kv_cache.i.* when the engine binds them (graph/gqa.ts) */
+export const KV_PRESENT_PREFIX = 'kv_present.';
+export const kvPresentKeyName = (layer: number) => `${KV_PRESENT_PREFIX}${layer}.key`;
+export const kvPresentValueName = (layer: number) => `${KV_PRESENT_PREFIX}${layer}.value`;
+/** gqa: per row, cached tokens + the step's tokens − 1 (GroupQueryAttention's seqlens_k), int32 [batch] */
+export const KV_SEQLENS = 'seqlens_k';
+/** gqa: the longest row's cached + new tokens, int32 scalar */
+export const KV_TOTAL = 'total_sequence_length';
 /**
- * Per-row embedding inputs and the final hidden state (graphs with LoRA inputs and the resident
- * KV contract, i.e. the engine's): the step's embedding is gather(embed, ids) · embed_keep +
+ * Per-row embedding inputs and the final hidden state (graphs with LoRA inputs and an engine
+ * KV contract: resident or gqa): the step's embedding is gather(embed, ids) · embed_keep +
  * embed_rows ([batch, seq, 1] and [batch, seq, hidden], broadcast from [1, 1, …]; keep 1 and rows 0
  * leave it exact), before Gemma's √hidden; `hidden_states` float32 [batch, seq | 1, hidden] is the
  * normed input of lm_head, for rows whose adapter has its own head.
@@ -81,10 +93,12 @@ export const kvNewValueName = (layer: number) => `kv_new.${layer}.value`;
 export const EMBED_ROWS = 'embed_rows';
 export const EMBED_KEEP = 'embed_keep';
 export const HIDDEN_OUTPUT = 'hidden_states';
-export const hasRowEmbeddings = (m: { lora: boolean; kv?: KvContract }): boolean => m.lora && m.kv === 'resident';
+export const hasRowEmbeddings = (m: { lora: boolean; kv?: KvContract }): boolean => m.lora && (m.kv === 'resident' || m.kv === 'gqa');
 export const KV_ROWS = 'kv_rows';
 export const KV_LENS = 'kv_lens';
-export type KvContract = 'concat' | 'resident';
+export type KvContract = 'concat' | 'resident' | 'gqa';
+/** the contracts the engine serves (its KV store: engine/kv-store.ts) */
+export type EngineKv = 'resident' | 'gqa';
 export const kvContractOf = (m: { kv?: KvContract }): KvContract => m.kv ?? 'concat';
 
 /**

@@ -5,6 +5,7 @@ import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../../src/app.js';
 import { makeConfig, type ConfigInput } from '../../src/config.js';
 import { testRuntime } from './test-runtime.js';
+import { testKv } from '../engine-setup.js';
 import { ensureEmbeddedModel } from '../../src/model/embedded.js';
 
 export interface EmbeddedApp {
@@ -29,7 +30,7 @@ export async function startEmbeddedApp(prefix: string, overrides: Partial<Config
   const model = await ensureEmbeddedModel(path.join(tmp, 'model'));
   const adapterDir = path.join(tmp, 'adapters');
   const cacheDir = path.join(tmp, 'cache');
-  const app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, CACHE_DIR: cacheDir, DEVICE: 'cpu', RUNTIME: testRuntime(), LOG_LEVEL: 'silent', ...overrides }));
+  const app = await buildApp(makeConfig({ MODEL_PATH: model, ADAPTER_DIR: adapterDir, CACHE_DIR: cacheDir, DEVICE: 'cpu', RUNTIME: testRuntime(), KV: testKv(), LOG_LEVEL: 'silent', ...overrides }));
   const url = await app.listen({ port: 0, host: '127.0.0.1' });
   return {
     app,

@@ -6,6 +6,7 @@ import { expect } from 'vitest';
 import { buildApp } from '../../src/app.js';
 import { makeConfig, type ConfigInput } from '../../src/config.js';
 import { testRuntime } from './test-runtime.js';
+import { testKv } from '../engine-setup.js';
 import { encodeSafetensors } from '../../src/adapters/safetensors.js';
 import type { Architecture } from '../../src/model/architecture.js';
 import { embeddedModelFiles } from '../../src/model/embedded.js';
@@ -65,7 +66,7 @@ export async function serveFamily(prefix: string, f: FamilyFolder, overrides: Pa
   const tmp = await mkdtemp(path.join(os.tmpdir(), `loraserve-${prefix}-`));
   const dir = path.join(tmp, prefix);
   await writeFamilyFolder(dir, f);
-  const app = await buildApp(makeConfig({ MODEL_PATH: dir, ADAPTER_DIR: path.join(tmp, 'adapters'), CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', RUNTIME: testRuntime(), LOG_LEVEL: 'silent', ...overrides }));
+  const app = await buildApp(makeConfig({ MODEL_PATH: dir, ADAPTER_DIR: path.join(tmp, 'adapters'), CACHE_DIR: path.join(tmp, 'cache'), DEVICE: 'cpu', RUNTIME: testRuntime(), KV: testKv(), LOG_LEVEL: 'silent', ...overrides }));
   return {
     app,
     dir,

@@ -4,6 +4,7 @@ import type { Checkpoint } from '../checkpoint/types.js';
 import { ModelInputError } from '../checkpoint/types.js';
 import { EMBED_KEEP, EMBED_ROWS, HIDDEN_OUTPUT, hasRowEmbeddings, loraBiasInput, loraMagnitudeInput, loraTargetsFor, type KvContract, type LoraTarget, type ModelDtype } from '../manifest.js';
 import { concatKv, residentKv, type KvLayout } from './kv.js';
+import { gqaAttention, gqaRotaryCaches, gqaSupport, type GqaAttention } from './gqa.js';
 import { frobeniusNorm } from '../../adapters/effect.js';
 import { ropeFrequencies } from './rope.js';
 import { slidingWindowBias } from './window.js';
@@ -12,7 +13,7 @@ import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
 import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '11';
+export const BUILDER_VERSION = '12';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -182,17 +183,22 @@ export async function buildLlamaGraph(
 
   // ---- inputs
   const inputIds = g.input('input_ids', 'int64', ['batch', 'seq']);
-  const resident = (opts.kv ?? 'concat') === 'resident';
-  if (resident && opts.peer) throw new Error('the peer (Optimum-style) export keeps the concat KV contract: use kv: concat with peer: true');
+  const kvMode = opts.kv ?? 'concat';
+  if (kvMode !== 'concat' && opts.peer) throw new Error('the peer (Optimum-style) export keeps the concat KV contract: use kv: concat with peer: true');
+  const support = kvMode === 'gqa' ? gqaSupport(a) : null;
+  if (support && !support.ok) throw new ModelInputError(ck.modelId, `kv: gqa is not possible: ${support.reason}; build with kv: resident`);
   const attnMask = opts.peer ? g.input('attention_mask', 'int64', ['batch', 'total']) : null;
   const positionIds = g.input('position_ids', 'int64', ['batch', 'seq']);
-  let kv: KvLayout;
-  if (resident) kv = residentKv(g, T, a.numLayers, KVH, hd, inputIds, maskValue);
+  // gqa: attention, mask and cache in one fused op per layer (graph/gqa.ts); the others: plain ops over a KvLayout
+  let kv: KvLayout | null = null;
+  let fused: GqaAttention | null = null;
+  if (kvMode === 'gqa') fused = gqaAttention(g, T, a.numLayers, H, KVH, hd);
+  else if (kvMode === 'resident') kv = residentKv(g, T, a.numLayers, KVH, hd, inputIds, maskValue);
   else {
     const bias = attnMask === null ? g.input('attention_bias', T, ['batch', 1, 'seq', 'total']) : biasFromMask(g, inputIds, attnMask, maskValue, T);
     kv = concatKv(g, T, a.numLayers, KVH, hd, bias);
   }
-  const attnBias = kv.bias;
+  const rotaryInside = support?.ok === true && support.rotary === 'inside';
   for (const t of targets) {
     g.input(t.inputA, T, [loraBatchDim(t), t.inFeatures, loraRankDim(t)]);
     g.input(t.inputB, T, [loraBatchDim(t), loraRankDim(t), t.outFeatures]);
@@ -204,13 +210,19 @@ export async function buildLlamaGraph(
 
   // sliding window (Mistral, Phi-3, windowed Qwen layers): only the bias of those layers changes
   const windowed = new Set(a.slidingWindow ? (a.slidingWindowLayers ?? []) : []);
-  const windowBias = a.slidingWindow && windowed.size ? slidingWindowBias(g, attnBias, a.slidingWindow, maskValue, T) : attnBias;
+  const attnBias = kv?.bias ?? '';
+  const windowBias = kv && a.slidingWindow && windowed.size ? slidingWindowBias(g, attnBias, a.slidingWindow, maskValue, T) : attnBias;
 
   // ---- shared pieces
   onProgress('writing embeddings');
   const embedName = 'model.embed_tokens.weight';
   const embed = await g.weight(embedName, T, [a.vocabSize, a.hiddenSize], tensors.read(embedName, [a.vocabSize, a.hiddenSize]));
-  const axis2 = g.constInt64([2]);
+  // constants made on first use, so a graph that never uses one (gqa's fused attention) holds none
+  const once = <V>(make: () => V): (() => V) => {
+    let v: V | undefined;
+    return () => (v ??= make());
+  };
+  const axis2 = once(() => g.constInt64([2]));
   /** rot(x) = x·cos + (x·R)·sin with the tables of `ra` (`a`, or Gemma 3's local layers' variant) */
   const ropeFor = async (ra: Architecture, suffix: string): Promise<(x: string) => string> => {
     g.scope = '/model/rope';
@@ -219,8 +231,8 @@ export async function buildLlamaGraph(
     const sinTable = await g.weight(`rope.sin${suffix}`, T, [a.maxPositions, hd], rope.sin);
     const rotation = g.constFloat(rope.rotation, [hd, hd], T);
     // [B, S, 1, hd]: broadcast over heads of q [B, S, H, hd] and k [B, S, KVH, hd]
-    let cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2]);
-    let sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2]);
+    let cos = g.op('Unsqueeze', [g.op('Gather', [cosTable, positionIds], { axis: int(0) }), axis2()]);
+    let sin = g.op('Unsqueeze', [g.op('Gather', [sinTable, positionIds], { axis: int(0) }), axis2()]);
     if (rope.long && ra.rope?.type === 'longrope') {
       // LongRoPE (transformers' dynamic update): a step whose max(position_ids) + 1 exceeds the
       // original context uses the long factors, per row here
@@ -228,28 +240,61 @@ export async function buildLlamaGraph(
       const longSin = await g.weight(`rope.sin_long${suffix}`, T, [a.maxPositions, hd], rope.long.sin);
       const lastPos = g.op('ReduceMax', [positionIds], { axes: ints([1]), keepdims: int(1) }); // [B, 1] (opset 17: axes is an attribute)
       const isLong = g.op('Unsqueeze', [g.op('Greater', [lastPos, g.constInt64([ra.rope.originalMaxPositions - 1], [])]), g.constInt64([2, 3])]); // [B, 1, 1, 1]
-      cos = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longCos, positionIds], { axis: int(0) }), axis2]), cos]);
-      sin = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longSin, positionIds], { axis: int(0) }), axis2]), sin]);
+      cos = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longCos, positionIds], { axis: int(0) }), axis2()]), cos]);
+      sin = g.op('Where', [isLong, g.op('Unsqueeze', [g.op('Gather', [longSin, positionIds], { axis: int(0) }), axis2()]), sin]);
     }
     const [c, s] = [cos, sin];
     return (x: string) => g.op('Add', [g.op('Mul', [x, c]), g.op('Mul', [g.op('MatMul', [x, rotation]), s])]);
   };
-  const globalRope = await ropeFor(a, '');
+  /** GroupQueryAttention's own rotation: cos/sin caches [maxPositions, hd/2] of `ra` */
+  const rotaryFor = async (ra: Architecture, suffix: string) => {
+    g.scope = '/model/rope';
+    const c = gqaRotaryCaches(ra);
+    const half = hd / 2;
+    return {
+      cos: await g.weight(`rope.gqa_cos${suffix}`, T, [a.maxPositions, half], c.cos),
+      sin: await g.weight(`rope.gqa_sin${suffix}`, T, [a.maxPositions, half], c.sin),
+      interleaved: a.ropeLayout === 'interleaved',
+    };
+  };
   // Gemma 3: sliding-window layers rotate with plain RoPE at rope_local_base_freq
-  const localRope = a.localRopeTheta !== undefined ? await ropeFor({ ...a, ropeTheta: a.localRopeTheta, rope: undefined }, '.local') : globalRope;
+  const localArch: Architecture | null = a.localRopeTheta !== undefined ? { ...a, ropeTheta: a.localRopeTheta, rope: undefined } : null;
+  const noRope = (x: string) => x;
+  const globalRope = rotaryInside ? noRope : await ropeFor(a, '');
+  const localRope = rotaryInside || !localArch ? globalRope : await ropeFor(localArch, '.local');
+  const globalRotary = rotaryInside ? await rotaryFor(a, '') : undefined;
+  const localRotary = rotaryInside && localArch ? await rotaryFor(localArch, '.local') : globalRotary;
 
-  const qScale = scalar(1 / Math.sqrt(a.queryPreAttnScalar ?? hd));
+  const qScale = once(() => scalar(1 / Math.sqrt(a.queryPreAttnScalar ?? hd)));
   const shape = (dims: number[]) => g.constInt64(dims);
-  const toHeads = shape([0, 0, H, hd]);
-  const toKvHeads = shape([0, 0, KVH, hd]);
-  const toGroups = shape([0, KVH, -1, hd]); // [B, H, S, hd] → [B, KVH, G·S, hd]
-  const scoresToHeads = shape([0, H, -1, 0]); // [B, KVH, G·S, T] → [B, H, S, T]
-  const probsToGroups = shape([0, KVH, -1, 0]); // [B, H, S, T] → [B, KVH, G·S, T]
-  const ctxToHeads = shape([0, H, -1, hd]);
-  const mergeHeads = shape([0, 0, H * hd]);
+  const toHeads = once(() => shape([0, 0, H, hd]));
+  const toKvHeads = once(() => shape([0, 0, KVH, hd]));
+  const toGroups = once(() => shape([0, KVH, -1, hd])); // [B, H, S, hd] → [B, KVH, G·S, hd]
+  const scoresToHeads = once(() => shape([0, H, -1, 0])); // [B, KVH, G·S, T] → [B, H, S, T]
+  const probsToGroups = once(() => shape([0, KVH, -1, 0])); // [B, H, S, T] → [B, KVH, G·S, T]
+  const ctxToHeads = once(() => shape([0, H, -1, hd]));
+  const mergeHeads = once(() => shape([0, 0, H * hd]));
 
   const rmsNorm = (x: string, weight: string) =>
     g.op('SimplifiedLayerNormalization', [x, weight], { axis: int(-1), epsilon: float(a.rmsNormEps), stash_type: int(1) });
+  /**
+   * The residual stream: `sum` plus a `pending` delta not yet added, so that with fused ops the add
+   * and the next RMSNorm are one SkipSimplifiedLayerNormalization (onnxruntime-genai's pairing:
+   * output 0 the normed sum, output 3 the sum itself), across layer boundaries too.
+   */
+  const residual = { sum: '', pending: null as string | null };
+  const addThenNorm = (weight: string): string => {
+    const { sum, pending } = residual;
+    residual.pending = null;
+    if (pending === null) return rmsNorm(sum, weight);
+    if (!fused) {
+      residual.sum = g.op('Add', [sum, pending]);
+      return rmsNorm(residual.sum, weight);
+    }
+    const [normed, , , added] = g.node('SkipSimplifiedLayerNormalization', [sum, pending, weight], { attrs: { epsilon: float(a.rmsNormEps) }, domain: 'com.microsoft', outputs: [null, '', '', null] });
+    residual.sum = added;
+    return normed;
+  };
   /** a norm's weight as the graph multiplies by it: Gemma's RMSNorm scales by (1 + w) */
   const normWeight = async (name: string, n: number) => {
     const w = tensors.read(name, [n]);
@@ -306,12 +351,13 @@ export async function buildLlamaGraph(
   }
   // Gemma: embeddings × sqrt(hidden_size), rounded to the compute dtype as transformers' normalizer is
   if (a.embedScale) h = g.op('Mul', [h, scalar(Math.fround(Math.sqrt(a.hiddenSize)))]);
+  residual.sum = h;
   for (let i = 0; i < a.numLayers; i++) {
     onProgress(`building layer ${i + 1}/${a.numLayers}…`);
     g.scope = `/model/layers.${i}`;
     const pre = `model.layers.${i}`;
     const inNorm = await normWeight(`${pre}.input_layernorm.weight`, a.hiddenSize);
-    const x = rmsNorm(h, inNorm);
+    const x = addThenNorm(inNorm);
     // Qwen3: RMSNorm over head_dim of every query and key head, before RoPE
     const headNorm = async (heads: string, which: 'q_norm' | 'k_norm') =>
       a.qkNorm ? rmsNorm(heads, await normWeight(`${pre}.self_attn.${which}.weight`, hd)) : heads;
@@ -319,38 +365,56 @@ export async function buildLlamaGraph(
     const [qp, kp, vp] = a.fusedProjections
       ? g.node('Split', [await projection(i, 'qkv_proj', x), g.constInt64([H * hd, KVH * hd, KVH * hd])], { attrs: { axis: int(-1) }, count: 3 })
       : [await projection(i, 'q_proj', x), await projection(i, 'k_proj', x), await projection(i, 'v_proj', x)];
-    const applyRope = windowed.has(i) ? localRope : globalRope;
-    const q = applyRope(await headNorm(g.op('Reshape', [qp, toHeads]), 'q_norm'));
-    const k = applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads]), 'k_norm'));
-    const v = g.op('Reshape', [vp, toKvHeads]);
-    const perm = { perm: ints([0, 2, 1, 3]) };
-    const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale]);
-    const { keys: presentK, values: presentV } = kv.layer(i, k, v);
-    const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
-    const capped = a.attnSoftcap ? softcap(scores, a.attnSoftcap) : scores;
-    const biased = g.op('Add', [g.op('Reshape', [capped, scoresToHeads]), windowed.has(i) ? windowBias : attnBias]);
-    const probs = g.op('Softmax', [biased], { axis: int(-1) });
-    const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups]), presentV]);
-    const merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads])], perm), mergeHeads]);
+    const local = windowed.has(i);
+    const applyRope = local ? localRope : globalRope;
+    let merged: string;
+    if (fused) {
+      // q/k stay [B, S, heads·hd] unless Qwen3's per-head norms need the heads apart
+      const flat = (x4: string) => g.op('Reshape', [x4, shape([0, 0, -1])]);
+      const qIn = a.qkNorm || !rotaryInside ? flat(applyRope(await headNorm(g.op('Reshape', [qp, toHeads()]), 'q_norm'))) : qp;
+      const kIn = a.qkNorm || !rotaryInside ? flat(applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads()]), 'k_norm'))) : kp;
+      merged = fused.attend(i, {
+        q: qIn,
+        k: kIn,
+        v: vp,
+        scale: 1 / Math.sqrt(a.queryPreAttnScalar ?? hd),
+        ...(a.attnSoftcap !== undefined && { softcap: a.attnSoftcap }),
+        ...(local && a.slidingWindow !== undefined && { window: a.slidingWindow }),
+        ...(rotaryInside && { rotary: local ? localRotary! : globalRotary! }),
+      });
+    } else {
+      const q = applyRope(await headNorm(g.op('Reshape', [qp, toHeads()]), 'q_norm'));
+      const k = applyRope(await headNorm(g.op('Reshape', [kp, toKvHeads()]), 'k_norm'));
+      const v = g.op('Reshape', [vp, toKvHeads()]);
+      const perm = { perm: ints([0, 2, 1, 3]) };
+      const qt = g.op('Mul', [g.op('Transpose', [q], perm), qScale()]);
+      const { keys: presentK, values: presentV } = kv!.layer(i, k, v);
+      const scores = g.op('MatMul', [g.op('Reshape', [qt, toGroups()]), g.op('Transpose', [presentK], { perm: ints([0, 1, 3, 2]) })]);
+      const capped = a.attnSoftcap ? softcap(scores, a.attnSoftcap) : scores;
+      const biased = g.op('Add', [g.op('Reshape', [capped, scoresToHeads()]), local ? windowBias : attnBias]);
+      const probs = g.op('Softmax', [biased], { axis: int(-1) });
+      const ctx = g.op('MatMul', [g.op('Reshape', [probs, probsToGroups()]), presentV]);
+      merged = g.op('Reshape', [g.op('Transpose', [g.op('Reshape', [ctx, ctxToHeads()])], perm), mergeHeads()]);
+    }
     const attnOut = await projection(i, 'o_proj', merged);
     const postNorm = await normWeight(`${pre}.post_attention_layernorm.weight`, a.hiddenSize);
     // Gemma: post_attention_layernorm normalises the attention output, pre_feedforward_layernorm the MLP input
-    h = g.op('Add', [h, a.sandwichNorms ? rmsNorm(attnOut, postNorm) : attnOut]);
-    const y = rmsNorm(h, a.sandwichNorms ? await normWeight(`${pre}.pre_feedforward_layernorm.weight`, a.hiddenSize) : postNorm);
+    residual.pending = a.sandwichNorms ? rmsNorm(attnOut, postNorm) : attnOut;
+    const y = addThenNorm(a.sandwichNorms ? await normWeight(`${pre}.pre_feedforward_layernorm.weight`, a.hiddenSize) : postNorm);
     // Phi-3: gate_up_proj rows are [gate; up] (Phi3MLP's chunk(2, dim=-1))
     const [gate, up] = a.fusedProjections
       ? g.node('Split', [await projection(i, 'gate_up_proj', y), g.constInt64([a.intermediateSize, a.intermediateSize])], { attrs: { axis: int(-1) }, count: 2 })
       : [await projection(i, 'gate_proj', y), await projection(i, 'up_proj', y)];
     const act = g.op('Mul', [activation(gate), up]);
     const mlpOut = await projection(i, 'down_proj', act);
-    h = g.op('Add', [h, a.sandwichNorms ? rmsNorm(mlpOut, await normWeight(`${pre}.post_feedforward_layernorm.weight`, a.hiddenSize)) : mlpOut]);
+    residual.pending = a.sandwichNorms ? rmsNorm(mlpOut, await normWeight(`${pre}.post_feedforward_layernorm.weight`, a.hiddenSize)) : mlpOut;
   }
 
   // ---- head
   onProgress('writing lm_head');
   g.scope = '/model/head';
   const finalNorm = await normWeight('model.norm.weight', a.hiddenSize);
-  let hn = rmsNorm(h, finalNorm);
+  let hn = addThenNorm(finalNorm);
   if (opts.logits === 'last') hn = g.op('Gather', [hn, g.constInt64([-1])], { axis: int(1) });
   if (rowEmbeddings) g.node(T === 'float16' ? 'Cast' : 'Identity', [hn], { attrs: T === 'float16' ? { to: int(1) } : {}, outputs: [HIDDEN_OUTPUT] });
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
@@ -371,10 +435,10 @@ export async function buildLlamaGraph(
 
   g.output('logits', 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.vocabSize]);
   if (rowEmbeddings) g.output(HIDDEN_OUTPUT, 'float32', ['batch', opts.logits === 'last' ? 1 : 'seq', a.hiddenSize]);
-  kv.outputs();
+  (kv ?? fused)!.outputs();
   tensors.assertAllConsumed();
   onProgress('encoding graph');
-  const opsets = opts.weights ? { ...OPSETS, 'com.microsoft': 1 } : OPSETS;
+  const opsets = opts.weights || fused ? { ...OPSETS, 'com.microsoft': 1 } : OPSETS;
   return { model: g.encode(`loraserve-${a.family}`, opsets, BUILDER_VERSION), maskValue, loraTargets: targets };
 }
 

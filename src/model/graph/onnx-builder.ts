@@ -131,8 +131,11 @@ export class ExternalDataWriter {
 export interface NodeOptions {
   attrs?: Record<string, Attr>;
   domain?: string;
-  /** explicit output names; otherwise `count` fresh names */
-  outputs?: string[];
+  /**
+   * explicit output names; otherwise `count` fresh names. Within `outputs`, null asks for a fresh
+   * name and '' leaves an optional output out (ONNX's convention).
+   */
+  outputs?: (string | null)[];
   count?: number;
   name?: string;
 }
@@ -174,8 +177,7 @@ export class GraphBuilder {
   }
 
   node(opType: string, inputs: readonly string[], opts: NodeOptions = {}): string[] {
-    const outs = opts.outputs ?? Array.from({ length: opts.count ?? 1 }, () => this.fresh(opType));
-    if (opts.outputs) for (const o of opts.outputs) this.claim(o);
+    const outs = opts.outputs ? opts.outputs.map((o) => (o === null ? this.fresh(opType) : o === '' ? o : this.claim(o))) : Array.from({ length: opts.count ?? 1 }, () => this.fresh(opType));
     this.nodes.push({
       name: opts.name ?? this.fresh(`${opType}_node`),
       opType,
