@@ -38,8 +38,12 @@ export const ConfigSchema = z.object({
   /** adapters held in memory per replica (least recently used idle one unloaded); 0 = no limit */
   MAX_LOADED_ADAPTERS: int(0),
   DEVICE: z.enum(['auto', 'cpu', 'cuda']).default('auto'),
-  /** which binding runs the graph: onnxruntime-node's API, or onnxruntime's C API with IO binding (src/runtime/) */
-  RUNTIME: z.enum(['node', 'capi']).default('node'),
+  /**
+   * which binding runs the graph: onnxruntime-node's API, or onnxruntime's C API with IO binding
+   * (src/runtime/); `auto` = capi for a gqa graph (its cache is bound as an output, which only the
+   * C API leaves in place), node otherwise
+   */
+  RUNTIME: z.enum(['auto', 'node', 'capi']).default('auto'),
   DTYPE: z.enum(['auto', 'fp32', 'fp16']).default('auto'),
   /** base weights: plain fp32/fp16, or int8/int4 projections (MatMulNBits); auto = unquantized */
   WEIGHTS: z.enum(['auto', 'fp32', 'fp16', 'int8', 'int4']).default('auto'),

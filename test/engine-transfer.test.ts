@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EngineCore } from '../src/engine/core.js';
 import type { EngineLimits, EngineStats, FromWorker, Provider, WorkerRequest } from '../src/engine/protocol.js';
 import type { BoundOutputs } from '../src/engine/transfer.js';
-import { createSession } from '../src/model/session.js';
+import { createSession, type EngineSession } from '../src/model/session.js';
 import { tinyArchitecture } from './helpers/random-checkpoint.js';
 import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 import { buildRandomModel, tempRoot, type TestModel } from './engine-setup.js';
@@ -24,14 +24,18 @@ const limits: EngineLimits = { maxBatch: 4, maxQueue: 4, prefillChunk: 1024, req
 let root: Awaited<ReturnType<typeof tempRoot>>;
 let model: TestModel;
 let session: InferenceSession;
+/** the C API runner over the same graph: it really returns bound outputs in place */
+let capi: EngineSession;
 
 beforeAll(async () => {
   root = await tempRoot('engine-transfer');
   model = await buildRandomModel(root.dir, tinyArchitecture({ maxPositions: 1024 }), 77);
   ({ session } = await createSession(model.dir, model.manifest, 'cpu', { info: () => {}, warn: () => {} }));
+  ({ session: capi } = await createSession(model.dir, model.manifest, 'cpu', { info: () => {}, warn: () => {} }, 'capi'));
 }, 120_000);
 afterAll(async () => {
   await session?.release();
+  await capi?.release();
   await root?.remove();
 });
 
@@ -46,7 +50,7 @@ const request = (promptLength: number, maxTokens: number): WorkerRequest => ({
 });
 
 /** Runs `rows` copies of a request to the end; returns the bytes of the decode steps alone, per token. */
-async function decodeBytesPerToken(promptLength: number, rows: number, provider: Provider, boundOutputs: BoundOutputs = 'copied'): Promise<{ toRuntime: number; fromRuntime: number; tokens: number }> {
+async function decodeBytesPerToken(promptLength: number, rows: number, provider: Provider, boundOutputs: BoundOutputs = 'copied', on: EngineSession = session): Promise<{ toRuntime: number; fromRuntime: number; tokens: number }> {
   let stats: EngineStats | null = null;
   let tokens = 0;
   const started = new Set<number>();
@@ -58,7 +62,7 @@ async function decodeBytesPerToken(promptLength: number, rows: number, provider:
     }
   };
   // the gqa cache allocated whole (its capacity, not the context, sizes what the Node API copies back)
-  const core = new EngineCore(session, model.manifest, limits, sink, { provider, boundOutputs, initialKvCapacity: limits.contextLength });
+  const core = new EngineCore(on, model.manifest, limits, sink, { provider, boundOutputs, initialKvCapacity: limits.contextLength });
   const maxTokens = 12;
   for (let i = 0; i < rows; i++) core.submit(i + 1, request(promptLength, maxTokens));
   // every prefill ends with each row's first token; from then on only decode steps run
@@ -104,8 +108,8 @@ describe('bytes across the runtime boundary', () => {
       // whole by the Node API ([rows, kvHeads, contextLength, headDim] per layer, K and V): flat in
       // the context, counted because it is a real copy
       expect(short.fromRuntime).toBe(4 * a.vocabSize + 2 * a.numLayers * kvBytes(limits.contextLength));
-      // a runner that hands the bound buffers back without copying (the C-API runner): logits only
-      const inPlace = await decodeBytesPerToken(600, 3, 'cpu', 'in-place');
+      // the C-API runner hands the bound buffers back without copying: logits only
+      const inPlace = await decodeBytesPerToken(600, 3, 'cpu', 'in-place', capi);
       expect(inPlace.fromRuntime).toBe(4 * a.vocabSize);
       expect(inPlace.toRuntime).toBe(short.toRuntime);
       // on cuda the Node API copies the fed cache views to the device: the whole buffer of the step's rows

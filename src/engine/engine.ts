@@ -294,7 +294,7 @@ export class Engine {
       modelDir: opts.modelDir,
       manifest,
       device: config.DEVICE,
-      runtime: config.RUNTIME ?? 'node',
+      runtime: config.RUNTIME ?? 'auto',
       limits,
     };
     const worker = new Worker(new URL('./worker-entry.mjs', self), { workerData: data });

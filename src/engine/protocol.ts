@@ -4,7 +4,7 @@ import type { EngineEmbedding } from '../adapters/convert.js';
  * data crosses; adapter weights travel as transferred buffers, so the main thread keeps no copy.
  */
 import type { Manifest } from '../model/manifest.js';
-import type { Device, Provider, SessionRuntime } from '../model/session.js';
+import type { Device, Provider, RuntimeSetting } from '../model/session.js';
 import type { ProbeResult } from './probe.js';
 import type { SamplingParams, TokenLogprob } from './sampler.js';
 
@@ -26,7 +26,7 @@ export interface WorkerData {
   modelDir: string;
   manifest: Manifest;
   device: Device;
-  runtime: SessionRuntime;
+  runtime: RuntimeSetting;
   limits: EngineLimits;
 }
 

@@ -1,5 +1,5 @@
 import { parentPort, workerData } from 'node:worker_threads';
-import { createSession, type SessionLog } from '../model/session.js';
+import { createSession, resolveRuntime, type SessionLog } from '../model/session.js';
 import { EngineCore } from './core.js';
 import { ProbeRun } from './probe.js';
 import type { FromWorker, LogLevel, ToWorker, WorkerData } from './protocol.js';
@@ -22,15 +22,18 @@ const errorMessage = (e: unknown) => (e instanceof Error ? e.message : String(e)
 
 async function main(): Promise<void> {
   let created;
+  const { runtime, why } = resolveRuntime(data.runtime, data.manifest.kv);
   try {
-    created = await createSession(data.modelDir, data.manifest, data.device, sessionLog, data.runtime);
+    sessionLog.info(`runtime ${runtime} (${why})`);
+    created = await createSession(data.modelDir, data.manifest, data.device, sessionLog, runtime);
   } catch (e) {
     post({ type: 'startupError', message: errorMessage(e) });
     port!.close();
     return;
   }
   const { session } = created;
-  const core = new EngineCore(session, data.manifest, data.limits, post, { provider: created.provider });
+  // the C API returns a bound output as the buffer it was given, so the gqa cache never crosses back
+  const core = new EngineCore(session, data.manifest, data.limits, post, { provider: created.provider, boundOutputs: runtime === 'capi' ? 'in-place' : 'copied' });
   let closing = false;
   let wake: (() => void) | null = null;
   // probes wait for the step under way (one session never runs two forwards at once), and take

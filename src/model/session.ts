@@ -11,6 +11,23 @@ export type Provider = 'cuda' | 'cpu';
 /** `node`: onnxruntime-node's InferenceSession; `capi`: the C API runner (src/runtime/capi-session.ts) */
 export type SessionRuntime = 'node' | 'capi';
 
+/** the RUNTIME setting: a runtime, or `auto` (see resolveRuntime) */
+export type RuntimeSetting = SessionRuntime | 'auto';
+
+/**
+ * `auto` picks the C API runner for a gqa graph: GroupQueryAttention's present is bound to the
+ * very buffer fed as its past, and onnxruntime-node copies every bound output back into a new
+ * array per run (O(capacity) per step, docs/resident-kv.md); the C API returns it in place. A
+ * resident graph outputs only the new keys and values, so either runtime serves it and the
+ * long-tested onnxruntime-node one is kept.
+ */
+export function resolveRuntime(setting: RuntimeSetting, kv: Manifest['kv']): { runtime: SessionRuntime; why: string } {
+  if (setting !== 'auto') return { runtime: setting, why: `RUNTIME=${setting}` };
+  return kv === 'gqa'
+    ? { runtime: 'capi', why: 'RUNTIME=auto: a gqa graph binds its cache as an output, which the C API leaves in place' }
+    : { runtime: 'node', why: `RUNTIME=auto: the ${kv ?? 'concat'} graph returns no cache, onnxruntime-node serves it` };
+}
+
 /** what the engine uses of a session; both runtimes provide it */
 export type EngineSession = Pick<ort.InferenceSession, 'run' | 'release' | 'inputNames' | 'outputNames'>;
 
