@@ -168,7 +168,7 @@ describe('engine lifecycle', () => {
     // control: the same prefill run on this thread shows what the timer sees when run() blocks it
     const { session } = await createSession(model.dir, model.manifest, 'cpu', { info: () => {}, warn: () => {} });
     const kv = kvStoreFor(model.manifest, 1, 1024);
-    kv.reserve(prompt.length);
+    await kv.reserve(prompt.length);
     const feeds = new FeedBuilder(model.manifest).prefill(prompt, kv.acquire(), 0, kv, null);
     const control = startBeat();
     await runStep(session, model.manifest, kv, feeds, false);

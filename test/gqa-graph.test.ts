@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Architecture } from '../src/model/architecture.js';
 import { FeedBuilder, kvShapeOf, type LoraModule, type ResidentAdapter } from '../src/engine/batch.js';
-import { GqaKv } from '../src/engine/kv-store.js';
+import { GqaKv, hostKvBuffers } from '../src/engine/kv-store.js';
 import { runStep as runEngineStep } from '../src/engine/step-run.js';
 import { buildModel } from '../src/model/build.js';
 import { gqaSupport } from '../src/model/graph/gqa.js';
@@ -113,7 +113,7 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
       const expected = await Promise.all(seqs.map((s) => reference(concat, c.manifest, s)));
 
       // 8 positions at first: the buffers double (8 → 16 → 32) while rows hold cached tokens
-      const kv = new GqaKv(kvShapeOf(g.manifest), 3, arch.maxPositions, undefined, 8);
+      const kv = new GqaKv(kvShapeOf(g.manifest), 3, arch.maxPositions, hostKvBuffers, 8);
       const feeds = new FeedBuilder(g.manifest, 3);
       const got: Float32Array[][] = seqs.map(() => []);
       const handle: number[] = [];
@@ -123,7 +123,7 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
       const prefillChunk = async (i: number) => {
         const s = seqs[i]!;
         const end = Math.min(s.prompt.length, len[i]! + 4);
-        kv.reserve(end);
+        await kv.reserve(end);
         const f = feeds.prefill(s.prompt.slice(len[i], end), handle[i]!, len[i]!, kv, adapterOf(i));
         const out = await runEngineStep(gqa, g.manifest, kv, f, false);
         kv.write(out, [handle[i]!], [len[i]!], end - len[i]!);
@@ -131,9 +131,9 @@ describe.each(CASES)('gqa graph: $label', ({ arch, rotary }) => {
         if (end === s.prompt.length) got[i]!.push(lastLogits(out, 0, V));
       };
       const decodeStep = async (rows: number[]) => {
-        const order = kv.order(rows.map((i) => handle[i]!)).map((k) => rows[k]!);
+        const order = (await kv.order(rows.map((i) => handle[i]!))).map((k) => rows[k]!);
         const tokens = order.map((i) => seqs[i]!.decode[fed[i]!]!);
-        kv.reserve(Math.max(...order.map((i) => len[i]! + 1)));
+        await kv.reserve(Math.max(...order.map((i) => len[i]! + 1)));
         const f = feeds.decode(tokens, order.map((i) => handle[i]!), order.map((i) => len[i]!), kv, order.map(adapterOf));
         const out = await runEngineStep(gqa, g.manifest, kv, f, false);
         kv.write(out, order.map((i) => handle[i]!), order.map((i) => len[i]!), 1);

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { GqaKv, type KvPrefix } from '../src/engine/kv-store.js';
+import { GqaKv, hostKvBuffers, type KvPrefix } from '../src/engine/kv-store.js';
 import { ResidentKv, type KvShape } from '../src/engine/kv.js';
 import { kvCacheKeyName, kvCacheValueName, kvPresentKeyName, KV_SEQLENS, KV_TOTAL } from '../src/model/manifest.js';
 
@@ -25,10 +25,10 @@ function fill(kv: GqaKv, handle: number, len: number, tag: number): void {
   kv.write({}, [handle], [0], len);
 }
 
-function expectTagged(kv: GqaKv, handle: number, len: number, tag: number): void {
+async function expectTagged(kv: GqaKv, handle: number, len: number, tag: number): Promise<void> {
   for (let l = 0; l < shape.layers; l++) {
-    const k = kv.read(l, 'key', handle, len);
-    const v = kv.read(l, 'value', handle, len);
+    const k = await kv.read(l, 'key', handle, len);
+    const v = await kv.read(l, 'value', handle, len);
     for (let h = 0; h < shape.kvHeads; h++) {
       for (let p = 0; p < len; p++) {
         expect(k[(h * len + p) * shape.headDim + 3]).toBeCloseTo(tag * 1000 + l * 100 + h * 10 + p + 0.03, 3);
@@ -39,8 +39,8 @@ function expectTagged(kv: GqaKv, handle: number, len: number, tag: number): void
 }
 
 describe('GqaKv', () => {
-  it('feeds a view of the step’s slots as past, binds the same tensor as present, and int32 lengths', () => {
-    const kv = new GqaKv(shape, 3, 64, undefined, 16);
+  it('feeds a view of the step’s slots as past, binds the same tensor as present, and int32 lengths', async () => {
+    const kv = new GqaKv(shape, 3, 64, hostKvBuffers, 16);
     const a = kv.acquire();
     const b = kv.acquire();
     const feeds = kv.step([a, b], [5, 2], 1);
@@ -55,77 +55,77 @@ describe('GqaKv', () => {
     expect(new ResidentKv(shape, 2, 64).bound()).toEqual({});
   });
 
-  it('keeps running rows in slots [0, n): an ended row’s hole is filled by one move, data intact; nothing moves otherwise', () => {
-    const kv = new GqaKv(shape, 4, 64, undefined, 16);
+  it('keeps running rows in slots [0, n): an ended row’s hole is filled by one move, data intact; nothing moves otherwise', async () => {
+    const kv = new GqaKv(shape, 4, 64, hostKvBuffers, 16);
     const h = [kv.acquire(), kv.acquire(), kv.acquire(), kv.acquire()];
     h.forEach((x, i) => fill(kv, x, 3 + i, i + 1));
-    expect(kv.order(h)).toEqual([0, 1, 2, 3]);
+    expect(await kv.order(h)).toEqual([0, 1, 2, 3]);
     expect(kv.moves).toBe(0);
     kv.release(h[1]!);
     const rows = [h[0]!, h[2]!, h[3]!];
-    const order = kv.order(rows);
+    const order = await kv.order(rows);
     expect(kv.moves).toBe(1);
     // the step runs its rows in slot order; the same rows again move nothing
     const stepRows = order.map((i) => rows[i]!);
     expect(() => kv.step(stepRows, [3, 5, 6], 1)).not.toThrow();
-    kv.order(rows);
+    await kv.order(rows);
     expect(kv.moves).toBe(1);
-    expectTagged(kv, h[0]!, 3, 1);
-    expectTagged(kv, h[2]!, 5, 3);
-    expectTagged(kv, h[3]!, 6, 4);
+    await expectTagged(kv, h[0]!, 3, 1);
+    await expectTagged(kv, h[2]!, 5, 3);
+    await expectTagged(kv, h[3]!, 6, 4);
   });
 
-  it('a prompt prefilled into the hole steps aside (through the scratch slot when no slot is free), its data intact', () => {
-    const kv = new GqaKv(shape, 3, 64, undefined, 16);
+  it('a prompt prefilled into the hole steps aside (through the scratch slot when no slot is free), its data intact', async () => {
+    const kv = new GqaKv(shape, 3, 64, hostKvBuffers, 16);
     const h = [kv.acquire(), kv.acquire(), kv.acquire()];
     h.forEach((x, i) => fill(kv, x, 2 + i, i + 1));
     kv.release(h[1]!);
     const late = kv.acquire();
     fill(kv, late, 7, 9);
     const rows = [h[0]!, h[2]!];
-    const order = kv.order(rows);
+    const order = await kv.order(rows);
     expect(kv.moves).toBe(3);
     expect(() => kv.step(order.map((i) => rows[i]!), [2, 4], 1)).not.toThrow();
-    expectTagged(kv, h[2]!, 4, 3);
-    expectTagged(kv, late, 7, 9);
+    await expectTagged(kv, h[2]!, 4, 3);
+    await expectTagged(kv, late, 7, 9);
   });
 
-  it('grows by doubling up to the context, keeping every held row’s positions', () => {
-    const kv = new GqaKv(shape, 2, 40, undefined, 4);
+  it('grows by doubling up to the context, keeping every held row’s positions', async () => {
+    const kv = new GqaKv(shape, 2, 40, hostKvBuffers, 4);
     const a = kv.acquire();
     const b = kv.acquire();
     fill(kv, a, 3, 1);
     fill(kv, b, 4, 2);
-    kv.reserve(9);
+    await kv.reserve(9);
     expect(kv.capacity).toBe(16);
-    expectTagged(kv, a, 3, 1);
-    expectTagged(kv, b, 4, 2);
-    kv.reserve(33);
+    await expectTagged(kv, a, 3, 1);
+    await expectTagged(kv, b, 4, 2);
+    await kv.reserve(33);
     expect(kv.capacity).toBe(40);
-    expect(() => kv.reserve(41)).toThrow(/41 positions do not fit a context of 40/);
+    await expect(kv.reserve(41)).rejects.toThrow(/41 positions do not fit a context of 40/);
   });
 
-  it('snapshots one slot and restores it into another; a snapshot of another store is refused', () => {
-    const kv = new GqaKv(shape, 2, 32, undefined, 8);
+  it('snapshots one slot and restores it into another; a snapshot of another store is refused', async () => {
+    const kv = new GqaKv(shape, 2, 32, hostKvBuffers, 8);
     const a = kv.acquire();
     fill(kv, a, 5, 7);
-    const snap = kv.snapshot(a, 5);
+    const snap = await kv.snapshot(a, 5);
     const b = kv.acquire();
-    kv.restore(snap, b);
-    expectTagged(kv, b, 5, 7);
+    await kv.restore(snap, b);
+    await expectTagged(kv, b, 5, 7);
     const foreign: KvPrefix = new ResidentKv(shape, 1, 8).snapshot(0, 2);
-    expect(() => kv.restore(foreign, b)).toThrow(/another store/);
+    await expect(kv.restore(foreign, b)).rejects.toThrow(/another store/);
   });
 
-  it('refuses steps GroupQueryAttention cannot run: rows out of slot order, S > 1 with a past in a batch, past the capacity', () => {
-    const kv = new GqaKv(shape, 3, 64, undefined, 8);
+  it('refuses steps GroupQueryAttention cannot run: rows out of slot order, S > 1 with a past in a batch, past the capacity', async () => {
+    const kv = new GqaKv(shape, 3, 64, hostKvBuffers, 8);
     const a = kv.acquire();
     const b = kv.acquire();
     expect(() => kv.step([b, a], [1, 1], 1)).toThrow(/consecutive slots/);
     expect(() => kv.step([a, b], [2, 0], 3)).toThrow(/one row/);
     expect(() => kv.step([a], [6], 3)).toThrow(/beyond the cache's 8 \(call reserve first\)/);
     expect(() => kv.step([2], [0], 1)).toThrow(/not held/);
-    expect(() => new GqaKv(shape, 0, 8)).toThrow(/at least one slot/);
+    expect(() => new GqaKv(shape, 0, 8, hostKvBuffers)).toThrow(/at least one slot/);
     kv.acquire();
     expect(() => kv.acquire()).toThrow(/all 3 KV slots are in use/);
   });

@@ -3,7 +3,7 @@ import type { EngineEmbedding } from '../adapters/convert.js';
 import { hasRowEmbeddings, type Manifest, type ModelDtype } from '../model/manifest.js';
 import { allocModel, tensorType, type ModelArray } from './dtype.js';
 import type { KvShape } from './kv.js';
-import type { Feeds, KvStore } from './kv-store.js';
+import type { Feeds, KvStore, KvTensor, StepFeeds } from './kv-store.js';
 import { LoraVectorFeeds, type LoraVectors } from './lora-vectors.js';
 import { embedFeedsFor, neutralEmbedFeeds, type EmbedFeeds } from './embed-rows.js';
 
@@ -213,7 +213,7 @@ export class FeedBuilder {
   }
 
   /** A prefill chunk of the row in `slot`: tokens at positions [start, start + n) after its `start` cached ones. */
-  prefill(tokens: readonly number[], slot: number, start: number, kv: KvStore, adapter: ResidentAdapter | null): Feeds {
+  prefill<V extends KvTensor = Tensor>(tokens: readonly number[], slot: number, start: number, kv: KvStore<V>, adapter: ResidentAdapter | null): StepFeeds<V> {
     const n = tokens.length;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);
@@ -234,7 +234,7 @@ export class FeedBuilder {
    * A decode step: one token per row, row b in slot slots[b] with lens[b] cached tokens (in the
    * order the store asked for: KvStore.order). Each row attends to its own length only.
    */
-  decode(tokens: readonly number[], slots: readonly number[], lens: readonly number[], kv: KvStore, adapters: readonly (ResidentAdapter | null)[]): Feeds {
+  decode<V extends KvTensor = Tensor>(tokens: readonly number[], slots: readonly number[], lens: readonly number[], kv: KvStore<V>, adapters: readonly (ResidentAdapter | null)[]): StepFeeds<V> {
     const n = tokens.length;
     const ids = new BigInt64Array(n);
     const pos = new BigInt64Array(n);

@@ -1,11 +1,11 @@
-import type { InferenceSession } from 'onnxruntime-node';
+import type { Tensor } from 'onnxruntime-node';
 import { vocabOf, type EngineEmbedding } from '../adapters/convert.js';
 import { hasRowEmbeddings, type Manifest } from '../model/manifest.js';
 import { hasOwnHead, rowsLogits } from './head.js';
-import { FeedBuilder, type Feeds, type LoraModule, type ResidentAdapter } from './batch.js';
+import { FeedBuilder, type LoraModule, type ResidentAdapter } from './batch.js';
 import { toModelArray } from './dtype.js';
-import { kvStoreFor, type KvBuffers, type KvPrefix, type KvStore } from './kv-store.js';
-import { runStep } from './step-run.js';
+import { kvStoreFor, type KvBuffers, type KvPrefix, type KvStore, type KvTensor, type StepFeeds } from './kv-store.js';
+import { runStep, type RunSession } from './step-run.js';
 import type { DoneWire, EngineLimits, EngineStats, FinishReason, FromWorker, LoraModuleWire, Provider, TokenWire, WorkerRequest } from './protocol.js';
 import { countTransfer, type BoundOutputs, type Transfer } from './transfer.js';
 import { sample, seededRng, type Rng, type Sampled } from './sampler.js';
@@ -18,7 +18,7 @@ import { Scheduler, type StepPlan } from './scheduler.js';
  * blocks its thread for the whole forward pass.
  */
 export type Sink = (msg: FromWorker) => void;
-export type RunSession = Pick<InferenceSession, 'run'>;
+export type { RunSession };
 
 interface AdapterEntry extends ResidentAdapter {
   /** requests holding this version (queued or running) */
@@ -73,9 +73,11 @@ export class EngineCore {
   private readonly adapters = new Map<string, AdapterEntry>();
   /** every version still in memory, unloaded ones included until their last request ends */
   private readonly resident = new Set<AdapterEntry>();
-  private readonly kv: KvStore;
+  private readonly kv: KvStore<KvTensor>;
   private readonly provider: Provider;
   private readonly boundOutputs: BoundOutputs;
+  /** the cache is the runtime's own memory (capiKvBuffers): its views never cross (transfer.ts) */
+  private readonly deviceCache: boolean;
   private readonly transferred: Transfer = { toRuntime: 0, fromRuntime: 0 };
   private lastBatchSize = 0;
   private tokensGenerated = 0;
@@ -96,8 +98,8 @@ export class EngineCore {
       /** on cuda, onnxruntime-node copies every input to the device per run, the cache views included */
       provider?: Provider;
       initialKvCapacity?: number;
-      /** where the gqa store's cache lives (a runner with device buffers plugs in here); default host typed arrays */
-      kvBuffers?: KvBuffers;
+      /** where the gqa store's cache lives (capiKvBuffers with the C-API runner); default host typed arrays */
+      kvBuffers?: KvBuffers<KvTensor>;
       /** whether the runtime copies pre-allocated outputs back (onnxruntime-node: yes); see transfer.ts */
       boundOutputs?: BoundOutputs;
     } = {},
@@ -108,6 +110,7 @@ export class EngineCore {
     this.kv = kvStoreFor(manifest, limits.maxBatch, limits.contextLength, { ...(opts.initialKvCapacity !== undefined && { initialCapacity: opts.initialKvCapacity }), ...(opts.kvBuffers && { buffers: opts.kvBuffers }) });
     this.provider = opts.provider ?? 'cpu';
     this.boundOutputs = opts.boundOutputs ?? 'copied';
+    this.deviceCache = manifest.kv === 'gqa' && (opts.kvBuffers?.runtimeMemory ?? false);
     this.targetIndex = new Map(manifest.loraTargets.map((t, i) => [t.name, i]));
   }
 
@@ -182,6 +185,9 @@ export class EngineCore {
     entry.followers--;
     if (entry.followers === 0) {
       for (const [id, e] of this.shared) if (e === entry) this.shared.delete(id);
+      // a snapshot in device memory is freed by hand, not by the garbage collector
+      if (entry.prefix) this.kv.drop(entry.prefix);
+      entry.prefix = null;
     }
   }
 
@@ -212,6 +218,11 @@ export class EngineCore {
   /** Cancels everything (shutdown). Call only between steps. */
   cancelAll(): void {
     for (const row of [...this.sched.waiting, ...this.sched.prefilling, ...this.sched.decoding]) this.finish(row, 'cancelled');
+  }
+
+  /** Frees the KV cache (device memory is not garbage-collected). After cancelAll; the core is unusable after. */
+  close(): void {
+    this.kv.dispose();
   }
 
   // ── adapters ────────────────────────────────────────────────────────────────────────────────
@@ -305,7 +316,7 @@ export class EngineCore {
     // the shared prefill is not there (its first request ended before it): run the prompt
     if (given) this.unfollow(row);
     if (row.slot < 0) row.slot = this.kv.acquire();
-    this.kv.reserve(end);
+    await this.kv.reserve(end);
     const out = await this.run(this.feeds.prefill(row.promptIds.slice(start, end), row.slot, start, this.kv, row.adapter), [row.adapter]);
     this.prefillTokens += end - start;
     this.kv.write(out, [row.slot], [start], end - start);
@@ -316,7 +327,7 @@ export class EngineCore {
     const leads = this.shared.get(row.id);
     if (leads && end === row.promptLength) {
       // followers take these; the logits are copied because the output buffer is not ours to keep
-      leads.prefix = this.kv.snapshot(row.slot, end);
+      leads.prefix = await this.kv.snapshot(row.slot, end);
       leads.logits = last.slice();
     }
     if (row.cancelled) return this.finish(row, 'cancelled');
@@ -326,10 +337,10 @@ export class EngineCore {
   }
 
   /** A follower joins with its leader's prefill: no forward pass, its own first sample. */
-  private adopt(row: Row, given: SharedPrefill): void {
+  private async adopt(row: Row, given: SharedPrefill): Promise<void> {
     if (row.slot < 0) row.slot = this.kv.acquire();
-    this.kv.reserve(given.prefix!.len);
-    this.kv.restore(given.prefix!, row.slot);
+    await this.kv.reserve(given.prefix!.len);
+    await this.kv.restore(given.prefix!, row.slot);
     row.prefilled = row.promptLength;
     row.kvLen = row.promptLength;
     const logits = given.logits!;
@@ -342,11 +353,11 @@ export class EngineCore {
 
   /** Every decoding row attends to its own slot, in the order the KV store needs (KvStore.order). */
   private async decode(decoding: readonly Row[]): Promise<void> {
-    const rows = this.kv.order(decoding.map((r) => r.slot)).map((i) => decoding[i]!);
+    const rows = (await this.kv.order(decoding.map((r) => r.slot))).map((i) => decoding[i]!);
     const slots = rows.map((r) => r.slot);
     const lens = rows.map((r) => r.kvLen);
-    this.kv.reserve(Math.max(...lens) + 1);
-    const feeds: Feeds = this.feeds.decode(
+    await this.kv.reserve(Math.max(...lens) + 1);
+    const feeds: StepFeeds<KvTensor> = this.feeds.decode(
       rows.map((r) => r.lastToken),
       slots,
       lens,
@@ -367,11 +378,11 @@ export class EngineCore {
   }
 
   /** One run of the session, with what crosses the JS↔runtime boundary counted. */
-  private async run(feeds: Feeds, adapters: readonly (ResidentAdapter | null)[]): Promise<InferenceSession.ReturnType> {
+  private async run(feeds: StepFeeds<KvTensor>, adapters: readonly (ResidentAdapter | null)[]): Promise<Record<string, Tensor>> {
     // the hidden state crosses back only for a step with a row whose adapter has its own lm_head
     const hidden = hasRowEmbeddings(this.manifest) && adapters.some((a) => hasOwnHead(a?.embedding));
     const out = await runStep(this.session, this.manifest, this.kv, feeds, hidden);
-    countTransfer(this.transferred, feeds, out, this.provider, { boundOutputs: this.boundOutputs });
+    countTransfer(this.transferred, feeds, out, this.provider, { boundOutputs: this.boundOutputs, deviceCache: this.deviceCache });
     return out;
   }
 

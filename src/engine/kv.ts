@@ -170,6 +170,12 @@ export class ResidentKv implements KvStore {
     return new ResidentPrefix(len, this.keys.map(copy), this.values.map(copy));
   }
 
+  /** host arrays: the garbage collector frees a snapshot */
+  drop(): void {}
+
+  /** host arrays: nothing to free by hand */
+  dispose(): void {}
+
   /** Writes a snapshot into positions [0, prefix.len) of `slot`. Call `reserve` first. */
   restore(prefix: KvPrefix, slot: number): void {
     if (!(prefix instanceof ResidentPrefix)) throw new Error('a KV snapshot of another store');

@@ -1,6 +1,6 @@
 import { hasRowEmbeddings, type Manifest } from '../model/manifest.js';
 import { FeedBuilder, type ResidentAdapter } from './batch.js';
-import { kvStoreFor, type KvStore } from './kv-store.js';
+import { kvStoreFor, type KvBuffers, type KvStore, type KvTensor } from './kv-store.js';
 import { hasOwnHead, rowsLogits } from './head.js';
 import { runStep, type RunSession } from './step-run.js';
 
@@ -76,7 +76,7 @@ export function compareDistributions(adapterLogits: Float32Array, baseLogits: Fl
  */
 export class ProbeRun {
   private readonly feeds: FeedBuilder;
-  private readonly kv: KvStore;
+  private readonly kv: KvStore<KvTensor>;
   /** the store's handles of the base row and the adapter row */
   private readonly slots: readonly [number, number];
   private readonly rows: readonly (ResidentAdapter | null)[];
@@ -89,10 +89,12 @@ export class ProbeRun {
     private readonly manifest: Manifest,
     adapter: ResidentAdapter,
     private readonly ids: readonly number[],
+    /** where a gqa cache lives: the engine's choice (capiKvBuffers with the C-API runner) */
+    buffers?: KvBuffers<KvTensor>,
   ) {
     if (ids.length === 0) throw new Error('the probe prompt has no tokens');
     this.feeds = new FeedBuilder(manifest, 2);
-    this.kv = kvStoreFor(manifest, 2, ids.length, { initialCapacity: ids.length });
+    this.kv = kvStoreFor(manifest, 2, ids.length, { initialCapacity: ids.length, ...(buffers && { buffers }) });
     this.slots = [this.kv.acquire(), this.kv.acquire()];
     this.rows = [null, adapter];
   }
@@ -106,7 +108,7 @@ export class ProbeRun {
     if (this.done) return true;
     const { t } = this;
     const id = this.ids[t]!;
-    this.kv.reserve(t + 1);
+    await this.kv.reserve(t + 1);
     // acquired first on an empty store, the two rows sit in slots 0 and 1: the order any store takes
     const feeds = this.feeds.decode([id, id], this.slots, [t, t], this.kv, this.rows);
     const out = await runStep(this.session, this.manifest, this.kv, feeds, hasRowEmbeddings(this.manifest) && hasOwnHead(this.rows[1]?.embedding));
@@ -117,7 +119,13 @@ export class ProbeRun {
     if (c.maxDelta > this.maxDelta) this.maxDelta = c.maxDelta;
     this.kv.write(out, this.slots, [t, t], 1);
     this.t++;
+    if (this.done) this.dispose();
     return this.done;
+  }
+
+  /** Frees the probe's cache (at its end, or when the worker gives up on a failed step). Once is enough; more is harmless. */
+  dispose(): void {
+    this.kv.dispose();
   }
 
   result(): ProbeResult {
@@ -127,8 +135,12 @@ export class ProbeRun {
 }
 
 /** The whole probe at once (tests, benchmarks). */
-export async function runProbe(session: RunSession, manifest: Manifest, adapter: ResidentAdapter, ids: readonly number[]): Promise<ProbeResult> {
-  const run = new ProbeRun(session, manifest, adapter, ids);
-  while (!(await run.step()));
+export async function runProbe(session: RunSession, manifest: Manifest, adapter: ResidentAdapter, ids: readonly number[], buffers?: KvBuffers<KvTensor>): Promise<ProbeResult> {
+  const run = new ProbeRun(session, manifest, adapter, ids, buffers);
+  try {
+    while (!(await run.step()));
+  } finally {
+    run.dispose();
+  }
   return run.result();
 }

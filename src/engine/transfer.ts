@@ -1,4 +1,5 @@
 import type { Tensor } from 'onnxruntime-node';
+import type { KvTensor } from './kv-store.js';
 import { KV_CACHE_PREFIX, KV_PRESENT_PREFIX } from '../model/manifest.js';
 import type { Provider } from '../model/session.js';
 
@@ -17,7 +18,9 @@ import type { Provider } from '../model/session.js';
  *   without copying it (the C-API runner: `boundOutputs: 'in-place'`) leaves them out.
  * - in: every input's bytes except the KV cache views (kv_cache.*), which on cpu are wrapped in
  *   place. On cuda the Node API copies each input host→device per run, the cache views too, so
- *   they are counted there: that number is what IO binding through the C API has to remove.
+ *   they are counted there. With the C-API runner's buffers (capiKvBuffers, `deviceCache`) the
+ *   cache is the runtime's own memory — device memory on cuda — and never moves: only ids,
+ *   positions, lengths, LoRA inputs and logits are counted, whatever the provider.
  * The counts are what each run hands over, so a step's numbers are O(rows) exactly when nothing
  * O(context) is fed or fetched.
  */
@@ -31,10 +34,10 @@ export type BoundOutputs = 'copied' | 'in-place';
 
 export function countTransfer(
   t: Transfer,
-  feeds: Readonly<Record<string, Tensor>>,
+  feeds: Readonly<Record<string, Tensor | KvTensor>>,
   out: Readonly<Record<string, Tensor>>,
   provider: Provider,
-  /** deviceCache: the cache views are device buffers (the C-API runner on cuda), never copied */
+  /** deviceCache: the cache views are the runtime's own buffers (capiKvBuffers: device memory on cuda), never copied */
   opts: { boundOutputs?: BoundOutputs; deviceCache?: boolean } = {},
 ): void {
   for (const [name, tensor] of Object.entries(feeds)) {
@@ -48,7 +51,9 @@ export function countTransfer(
   }
 }
 
-function byteLength(t: Tensor): number {
+function byteLength(t: KvTensor): number {
+  // a DeviceTensor has no host data: it is the runtime's memory and crosses nothing
+  if (!('data' in t)) return 0;
   const d = t.data as unknown;
   return ArrayBuffer.isView(d) ? d.byteLength : 0;
 }

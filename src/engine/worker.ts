@@ -1,6 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { createSession, resolveRuntime, type SessionLog } from '../model/session.js';
 import { EngineCore } from './core.js';
+import type { KvBuffers, KvTensor } from './kv-store.js';
 import { ProbeRun } from './probe.js';
 import type { FromWorker, LogLevel, ToWorker, WorkerData } from './protocol.js';
 
@@ -32,8 +33,21 @@ async function main(): Promise<void> {
     return;
   }
   const { session } = created;
-  // the C API returns a bound output as the buffer it was given, so the gqa cache never crosses back
-  const core = new EngineCore(session, data.manifest, data.limits, post, { provider: created.provider, boundOutputs: runtime === 'capi' ? 'in-place' : 'copied' });
+  // With the C API runner the gqa cache is memory it allocated on the session's device (CUDA memory
+  // on cuda) and bound in place as past and present: it never crosses between host and device.
+  // onnxruntime-node takes host arrays only, so it keeps the default host buffers.
+  let kvBuffers: KvBuffers<KvTensor> | undefined;
+  if (runtime === 'capi') {
+    const [{ CapiSession }, { capiKvBuffers }] = await Promise.all([import('../runtime/capi-session.js'), import('./device-kv.js')]);
+    if (!(session instanceof CapiSession)) throw new Error('RUNTIME=capi opened a session that is not the C API runner');
+    kvBuffers = capiKvBuffers(session);
+  }
+  const core = new EngineCore(session, data.manifest, data.limits, post, {
+    provider: created.provider,
+    // the C API returns a bound output as the buffer it was given, so the gqa cache never crosses back
+    boundOutputs: runtime === 'capi' ? 'in-place' : 'copied',
+    ...(kvBuffers && { kvBuffers }),
+  });
   let closing = false;
   let wake: (() => void) | null = null;
   // probes wait for the step under way (one session never runs two forwards at once), and take
@@ -48,7 +62,7 @@ async function main(): Promise<void> {
       if (next) {
         const adapter = core.residentAdapter(next.versionId);
         if (!adapter) throw new Error(`adapter version ${next.versionId} is not loaded`);
-        probing = { callId, run: new ProbeRun(session, data.manifest, adapter, next.ids) };
+        probing = { callId, run: new ProbeRun(session, data.manifest, adapter, next.ids, kvBuffers) };
       }
       const run = probing!.run;
       if (await run.step()) {
@@ -56,9 +70,14 @@ async function main(): Promise<void> {
         post({ type: 'reply', callId, error: null, probe: run.result() });
       }
     } catch (e) {
-      probing = null;
+      dropProbe();
       post({ type: 'reply', callId, error: errorMessage(e) });
     }
+  };
+
+  const dropProbe = (): void => {
+    probing?.run.dispose();
+    probing = null;
   };
 
   port!.on('message', (msg: ToWorker) => {
@@ -116,6 +135,8 @@ async function main(): Promise<void> {
   }
   core.cancelAll();
   core.flush();
+  dropProbe();
+  core.close();
   await session.release();
   port!.close();
 }

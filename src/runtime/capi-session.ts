@@ -143,6 +143,20 @@ function identityBytesGraph(): Uint8Array {
   return g.encode('loraserve-capi-copy', { '': 17 }, 'loraserve');
 }
 
+/** n independent uint8 Identity nodes (bytes_i [n_i] → copy_i [n_i]): the graphs behind CapiSession.copyMany */
+function identityBytesGraphs(n: number): Uint8Array {
+  const g = new GraphBuilder(null);
+  for (let i = 0; i < n; i++) {
+    g.input(`bytes_${i}`, 'uint8', [`n_${i}`]);
+    g.node('Identity', [`bytes_${i}`], { outputs: [`copy_${i}`] });
+    g.output(`copy_${i}`, 'uint8', [`n_${i}`]);
+  }
+  return g.encode(`loraserve-capi-copy-${n}`, { '': 17 }, 'loraserve');
+}
+
+/** most copies one copyMany run takes; a batch is split into power-of-two runs up to this */
+const COPY_BATCH = 64;
+
 export class CapiSession {
   private released = false;
   private readonly inFlight = new Set<Promise<unknown>>();
@@ -278,6 +292,47 @@ export class CapiSession {
     } finally {
       if (isDeviceTensor(from)) from.dispose();
       if (isDeviceTensor(to)) to.dispose();
+    }
+  }
+
+  /** the n-copy sessions behind copyMany, by n (powers of two up to COPY_BATCH), opened on first use */
+  private readonly batchCopiers = new Map<number, Promise<CapiSession>>();
+
+  /**
+   * copy() for many [dst, src] pairs (distinct, non-overlapping destinations), in few runs: one
+   * graph of n Identity nodes copies n pairs per run, so a batch of k pairs costs about log2(k) +
+   * k / 64 runs instead of k. Copies that move a KV cache's rows (engine/device-kv.ts) are one
+   * pair per layer and head.
+   */
+  async copyMany(pairs: readonly (readonly [dst: CapiValue, src: CapiValue])[]): Promise<void> {
+    this.alive();
+    for (const [dst, src] of pairs) {
+      const [dt, st] = [valueType(dst), valueType(src)];
+      if (dt !== st || dst.size !== src.size) throw new Error(`copy of ${st}[${dimsOf(src).join(', ')}] into ${dt}[${dimsOf(dst).join(', ')}]: types or sizes differ`);
+    }
+    const todo = pairs.filter(([dst]) => dst.size > 0);
+    for (let at = 0; at < todo.length; ) {
+      let n = COPY_BATCH;
+      while (n > todo.length - at) n /= 2;
+      const chunk = todo.slice(at, at + n);
+      at += n;
+      let copier = this.batchCopiers.get(n);
+      if (!copier) {
+        copier = CapiSession.create(identityBytesGraphs(n), { provider: this.provider, deviceId: this.deviceId, intraOpThreads: 1 });
+        this.batchCopiers.set(n, copier);
+      }
+      const session = await copier;
+      const feeds: Record<string, CapiValue> = {};
+      const fetches: Record<string, CapiValue> = {};
+      chunk.forEach(([dst, src], i) => {
+        feeds[`bytes_${i}`] = this.bytes(src);
+        fetches[`copy_${i}`] = this.bytes(dst);
+      });
+      try {
+        await session.run(feeds, fetches);
+      } finally {
+        for (const v of [...Object.values(feeds), ...Object.values(fetches)]) if (isDeviceTensor(v)) v.dispose();
+      }
     }
   }
 
@@ -417,6 +472,7 @@ export class CapiSession {
     await Promise.allSettled([...this.inFlight]);
     const copier = await this.copier?.catch(() => null);
     await copier?.release();
+    for (const c of this.batchCopiers.values()) await (await c.catch(() => null))?.release();
     const { api } = this.capi;
     for (const t of [...this.deviceTensors]) t.dispose();
     api.ReleaseAllocator(this.allocator);
