@@ -54,6 +54,8 @@ export function servedBuildOptions(config: Config, placement: Placement): Omit<B
     dtype: placement.dtype,
     logits: 'last',
     kv: config.KV,
+    // gqa at fp32 on cuda is built resident (BuildOptions.provider says why)
+    provider: placement.provider,
     ...(placement.weights ? { weights: placement.weights, accuracyLevel: config.WEIGHTS_ACCURACY_LEVEL } : {}),
   };
 }

@@ -1,9 +1,12 @@
 import type { InferenceSession } from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EngineCore } from '../src/engine/core.js';
+import { capiKvBuffers } from '../src/engine/device-kv.js';
+import type { KvBuffers, KvTensor } from '../src/engine/kv-store.js';
 import type { EngineLimits, EngineStats, FromWorker, Provider, WorkerRequest } from '../src/engine/protocol.js';
 import type { BoundOutputs } from '../src/engine/transfer.js';
 import { createSession, type EngineSession } from '../src/model/session.js';
+import { CapiSession } from '../src/runtime/capi-session.js';
 import { tinyArchitecture } from './helpers/random-checkpoint.js';
 import { startEmbeddedApp, type EmbeddedApp } from './helpers/embedded-app.js';
 import { buildRandomModel, tempRoot, type TestModel } from './engine-setup.js';
@@ -16,7 +19,9 @@ import { buildRandomModel, tempRoot, type TestModel } from './engine-setup.js';
  * is what onnxruntime-node's CUDA path does to every input — must grow with the context, or this
  * test could not tell the two apart. Gqa: the Node API's copy of the bound present buffers is
  * counted (flat, sized by the context length), and a runner that returns them in place
- * ('in-place') moves only the logits.
+ * ('in-place') moves only the logits; with the cache in the runner's own memory (capiKvBuffers,
+ * what the worker uses with RUNTIME=capi) the cache views are not counted even where the provider
+ * is cuda, since they never leave the device.
  */
 
 const limits: EngineLimits = { maxBatch: 4, maxQueue: 4, prefillChunk: 1024, requestTimeoutMs: 0, contextLength: 1024 };
@@ -50,7 +55,14 @@ const request = (promptLength: number, maxTokens: number): WorkerRequest => ({
 });
 
 /** Runs `rows` copies of a request to the end; returns the bytes of the decode steps alone, per token. */
-async function decodeBytesPerToken(promptLength: number, rows: number, provider: Provider, boundOutputs: BoundOutputs = 'copied', on: EngineSession = session): Promise<{ toRuntime: number; fromRuntime: number; tokens: number }> {
+async function decodeBytesPerToken(
+  promptLength: number,
+  rows: number,
+  provider: Provider,
+  boundOutputs: BoundOutputs = 'copied',
+  on: EngineSession = session,
+  kvBuffers?: KvBuffers<KvTensor>,
+): Promise<{ toRuntime: number; fromRuntime: number; tokens: number }> {
   let stats: EngineStats | null = null;
   let tokens = 0;
   const started = new Set<number>();
@@ -62,7 +74,7 @@ async function decodeBytesPerToken(promptLength: number, rows: number, provider:
     }
   };
   // the gqa cache allocated whole (its capacity, not the context, sizes what the Node API copies back)
-  const core = new EngineCore(on, model.manifest, limits, sink, { provider, boundOutputs, initialKvCapacity: limits.contextLength });
+  const core = new EngineCore(on, model.manifest, limits, sink, { provider, boundOutputs, initialKvCapacity: limits.contextLength, ...(kvBuffers && { kvBuffers }) });
   const maxTokens = 12;
   for (let i = 0; i < rows; i++) core.submit(i + 1, request(promptLength, maxTokens));
   // every prefill ends with each row's first token; from then on only decode steps run
@@ -77,6 +89,7 @@ async function decodeBytesPerToken(promptLength: number, rows: number, provider:
     core.flush();
   }
   const end = stats! as EngineStats;
+  core.close();
   const decoded = tokens - start.tokens;
   expect(decoded).toBeGreaterThanOrEqual(rows * (maxTokens - 4));
   return { toRuntime: (end.bytesToRuntime - start.to) / decoded, fromRuntime: (end.bytesFromRuntime - start.from) / decoded, tokens: decoded };
@@ -115,6 +128,16 @@ describe('bytes across the runtime boundary', () => {
       // on cuda the Node API copies the fed cache views to the device: the whole buffer of the step's rows
       const copied = await decodeBytesPerToken(600, 3, 'cuda');
       expect(copied.toRuntime - short.toRuntime).toBe(2 * a.numLayers * kvBytes(limits.contextLength));
+      // the cache in the C-API runner's memory (device memory on cuda): never counted, on either
+      // provider; per token only ids, positions, lengths, LoRA inputs in and logits out, flat in the context
+      if (!(capi instanceof CapiSession)) throw new Error('RUNTIME=capi did not open the C API runner');
+      const buffers = capiKvBuffers(capi);
+      const device = await decodeBytesPerToken(600, 3, 'cuda', 'in-place', capi, buffers);
+      const deviceShort = await decodeBytesPerToken(16, 3, 'cuda', 'in-place', capi, buffers);
+      expect(device.toRuntime).toBe(short.toRuntime);
+      expect(device.fromRuntime).toBe(4 * a.vocabSize);
+      expect(deviceShort.toRuntime).toBe(device.toRuntime);
+      expect(deviceShort.fromRuntime).toBe(device.fromRuntime);
     }
   }, 120_000);
 });

@@ -1,15 +1,19 @@
 import ort from 'onnxruntime-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { f16ToF32 } from '../src/adapters/safetensors.js';
 import { capiKvBuffers } from '../src/engine/device-kv.js';
+import type { ModelArray } from '../src/engine/dtype.js';
 import { GqaKv, type StepFeeds } from '../src/engine/kv-store.js';
 import type { KvShape } from '../src/engine/kv.js';
-import { GraphBuilder, float, int } from '../src/model/graph/onnx-builder.js';
+import { GraphBuilder, float, float32ToFloat16Bits, int, toFloat16Bits } from '../src/model/graph/onnx-builder.js';
 import { kvCacheKeyName, kvCacheValueName, kvPresentKeyName, kvPresentValueName, KV_SEQLENS, KV_TOTAL } from '../src/model/manifest.js';
 import { CapiSession, DeviceTensor } from '../src/runtime/capi-session.js';
+import { testDevice } from './engine-setup.js';
 
 /**
  * GqaKv over capiKvBuffers on the CPU provider: the cache is memory onnxruntime allocated
- * (DeviceTensors), the very code path CUDA runs with device memory. A one-layer graph of a single
+ * (DeviceTensors), the very code path CUDA runs with device memory. LORASERVE_TEST_DEVICE=cuda runs
+ * it on CUDA (scripts/gpu-check.sh), at fp16: CUDA's GroupQueryAttention has no fp32 kernel. A one-layer graph of a single
  * com.microsoft.GroupQueryAttention writes each step's keys and values into the bound buffers; the
  * test keeps its own copy of every key and value it fed and checks (1) what the buffers hold,
  * read back through session.download, and (2) the op's output against attention computed here
@@ -21,15 +25,23 @@ const H = 4;
 const KVH = 2;
 const D = 8;
 const SCALE = 1 / Math.sqrt(D);
-const shape: KvShape = { layers: 1, kvHeads: KVH, headDim: D, dtype: 'fp32' };
+const DEVICE = testDevice();
+const FP16 = DEVICE === 'cuda';
+const T = FP16 ? 'float16' : 'float32';
+const shape: KvShape = { layers: 1, kvHeads: KVH, headDim: D, dtype: FP16 ? 'fp16' : 'fp32' };
+/** digits toBeCloseTo checks of the op's output against the reference (fp16 rounds the output) */
+const DIGITS = FP16 ? 2 : 5;
+
+const hostTensor = (values: Float32Array, dims: number[]) => (FP16 ? new ort.Tensor('float16', toFloat16Bits(values), dims) : new ort.Tensor('float32', values, dims));
+const toFloat32 = (a: ModelArray | ort.Tensor['data']): Float32Array => (a instanceof Uint16Array ? Float32Array.from(a, f16ToF32) : (a as Float32Array));
 
 function gqaGraph(): Uint8Array {
   const g = new GraphBuilder(null);
-  g.input('q', 'float32', ['batch', 'seq', H * D]);
-  g.input('k', 'float32', ['batch', 'seq', KVH * D]);
-  g.input('v', 'float32', ['batch', 'seq', KVH * D]);
-  g.input(kvCacheKeyName(0), 'float32', ['batch', KVH, 'max_ctx', D]);
-  g.input(kvCacheValueName(0), 'float32', ['batch', KVH, 'max_ctx', D]);
+  g.input('q', T, ['batch', 'seq', H * D]);
+  g.input('k', T, ['batch', 'seq', KVH * D]);
+  g.input('v', T, ['batch', 'seq', KVH * D]);
+  g.input(kvCacheKeyName(0), T, ['batch', KVH, 'max_ctx', D]);
+  g.input(kvCacheValueName(0), T, ['batch', KVH, 'max_ctx', D]);
   g.input(KV_SEQLENS, 'int32', ['batch']);
   g.input(KV_TOTAL, 'int32', []);
   g.node('GroupQueryAttention', ['q', 'k', 'v', kvCacheKeyName(0), kvCacheValueName(0), KV_SEQLENS, KV_TOTAL], {
@@ -37,9 +49,9 @@ function gqaGraph(): Uint8Array {
     domain: 'com.microsoft',
     outputs: ['out', kvPresentKeyName(0), kvPresentValueName(0)],
   });
-  g.output('out', 'float32', ['batch', 'seq', H * D]);
-  g.output(kvPresentKeyName(0), 'float32', ['batch', KVH, 'max_ctx', D]);
-  g.output(kvPresentValueName(0), 'float32', ['batch', KVH, 'max_ctx', D]);
+  g.output('out', T, ['batch', 'seq', H * D]);
+  g.output(kvPresentKeyName(0), T, ['batch', KVH, 'max_ctx', D]);
+  g.output(kvPresentValueName(0), T, ['batch', KVH, 'max_ctx', D]);
   return g.encode('gqa-device-kv-test', { '': 17, 'com.microsoft': 1 }, 'test');
 }
 
@@ -48,7 +60,8 @@ const rand = () => {
   seed = (seed * 1103515245 + 12345) % 2 ** 31;
   return seed / 2 ** 31 - 0.5;
 };
-const randoms = (n: number) => Float32Array.from({ length: n }, rand);
+/** values the model dtype holds exactly, so the reference sees what the op sees */
+const randoms = (n: number) => Float32Array.from({ length: n }, () => (FP16 ? f16ToF32(float32ToFloat16Bits(rand())) : rand()));
 
 /** every key and value fed for one row, [position][kvHead * D + j] */
 interface RowRef {
@@ -77,13 +90,13 @@ function referenceAttention(q: Float32Array, row: RowRef, upto: number): Float32
 let session: CapiSession;
 
 beforeAll(async () => {
-  session = await CapiSession.create(gqaGraph(), { provider: 'cpu', intraOpThreads: 1 });
+  session = await CapiSession.create(gqaGraph(), DEVICE === 'cpu' ? { provider: 'cpu', intraOpThreads: 1 } : { provider: 'cuda' });
 });
 afterAll(async () => {
   await session?.release();
 });
 
-describe('GqaKv over capiKvBuffers (the C-API runner’s memory, CPU provider)', () => {
+describe(`GqaKv over capiKvBuffers (the C-API runner’s memory, ${DEVICE} provider)`, () => {
   /** one run of S new tokens for each of `handles` (in slot order), fed and remembered in `refs`; returns the op's output per row [S][H * D] */
   async function step(kv: GqaKv<DeviceTensor>, handles: number[], lens: number[], S: number, refs: Map<number, RowRef>): Promise<Float32Array[][]> {
     const n = handles.length;
@@ -92,16 +105,16 @@ describe('GqaKv over capiKvBuffers (the C-API runner’s memory, CPU provider)',
     const v = randoms(n * S * KVH * D);
     const feeds: StepFeeds<DeviceTensor> = {
       ...kv.step(handles, lens, S),
-      q: new ort.Tensor('float32', q, [n, S, H * D]),
-      k: new ort.Tensor('float32', k, [n, S, KVH * D]),
-      v: new ort.Tensor('float32', v, [n, S, KVH * D]),
+      q: hostTensor(q, [n, S, H * D]),
+      k: hostTensor(k, [n, S, KVH * D]),
+      v: hostTensor(v, [n, S, KVH * D]),
     };
     expect(feeds[kvCacheKeyName(0)]).toBeInstanceOf(DeviceTensor);
     const out = await session.run(feeds, { out: null, ...kv.bound(feeds) });
     // a bound DeviceTensor stays on the device: only the attention output comes back
     expect(Object.keys(out)).toEqual(['out']);
     kv.write(out, handles, lens, S);
-    const o = out['out']!.data as Float32Array;
+    const o = toFloat32(out['out']!.data);
     return handles.map((h, b) => {
       const ref = refs.get(h) ?? { keys: [], values: [] };
       refs.set(h, ref);
@@ -114,7 +127,7 @@ describe('GqaKv over capiKvBuffers (the C-API runner’s memory, CPU provider)',
         const got = o.slice((b * S + s) * H * D, (b * S + s + 1) * H * D);
         // causal: position lens[b] + s sees [0, lens[b] + s]
         const want = referenceAttention(q.subarray((b * S + s) * H * D), ref, lens[b]! + s + 1);
-        for (let i = 0; i < H * D; i++) expect(got[i]).toBeCloseTo(want[i]!, 5);
+        for (let i = 0; i < H * D; i++) expect(got[i]).toBeCloseTo(want[i]!, DIGITS);
         return got;
       });
     });
@@ -122,7 +135,7 @@ describe('GqaKv over capiKvBuffers (the C-API runner’s memory, CPU provider)',
 
   /** the buffers hold exactly the keys and values fed for positions [0, len) of the row */
   async function expectCache(kv: GqaKv<DeviceTensor>, handle: number, len: number, ref: RowRef): Promise<void> {
-    const [keys, values] = [await kv.read(0, 'key', handle, len), await kv.read(0, 'value', handle, len)];
+    const [keys, values] = [toFloat32(await kv.read(0, 'key', handle, len)), toFloat32(await kv.read(0, 'value', handle, len))];
     expect(keys.length).toBe(KVH * len * D);
     for (let h = 0; h < KVH; h++) {
       for (let p = 0; p < len; p++) {
@@ -199,8 +212,8 @@ describe('GqaKv over capiKvBuffers (the C-API runner’s memory, CPU provider)',
 
   it('refuses a copy that does not fit (a clear error, not a write past the buffer)', async () => {
     const buffers = capiKvBuffers(session);
-    const small = buffers.allocate('fp32', [2, KVH, 4, D]);
-    const large = buffers.allocate('fp32', [2, KVH, 8, D]);
+    const small = buffers.allocate(shape.dtype, [2, KVH, 4, D]);
+    const large = buffers.allocate(shape.dtype, [2, KVH, 8, D]);
     try {
       await expect(Promise.resolve(buffers.copy([{ src: large, srcSlot: 0, dst: small, dstSlot: 1 }], 6))).rejects.toThrow(/6 positions do not fit buffers of 8 and 4/);
       await expect(Promise.resolve(buffers.copy([{ src: small, srcSlot: 2, dst: large, dstSlot: 0 }], 2))).rejects.toThrow(/out of range/);

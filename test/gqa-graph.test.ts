@@ -202,6 +202,15 @@ describe('gqa contract', () => {
     expect(g.manifest.kv).toBe('resident');
     expect(lines.filter((l) => /KV=gqa is not possible/.test(l))).toEqual([expect.stringMatching(/head_dim 12.*resident/)]);
   });
+
+  it('fp32 for cuda is built resident, saying why (CUDA’s GroupQueryAttention has fp16/bf16 kernels only)', async () => {
+    const arch = tinyArchitecture(dims);
+    expect(gqaSupport(arch).ok).toBe(true);
+    const lines: string[] = [];
+    const g = await buildModel(randomCheckpoint(arch, 6), { outDir: join(root.dir, 'm'), dtype: 'fp32', logits: 'last', kv: 'gqa', provider: 'cuda', onProgress: (l) => lines.push(l) });
+    expect(g.manifest.kv).toBe('resident');
+    expect(lines.filter((l) => /KV=gqa with DTYPE=fp32 on cuda/.test(l))).toEqual([expect.stringMatching(/fp16\/bf16 only.*resident KV cache.*DTYPE=fp16/)]);
+  });
 });
 
 /**

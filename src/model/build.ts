@@ -26,6 +26,12 @@ export interface BuildOptions {
    * progress line saying why; the manifest says which was built.
    */
   kv?: KvContract;
+  /**
+   * the provider the graph will run on, when known. onnxruntime's CUDA GroupQueryAttention has
+   * fp16 and bf16 kernels only: a gqa graph at fp32 on cuda would run the op on the CPU provider
+   * and copy every layer's cache across per step, so it is built `resident` instead (one line says so)
+   */
+  provider?: 'cpu' | 'cuda';
   /** block-quantized projections (graph/quantize.ts); absent = plain weights at `dtype` */
   weights?: QuantizedWeights;
   /** MatMulNBits accuracy_level (GraphOptions); absent = 4 */
@@ -135,6 +141,9 @@ export async function buildModel(ck: Checkpoint, opts: BuildOptions): Promise<Bu
   const support = kv === 'gqa' ? gqaSupport(ck.architecture) : null;
   if (support && !support.ok) {
     progress(`KV=gqa is not possible for ${ck.modelId}: ${support.reason}; using the resident KV cache (plain-ops attention) instead`);
+    kv = 'resident';
+  } else if (kv === 'gqa' && opts.provider === 'cuda' && opts.dtype !== 'fp16') {
+    progress(`KV=gqa with DTYPE=${opts.dtype} on cuda: onnxruntime's CUDA GroupQueryAttention runs fp16/bf16 only (fp32 would fall back to the CPU provider per layer); using the resident KV cache (plain-ops attention) instead — set DTYPE=fp16 (the default on cuda) for gqa`);
     kv = 'resident';
   }
   const options = graphOptions(opts, kv);
