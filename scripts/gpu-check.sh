@@ -14,11 +14,18 @@
 #    the lib folders of pip's nvidia-* wheels (as onnxruntime-gpu installs them) to LD_LIBRARY_PATH.
 # 2. Probes the provider the way the service does (src/model/placement.ts) and stops with the
 #    reason and the provider library's missing dependencies when it does not load.
-# 3. Runs the reference-equality tests on CUDA (LORASERVE_TEST_DEVICE=cuda): test/engine-device
-#    (fp32 ≤ 2e-3 — TF32 may be on — and fp16 ≤ 5e-2 against the reference forward) and
-#    test/engine-batching (batched = alone, mixed adapters, fp16 vs fp32); then the same two and
-#    test/capi-session through the C API runner (LORASERVE_TEST_RUNTIME=capi).
-# 4. Runs `npm run bench -- --preset qwen2.5-0.5b` with DEVICE=cuda (fp16 by default) and prints
+# 3. Runs the reference-equality tests on CUDA (LORASERVE_TEST_DEVICE=cuda) with the defaults a
+#    server gets (RUNTIME=auto → the C API runner for the KV=gqa graph, its cache in CUDA memory
+#    through capiKvBuffers): test/engine-device (fp32 ≤ 2e-3 — TF32 may be on — and fp16 ≤ 5e-2
+#    against the reference forward), test/engine-batching (batched = alone, mixed adapters, fp16 vs
+#    fp32), test/engine-transfer, test/gqa-device-kv (GroupQueryAttention over device buffers at
+#    fp16: in-place writes, moves, growth, snapshot/restore read back from the device) and
+#    test/capi-session; then engine-device and engine-batching through onnxruntime-node
+#    (LORASERVE_TEST_RUNTIME=node, host buffers). The tests build their graphs without a provider,
+#    so their fp32 gqa graphs run CUDA-less GroupQueryAttention on the CPU provider (slow, still
+#    checked); a server builds fp32 on cuda as resident (src/model/build.ts, BuildOptions.provider).
+# 4. Runs `npm run bench -- --preset qwen2.5-0.5b` with DEVICE=cuda (DTYPE=auto: fp16, so KV=gqa;
+#    DTYPE=fp32 builds resident, the build log says why) and prints
 #    tokens/s at batch 1 and 8 and the decode step-time ratio between context 2048 and 128.
 #
 # Environment: ORT_CUDA_LIBS (a folder holding the two provider libraries), PYTHON (default: python3,
@@ -133,16 +140,15 @@ say "CUDA execution provider loads"
 
 # ── 3. reference equality on CUDA ─────────────────────────────────────────────────────────────
 if [[ ${SKIP_TESTS:-0} != 1 ]]; then
-  say "reference-equality tests on cuda (fp32 and fp16)"
-  if ! LORASERVE_TEST_DEVICE=cuda npx vitest run test/engine-device.test.ts test/engine-batching.test.ts 2>&1 | tee "$OUT/tests.log"; then
-    die "reference-equality tests on cuda (log: $OUT/tests.log)"
+  # the defaults (RUNTIME=auto, KV=gqa): the C API runner, GroupQueryAttention's cache in CUDA
+  # memory bound as both past and present, moved on the device
+  say "reference-equality and device-KV tests on cuda (RUNTIME=auto, KV=gqa; fp32 and fp16)"
+  if ! LORASERVE_TEST_DEVICE=cuda LORASERVE_TEST_RUNTIME=auto LORASERVE_TEST_KV=gqa npx vitest run test/engine-device.test.ts test/engine-batching.test.ts test/engine-transfer.test.ts test/gqa-device-kv.test.ts test/capi-session.test.ts 2>&1 | tee "$OUT/tests.log"; then
+    die "tests on cuda (log: $OUT/tests.log)"
   fi
-  # the C API runner (RUNTIME=capi): device tensors in CUDA memory, GroupQueryAttention with its
-  # cache bound as both past and present, and the same engine tests through it
-  say "C API runner on cuda (RUNTIME=capi)"
-  if ! LORASERVE_TEST_DEVICE=cuda npx vitest run test/capi-session.test.ts 2>&1 | tee "$OUT/tests-capi.log" ||
-    ! LORASERVE_TEST_DEVICE=cuda LORASERVE_TEST_RUNTIME=capi npx vitest run test/engine-device.test.ts test/engine-batching.test.ts 2>&1 | tee -a "$OUT/tests-capi.log"; then
-    die "C API runner tests on cuda (log: $OUT/tests-capi.log)"
+  say "the same engine tests through onnxruntime-node (RUNTIME=node, host KV buffers)"
+  if ! LORASERVE_TEST_DEVICE=cuda LORASERVE_TEST_RUNTIME=node npx vitest run test/engine-device.test.ts test/engine-batching.test.ts 2>&1 | tee "$OUT/tests-node.log"; then
+    die "onnxruntime-node tests on cuda (log: $OUT/tests-node.log)"
   fi
 fi
 
