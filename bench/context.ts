@@ -1,6 +1,5 @@
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import type { InferenceSession } from 'onnxruntime-node';
 import { FeedBuilder } from '../src/engine/batch.js';
 import { kvStoreFor } from '../src/engine/kv-store.js';
 import { runStep } from '../src/engine/step-run.js';
@@ -8,7 +7,8 @@ import { countTransfer, type Transfer } from '../src/engine/transfer.js';
 import { openCheckpoint } from '../src/model/checkpoint/index.js';
 import { buildModel } from '../src/model/build.js';
 import type { EngineKv, Manifest } from '../src/model/manifest.js';
-import { createSession, type Provider } from '../src/model/session.js';
+import type { Provider } from '../src/model/session.js';
+import { openEngineSession, type EngineSessionParts } from '../src/engine/engine-session.js';
 import { ensurePreset, isPresetName, PRESET_NAMES } from './presets.js';
 import { median, now } from './timing.js';
 
@@ -44,15 +44,18 @@ export interface ContextScaling {
   what: string;
 }
 
-export async function measureContextScaling(session: InferenceSession, manifest: Manifest, provider: Provider, batch: number, contexts: readonly number[], steps: number): Promise<ContextScaling> {
+export async function measureContextScaling(opened: EngineSessionParts, manifest: Manifest, provider: Provider, batch: number, contexts: readonly number[], steps: number): Promise<ContextScaling> {
   const kvContract = manifest.kv;
   if (kvContract !== 'resident' && kvContract !== 'gqa') throw new Error(`the graph has the ${manifest.kv ?? 'concat'} KV contract; the engine's are resident and gqa`);
   const maxPos = manifest.architecture.maxPositions;
   const usable = [...new Set(contexts.map((c) => Math.min(c, maxPos - steps - 3)))].filter((c) => c > 0);
   const longest = Math.max(...usable) + steps + 3;
   const points: ContextPoint[] = [];
+  const { session, kvBuffers, boundOutputs } = opened;
   for (const context of usable) {
-    const kv = kvStoreFor(manifest, batch, kvContract === 'gqa' ? longest : context + steps + 3, { initialCapacity: kvContract === 'gqa' ? longest : context + steps + 3 });
+    const cap = kvContract === 'gqa' ? longest : context + steps + 3;
+    // the store the worker makes: with the C API runner the cache is its memory, bound in place
+    const kv = kvStoreFor(manifest, batch, cap, { initialCapacity: cap, ...(kvBuffers && { buffers: kvBuffers }) });
     const feeds = new FeedBuilder(manifest, batch);
     const slots = Array.from({ length: batch }, () => kv.acquire());
     const adapters = slots.map(() => null);
@@ -64,7 +67,7 @@ export async function measureContextScaling(session: InferenceSession, manifest:
     const transfer: Transfer = { toRuntime: 0, fromRuntime: 0 };
     for (let s = 0; s < steps + 2; s++) {
       const t0 = now();
-      kv.reserve(Math.max(...lens) + 1);
+      await kv.reserve(Math.max(...lens) + 1);
       const f = feeds.decode(tokens, slots, lens, kv, adapters);
       const r0 = now();
       const out = await runStep(session, manifest, kv, f, false);
@@ -75,9 +78,10 @@ export async function measureContextScaling(session: InferenceSession, manifest:
       if (s >= 2) {
         stepTimes.push(now() - t0);
         runTimes.push(r1 - r0);
-        countTransfer(transfer, f, out, provider);
+        countTransfer(transfer, f, out, provider, { boundOutputs, deviceCache: kvBuffers !== undefined });
       }
     }
+    kv.dispose();
     points.push({ context, stepMs: median(stepTimes), runMs: median(runTimes), bytesPerStep: { toRuntime: transfer.toRuntime / steps, fromRuntime: transfer.fromRuntime / steps } });
   }
   const first = points[0];
@@ -118,11 +122,12 @@ async function main(argv: readonly string[]): Promise<void> {
   const ck = await openCheckpoint(await ensurePreset(preset, resolve(cache), progress));
   for (const kv of ['resident', 'gqa'] as const) {
     const built = await buildModel(ck, { outDir: join(resolve(cache), 'built'), dtype: 'fp32', logits: 'last', kv, onProgress: progress });
-    const { session } = await createSession(built.dir, built.manifest, 'cpu', { info: () => {}, warn: () => {} });
+    // RUNTIME=auto: onnxruntime-node for resident, the C API runner for gqa (as the server)
+    const opened = await openEngineSession(built.dir, built.manifest, 'cpu', 'auto', { info: () => {}, warn: () => {} });
     try {
-      console.log(`${preset} ${contextLine(await measureContextScaling(session, built.manifest, 'cpu', 8, [128, 2048], steps))}`);
+      console.log(`${preset} ${contextLine(await measureContextScaling(opened, built.manifest, 'cpu', 8, [128, 2048], steps))} (runtime ${opened.runtime})`);
     } finally {
-      await session.release();
+      await opened.session.release();
     }
   }
 }

@@ -194,7 +194,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   const placement = await resolvePlacement({ device: ConfigSchema.shape.DEVICE.parse(process.env.DEVICE ?? 'cpu'), dtype: ConfigSchema.shape.DTYPE.parse(process.env.DTYPE ?? 'auto') });
   progress(placementLine(placement));
   progress(`model ${modelName}: building graphs (cached after the first run)`);
-  const built = await buildModel(ck, { outDir: buildDir, dtype: placement.dtype, logits: 'last', kv: 'resident', onProgress: progress });
+  const built = await buildModel(ck, { outDir: buildDir, dtype: placement.dtype, logits: 'last', kv: ConfigSchema.shape.KV.parse(process.env.KV ?? 'gqa'), provider: placement.provider, onProgress: progress });
   let peerBuilt: BuildResult | null = null;
   let peerMissing: string | null = null;
   try {

@@ -3,6 +3,8 @@ import ort from 'onnxruntime-node';
 import { createSession, type Provider } from '../src/model/session.js';
 import { pastKeyName, pastValueName, presentKeyName, presentValueName, type Manifest } from '../src/model/manifest.js';
 import { EngineCore, type RunSession } from '../src/engine/core.js';
+import { openEngineSession, type EngineSessionParts } from '../src/engine/engine-session.js';
+import { ConfigSchema } from '../src/config.js';
 import { FeedBuilder, kvShapeOf } from '../src/engine/batch.js';
 import { ResidentKv } from '../src/engine/kv.js';
 import type { Engine } from '../src/engine/engine.js';
@@ -69,14 +71,19 @@ function workerRequest(spec: GenSpec): WorkerRequest {
 
 const quiet = { info: () => {}, warn: () => {} };
 
-/** Opens the session once; `run` may be called for several batch sizes. */
-export async function openCore(modelDir: string, manifest: Manifest, provider: Provider = 'cpu'): Promise<{ session: InferenceSession; close: () => Promise<void> }> {
-  const { session } = await createSession(modelDir, manifest, provider, quiet);
-  return { session, close: () => session.release() };
+/**
+ * Opens the session once, as the engine's worker does (openEngineSession: RUNTIME from the
+ * environment, default auto, and with the C API runner the gqa cache in its memory); `runCore`
+ * may be called on it for several batch sizes.
+ */
+export async function openCore(modelDir: string, manifest: Manifest, provider: Provider = 'cpu'): Promise<{ session: EngineSessionParts; close: () => Promise<void> }> {
+  const parts = await openEngineSession(modelDir, manifest, provider, ConfigSchema.shape.RUNTIME.parse(process.env.RUNTIME ?? 'auto'), quiet);
+  return { session: parts, close: () => parts.session.release() };
 }
 
 /** `micro`: also time FeedBuilder and the sampler apart (the profile's feedsMs, sampleMs…; NaN without) */
-export async function runCore(session: InferenceSession, manifest: Manifest, spec: GenSpec, batch: number, provider: Provider = 'cpu', micro = true): Promise<CoreResult> {
+export async function runCore(opened: EngineSessionParts, manifest: Manifest, spec: GenSpec, batch: number, provider: Provider = 'cpu', micro = true): Promise<CoreResult> {
+  const { session } = opened;
   // what the last session.run was: a decode step has one token per row
   const last = { kind: 'prefill' as 'prefill' | 'decode', rows: 0, runMs: 0 };
   const timing: RunSession = {
@@ -105,7 +112,7 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
     if (m.type === 'step') for (const [id, tok] of m.tokens) if (id === 1) tokens.push(tok);
     sink(m);
   };
-  const core = new EngineCore(timing, manifest, limitsFor(manifest, batch), firstSink, { provider });
+  const core = new EngineCore(timing, manifest, limitsFor(manifest, batch), firstSink, { provider, boundOutputs: opened.boundOutputs, ...(opened.kvBuffers && { kvBuffers: opened.kvBuffers }) });
   const start = now();
   for (let id = 1; id <= batch; id++) {
     traces.set(id, { start, tokens: [] });
@@ -127,6 +134,8 @@ export async function runCore(session: InferenceSession, manifest: Manifest, spe
     between += now() - t1;
     turns++;
   }
+  // the cache may be the runner's memory, which no garbage collector frees
+  core.close();
   if (failures.length) throw new Error(`core loop failed: ${failures[0]}`);
   const stepMs = median(steps.map((s) => s.step));
   const runMedian = median(steps.map((s) => s.run));

@@ -1,7 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
-import { createSession, resolveRuntime, type SessionLog } from '../model/session.js';
+import type { SessionLog } from '../model/session.js';
 import { EngineCore } from './core.js';
-import type { KvBuffers, KvTensor } from './kv-store.js';
+import { openEngineSession } from './engine-session.js';
 import { ProbeRun } from './probe.js';
 import type { FromWorker, LogLevel, ToWorker, WorkerData } from './protocol.js';
 
@@ -22,32 +22,16 @@ const sessionLog: SessionLog = { info: log('info'), warn: log('warn') };
 const errorMessage = (e: unknown) => (e instanceof Error ? e.message : String(e));
 
 async function main(): Promise<void> {
-  let created;
-  const { runtime, why } = resolveRuntime(data.runtime, data.manifest.kv);
+  let parts;
   try {
-    sessionLog.info(`runtime ${runtime} (${why})`);
-    created = await createSession(data.modelDir, data.manifest, data.device, sessionLog, runtime);
+    parts = await openEngineSession(data.modelDir, data.manifest, data.device, data.runtime, sessionLog);
   } catch (e) {
     post({ type: 'startupError', message: errorMessage(e) });
     port!.close();
     return;
   }
-  const { session } = created;
-  // With the C API runner the gqa cache is memory it allocated on the session's device (CUDA memory
-  // on cuda) and bound in place as past and present: it never crosses between host and device.
-  // onnxruntime-node takes host arrays only, so it keeps the default host buffers.
-  let kvBuffers: KvBuffers<KvTensor> | undefined;
-  if (runtime === 'capi') {
-    const [{ CapiSession }, { capiKvBuffers }] = await Promise.all([import('../runtime/capi-session.js'), import('./device-kv.js')]);
-    if (!(session instanceof CapiSession)) throw new Error('RUNTIME=capi opened a session that is not the C API runner');
-    kvBuffers = capiKvBuffers(session);
-  }
-  const core = new EngineCore(session, data.manifest, data.limits, post, {
-    provider: created.provider,
-    // the C API returns a bound output as the buffer it was given, so the gqa cache never crosses back
-    boundOutputs: runtime === 'capi' ? 'in-place' : 'copied',
-    ...(kvBuffers && { kvBuffers }),
-  });
+  const { session, kvBuffers } = parts;
+  const core = new EngineCore(session, data.manifest, data.limits, post, { provider: parts.provider, boundOutputs: parts.boundOutputs, ...(kvBuffers && { kvBuffers }) });
   let closing = false;
   let wake: (() => void) | null = null;
   // probes wait for the step under way (one session never runs two forwards at once), and take
@@ -116,7 +100,7 @@ async function main(): Promise<void> {
     core.flush();
     wake?.();
   });
-  post({ type: 'ready', provider: created.provider, reason: created.reason });
+  post({ type: 'ready', provider: parts.provider, reason: parts.reason });
 
   while (!closing) {
     const probeWaiting = probing !== null || probes.length > 0;
