@@ -39,7 +39,7 @@ export function tokenizerMetadata(tokenizerJson: string, vocabSize: number, ids:
   };
   for (const [text, id] of Object.entries(tj.model.vocab)) place(id, text, TOKEN_TYPE.normal);
   for (const t of tj.added_tokens) place(t.id, t.content, t.special ? TOKEN_TYPE.control : TOKEN_TYPE.userDefined);
-  const filled = tokens.map((t, i) => t ?? `[PAD${i}]`);
+  const filled = Array.from(tokens, (t, i) => t ?? `[PAD${i}]`);
   const merges = tj.model.merges.map((m) => (typeof m === 'string' ? m : `${m[0]} ${m[1]}`));
   const md = new Map<string, MetadataValue>();
   md.set('tokenizer.ggml.model', str('gpt2'));

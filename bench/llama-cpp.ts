@@ -1,0 +1,155 @@
+import { createHash } from 'node:crypto';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Llama, LlamaModel, Token } from 'node-llama-cpp';
+import type { Checkpoint } from '../src/model/checkpoint/types.js';
+import { GGUF_WRITER_VERSION, writeCheckpointGguf, type GgufFileType } from './gguf/convert.js';
+import { now, throughput, type StreamTrace, type Throughput } from './timing.js';
+
+/**
+ * llama.cpp as users would run it from Node: node-llama-cpp's prebuilt CPU binary, the bench
+ * model's own weights written as GGUF (F32, Q8_0, Q4_0; bench/gguf), fed the same prompt token
+ * ids (no tokenizer in between) and decoding the same number of tokens greedily, with as many
+ * threads as our sessions use. Batch 1 is one sequence; 8 sequences are 8 context sequences of
+ * one context generating at once, which node-llama-cpp batches into shared llama_decode calls.
+ *
+ * node-llama-cpp creates every context with `kv_unified = false` (llama/addon/AddonContext.cpp):
+ * each sequence gets its own KV stream of `contextSize` cells, the context holds
+ * contextSize × sequences. That is its layout; the bench does not change it.
+ */
+
+export const LLAMA_CPP_TYPES = ['F32', 'Q8_0', 'Q4_0'] as const satisfies readonly GgufFileType[];
+
+export type LlamaCppLoad = { ok: true; llama: Llama; version: string; release: string } | { ok: false; missing: string };
+
+/** node-llama-cpp's prebuilt CPU binary, never a build from source, never a download */
+export async function loadLlamaCpp(): Promise<LlamaCppLoad> {
+  let mod: typeof import('node-llama-cpp');
+  try {
+    mod = await import('node-llama-cpp');
+  } catch (e) {
+    return { ok: false, missing: `node-llama-cpp is not installed (npm ci installs it as a dev dependency): ${(e as Error).message}` };
+  }
+  try {
+    const llama = await mod.getLlama({ gpu: false, build: 'never', usePrebuiltBinaries: true, progressLogs: false, logLevel: mod.LlamaLogLevel.error });
+    let version = 'unknown';
+    try {
+      const pkg = JSON.parse(await readFile(new URL('../node_modules/node-llama-cpp/package.json', import.meta.url), 'utf8')) as { version?: string };
+      version = pkg.version ?? version;
+    } catch {
+      // the version is only reported
+    }
+    return { ok: true, llama, version, release: llama.llamaCppRelease.release };
+  } catch (e) {
+    return { ok: false, missing: `node-llama-cpp's prebuilt binary did not load on this machine: ${(e as Error).message}` };
+  }
+}
+
+/** the cache key of a checkpoint's GGUF: writer version, model id and the source files' sizes and times */
+async function ggufKey(ck: Checkpoint): Promise<string> {
+  const h = createHash('sha256');
+  h.update(`gguf-writer ${GGUF_WRITER_VERSION}\n${ck.modelId}\n${JSON.stringify(ck.architecture)}\n`);
+  for (const f of ck.sourceFiles) {
+    const s = await stat(f);
+    h.update(`${f} ${s.size} ${s.mtimeMs}\n`);
+  }
+  return h.digest('hex').slice(0, 16);
+}
+
+/** The checkpoint as GGUF under `cacheDir/gguf/`, written on first use (through a temp name) and reused. */
+export async function ensureGguf(ck: Checkpoint, tokenizerJson: string, cacheDir: string, fileType: GgufFileType, progress: (l: string) => void): Promise<string> {
+  const dir = join(cacheDir, 'gguf', await ggufKey(ck));
+  const path = join(dir, `model-${fileType}.gguf`);
+  const mark = `${path}.complete`;
+  try {
+    await stat(mark);
+    return path;
+  } catch {
+    // not written yet
+  }
+  await mkdir(dir, { recursive: true });
+  progress(`llama.cpp: writing ${fileType} GGUF into ${dir}`);
+  const tmp = `${path}.writing-${process.pid}`;
+  try {
+    await writeCheckpointGguf(ck, tokenizerJson, tmp, fileType);
+    await rename(tmp, path);
+    await writeFile(mark, `${GGUF_WRITER_VERSION}\n`);
+  } catch (e) {
+    await rm(tmp, { force: true });
+    throw e;
+  }
+  return path;
+}
+
+export interface LlamaCppRunSpec {
+  promptIds: readonly number[];
+  maxTokens: number;
+  threads: number;
+}
+
+export interface LlamaCppLoaded {
+  model: LlamaModel;
+  close(): Promise<void>;
+}
+
+export async function loadGguf(llama: Llama, path: string): Promise<LlamaCppLoaded> {
+  const model = await llama.loadModel({ modelPath: path, gpuLayers: 0, useMmap: true });
+  return { model, close: () => model.dispose() };
+}
+
+/**
+ * `sequences` streams of the same prompt, greedy, each stopped after `maxTokens` generated tokens.
+ * A fresh context per run so every run starts with an empty KV cache, as ours do.
+ */
+export async function runLlamaCpp(model: LlamaModel, spec: LlamaCppRunSpec, sequences: number): Promise<{ throughput: Throughput; tokens: number[] }> {
+  const perSequence = spec.promptIds.length + spec.maxTokens + 8;
+  const context = await model.createContext({ sequences, contextSize: perSequence, batchSize: Math.max(spec.promptIds.length * sequences, 512), threads: { ideal: spec.threads, min: spec.threads }, flashAttention: false });
+  try {
+    const start = now();
+    const first: number[] = [];
+    const traces = await Promise.all(
+      Array.from({ length: sequences }, async (_, i): Promise<StreamTrace> => {
+        const seq = context.getSequence();
+        const trace: StreamTrace = { start, tokens: [] };
+        try {
+          for await (const tok of seq.evaluate([...spec.promptIds] as Token[], { temperature: 0 })) {
+            trace.tokens.push(now());
+            if (i === 0) first.push(tok);
+            if (trace.tokens.length >= spec.maxTokens) break;
+          }
+        } finally {
+          seq.dispose();
+        }
+        return trace;
+      }),
+    );
+    return { throughput: throughput(traces), tokens: first };
+  } finally {
+    await context.dispose();
+  }
+}
+
+/**
+ * Raw logits for every position of `tokens` (one sequence, one context), each row the full
+ * vocabulary. The KV cache is F32 here (llama.cpp's default is F16, which the bench keeps) so the
+ * only differences from an exact forward are float32 summation orders.
+ */
+export async function llamaCppLogits(model: LlamaModel, tokens: readonly number[], vocab: number, threads: number): Promise<Float32Array[]> {
+  const context = await model.createContext({ sequences: 1, contextSize: tokens.length + 8, threads: { ideal: threads, min: threads }, flashAttention: false, experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32' });
+  try {
+    const seq = context.getSequence();
+    const out = await seq.controlledEvaluate(tokens.map((t) => [t as Token, { generateNext: { logits: true } }]));
+    return tokens.map((_, i) => {
+      const logits = out[i]?.next.logits;
+      if (!logits) throw new Error(`node-llama-cpp returned no logits for position ${i}`);
+      const row = new Float32Array(vocab).fill(Number.NaN);
+      for (const [tok, v] of logits) {
+        if (tok >= vocab) throw new Error(`node-llama-cpp returned a logit for token ${tok}, past the vocabulary of ${vocab}`);
+        row[tok] = v;
+      }
+      return row;
+    });
+  } finally {
+    await context.dispose();
+  }
+}
