@@ -153,3 +153,100 @@ export async function llamaCppLogits(model: LlamaModel, tokens: readonly number[
     await context.dispose();
   }
 }
+
+export interface LlamaCppLine {
+  type: GgufFileType;
+  fileBytes: number;
+  /** one sequence */
+  b1: Throughput;
+  /** 8 sequences of one context generating at once */
+  seq8: Throughput;
+}
+
+export type LlamaCppSection =
+  | {
+      available: true;
+      what: string;
+      nodeLlamaCpp: string;
+      llamaCppRelease: string;
+      threads: number;
+      /** node-llama-cpp's KV layout and what it does to the 8-sequence lines */
+      layout: string;
+      lines: LlamaCppLine[];
+      /** greedy tokens of the F32 line's first stream against ours (full vocabulary, no EOS) */
+      agreement: { compared: number; equal: number };
+    }
+  | { available: false; missing: string };
+
+export const LAYOUT_NOTE =
+  'node-llama-cpp creates every context with kv_unified = false: each of the 8 sequences has its own KV stream of contextSize cells (the context holds contextSize × 8), and its batch dispatcher gathers the sequences\' next tokens into shared llama_decode calls only when their evaluations are queued in the same cycle';
+
+/**
+ * F32, Q8_0 and Q4_0 GGUF of `ck` (written once into `cacheDir/gguf`), each loaded and run at 1 and
+ * 8 sequences with `threads` threads, best of `reps` by decode tokens/s.
+ */
+export async function measureLlamaCpp(
+  ck: Checkpoint,
+  o: { tokenizerJson: string; cacheDir: string; spec: LlamaCppRunSpec; reps: number; agreementTokens: readonly number[]; types?: readonly GgufFileType[]; progress: (l: string) => void },
+): Promise<LlamaCppSection> {
+  const load = await loadLlamaCpp();
+  if (!load.ok) return { available: false, missing: load.missing };
+  const best = async (f: () => Promise<{ throughput: Throughput; tokens: number[] }>) => {
+    let top = await f();
+    for (let i = 1; i < o.reps; i++) {
+      const next = await f();
+      if (next.throughput.decodeTokPerS > top.throughput.decodeTokPerS || !Number.isFinite(top.throughput.decodeTokPerS)) top = next;
+    }
+    return top;
+  };
+  const lines: LlamaCppLine[] = [];
+  let agreement = { compared: 0, equal: 0 };
+  try {
+    for (const type of o.types ?? LLAMA_CPP_TYPES) {
+      const path = await ensureGguf(ck, o.tokenizerJson, o.cacheDir, type, o.progress);
+      o.progress(`llama.cpp: ${type}, 1 and 8 sequences, ${o.spec.threads} threads`);
+      const m = await loadGguf(load.llama, path);
+      try {
+        await runLlamaCpp(m.model, { ...o.spec, maxTokens: 2 }, 1);
+        const b1 = await best(() => runLlamaCpp(m.model, o.spec, 1));
+        const seq8 = await best(() => runLlamaCpp(m.model, o.spec, 8));
+        if (type === 'F32') {
+          const compared = Math.min(o.agreementTokens.length, b1.tokens.length);
+          let equal = 0;
+          while (equal < compared && o.agreementTokens[equal] === b1.tokens[equal]) equal++;
+          agreement = { compared, equal };
+        }
+        lines.push({ type, fileBytes: (await stat(path)).size, b1: b1.throughput, seq8: seq8.throughput });
+      } finally {
+        await m.close();
+      }
+    }
+  } catch (e) {
+    return { available: false, missing: `llama.cpp could not run the GGUF files: ${(e as Error).message}` };
+  }
+  return {
+    available: true,
+    what: `node-llama-cpp ${load.version} (llama.cpp ${load.release}, prebuilt CPU binary) on GGUF files written from the same weights (bench/gguf: 2-D weights in the file type, norms and biases F32), fed our prompt token ids, greedy, default F16 KV cache, flash attention off; b1: one sequence; seq8: 8 sequences of one context at once`,
+    nodeLlamaCpp: load.version,
+    llamaCppRelease: load.release,
+    threads: o.spec.threads,
+    layout: LAYOUT_NOTE,
+    lines,
+    agreement,
+  };
+}
+
+/** ratios named as the bench's others: ours over llama.cpp's */
+export function llamaCppRatios(section: LlamaCppSection, ours: { fp32B1: Throughput | null; int8B1: Throughput | null; int4B1: Throughput | null; int4Mixed8: Throughput | null }): Record<string, number> {
+  if (!section.available) return {};
+  const d = (t: Throughput | null | undefined) => (t ? t.decodeTokPerS : Number.NaN);
+  const line = (type: GgufFileType) => section.lines.find((l) => l.type === type);
+  const out: Record<string, number> = {
+    fp32B1OverLlamaCppF32: d(ours.fp32B1) / d(line('F32')?.b1),
+    int8B1OverLlamaCppQ8_0: d(ours.int8B1) / d(line('Q8_0')?.b1),
+    int4B1OverLlamaCppQ4_0: d(ours.int4B1) / d(line('Q4_0')?.b1),
+    int4Mixed8OverLlamaCppQ4_0Seq8: d(ours.int4Mixed8) / d(line('Q4_0')?.seq8),
+  };
+  for (const l of section.lines) out[`llamaCpp${l.type}Seq8OverB1`] = d(l.seq8) / d(l.b1);
+  return out;
+}
