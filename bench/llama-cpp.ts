@@ -71,7 +71,9 @@ export async function ensureGguf(ck: Checkpoint, tokenizerJson: string, cacheDir
   progress(`llama.cpp: writing ${fileType} GGUF into ${dir}`);
   const tmp = `${path}.writing-${process.pid}`;
   try {
-    await writeCheckpointGguf(ck, tokenizerJson, tmp, fileType);
+    const t0 = now();
+    const written = await writeCheckpointGguf(ck, tokenizerJson, tmp, fileType);
+    progress(`llama.cpp: wrote ${fileType} GGUF, ${(written.bytes / 1e6).toFixed(0)} MB in ${((now() - t0) / 1000).toFixed(1)} s`);
     await rename(tmp, path);
     await writeFile(mark, `${GGUF_WRITER_VERSION}\n`);
   } catch (e) {
