@@ -105,7 +105,7 @@ export async function loadGguf(llama: Llama, path: string): Promise<LlamaCppLoad
  */
 export async function runLlamaCpp(model: LlamaModel, spec: LlamaCppRunSpec, sequences: number): Promise<{ throughput: Throughput; tokens: number[] }> {
   const perSequence = spec.promptIds.length + spec.maxTokens + 8;
-  const context = await model.createContext({ sequences, contextSize: perSequence, batchSize: Math.max(spec.promptIds.length * sequences, 512), threads: { ideal: spec.threads, min: spec.threads }, flashAttention: false });
+  const context = await model.createContext({ sequences, contextSize: perSequence, batchSize: Math.max(spec.promptIds.length * sequences, 512), threads: { ideal: spec.threads, min: spec.threads } });
   try {
     const start = now();
     const first: number[] = [];
@@ -228,7 +228,7 @@ export async function measureLlamaCpp(
   }
   return {
     available: true,
-    what: `node-llama-cpp ${load.version} (llama.cpp ${load.release}, prebuilt CPU binary) on GGUF files written from the same weights (bench/gguf: 2-D weights in the file type, norms and biases F32), fed our prompt token ids, greedy, default F16 KV cache, flash attention off; b1: one sequence; seq8: 8 sequences of one context at once`,
+    what: `node-llama-cpp ${load.version} (llama.cpp ${load.release}, prebuilt CPU binary) on GGUF files written from the same weights (bench/gguf: 2-D weights in the file type, norms and biases F32), fed our prompt token ids, greedy, the library's defaults otherwise (F16 KV cache, flash attention auto); b1: one sequence; seq8: 8 sequences of one context at once`,
     nodeLlamaCpp: load.version,
     llamaCppRelease: load.release,
     threads: o.spec.threads,
