@@ -37,14 +37,16 @@ export function quantizeQ8_0(x: Float32Array): Uint8Array {
   const nb = x.length / 32;
   if (!Number.isInteger(nb)) throw new Error(`Q8_0: ${x.length} values is not a multiple of 32`);
   const out = new Uint8Array(nb * 34);
-  const view = new DataView(out.buffer);
+  const qs = new Int8Array(out.buffer);
   for (let i = 0; i < nb; i++) {
     let amax = 0;
     for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[i * 32 + j]));
     const d = fr(amax / 127);
     const id = d ? fr(1 / d) : 0;
-    view.setUint16(i * 34, toHalf(d), true);
-    for (let j = 0; j < 32; j++) view.setInt8(i * 34 + 2 + j, roundf(fr(x[i * 32 + j] * id)));
+    const h = toHalf(d);
+    out[i * 34] = h & 0xff;
+    out[i * 34 + 1] = h >> 8;
+    for (let j = 0; j < 32; j++) qs[i * 34 + 2 + j] = roundf(fr(x[i * 32 + j] * id));
   }
   return out;
 }
