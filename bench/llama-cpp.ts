@@ -225,6 +225,9 @@ export async function measureLlamaCpp(
     }
   } catch (e) {
     return { available: false, missing: `llama.cpp could not run the GGUF files: ${(e as Error).message}` };
+  } finally {
+    // its thread pool and backends go before our sessions run the int8/int4 lines
+    await load.llama.dispose();
   }
   return {
     available: true,
