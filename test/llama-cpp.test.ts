@@ -13,9 +13,11 @@ import { referenceForward } from './reference/forward.js';
 /**
  * The bench's llama.cpp line compares the same model: a random llama (Hugging Face rotate_half
  * RoPE, which the writer permutes into llama.cpp's pair layout; GQA; untied head) and a random
- * qwen2 (q/k/v biases, tied embeddings, NeoX RoPE) written to F32 GGUF and run by node-llama-cpp
- * must give the logits of the independent reference forward (test/reference/forward.ts) for the
- * same token ids. If the binary cannot load here, the tests say so and why, and are skipped.
+ * qwen2 (q/k/v biases, tied embeddings, NeoX RoPE), a llama with Llama 3 RoPE scaling and one in
+ * llama2.c's interleaved layout, written to F32 GGUF and run by node-llama-cpp, must give the
+ * logits of the independent reference forward (test/reference/forward.ts) for the same token ids;
+ * the Q8_0 / Q4_0 files must follow the reference of their dequantized weights. If the binary
+ * cannot load here, the tests say so and why, and are skipped.
  */
 
 const tokenizerJson = (() => {
@@ -26,6 +28,10 @@ const tokenizerJson = (() => {
 
 const families: [string, Architecture][] = [
   ['llama', tinyArchitecture({ family: 'llama', vocabSize: 576, intermediateSize: 96, tieWordEmbeddings: false, maxPositions: 128, bosTokenId: 507, eosTokenIds: [508] })],
+  // Llama 3 RoPE scaling (the writer's rope_freqs tensor) over an original context short enough that every branch of the factor formula is used
+  ['llama3-rope', tinyArchitecture({ family: 'llama', vocabSize: 576, intermediateSize: 96, tieWordEmbeddings: true, maxPositions: 128, bosTokenId: 507, eosTokenIds: [508], rope: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositions: 64 } })],
+  // llama2.c's interleaved layout is llama.cpp's own: written without the permutation
+  ['llama-interleaved', tinyArchitecture({ family: 'llama', vocabSize: 576, intermediateSize: 96, ropeLayout: 'interleaved', tieWordEmbeddings: false, maxPositions: 128, bosTokenId: 507, eosTokenIds: [508] })],
   ['qwen2', tinyArchitecture({ family: 'qwen2', vocabSize: 576, intermediateSize: 128, tieWordEmbeddings: true, attentionBias: true, ropeTheta: 1_000_000, rmsNormEps: 1e-6, maxPositions: 128, bosTokenId: 507, eosTokenIds: [508] })],
 ];
 
@@ -46,7 +52,7 @@ describe('node-llama-cpp on GGUF files the bench writes', () => {
   for (const [name, arch] of families) {
     it(`${name}: F32 GGUF logits equal the reference forward for the same tokens (≤ 1e-4)`, async (ctx) => {
       if (!load.ok) return ctx.skip(load.missing);
-      const ck = randomCheckpoint(arch, name === 'llama' ? 301 : 302);
+      const ck = randomCheckpoint(arch, 301 + families.findIndex(([n]) => n === name));
       const path = join(dir, `${name}.gguf`);
       await writeCheckpointGguf(ck, tokenizerJson, path, 'F32');
       const tokens = randomTokens(new Rng(7), 12, 512);
@@ -71,7 +77,7 @@ describe('node-llama-cpp on GGUF files the bench writes', () => {
     }, 60_000);
   }
 
-  for (const [name, arch] of families) {
+  for (const [name, arch] of families.filter(([n]) => n === 'llama' || n === 'qwen2')) {
     for (const type of ['Q8_0', 'Q4_0'] as const) {
       it(`${name} ${type}: logits follow the reference forward of the dequantized weights (blocks read as written)`, async (ctx) => {
         if (!load.ok) return ctx.skip(load.missing);
@@ -103,7 +109,7 @@ describe('node-llama-cpp on GGUF files the bench writes', () => {
 
   it('runs 1 and 8 sequences for the asked number of tokens, greedy and deterministic', async (ctx) => {
     if (!load.ok) return ctx.skip(load.missing);
-    const [, arch] = families[1];
+    const arch = families.find(([n]) => n === 'qwen2')![1];
     const ck = randomCheckpoint(arch, 303);
     const path = join(dir, 'q4.gguf');
     await writeCheckpointGguf(ck, tokenizerJson, path, 'Q4_0');
