@@ -38,6 +38,8 @@ export interface ServerOptions {
   /** default cpu, dtype auto (fp32 there) */
   device?: 'cpu' | 'cuda';
   dtype?: 'fp32' | 'fp16';
+  /** WEIGHTS: block-quantized base projections (the llama.cpp comparison's int8/int4 lines); default plain */
+  weights?: 'int8' | 'int4';
 }
 
 export async function startServer(o: ServerOptions): Promise<Server> {
@@ -47,6 +49,7 @@ export async function startServer(o: ServerOptions): Promise<Server> {
     ADAPTER_DIR: o.adapterDir,
     DEVICE: o.device ?? 'cpu',
     DTYPE: o.dtype ?? 'auto',
+    ...(o.weights ? { WEIGHTS: o.weights } : {}),
     HOST: '127.0.0.1',
     PORT: 0,
     MAX_BATCH: o.maxBatch,

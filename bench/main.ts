@@ -20,6 +20,8 @@ import { formatReport, target, type BenchReport } from './report.js';
 import { now, throughput } from './timing.js';
 import { alternate, fastest, type PairedRatio } from './paired.js';
 import { parseArgsOrReport } from './cli-args.js';
+import { llamaCppRatios, measureLlamaCpp } from './llama-cpp.js';
+import { measureQuantized } from './quantized.js';
 
 /**
  * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b|llama-3.2-1b | --model <dir>] [--quick] [--json]
@@ -27,7 +29,9 @@ import { parseArgsOrReport } from './cli-args.js';
  * Prints a table and then the JSON report (with --json: the JSON only). Progress goes to stderr.
  * Sections run in this order, one session at a time so the 0.5B preset fits, except where api-1
  * takes turns with the raw loop (two sessions of the model: +1 copy of the weights for that
- * section): upload (a child process), limit, raw, minimal, the server (engine, api), peer.
+ * section): upload (a child process), limit, raw, minimal, the server (engine, api), peer,
+ * llama.cpp (node-llama-cpp on GGUF files of the same weights, then ours with int8/int4 weights
+ * for its comparisons).
  */
 
 interface Options {
@@ -341,6 +345,17 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
   }
 
+  // ── llama.cpp: node-llama-cpp on GGUF of the same weights; ours with int8/int4 weights ─────
+  let llamaCpp: BenchReport['llamaCpp'];
+  let quantized: BenchReport['quantized'] = null;
+  if (provider !== 'cpu') llamaCpp = { available: false, missing: `the model ran on ${provider}; the llama.cpp comparison is CPU against CPU` };
+  else if (ck.tokenizer?.kind !== 'hf') llamaCpp = { available: false, missing: 'the GGUF writer needs the model\'s tokenizer.json' };
+  else {
+    llamaCpp = await measureLlamaCpp(ck, { tokenizerJson: ck.tokenizer.tokenizerJson, cacheDir: cache, spec: { promptIds, maxTokens, threads: availableParallelism() }, reps, agreementTokens, progress });
+    if (llamaCpp.available) quantized = await measureQuantized(ck, { modelPath, buildDir, spec, prompt: PROMPT, rank: o.rank, reps, progress });
+    else progress(`llama.cpp: not measured — ${llamaCpp.missing}`);
+  }
+
   // ── ratios and targets ────────────────────────────────────────────────────────────────────
   const d = (t: { decodeTokPerS: number }) => t.decodeTokPerS;
   const ratios: Record<string, number> = {
@@ -374,6 +389,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     ratios.api8BaseOverPeer = d(api.base8) / d(peer.b8);
     ratios.peerC8OverB1 = d(peer.c8) / d(peer.b1);
   }
+  // ours over llama.cpp's (fp32 against F32 only when the model ran in fp32)
+  Object.assign(ratios, llamaCppRatios(llamaCpp, { fp32B1: placement.dtype === 'fp32' ? raw1.throughput : null, int8B1: quantized?.int8B1 ?? null, int4B1: quantized?.int4B1 ?? null, int4Mixed8: quantized?.int4Mixed8 ?? null }));
   const targets = [
     target('raw decode vs bandwidth', 'raw b1 tok/s ÷ limit tok/s', ratios.rawB1OverLimit, 0.7, 'min'),
     target('HTTP overhead', 'api-1 ÷ raw b1', ratios.api1OverRaw, 0.95, 'min'),
@@ -384,6 +401,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     target('upload to ready', 'server: ms from the upload\'s last byte to its 201', upload.beyondReadMs, 50, 'max'),
     target('memory per adapter', 'RSS per adapter ÷ tensor bytes', upload.memory.ratioToTensorBytes, 1.2, 'max'),
   ];
+  targets.push(
+    target('llama.cpp int4 batch 1', 'int4 raw b1 ÷ llama.cpp Q4_0 b1', ratios.int4B1OverLlamaCppQ4_0 ?? Number.NaN, 1.3, 'min'),
+    target('llama.cpp int8 batch 1', 'int8 raw b1 ÷ llama.cpp Q8_0 b1', ratios.int8B1OverLlamaCppQ8_0 ?? Number.NaN, 1.3, 'min'),
+    target('llama.cpp 8 streams', 'int4 api-8-mixed ÷ llama.cpp Q4_0 8 sequences', ratios.int4Mixed8OverLlamaCppQ4_0Seq8 ?? Number.NaN, 2, 'min'),
+  );
 
   const report: BenchReport = {
     machine: {
@@ -416,6 +438,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     paired: { api1OverRaw: apiOverRaw, mixedOverSame },
     upload,
     peer,
+    llamaCpp,
+    quantized,
     ratios,
     targets,
     seconds: (now() - t0) / 1000,

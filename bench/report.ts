@@ -4,6 +4,8 @@ import type { ContextScaling } from './context.js';
 import type { Throughput } from './timing.js';
 import type { UploadResult } from './upload.js';
 import type { PairedRatio } from './paired.js';
+import type { LlamaCppSection } from './llama-cpp.js';
+import type { QuantizedLines } from './quantized.js';
 
 /** Everything one run measured; every comparison is between numbers of this same run. */
 export interface BenchReport {
@@ -53,6 +55,10 @@ export interface BenchReport {
         concurrentAgreement: { streams: number; equalToB1: number };
       }
     | { available: false; missing: string };
+  /** node-llama-cpp on GGUF files of the same weights (CPU) */
+  llamaCpp: LlamaCppSection;
+  /** ours with int8/int4 base weights, for the llama.cpp ratios; null when llama.cpp was not measured */
+  quantized: QuantizedLines | null;
   ratios: Record<string, number>;
   targets: Target[];
   seconds: number;
@@ -116,9 +122,26 @@ export function formatReport(r: BenchReport): string {
     rows.push(tp('peer b8 (static batch)', r.peer.b8, `engine b8 ${f(r.ratios.engineB8OverPeer, 2)}× (info)`));
     rows.push(tp('peer 8 concurrent', r.peer.c8, `engine b8 ${f(r.ratios.engineB8OverPeerConcurrent, 2)}×`));
   }
+  if (r.quantized && r.llamaCpp.available) {
+    const q = r.quantized;
+    const line = (type: string) => (r.llamaCpp.available ? r.llamaCpp.lines.find((l) => l.type === type) : undefined);
+    for (const l of r.llamaCpp.lines) {
+      rows.push(tp(`llama.cpp ${l.type} b1`, l.b1, l.type === 'F32' ? `raw b1 ${f(r.ratios.fp32B1OverLlamaCppF32, 2)}×` : ''));
+      rows.push(tp(`llama.cpp ${l.type} 8 seqs`, l.seq8, `${f(r.ratios[`llamaCpp${l.type}Seq8OverB1`], 2)}× its b1`));
+    }
+    rows.push(tp('int8 raw b1', q.int8B1, line('Q8_0') ? `${f(r.ratios.int8B1OverLlamaCppQ8_0, 2)}× Q8_0` : ''));
+    rows.push(tp('int4 raw b1', q.int4B1, line('Q4_0') ? `${f(r.ratios.int4B1OverLlamaCppQ4_0, 2)}× Q4_0` : ''));
+    rows.push(tp('int4 api-8-mixed', q.int4Mixed8, line('Q4_0') ? `${f(r.ratios.int4Mixed8OverLlamaCppQ4_0Seq8, 2)}× Q4_0 8 seqs` : ''));
+  }
   out.push(table(['section', 'streams', 'tokens', 'decode tok/s', 'e2e tok/s', 'ttft ms', 'ratio'], rows));
   for (const p of [r.paired.api1OverRaw, r.paired.mixedOverSame]) {
     out.push(`paired: ${p.what} = median ${f(p.median, 3)} of ${p.ratios.length} alternating pairs [${p.ratios.map((x) => f(x, 3)).join(', ')}]`);
+  }
+  if (!r.llamaCpp.available) out.push(`llama.cpp: not measured — ${r.llamaCpp.missing}`);
+  else {
+    const l = r.llamaCpp;
+    out.push(`llama.cpp: node-llama-cpp ${l.nodeLlamaCpp} (llama.cpp ${l.llamaCppRelease}), ${l.threads} threads; greedy agreement of its F32 line with ours: ${l.agreement.equal}/${l.agreement.compared} tokens; GGUF ${l.lines.map((x) => `${x.type} ${(x.fileBytes / 1e6).toFixed(0)} MB`).join(', ')}`);
+    out.push(`  layout: ${l.layout}`);
   }
   if (!r.peer.available) out.push(`peer: not measured — ${r.peer.missing}`);
   else {

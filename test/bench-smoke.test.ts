@@ -34,17 +34,17 @@ describe('bench --quick --json', () => {
 
   beforeAll(async () => {
     cache = await mkdtemp(join(tmpdir(), 'loraserve-bench-smoke-'));
-    const out = await run(process.execPath, ['bin/loraserve-bench.js', '--quick', '--json', '--cache', cache], { cwd: root, maxBuffer: 16 * 1024 * 1024, timeout: 110_000 });
+    const out = await run(process.execPath, ['bin/loraserve-bench.js', '--quick', '--json', '--cache', cache], { cwd: root, maxBuffer: 16 * 1024 * 1024, timeout: 230_000 });
     stderr = out.stderr;
     report = JSON.parse(out.stdout) as Record<string, Json>;
-  }, 120_000);
+  }, 240_000);
 
   afterAll(async () => {
     if (cache) await rm(cache, { recursive: true, force: true });
   });
 
   it('reports every section', () => {
-    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
+    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'llamaCpp', 'quantized', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
     expect(report.model).toMatchObject({ name: 'tiny', maxTokens: 24 });
     for (const k of ['api1', 'same8', 'mixed8', 'base8']) expect(report.api).toHaveProperty(k);
     for (const k of ['b1', 'b8', 'profile1', 'profile8']) expect(report.raw).toHaveProperty(k);
@@ -55,6 +55,7 @@ describe('bench --quick --json', () => {
   it('has only finite numbers in the measured sections', () => {
     const bad: string[] = [];
     for (const k of ['limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'ratios', 'targets']) nonFinite(report[k] ?? null, k, bad);
+    if ((report.llamaCpp as { available: boolean }).available) for (const k of ['llamaCpp', 'quantized']) nonFinite(report[k] ?? null, k, bad);
     expect(bad).toEqual([]);
   });
 
@@ -82,6 +83,29 @@ describe('bench --quick --json', () => {
     expect(upload.beyondReadMs).toBeGreaterThan(0);
     expect(upload.rank).toBe(16);
     expect(upload.tensorBytes).toBeGreaterThan(0);
+  });
+
+  it('measures llama.cpp on the same weights and tokens, or says why not', () => {
+    const l = report.llamaCpp as { available: boolean; missing?: string; lines?: { type: string; b1: { streams: number; tokens: number }; seq8: { streams: number; tokens: number } }[]; agreement?: { compared: number; equal: number } };
+    if (!l.available) {
+      // node-llama-cpp's prebuilt binary may not load on every machine: the report must say why
+      console.warn(`bench smoke: llama.cpp section not measured: ${l.missing}`);
+      expect(l.missing).toMatch(/node-llama-cpp|llama\.cpp/);
+      return;
+    }
+    expect(l.lines?.map((x) => x.type)).toEqual(['F32', 'Q8_0', 'Q4_0']);
+    for (const x of l.lines ?? []) {
+      expect(x.b1, x.type).toMatchObject({ streams: 1, tokens: 24 });
+      expect(x.seq8, x.type).toMatchObject({ streams: 8, tokens: 8 * 24 });
+    }
+    // the F32 GGUF decodes the greedy tokens our graph does: the same weights, the same prompt ids
+    expect(l.agreement?.compared).toBeGreaterThan(0);
+    expect(l.agreement?.equal).toBe(l.agreement?.compared);
+    const q = report.quantized as Record<string, { streams: number; tokens: number }>;
+    expect(q.int4B1).toMatchObject({ streams: 1, tokens: 24 });
+    expect(q.int8B1).toMatchObject({ streams: 1, tokens: 24 });
+    expect(q.int4Mixed8).toMatchObject({ streams: 8, tokens: 8 * 24 });
+    for (const k of ['int4B1OverLlamaCppQ4_0', 'int8B1OverLlamaCppQ8_0', 'fp32B1OverLlamaCppF32', 'int4Mixed8OverLlamaCppQ4_0Seq8']) expect(report.ratios, k).toHaveProperty(k);
   });
 
   it('agrees with the peer on the greedy tokens of the same weights', () => {
