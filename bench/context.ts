@@ -23,7 +23,7 @@ import { median, now } from './timing.js';
  * through onnxruntime-node its bound present buffers come back copied whole each step (flat in the
  * context, proportional to that length; docs/resident-kv.md), and the numbers show that cost.
  *
- * Standalone: `npx tsx bench/context.ts [--preset tiny|…] [--steps N] [--cache <dir>]` builds the
+ * Standalone: `npx tsx bench/context.ts [--preset tiny|…] [--steps N] [--batch N] [--cache <dir>]` builds the
  * preset with kv: resident and kv: gqa and prints the two side by side (CPU, fp32).
  */
 export interface ContextPoint {
@@ -107,17 +107,20 @@ export function contextLine(cx: ContextScaling): string {
 async function main(argv: readonly string[]): Promise<void> {
   let preset = 'tiny';
   let steps = 4;
+  let batch = 8;
   let cache = './data/bench-models';
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i + 1];
     if (argv[i] === '--preset' && v) preset = v;
     else if (argv[i] === '--steps' && v) steps = Number(v);
+    else if (argv[i] === '--batch' && v) batch = Number(v);
     else if (argv[i] === '--cache' && v) cache = v;
-    else throw new Error(`usage: tsx bench/context.ts [--preset ${PRESET_NAMES.join('|')}] [--steps N] [--cache <dir>]`);
+    else throw new Error(`usage: tsx bench/context.ts [--preset ${PRESET_NAMES.join('|')}] [--steps N] [--batch N] [--cache <dir>]`);
     i++;
   }
   if (!isPresetName(preset)) throw new Error(`unknown preset ${preset}`);
   if (!Number.isInteger(steps) || steps < 1) throw new Error(`--steps must be a positive integer`);
+  if (!Number.isInteger(batch) || batch < 1) throw new Error(`--batch must be a positive integer`);
   const progress = (l: string) => console.error(l);
   const ck = await openCheckpoint(await ensurePreset(preset, resolve(cache), progress));
   for (const kv of ['resident', 'gqa'] as const) {
@@ -125,7 +128,7 @@ async function main(argv: readonly string[]): Promise<void> {
     // RUNTIME=auto: onnxruntime-node for resident, the C API runner for gqa (as the server)
     const opened = await openEngineSession(built.dir, built.manifest, 'cpu', 'auto', { info: () => {}, warn: () => {} });
     try {
-      console.log(`${preset} ${contextLine(await measureContextScaling(opened, built.manifest, 'cpu', 8, [128, 2048], steps))} (runtime ${opened.runtime})`);
+      console.log(`${preset} ${contextLine(await measureContextScaling(opened, built.manifest, 'cpu', batch, [128, 2048], steps))} (runtime ${opened.runtime})`);
     } finally {
       await opened.session.release();
     }
