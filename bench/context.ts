@@ -78,7 +78,7 @@ export async function measureContextScaling(opened: EngineSessionParts, manifest
       if (s >= 2) {
         stepTimes.push(now() - t0);
         runTimes.push(r1 - r0);
-        countTransfer(transfer, f, out, provider, { boundOutputs, deviceCache: kvBuffers !== undefined });
+        countTransfer(transfer, f, out, provider, { boundOutputs, deviceCache: kv.runtimeMemory });
       }
     }
     kv.dispose();

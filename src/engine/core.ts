@@ -76,8 +76,6 @@ export class EngineCore {
   private readonly kv: KvStore<KvTensor>;
   private readonly provider: Provider;
   private readonly boundOutputs: BoundOutputs;
-  /** the cache is the runtime's own memory (capiKvBuffers): its views never cross (transfer.ts) */
-  private readonly deviceCache: boolean;
   private readonly transferred: Transfer = { toRuntime: 0, fromRuntime: 0 };
   private lastBatchSize = 0;
   private tokensGenerated = 0;
@@ -110,7 +108,6 @@ export class EngineCore {
     this.kv = kvStoreFor(manifest, limits.maxBatch, limits.contextLength, { ...(opts.initialKvCapacity !== undefined && { initialCapacity: opts.initialKvCapacity }), ...(opts.kvBuffers && { buffers: opts.kvBuffers }) });
     this.provider = opts.provider ?? 'cpu';
     this.boundOutputs = opts.boundOutputs ?? 'copied';
-    this.deviceCache = manifest.kv === 'gqa' && (opts.kvBuffers?.runtimeMemory ?? false);
     this.targetIndex = new Map(manifest.loraTargets.map((t, i) => [t.name, i]));
   }
 
@@ -382,7 +379,7 @@ export class EngineCore {
     // the hidden state crosses back only for a step with a row whose adapter has its own lm_head
     const hidden = hasRowEmbeddings(this.manifest) && adapters.some((a) => hasOwnHead(a?.embedding));
     const out = await runStep(this.session, this.manifest, this.kv, feeds, hidden);
-    countTransfer(this.transferred, feeds, out, this.provider, { boundOutputs: this.boundOutputs, deviceCache: this.deviceCache });
+    countTransfer(this.transferred, feeds, out, this.provider, { boundOutputs: this.boundOutputs, deviceCache: this.kv.runtimeMemory });
     return out;
   }
 

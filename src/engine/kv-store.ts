@@ -32,6 +32,8 @@ export interface KvPrefix {
 
 export interface KvStore<V extends KvTensor = Tensor> {
   readonly contract: EngineKv;
+  /** the cache is the runtime's own memory (capiKvBuffers: device memory on cuda), so its views never cross (transfer.ts deviceCache) */
+  readonly runtimeMemory: boolean;
   /** bytes the cache holds */
   readonly bytes: number;
   /** a slot for a new row (its handle until `release`); throws when every slot is held */
@@ -173,6 +175,9 @@ interface GqaPrefix<B> extends KvPrefix {
  */
 export class GqaKv<B extends KvTensor = Tensor> implements KvStore<B> {
   readonly contract = 'gqa' as const;
+  get runtimeMemory(): boolean {
+    return this.buffers.runtimeMemory;
+  }
   private readonly keys: B[] = [];
   private readonly values: B[] = [];
   /** handle → physical slot, -1 when free */

@@ -36,6 +36,8 @@ class ResidentPrefix implements KvPrefix {
 
 export class ResidentKv implements KvStore {
   readonly contract = 'resident' as const;
+  /** host typed arrays, always */
+  readonly runtimeMemory = false;
   private readonly keys: ModelArray[] = [];
   private readonly values: ModelArray[] = [];
   private cap: number;
