@@ -7,7 +7,7 @@ import type { Architecture } from '../src/model/architecture.js';
 import { buildModel } from '../src/model/build.js';
 import { createSession, emptyLoraFeeds } from '../src/model/session.js';
 import { KvState, maxDiffAll, real, runStep } from './helpers/lora-feeds.js';
-import { dequantizedCheckpoint, dequantizedProjections } from './helpers/quantized-graph.js';
+import { dequantizedCheckpoint, dequantizedProjections, quantizedWidths } from './helpers/quantized-graph.js';
 import { Rng, randomCheckpoint, randomTokens, tinyArchitecture } from './helpers/random-checkpoint.js';
 import { referenceForward } from './reference/forward.js';
 
@@ -40,8 +40,11 @@ describe('quantized projections in every family (int4, accuracy_level 0) vs the 
     const ck = randomCheckpoint(arch, 83);
     const built = await buildModel(ck, { outDir: root, dtype: 'fp32', logits: 'all', lora: true, weights: 'int4', accuracyLevel: 0 });
     const deq = await dequantizedProjections(built.dir);
-    // every projection, plus the LM head (8-bit)
+    // every projection, plus the LM head, all at 4 bits (the head as a Q4_0 GGUF's output is)
     expect(deq.size).toBe(arch.numLayers * projections + 1);
+    const widths = await quantizedWidths(built.dir);
+    expect(widths.get('lm_head.weight')).toBe(4);
+    expect(new Set(widths.values())).toEqual(new Set([4]));
     const { reference, tensors } = dequantizedCheckpoint(ck, deq);
     const { session } = await createSession(built.dir, built.manifest, 'cpu', pino({ level: 'silent' }));
     const prompt = randomTokens(new Rng(5), 12, arch.vocabSize);

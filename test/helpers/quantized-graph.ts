@@ -44,6 +44,17 @@ export async function dequantizedProjections(modelDir: string): Promise<Map<stri
   return out;
 }
 
+/** each MatMulNBits weight of a built graph (checkpoint tensor name) and its `bits` attribute */
+export async function quantizedWidths(modelDir: string): Promise<Map<string, number>> {
+  const graph = onnx.ModelProto.decode(await readFile(path.join(modelDir, 'model.onnx'))).graph!;
+  const out = new Map<string, number>();
+  for (const node of graph.node!) {
+    if (node.opType !== 'MatMulNBits') continue;
+    out.set(node.input![1]!.replace(/\.q[48]$/, ''), Number(node.attribute!.find((a) => a.name === 'bits')!.i));
+  }
+  return out;
+}
+
 
 /**
  * The checkpoint the quantized graph computes: projections and LM head replaced by their

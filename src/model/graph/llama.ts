@@ -13,7 +13,7 @@ import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
 import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
-export const BUILDER_VERSION = '12';
+export const BUILDER_VERSION = '13';
 
 export interface GraphOptions {
   dtype: ModelDtype;
@@ -420,10 +420,13 @@ export async function buildLlamaGraph(
   const flat = g.op('Reshape', [hn, shape([-1, a.hiddenSize])]);
   let rows: string;
   if (opts.weights) {
-    // the LM head is one more [vocab, hidden] product: MatMulNBits, always 8-bit (as llama.cpp keeps
-    // its output matrix at a higher width than Q4_0), a quantized copy of the table when tied
+    // the LM head is one more [vocab, hidden] product at the projections' width (a quantized copy of
+    // the table when tied). At 4 bits rather than 8 it is the largest single saving of the int4 step:
+    // on Qwen2.5-0.5B's [151936, 896] head, 10.8 vs 14.4 ms for one row and 45 vs 88 ms for eight
+    // (2 cores, accuracy_level 4; bench/RESULTS.md). A Q4_0 GGUF with tied embeddings (what the
+    // bench's llama.cpp peer runs) multiplies by its Q4_0 token_embd the same way.
     const head = tensors.read(a.tieWordEmbeddings ? embedName : 'lm_head.weight', [a.vocabSize, a.hiddenSize]);
-    rows = await quantizedMatMul('lm_head.weight', head, a.vocabSize, a.hiddenSize, flat, 8);
+    rows = await quantizedMatMul('lm_head.weight', head, a.vocabSize, a.hiddenSize, flat);
   } else {
     // Gemm with transB reads the [vocab, hidden] matrix as stored, so tied embeddings are not copied
     const lmHead = a.tieWordEmbeddings ? embed : await g.weight('lm_head.weight', T, [a.vocabSize, a.hiddenSize], tensors.read('lm_head.weight', [a.vocabSize, a.hiddenSize]));
