@@ -22,6 +22,7 @@ import { alternate, fastest, type PairedRatio } from './paired.js';
 import { parseArgsOrReport } from './cli-args.js';
 import { llamaCppRatios, measureLlamaCpp } from './llama-cpp.js';
 import { measureQuantized } from './quantized.js';
+import { kernelCeilingRatios, measureKernelCeiling } from './kernels.js';
 
 /**
  * `npm run bench [-- --preset tiny|llama-60m|qwen2.5-0.5b|llama-3.2-1b | --model <dir>] [--quick] [--json]
@@ -355,6 +356,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     if (llamaCpp.available) quantized = await measureQuantized(ck, { modelPath, buildDir, spec, prompt: PROMPT, rank: o.rank, reps, progress });
     else progress(`llama.cpp: not measured — ${llamaCpp.missing}`);
   }
+  // what onnxruntime's quantized kernels alone allow, beside what we serve and what llama.cpp does
+  const kernels = provider === 'cpu' ? await measureKernelCeiling(a, { bits: [4, 8], rows: [1, 8], runs: o.quick ? 5 : 15, progress }) : null;
 
   // ── ratios and targets ────────────────────────────────────────────────────────────────────
   const d = (t: { decodeTokPerS: number }) => t.decodeTokPerS;
@@ -391,6 +394,12 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
   // ours over llama.cpp's (fp32 against F32 only when the model ran in fp32)
   Object.assign(ratios, llamaCppRatios(llamaCpp, { fp32B1: placement.dtype === 'fp32' ? raw1.throughput : null, int8B1: quantized?.int8B1 ?? null, int4B1: quantized?.int4B1 ?? null, int4Mixed8: quantized?.int4Mixed8 ?? null }));
+  if (kernels) {
+    const line = (type: string) => (llamaCpp.available ? llamaCpp.lines.find((l) => l.type === type) : undefined);
+    const [q8, q4] = [line('Q8_0'), line('Q4_0')];
+    const peerLines = q8 && q4 ? { q8B1: d(q8.b1), q4B1: d(q4.b1), q4Seq8: d(q4.seq8) } : null;
+    Object.assign(ratios, kernelCeilingRatios(kernels, { int8B1: quantized?.int8B1 ?? null, int4B1: quantized?.int4B1 ?? null, int4Mixed8: quantized?.int4Mixed8 ?? null }, peerLines));
+  }
   const targets = [
     target('raw decode vs bandwidth', 'raw b1 tok/s ÷ limit tok/s', ratios.rawB1OverLimit, 0.7, 'min'),
     target('HTTP overhead', 'api-1 ÷ raw b1', ratios.api1OverRaw, 0.95, 'min'),
@@ -440,6 +449,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     peer,
     llamaCpp,
     quantized,
+    kernels,
     ratios,
     targets,
     seconds: (now() - t0) / 1000,

@@ -6,6 +6,7 @@ import type { UploadResult } from './upload.js';
 import type { PairedRatio } from './paired.js';
 import type { LlamaCppSection } from './llama-cpp.js';
 import type { QuantizedLines } from './quantized.js';
+import type { KernelCeiling } from './kernels.js';
 
 /** Everything one run measured; every comparison is between numbers of this same run. */
 export interface BenchReport {
@@ -59,6 +60,8 @@ export interface BenchReport {
   llamaCpp: LlamaCppSection;
   /** ours with int8/int4 base weights, for the llama.cpp ratios; null when llama.cpp was not measured */
   quantized: QuantizedLines | null;
+  /** onnxruntime's MatMulNBits products of one step alone (CPU runs only): the ceiling of the quantized lines */
+  kernels: KernelCeiling | null;
   ratios: Record<string, number>;
   targets: Target[];
   seconds: number;
@@ -134,6 +137,18 @@ export function formatReport(r: BenchReport): string {
     rows.push(tp('int4 api-8-mixed', q.int4Mixed8, line('Q4_0') ? `${f(r.ratios.int4Mixed8OverLlamaCppQ4_0Seq8, 2)}× Q4_0 8 seqs` : ''));
   }
   out.push(table(['section', 'streams', 'tokens', 'decode tok/s', 'e2e tok/s', 'ttft ms', 'ratio'], rows));
+  if (r.kernels) {
+    const k = r.kernels;
+    const ours: Record<string, string> = { '4x1': 'int4B1OverKernelCeiling', '8x1': 'int8B1OverKernelCeiling', '4x8': 'int4Mixed8OverKernelCeiling' };
+    const peer: Record<string, string> = { '4x1': 'kernelCeilingInt4B1OverLlamaCppQ4_0', '8x1': 'kernelCeilingInt8B1OverLlamaCppQ8_0', '4x8': 'kernelCeilingInt4Rows8OverLlamaCppQ4_0Seq8' };
+    out.push(`kernels: ${k.products} MatMulNBits products of one step alone (accuracy_level ${k.accuracyLevel}), the ceiling of the quantized lines`);
+    out.push(
+      table(
+        ['bits', 'rows', 'run ms', 'head alone ms', 'tok/s', 'served ÷ this', 'this ÷ llama.cpp'],
+        k.lines.map((l) => [String(l.bits), String(l.rows), f(l.runMs, 1), f(l.headMs, 1), f(l.tokPerS, 1), f(r.ratios[ours[`${l.bits}x${l.rows}`] ?? ''] ?? Number.NaN, 2), f(r.ratios[peer[`${l.bits}x${l.rows}`] ?? ''] ?? Number.NaN, 2)]),
+      ),
+    );
+  }
   for (const p of [r.paired.api1OverRaw, r.paired.mixedOverSame]) {
     out.push(`paired: ${p.what} = median ${f(p.median, 3)} of ${p.ratios.length} alternating pairs [${p.ratios.map((x) => f(x, 3)).join(', ')}]`);
   }

@@ -44,7 +44,7 @@ describe('bench --quick --json', () => {
   });
 
   it('reports every section', () => {
-    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'llamaCpp', 'quantized', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
+    for (const k of ['machine', 'model', 'limit', 'raw', 'engine', 'minimal', 'api', 'paired', 'upload', 'peer', 'llamaCpp', 'quantized', 'kernels', 'ratios', 'targets']) expect(report, k).toHaveProperty(k);
     expect(report.model).toMatchObject({ name: 'tiny', maxTokens: 24 });
     for (const k of ['api1', 'same8', 'mixed8', 'base8']) expect(report.api).toHaveProperty(k);
     for (const k of ['b1', 'b8', 'profile1', 'profile8']) expect(report.raw).toHaveProperty(k);
@@ -106,6 +106,14 @@ describe('bench --quick --json', () => {
     expect(q.int8B1).toMatchObject({ streams: 1, tokens: 24 });
     expect(q.int4Mixed8).toMatchObject({ streams: 8, tokens: 8 * 24 });
     for (const k of ['int4B1OverLlamaCppQ4_0', 'int8B1OverLlamaCppQ8_0', 'fp32B1OverLlamaCppF32', 'int4Mixed8OverLlamaCppQ4_0Seq8']) expect(report.ratios, k).toHaveProperty(k);
+    // the kernels' ceiling beside both: 4 and 8 bits at 1 and 8 rows, over ours and under llama.cpp
+    const kernels = report.kernels as { lines: { bits: number; rows: number; tokPerS: number }[] };
+    expect(kernels.lines.map((x) => [x.bits, x.rows])).toEqual([[4, 1], [4, 8], [8, 1], [8, 8]]);
+    for (const x of kernels.lines) expect(x.tokPerS).toBeGreaterThan(0);
+    const ratios = report.ratios as Record<string, number>;
+    for (const k of ['int4B1OverKernelCeiling', 'int8B1OverKernelCeiling', 'int4Mixed8OverKernelCeiling', 'kernelCeilingInt4B1OverLlamaCppQ4_0', 'kernelCeilingInt8B1OverLlamaCppQ8_0', 'kernelCeilingInt4Rows8OverLlamaCppQ4_0Seq8']) {
+      expect(ratios[k], k).toBeGreaterThan(0);
+    }
   });
 
   it('agrees with the peer on the greedy tokens of the same weights', () => {

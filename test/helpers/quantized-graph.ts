@@ -44,15 +44,30 @@ export async function dequantizedProjections(modelDir: string): Promise<Map<stri
   return out;
 }
 
+export interface MatMulNBitsNode {
+  /** the checkpoint tensor its packed weight came from */
+  name: string;
+  n: number;
+  k: number;
+  bits: number;
+  blockSize: number;
+  accuracyLevel: number;
+}
+
+/** every MatMulNBits of a built graph, in graph order, with its attributes */
+export async function matMulNBitsNodes(graphFile: string): Promise<MatMulNBitsNode[]> {
+  const graph = onnx.ModelProto.decode(await readFile(graphFile)).graph!;
+  return graph.node!
+    .filter((node) => node.opType === 'MatMulNBits')
+    .map((node) => {
+      const attr = (n: string) => Number(node.attribute!.find((a) => a.name === n)!.i);
+      return { name: node.input![1]!.replace(/\.q[48]$/, ''), n: attr('N'), k: attr('K'), bits: attr('bits'), blockSize: attr('block_size'), accuracyLevel: attr('accuracy_level') };
+    });
+}
+
 /** each MatMulNBits weight of a built graph (checkpoint tensor name) and its `bits` attribute */
 export async function quantizedWidths(modelDir: string): Promise<Map<string, number>> {
-  const graph = onnx.ModelProto.decode(await readFile(path.join(modelDir, 'model.onnx'))).graph!;
-  const out = new Map<string, number>();
-  for (const node of graph.node!) {
-    if (node.opType !== 'MatMulNBits') continue;
-    out.set(node.input![1]!.replace(/\.q[48]$/, ''), Number(node.attribute!.find((a) => a.name === 'bits')!.i));
-  }
-  return out;
+  return new Map((await matMulNBitsNodes(path.join(modelDir, 'model.onnx'))).map((m) => [m.name, m.bits]));
 }
 
 

@@ -1,0 +1,167 @@
+import { randomFillSync } from 'node:crypto';
+import { availableParallelism, tmpdir } from 'node:os';
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import ort from 'onnxruntime-node';
+import { projectionBlock, projectionDims, projectionsOf, type Architecture } from '../src/model/architecture.js';
+import { ExternalDataWriter, GraphBuilder, int } from '../src/model/graph/onnx-builder.js';
+import { QUANT_BLOCK, type QuantBits } from '../src/model/graph/quantize.js';
+import { median, now } from './timing.js';
+
+/**
+ * The quantized kernels' ceiling, measured in the same run: a graph holding only the
+ * `MatMulNBits` products of one decode step of this architecture (every projection of every layer
+ * and the LM head, at the shapes, width, block size, zero points and accuracy level WEIGHTS=int4 /
+ * int8 build), with random codes, and nothing else: no attention, norms, LoRA, KV or sampling.
+ * A served step does all of that on top, so its tok/s cannot exceed this one's; and a target set
+ * against llama.cpp that this ceiling misses cannot be met by anything above the runtime's kernels.
+ */
+
+export interface KernelMatMul {
+  name: string;
+  /** output and input features, as MatMulNBits' N and K */
+  n: number;
+  k: number;
+}
+
+/** the products of one decode step, in graph order: each layer's projections, then the head */
+export function stepMatMuls(a: Architecture): KernelMatMul[] {
+  const out: KernelMatMul[] = [];
+  for (let l = 0; l < a.numLayers; l++) {
+    for (const p of projectionsOf(a)) {
+      const { inFeatures, outFeatures } = projectionDims(a, p);
+      out.push({ name: `model.layers.${l}.${projectionBlock(p)}.${p}.weight`, n: outFeatures, k: inFeatures });
+    }
+  }
+  out.push({ name: 'lm_head.weight', n: a.vocabSize, k: a.hiddenSize });
+  return out;
+}
+
+export interface KernelLine {
+  bits: QuantBits;
+  rows: number;
+  /** median of one run of every product */
+  runMs: number;
+  /** rows tokens per run */
+  tokPerS: number;
+  /** the head's product alone (its share of runMs) */
+  headMs: number;
+}
+
+export interface KernelCeiling {
+  what: string;
+  products: number;
+  accuracyLevel: number;
+  lines: KernelLine[];
+}
+
+/**
+ * `dir/stem.onnx` (and `stem.data`): one graph input per distinct K, one graph output per product: nothing orders or joins the
+ * products, so the graph is the kernels and the copies of their outputs (the logits' copy is in
+ * every served step too).
+ */
+export async function writeKernelGraph(dir: string, stem: string, products: readonly KernelMatMul[], bits: QuantBits, accuracyLevel: number, rows: number): Promise<string> {
+  const dataName = `${stem}.data`;
+  const fh = await open(join(dir, dataName), 'w');
+  const g = new GraphBuilder(new ExternalDataWriter(fh, dataName));
+  try {
+    const inputs = new Map<number, string>();
+    for (const [i, m] of products.entries()) {
+      if (!inputs.has(m.k)) inputs.set(m.k, g.input(`x${m.k}`, 'float32', [rows, m.k]));
+      const nBlocks = Math.ceil(m.k / QUANT_BLOCK);
+      const packed = randomFillSync(new Uint8Array(m.n * nBlocks * ((QUANT_BLOCK * bits) / 8)));
+      // small scales and mid-range zero points keep the outputs finite; the values do not change the kernel's work
+      const scales = new Float32Array(m.n * nBlocks).fill(1 / 1024);
+      const zeroPoints = new Uint8Array(m.n * Math.ceil((nBlocks * bits) / 8)).fill(bits === 4 ? 0x88 : 0x80);
+      const y = g.op(
+        'MatMulNBits',
+        [inputs.get(m.k)!, await g.bytesWeight(`${m.name}.q${bits}`, [m.n, nBlocks, (QUANT_BLOCK * bits) / 8], packed), await g.weight(`${m.name}.scales`, 'float32', [m.n * nBlocks], scales), await g.bytesWeight(`${m.name}.zero_points`, [zeroPoints.length], zeroPoints)],
+        { K: int(m.k), N: int(m.n), bits: int(bits), block_size: int(QUANT_BLOCK), accuracy_level: int(accuracyLevel) },
+        'com.microsoft',
+      );
+      g.node('Identity', [y], { outputs: [`y${i}`] });
+      g.output(`y${i}`, 'float32', [rows, m.n]);
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  const graph = join(dir, `${stem}.onnx`);
+  await writeFile(graph, g.encode('kernel-ceiling', { '': 17, 'com.microsoft': 1 }, '1'));
+  return graph;
+}
+
+async function timeGraph(path: string, products: readonly KernelMatMul[], rows: number, runs: number): Promise<number> {
+  // the engine's CPU session options (src/model/session.ts)
+  const session = await ort.InferenceSession.create(path, { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() });
+  try {
+    const feeds: Record<string, ort.Tensor> = {};
+    for (const m of products) feeds[`x${m.k}`] ??= new ort.Tensor('float32', new Float32Array(rows * m.k).fill(0.25), [rows, m.k]);
+    for (let i = 0; i < 2; i++) await session.run(feeds);
+    const times: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const t0 = now();
+      const out = await session.run(feeds);
+      times.push(now() - t0);
+      const last = out[`y${products.length - 1}`]?.data;
+      if (!(last instanceof Float32Array) || !Number.isFinite(last[0])) throw new Error('the kernel-ceiling graph produced a non-finite value');
+    }
+    return median(times);
+  } finally {
+    await session.release();
+  }
+}
+
+export async function measureKernelCeiling(
+  a: Architecture,
+  o: { bits: readonly QuantBits[]; rows: readonly number[]; runs: number; accuracyLevel?: number; progress: (l: string) => void },
+): Promise<KernelCeiling> {
+  const products = stepMatMuls(a);
+  const head = products.slice(-1);
+  const accuracyLevel = o.accuracyLevel ?? 4;
+  const dir = await mkdtemp(join(tmpdir(), 'loraserve-kernels-'));
+  const lines: KernelLine[] = [];
+  try {
+    for (const bits of o.bits) {
+      for (const rows of o.rows) {
+        o.progress(`kernels: ${products.length} MatMulNBits (${bits}-bit, block ${QUANT_BLOCK}, accuracy_level ${accuracyLevel}) at ${rows} row${rows === 1 ? '' : 's'}`);
+        const time = async (stem: string, set: readonly KernelMatMul[]) => {
+          const ms = await timeGraph(await writeKernelGraph(dir, stem, set, bits, accuracyLevel, rows), set, rows, o.runs);
+          // up to a quantized model's size per graph: gone before the next is written
+          await Promise.all([rm(join(dir, `${stem}.onnx`)), rm(join(dir, `${stem}.data`))]);
+          return ms;
+        };
+        const runMs = await time(`step-${bits}-${rows}`, products);
+        lines.push({ bits, rows, runMs, tokPerS: (rows * 1000) / runMs, headMs: await time(`head-${bits}-${rows}`, head) });
+      }
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+  return { what: 'only the MatMulNBits products of one decode step (projections and LM head), random codes, the served session options', products: products.length, accuracyLevel, lines };
+}
+
+
+/**
+ * Ours over the kernels' ceiling (how much of it the served step keeps), and the ceiling over
+ * llama.cpp (the most any served step could reach against it on this machine).
+ */
+export function kernelCeilingRatios(
+  k: KernelCeiling,
+  ours: { int8B1: { decodeTokPerS: number } | null; int4B1: { decodeTokPerS: number } | null; int4Mixed8: { decodeTokPerS: number } | null },
+  llamaCpp: { q8B1: number; q4B1: number; q4Seq8: number } | null,
+): Record<string, number> {
+  const at = (bits: QuantBits, rows: number) => k.lines.find((l) => l.bits === bits && l.rows === rows)?.tokPerS ?? Number.NaN;
+  const d = (t: { decodeTokPerS: number } | null) => t?.decodeTokPerS ?? Number.NaN;
+  const out: Record<string, number> = {
+    int4B1OverKernelCeiling: d(ours.int4B1) / at(4, 1),
+    int8B1OverKernelCeiling: d(ours.int8B1) / at(8, 1),
+    int4Mixed8OverKernelCeiling: d(ours.int4Mixed8) / at(4, 8),
+  };
+  if (llamaCpp) {
+    out.kernelCeilingInt4B1OverLlamaCppQ4_0 = at(4, 1) / llamaCpp.q4B1;
+    out.kernelCeilingInt8B1OverLlamaCppQ8_0 = at(8, 1) / llamaCpp.q8B1;
+    out.kernelCeilingInt4Rows8OverLlamaCppQ4_0Seq8 = at(4, 8) / llamaCpp.q4Seq8;
+  }
+  return out;
+}
