@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Checkpoint } from '../src/model/checkpoint/types.js';
 import { buildModel } from '../src/model/build.js';
+import { ConfigSchema } from '../src/config.js';
 import { adapterForm, concurrentStreams, postForm, startServer } from './api.js';
 import { peftAdapter } from './adapters.js';
 import { openCore, runCore, type GenSpec } from './raw.js';
@@ -10,7 +11,7 @@ import type { Throughput } from './timing.js';
 
 /**
  * Our side of the llama.cpp comparison with quantized base weights (WEIGHTS=int8 / int4:
- * MatMulNBits projections and LM head, block 32, accuracy level 4 as served): batch 1 through the
+ * MatMulNBits projections and LM head, block 32, accuracy level 4, the KV contract as served): batch 1 through the
  * raw core loop (as the fp32 "raw b1" line), and 8 streams on 8 different adapters over HTTP with
  * int4 weights (as "api-8-mixed"). Same prompt ids and token counts as every other line; CPU only.
  */
@@ -38,8 +39,10 @@ export async function measureQuantized(
   const b1: Partial<Record<'int8' | 'int4', Throughput>> = {};
   for (const weights of ['int8', 'int4'] as const) {
     o.progress(`quantized: ${weights} weights, raw b1`);
-    // the options the server builds with (runtime.ts servedBuildOptions, WEIGHTS_ACCURACY_LEVEL 4), so the cache serves both
-    const built = await buildModel(ck, { outDir: o.buildDir, dtype: 'fp32', logits: 'last', kv: 'resident', weights, accuracyLevel: 4, onProgress: o.progress });
+    // the options the server builds with (runtime.ts servedBuildOptions: KV from the environment as
+    // the bench's fp32 graph, WEIGHTS_ACCURACY_LEVEL 4), so the cache serves both and b1 runs what is served
+    const kv = ConfigSchema.shape.KV.parse(process.env.KV ?? 'gqa');
+    const built = await buildModel(ck, { outDir: o.buildDir, dtype: 'fp32', logits: 'last', kv, provider: 'cpu', weights, accuracyLevel: 4, onProgress: o.progress });
     const core = await openCore(built.dir, built.manifest, 'cpu');
     try {
       await runCore(core.session, built.manifest, { ...o.spec, maxTokens: 2 }, 1, 'cpu');
