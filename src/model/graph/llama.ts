@@ -310,7 +310,8 @@ export async function buildLlamaGraph(
   };
 
   /** x · Wᵀ with W [n, k] block-quantized; MatMulNBits reads the [out, in] layout, so no transpose */
-  const quantizedMatMul = async (name: string, w: Float32Array, n: number, k: number, x: string, bits: QuantBits = opts.weights === 'int4' ? 4 : 8): Promise<string> => {
+  const quantizedMatMul = async (name: string, w: Float32Array, n: number, k: number, x: string): Promise<string> => {
+    const bits: QuantBits = opts.weights === 'int4' ? 4 : 8;
     // scales are stored in T: codes are chosen against the scale as the runtime will read it
     const roundScale = T === 'float16' ? (v: number) => f16ToF32(float32ToFloat16Bits(v)) : Math.fround;
     const q = quantizeBlockwise(w, n, k, bits, roundScale);
