@@ -298,6 +298,41 @@ describe('CapiSession: binding', () => {
     }
   });
 
+  it('keeps an unchanged input bound from run to run, and reads what was written into it in place', async () => {
+    const t = await CapiSession.create(model, { provider: 'cpu', intraOpThreads: 1 });
+    try {
+      const x = new ort.Tensor('float32', Float32Array.of(1, 2, 3), [3]);
+      const y = b();
+      const sum = async (feeds: Record<string, ort.Tensor>) => Array.from((await t.run(feeds, ['sum'])).sum.data as Float32Array);
+      expect(await sum({ a: x, b: y })).toEqual([11, 22, 33]);
+      const first = t.inputsBound;
+      (x.data as Float32Array).set([5, 6, 7]);
+      expect(await sum({ a: x, b: y })).toEqual([15, 26, 37]);
+      // a new Tensor over the same memory, type and shape is the same binding
+      expect(await sum({ a: new ort.Tensor('float32', x.data as Float32Array, [3]), b: y })).toEqual([15, 26, 37]);
+      expect(t.inputsBound).toBe(first);
+      // another array for one name: that one is bound again, the other stays
+      expect(await sum({ a: a(), b: y })).toEqual([11, 22, 33]);
+      expect(t.inputsBound).toBe(first + 1);
+      // the same buffer at another offset is other memory
+      const whole = Float32Array.of(0, 100, 200, 300, 0);
+      expect(await sum({ a: new ort.Tensor('float32', whole.subarray(0, 3), [3]), b: y })).toEqual([10, 120, 230]);
+      expect(await sum({ a: new ort.Tensor('float32', whole.subarray(1, 4), [3]), b: y })).toEqual([110, 220, 330]);
+      expect(t.inputsBound).toBe(first + 3);
+      // two runs at once: the second binds on its own, both read their own inputs
+      const [p, q] = await Promise.all([sum({ a: x, b: y }), sum({ a: a(), b: a() })]);
+      expect(p).toEqual([15, 26, 37]);
+      expect(q).toEqual([2, 4, 6]);
+      // a failed run leaves nothing behind: the next one binds every input afresh
+      const before = t.inputsBound;
+      await expect(t.run({ a: x, b: new ort.Tensor('int32', Int32Array.of(1, 2, 3), [3]) })).rejects.toThrow(/run: /);
+      expect(await sum({ a: x, b: y })).toEqual([15, 26, 37]);
+      expect(t.inputsBound).toBe(before + 1 + 2);
+    } finally {
+      await t.release();
+    }
+  });
+
   it('2,000 runs do not grow memory (every OrtValue and binding released)', async () => {
     const n = 1 << 18; // 1 MiB per tensor: a leaked value per run would be 2 GB
     const big = graph([['a', 'float32', ['n']], ['b', 'float32', ['n']]], [['Add', ['a', 'b'], 'sum', 'float32', ['n']]]);

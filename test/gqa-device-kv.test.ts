@@ -210,6 +210,26 @@ describe(`GqaKv over capiKvBuffers (the C-API runner’s memory, ${DEVICE} provi
     expect(live()).toBe(before);
   });
 
+  it('feeds the same views step after step: device tensors do not pile up while the cache keeps its size', async () => {
+    const live = () => (session as unknown as { deviceTensors: Set<DeviceTensor> }).deviceTensors.size;
+    const before = live();
+    // capacity 64 from the start: no growth in this test, so the buffers stay the same
+    const kv = new GqaKv(shape, 3, 128, capiKvBuffers(session), 64);
+    const handles = [kv.acquire(), kv.acquire(), kv.acquire()];
+    const refs = new Map<number, RowRef>();
+    await step(kv, [handles[0]!], [0], 2, refs);
+    const first = kv.step(handles.slice(0, 2), [2, 0], 1)[kvCacheKeyName(0)];
+    for (let t = 0; t < 20; t++) await step(kv, handles, [2 + t, t, t], 1, refs);
+    const settled = live();
+    for (let t = 20; t < 50; t++) await step(kv, handles, [2 + t, t, t], 1, refs);
+    expect(live()).toBe(settled);
+    // K and V buffers, and a view of each per slot range fed: [0, 1), [0, 2), [0, 3)
+    expect(settled - before).toBe(2 + 2 * 3);
+    expect(kv.step(handles.slice(0, 2), [50, 48], 1)[kvCacheKeyName(0)]).toBe(first);
+    kv.dispose();
+    expect(live()).toBe(before);
+  });
+
   it('refuses a copy that does not fit (a clear error, not a write past the buffer)', async () => {
     const buffers = capiKvBuffers(session);
     const small = buffers.allocate(shape.dtype, [2, KVH, 4, D]);

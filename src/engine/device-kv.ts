@@ -13,14 +13,26 @@ import { checkKvCopy, type KvBuffers } from './kv-store.js';
  * tests run exactly what CUDA runs, only the memory info differs.
  */
 export function capiKvBuffers(session: Pick<CapiSession, 'allocate' | 'view' | 'copyMany' | 'download'>): KvBuffers<DeviceTensor> {
+  // Every step feeds a view of each layer's buffers; a view lives as long as its buffer, so one per
+  // step would pile up for as long as the cache keeps its size. A buffer's views are kept per slot
+  // range instead (the rows of a step sit in slots [0, n), a prefill chunk in one slot: a handful
+  // per buffer), die with it, and being the same objects step after step, stay bound to the run.
+  const views = new WeakMap<DeviceTensor, Map<number, DeviceTensor>>();
   return {
     runtimeMemory: true,
     allocate: (dtype, dims) => session.allocate(tensorType(dtype), dims),
     view(buffer, from, to) {
       const [slots, heads, ctx, hd] = buffer.dims as [number, number, number, number];
       if (from < 0 || to > slots || from >= to) throw new Error(`slots [${from}, ${to}) are not inside a buffer of ${slots}`);
+      let own = views.get(buffer);
+      if (!own) views.set(buffer, (own = new Map()));
+      const key = from * (slots + 1) + to;
+      const known = own.get(key);
+      if (known && !known.disposed) return known;
       const per = heads * ctx * hd;
-      return session.view(buffer, from * per, [to - from, heads, ctx, hd]);
+      const view = session.view(buffer, from * per, [to - from, heads, ctx, hd]);
+      own.set(key, view);
+      return view;
     },
     async copy(moves, len) {
       if (len === 0) return;

@@ -70,6 +70,8 @@ export interface OrtFunctions {
   RunWithBinding: AsyncCallable<[session: Pointer, runOptions: NullablePointer, binding: Pointer], Status>;
   CreateIoBinding(session: Pointer, out: Out<NullablePointer>): Status;
   ReleaseIoBinding(p: Pointer): void;
+  ClearBoundInputs(binding: Pointer): void;
+  ClearBoundOutputs(binding: Pointer): void;
   BindInput(binding: Pointer, name: string, value: Pointer): Status;
   BindOutput(binding: Pointer, name: string, value: Pointer): Status;
   BindOutputToDevice(binding: Pointer, name: string, info: Pointer): Status;
@@ -125,6 +127,8 @@ const TABLE: { [K in keyof OrtFunctions]: [number, string] } = {
   BindInput: [136, 'void* f(void* binding, const char* name, void* value)'],
   BindOutput: [137, 'void* f(void* binding, const char* name, void* value)'],
   BindOutputToDevice: [138, 'void* f(void* binding, const char* name, void* info)'],
+  ClearBoundInputs: [141, 'void f(void* binding)'],
+  ClearBoundOutputs: [142, 'void f(void* binding)'],
   GetBoundOutputValues: [140, 'void* f(void* binding, void* allocator, _Out_ void** out, _Out_ size_t* count)'],
   GetTensorMemoryInfo: [194, 'void* f(void* value, _Out_ void** out)'],
   SessionOptionsAppendExecutionProvider_CUDA_V2: [204, 'void* f(void* options, void* cuda)'],
