@@ -156,6 +156,7 @@ function boundInput(v: CapiValue, role: string): BoundInput {
 function sameInput(a: BoundInput, b: BoundInput): boolean {
   return a.memory === b.memory && a.offset === b.offset && a.bytes === b.bytes && a.type === b.type && a.dims.length === b.dims.length && a.dims.every((d, i) => d === b.dims[i]);
 }
+
 const valueType = (v: CapiValue): ElementType => (isDeviceTensor(v) ? v.type : hostType(v));
 const dimsOf = (v: CapiValue): readonly number[] => v.dims;
 
@@ -212,8 +213,12 @@ export class CapiSession {
    */
   private kept: { binding: Pointer; inputs: Map<string, BoundInput> } | null = null;
   private keptInUse = false;
-  /** inputs bound by runs so far (the kept binding skips unchanged ones): for tests */
-  inputsBound = 0;
+  private bindings = 0;
+
+  /** inputs bound by runs so far (the kept binding skips unchanged ones) */
+  get inputsBound(): number {
+    return this.bindings;
+  }
 
   /**
    * Opens a model (a path, or its bytes) on `cpu` or `cuda`. On `cuda` the CPU provider stays behind
@@ -451,7 +456,7 @@ export class CapiSession {
         if (kept) this.bindChanged(kept, feeds);
         else {
           for (const [name, v] of Object.entries(feeds)) this.capi.check(api.BindInput(binding, name, valueOf(v, `input ${name}`)), `input ${name}`);
-          this.inputsBound += Object.keys(feeds).length;
+          this.bindings += Object.keys(feeds).length;
         }
         for (const [name, v] of fetches) {
           if (v === null) this.capi.check(api.BindOutputToDevice(binding, name, this.capi.cpuMemory), `output ${name}`);
@@ -512,7 +517,7 @@ export class CapiSession {
         }
       }
       kept.inputs.set(name, now);
-      this.inputsBound++;
+      this.bindings++;
     }
   }
 
