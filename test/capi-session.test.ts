@@ -333,6 +333,20 @@ describe('CapiSession: binding', () => {
     }
   });
 
+  // LORASERVE_TEST_DEVICE=cuda (scripts/gpu-check.sh): there a bound host input is copied to the device when bound
+  it.runIf(testDevice() === 'cuda')('cuda: a host input written in place is read again by the next run', async () => {
+    const t = await CapiSession.create(model, { provider: 'cuda' });
+    try {
+      const x = new ort.Tensor('float32', Float32Array.of(1, 2, 3), [3]);
+      const y = b();
+      expect(Array.from((await t.run({ a: x, b: y }, ['sum'])).sum.data as Float32Array)).toEqual([11, 22, 33]);
+      (x.data as Float32Array).set([5, 6, 7]);
+      expect(Array.from((await t.run({ a: x, b: y }, ['sum'])).sum.data as Float32Array)).toEqual([15, 26, 37]);
+    } finally {
+      await t.release();
+    }
+  });
+
   it('2,000 runs do not grow memory (every OrtValue and binding released)', async () => {
     const n = 1 << 18; // 1 MiB per tensor: a leaked value per run would be 2 GB
     const big = graph([['a', 'float32', ['n']], ['b', 'float32', ['n']]], [['Add', ['a', 'b'], 'sum', 'float32', ['n']]]);

@@ -209,7 +209,9 @@ export class CapiSession {
    * LoRA matrices, DoRA's neutral vectors, an adapter's resident weights); binding every one again
    * took ~3 ms of a 44 ms int4 step on Qwen2.5-0.5B. An input fed with the memory, type and shape it
    * is bound to stays bound: onnxruntime reads that memory at each run, so values written into it
-   * in place are seen. One run at a time uses it; a run that overlaps it binds on its own.
+   * in place are seen. On cuda that holds for device tensors only (a host input is copied to the
+   * device when it is bound, so host inputs are bound every run there, as before). One run at a
+   * time uses it; a run that overlaps it binds on its own.
    */
   private kept: { binding: Pointer; inputs: Map<string, BoundInput> } | null = null;
   private keptInUse = false;
@@ -502,7 +504,10 @@ export class CapiSession {
     for (const [name, v] of entries) {
       const now = boundInput(v, `input ${name}`);
       const was = kept.inputs.get(name);
-      if (was && sameInput(was, now)) continue;
+      // on cuda BindInput copies a host array to the device there and then, so a host input written
+      // in place since would be stale: only device tensors, and every input on cpu, stay bound
+      const readEachRun = this.provider === 'cpu' || now.memory instanceof DeviceTensor;
+      if (was && readEachRun && sameInput(was, now)) continue;
       // a new binding replaces the old one under the same name
       kept.inputs.delete(name);
       if (now.memory instanceof DeviceTensor) {
