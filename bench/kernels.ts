@@ -1,10 +1,11 @@
 import { randomFillSync } from 'node:crypto';
-import { availableParallelism, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { projectionBlock, projectionDims, projectionsOf, type Architecture } from '../src/model/architecture.js';
 import { ExternalDataWriter, GraphBuilder, int } from '../src/model/graph/onnx-builder.js';
+import { cpuSessionOptions } from '../src/model/session.js';
 import { QUANT_BLOCK, type QuantBits } from '../src/model/graph/quantize.js';
 import { median, now } from './timing.js';
 
@@ -92,8 +93,7 @@ export async function writeKernelGraph(dir: string, stem: string, products: read
 }
 
 async function timeGraph(path: string, products: readonly KernelMatMul[], rows: number, runs: number): Promise<number> {
-  // the engine's CPU session options (src/model/session.ts)
-  const session = await ort.InferenceSession.create(path, { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() });
+  const session = await ort.InferenceSession.create(path, cpuSessionOptions());
   try {
     const feeds: Record<string, ort.Tensor> = {};
     for (const m of products) feeds[`x${m.k}`] ??= new ort.Tensor('float32', new Float32Array(rows * m.k).fill(0.25), [rows, m.k]);

@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
-import { availableParallelism } from 'node:os';
 import { mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { ExternalDataWriter, GraphBuilder } from '../src/model/graph/onnx-builder.js';
+import { cpuSessionOptions } from '../src/model/session.js';
 import { median, now } from './timing.js';
 
 /**
@@ -88,12 +88,7 @@ export async function measureLimit(cacheRoot: string, modelBytes: number, opts: 
   const bytes = matrices * d * d * 4;
   opts.progress(`limit: chain of ${matrices} MatMuls [1,${d}]·[${d},${d}] fp32 (${(bytes / 1e9).toFixed(3)} GB)`);
   const dir = await ensureChain(cacheRoot, d, matrices);
-  // the engine's CPU session options (src/model/session.ts)
-  const session = await ort.InferenceSession.create(join(dir, GRAPH), {
-    executionProviders: ['cpu'],
-    graphOptimizationLevel: 'all',
-    intraOpNumThreads: availableParallelism(),
-  });
+  const session = await ort.InferenceSession.create(join(dir, GRAPH), cpuSessionOptions());
   try {
     const x = new ort.Tensor('float32', new Float32Array(d).fill(0.5), [1, d]);
     for (let i = 0; i < 3; i++) await session.run({ x });

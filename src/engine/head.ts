@@ -1,7 +1,7 @@
-import { availableParallelism } from 'node:os';
 import * as ort from 'onnxruntime-node';
 import type { InferenceSession, Tensor } from 'onnxruntime-node';
 import { GraphBuilder, int } from '../model/graph/onnx-builder.js';
+import { cpuSessionOptions } from '../model/session.js';
 import type { EngineEmbedding } from '../adapters/convert.js';
 import { HIDDEN_OUTPUT, kvNewKeyName, kvNewValueName, type Manifest } from '../model/manifest.js';
 
@@ -46,7 +46,7 @@ function headSession(softcap: number | undefined): Promise<InferenceSession> {
     g.node('Identity', [y], { outputs: ['logits'] });
     g.output('logits', 'float32', ['rows', 'vocab']);
     const bytes = g.encode('loraserve-head', { '': 17 }, 'head');
-    s = ort.InferenceSession.create(bytes, { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() });
+    s = ort.InferenceSession.create(bytes, cpuSessionOptions());
     headSessions.set(key, s);
   }
   return s;

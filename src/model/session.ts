@@ -44,6 +44,15 @@ export interface CreatedSession<S extends EngineSession = ort.InferenceSession> 
 }
 
 /**
+ * onnxruntime-node's options for a CPU session as the engine opens it: every core to one run's
+ * operators. Also for the engine's small side sessions and the bench's kernel-only graphs, which
+ * must run under the same conditions as the served step.
+ */
+export function cpuSessionOptions(): ort.InferenceSession.SessionOptions {
+  return { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() };
+}
+
+/**
  * One session on one provider, through the chosen runtime. CPU stays behind CUDA in both, so
  * nodes that CUDA lacks still run.
  */
@@ -53,9 +62,7 @@ async function open(path: string, provider: Provider, runtime: SessionRuntime): 
     return CapiSession.create(path, provider === 'cpu' ? { provider, intraOpThreads: availableParallelism() } : { provider });
   }
   const options: ort.InferenceSession.SessionOptions =
-    provider === 'cpu'
-      ? { executionProviders: ['cpu'], graphOptimizationLevel: 'all', intraOpNumThreads: availableParallelism() }
-      : { executionProviders: ['cuda', 'cpu'], graphOptimizationLevel: 'all' };
+    provider === 'cpu' ? cpuSessionOptions() : { executionProviders: ['cuda', 'cpu'], graphOptimizationLevel: 'all' };
   return ort.InferenceSession.create(path, options);
 }
 
