@@ -7,6 +7,7 @@ import { projectionBlock, projectionDims, projectionsOf, type Architecture } fro
 import { ExternalDataWriter, GraphBuilder, int } from '../src/model/graph/onnx-builder.js';
 import { cpuSessionOptions } from '../src/model/session.js';
 import { QUANT_BLOCK, type QuantBits } from '../src/model/graph/quantize.js';
+import { llamaCppLine, type LlamaCppSection } from './llama-cpp.js';
 import { median, now } from './timing.js';
 
 /**
@@ -141,7 +142,6 @@ export async function measureKernelCeiling(
   return { what: 'only the MatMulNBits products of one decode step (projections and LM head), random codes, the served session options', products: products.length, accuracyLevel, lines };
 }
 
-
 /**
  * Ours over the kernels' ceiling (how much of it the served step keeps), and the ceiling over
  * llama.cpp (the most any served step could reach against it on this machine).
@@ -149,7 +149,7 @@ export async function measureKernelCeiling(
 export function kernelCeilingRatios(
   k: KernelCeiling,
   ours: { int8B1: { decodeTokPerS: number } | null; int4B1: { decodeTokPerS: number } | null; int4Mixed8: { decodeTokPerS: number } | null },
-  llamaCpp: { q8B1: number; q4B1: number; q4Seq8: number } | null,
+  llamaCpp: LlamaCppSection,
 ): Record<string, number> {
   const at = (bits: QuantBits, rows: number) => k.lines.find((l) => l.bits === bits && l.rows === rows)?.tokPerS ?? Number.NaN;
   const d = (t: { decodeTokPerS: number } | null) => t?.decodeTokPerS ?? Number.NaN;
@@ -158,10 +158,11 @@ export function kernelCeilingRatios(
     int8B1OverKernelCeiling: d(ours.int8B1) / at(8, 1),
     int4Mixed8OverKernelCeiling: d(ours.int4Mixed8) / at(4, 8),
   };
-  if (llamaCpp) {
-    out.kernelCeilingInt4B1OverLlamaCppQ4_0 = at(4, 1) / llamaCpp.q4B1;
-    out.kernelCeilingInt8B1OverLlamaCppQ8_0 = at(8, 1) / llamaCpp.q8B1;
-    out.kernelCeilingInt4Rows8OverLlamaCppQ4_0Seq8 = at(4, 8) / llamaCpp.q4Seq8;
+  const [q8, q4] = [llamaCppLine(llamaCpp, 'Q8_0'), llamaCppLine(llamaCpp, 'Q4_0')];
+  if (q8 && q4) {
+    out.kernelCeilingInt4B1OverLlamaCppQ4_0 = at(4, 1) / d(q4.b1);
+    out.kernelCeilingInt8B1OverLlamaCppQ8_0 = at(8, 1) / d(q8.b1);
+    out.kernelCeilingInt4Rows8OverLlamaCppQ4_0Seq8 = at(4, 8) / d(q4.seq8);
   }
   return out;
 }

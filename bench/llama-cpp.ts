@@ -241,11 +241,16 @@ export async function measureLlamaCpp(
   };
 }
 
+/** the section's line for one GGUF file type; undefined when llama.cpp was not measured */
+export function llamaCppLine(section: LlamaCppSection, type: GgufFileType): LlamaCppLine | undefined {
+  return section.available ? section.lines.find((l) => l.type === type) : undefined;
+}
+
 /** ratios named as the bench's others: ours over llama.cpp's */
 export function llamaCppRatios(section: LlamaCppSection, ours: { fp32B1: Throughput | null; int8B1: Throughput | null; int4B1: Throughput | null; int4Mixed8: Throughput | null }): Record<string, number> {
   if (!section.available) return {};
   const d = (t: Throughput | null | undefined) => (t ? t.decodeTokPerS : Number.NaN);
-  const line = (type: GgufFileType) => section.lines.find((l) => l.type === type);
+  const line = (type: GgufFileType) => llamaCppLine(section, type);
   const out: Record<string, number> = {
     fp32B1OverLlamaCppF32: d(ours.fp32B1) / d(line('F32')?.b1),
     int8B1OverLlamaCppQ8_0: d(ours.int8B1) / d(line('Q8_0')?.b1),

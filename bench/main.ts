@@ -393,13 +393,9 @@ export async function main(argv: readonly string[]): Promise<number> {
     ratios.peerC8OverB1 = d(peer.c8) / d(peer.b1);
   }
   // ours over llama.cpp's (fp32 against F32 only when the model ran in fp32)
-  Object.assign(ratios, llamaCppRatios(llamaCpp, { fp32B1: placement.dtype === 'fp32' ? raw1.throughput : null, int8B1: quantized?.int8B1 ?? null, int4B1: quantized?.int4B1 ?? null, int4Mixed8: quantized?.int4Mixed8 ?? null }));
-  if (kernels) {
-    const line = (type: string) => (llamaCpp.available ? llamaCpp.lines.find((l) => l.type === type) : undefined);
-    const [q8, q4] = [line('Q8_0'), line('Q4_0')];
-    const peerLines = q8 && q4 ? { q8B1: d(q8.b1), q4B1: d(q4.b1), q4Seq8: d(q4.seq8) } : null;
-    Object.assign(ratios, kernelCeilingRatios(kernels, { int8B1: quantized?.int8B1 ?? null, int4B1: quantized?.int4B1 ?? null, int4Mixed8: quantized?.int4Mixed8 ?? null }, peerLines));
-  }
+  const oursQuantized = { int8B1: quantized?.int8B1 ?? null, int4B1: quantized?.int4B1 ?? null, int4Mixed8: quantized?.int4Mixed8 ?? null };
+  Object.assign(ratios, llamaCppRatios(llamaCpp, { fp32B1: placement.dtype === 'fp32' ? raw1.throughput : null, ...oursQuantized }));
+  if (kernels) Object.assign(ratios, kernelCeilingRatios(kernels, oursQuantized, llamaCpp));
   const targets = [
     target('raw decode vs bandwidth', 'raw b1 tok/s ÷ limit tok/s', ratios.rawB1OverLimit, 0.7, 'min'),
     target('HTTP overhead', 'api-1 ÷ raw b1', ratios.api1OverRaw, 0.95, 'min'),

@@ -4,7 +4,7 @@ import type { ContextScaling } from './context.js';
 import type { Throughput } from './timing.js';
 import type { UploadResult } from './upload.js';
 import type { PairedRatio } from './paired.js';
-import type { LlamaCppSection } from './llama-cpp.js';
+import { llamaCppLine, type LlamaCppSection } from './llama-cpp.js';
 import type { QuantizedLines } from './quantized.js';
 import type { KernelCeiling } from './kernels.js';
 
@@ -127,14 +127,13 @@ export function formatReport(r: BenchReport): string {
   }
   if (r.quantized && r.llamaCpp.available) {
     const q = r.quantized;
-    const line = (type: string) => (r.llamaCpp.available ? r.llamaCpp.lines.find((l) => l.type === type) : undefined);
     for (const l of r.llamaCpp.lines) {
       rows.push(tp(`llama.cpp ${l.type} b1`, l.b1, l.type === 'F32' ? `raw b1 ${f(r.ratios.fp32B1OverLlamaCppF32, 2)}×` : ''));
       rows.push(tp(`llama.cpp ${l.type} 8 seqs`, l.seq8, `${f(r.ratios[`llamaCpp${l.type}Seq8OverB1`], 2)}× its b1`));
     }
-    rows.push(tp('int8 raw b1', q.int8B1, line('Q8_0') ? `${f(r.ratios.int8B1OverLlamaCppQ8_0, 2)}× Q8_0` : ''));
-    rows.push(tp('int4 raw b1', q.int4B1, line('Q4_0') ? `${f(r.ratios.int4B1OverLlamaCppQ4_0, 2)}× Q4_0` : ''));
-    rows.push(tp('int4 api-8-mixed', q.int4Mixed8, line('Q4_0') ? `${f(r.ratios.int4Mixed8OverLlamaCppQ4_0Seq8, 2)}× Q4_0 8 seqs` : ''));
+    rows.push(tp('int8 raw b1', q.int8B1, llamaCppLine(r.llamaCpp, 'Q8_0') ? `${f(r.ratios.int8B1OverLlamaCppQ8_0, 2)}× Q8_0` : ''));
+    rows.push(tp('int4 raw b1', q.int4B1, llamaCppLine(r.llamaCpp, 'Q4_0') ? `${f(r.ratios.int4B1OverLlamaCppQ4_0, 2)}× Q4_0` : ''));
+    rows.push(tp('int4 api-8-mixed', q.int4Mixed8, llamaCppLine(r.llamaCpp, 'Q4_0') ? `${f(r.ratios.int4Mixed8OverLlamaCppQ4_0Seq8, 2)}× Q4_0 8 seqs` : ''));
   }
   out.push(table(['section', 'streams', 'tokens', 'decode tok/s', 'e2e tok/s', 'ttft ms', 'ratio'], rows));
   if (r.kernels) {
