@@ -132,25 +132,31 @@ function addressOf(data: TypedArray): NullablePointer {
 
 const isDeviceTensor = (v: unknown): v is DeviceTensor => v instanceof DeviceTensor;
 
-/** what one input of the kept binding is bound to: a device tensor, or host memory with its type and shape */
-interface BoundInput {
-  memory: DeviceTensor | ArrayBufferLike;
+/** a host Tensor's memory as onnxruntime will be given it, checked: its array holds the bytes its type and shape say */
+interface HostMemory {
+  memory: ArrayBufferLike;
   offset: number;
   bytes: number;
   type: ElementType;
   dims: readonly number[];
-  /** the host array, referenced while onnxruntime may read it */
-  keep: TypedArray | null;
+  /** the array itself, referenced while onnxruntime may read it */
+  keep: TypedArray;
 }
 
-function boundInput(v: CapiValue, role: string): BoundInput {
-  if (isDeviceTensor(v)) return { memory: v, offset: 0, bytes: 0, type: v.type, dims: v.dims, keep: null };
+/** what one input of the kept binding is bound to: a device tensor, or host memory */
+type BoundInput = HostMemory | { memory: DeviceTensor; offset: 0; bytes: 0; type: ElementType; dims: readonly number[] };
+
+function hostMemory(v: CapiValue, role: string): HostMemory {
   if (!(v instanceof ort.Tensor)) throw new Error(`${role} is neither an onnxruntime Tensor nor a DeviceTensor`);
   const type = hostType(v);
   const data = hostArray(v);
   const bytes = v.size * ELEMENT_TYPES[type].bytes;
   if (data.byteLength < bytes) throw new Error(`${role}: ${type}[${v.dims.join(', ')}] needs ${bytes} bytes, its data has ${data.byteLength}`);
   return { memory: data.buffer, offset: data.byteOffset, bytes, type, dims: [...v.dims], keep: data };
+}
+
+function boundInput(v: CapiValue, role: string): BoundInput {
+  return isDeviceTensor(v) ? { memory: v, offset: 0, bytes: 0, type: v.type, dims: v.dims } : hostMemory(v, role);
 }
 
 function sameInput(a: BoundInput, b: BoundInput): boolean {
@@ -438,16 +444,12 @@ export class CapiSession {
     const keepAlive: unknown[] = [feeds, fetchesOrOptions];
     const valueOf = (v: CapiValue, role: string): Pointer => {
       if (isDeviceTensor(v)) return v.live();
-      if (!(v instanceof ort.Tensor)) throw new Error(`${role} is neither an onnxruntime Tensor nor a DeviceTensor`);
-      const known = wrapped.get(v);
+      const known = v instanceof ort.Tensor ? wrapped.get(v) : undefined;
       if (known !== undefined) return known;
-      const type = hostType(v);
-      const data = hostArray(v);
-      const need = v.size * ELEMENT_TYPES[type].bytes;
-      if (data.byteLength < need) throw new Error(`${role}: ${type}[${v.dims.join(', ')}] needs ${need} bytes, its data has ${data.byteLength}`);
-      keepAlive.push(data);
-      const value = this.capi.wrap(this.capi.cpuMemory, addressOf(data), need, v.dims, type);
-      wrapped.set(v, value);
+      const host = hostMemory(v, role);
+      keepAlive.push(host.keep);
+      const value = this.wrapHost(host);
+      wrapped.set(v as ort.Tensor, value);
       return value;
     };
     const kept = this.keptInUse ? null : (this.kept ??= { binding: this.capi.out((o) => api.CreateIoBinding(this.session, o), 'CreateIoBinding'), inputs: new Map() });
@@ -506,15 +508,15 @@ export class CapiSession {
       const was = kept.inputs.get(name);
       // on cuda BindInput copies a host array to the device there and then, so a host input written
       // in place since would be stale: only device tensors, and every input on cpu, stay bound
-      const readEachRun = this.provider === 'cpu' || now.memory instanceof DeviceTensor;
+      const readEachRun = this.provider === 'cpu' || !('keep' in now);
       if (was && readEachRun && sameInput(was, now)) continue;
       // a new binding replaces the old one under the same name
       kept.inputs.delete(name);
-      if (now.memory instanceof DeviceTensor) {
+      if (!('keep' in now)) {
         this.capi.check(api.BindInput(kept.binding, name, now.memory.live()), `input ${name}`);
       } else {
         // the binding holds its own reference to the value, so ours is released at once
-        const value = this.capi.wrap(this.capi.cpuMemory, addressOf(now.keep!), now.bytes, now.dims, now.type);
+        const value = this.wrapHost(now);
         try {
           this.capi.check(api.BindInput(kept.binding, name, value), `input ${name}`);
         } finally {
@@ -524,6 +526,11 @@ export class CapiSession {
       kept.inputs.set(name, now);
       this.bindings++;
     }
+  }
+
+  /** an OrtValue over host memory, no copy; the caller keeps `host.keep` alive while it is used */
+  private wrapHost(host: HostMemory): Pointer {
+    return this.capi.wrap(this.capi.cpuMemory, addressOf(host.keep), host.bytes, host.dims, host.type);
   }
 
   private dropKept(): void {
