@@ -5,10 +5,9 @@ import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { projectionBlock, projectionDims, projectionsOf, type Architecture } from '../src/model/architecture.js';
 import { ExternalDataWriter, GraphBuilder, int } from '../src/model/graph/onnx-builder.js';
-import { cpuSessionOptions } from '../src/model/session.js';
 import { QUANT_BLOCK, type QuantBits } from '../src/model/graph/quantize.js';
 import { llamaCppLine, type LlamaCppSection } from './llama-cpp.js';
-import { median, now } from './timing.js';
+import { medianRunMs } from './graph-timing.js';
 
 /**
  * The quantized kernels' ceiling, measured in the same run: a graph holding only the
@@ -93,24 +92,10 @@ export async function writeKernelGraph(dir: string, stem: string, products: read
   return graph;
 }
 
-async function timeGraph(path: string, products: readonly KernelMatMul[], rows: number, runs: number): Promise<number> {
-  const session = await ort.InferenceSession.create(path, cpuSessionOptions());
-  try {
-    const feeds: Record<string, ort.Tensor> = {};
-    for (const m of products) feeds[`x${m.k}`] ??= new ort.Tensor('float32', new Float32Array(rows * m.k).fill(0.25), [rows, m.k]);
-    for (let i = 0; i < 2; i++) await session.run(feeds);
-    const times: number[] = [];
-    for (let i = 0; i < runs; i++) {
-      const t0 = now();
-      const out = await session.run(feeds);
-      times.push(now() - t0);
-      const last = out[`y${products.length - 1}`]?.data;
-      if (!(last instanceof Float32Array) || !Number.isFinite(last[0])) throw new Error('the kernel-ceiling graph produced a non-finite value');
-    }
-    return median(times);
-  } finally {
-    await session.release();
-  }
+function timeGraph(path: string, products: readonly KernelMatMul[], rows: number, runs: number): Promise<number> {
+  const feeds: Record<string, ort.Tensor> = {};
+  for (const m of products) feeds[`x${m.k}`] ??= new ort.Tensor('float32', new Float32Array(rows * m.k).fill(0.25), [rows, m.k]);
+  return medianRunMs(path, feeds, { runs, warmups: 2, output: `y${products.length - 1}`, what: 'the kernel-ceiling graph' });
 }
 
 export async function measureKernelCeiling(

@@ -3,8 +3,7 @@ import { mkdir, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { ExternalDataWriter, GraphBuilder } from '../src/model/graph/onnx-builder.js';
-import { cpuSessionOptions } from '../src/model/session.js';
-import { median, now } from './timing.js';
+import { medianRunMs } from './graph-timing.js';
 
 /**
  * The memory-bandwidth ceiling, measured in the same run: a graph that does nothing but stream
@@ -88,22 +87,8 @@ export async function measureLimit(cacheRoot: string, modelBytes: number, opts: 
   const bytes = matrices * d * d * 4;
   opts.progress(`limit: chain of ${matrices} MatMuls [1,${d}]·[${d},${d}] fp32 (${(bytes / 1e9).toFixed(3)} GB)`);
   const dir = await ensureChain(cacheRoot, d, matrices);
-  const session = await ort.InferenceSession.create(join(dir, GRAPH), cpuSessionOptions());
-  try {
-    const x = new ort.Tensor('float32', new Float32Array(d).fill(0.5), [1, d]);
-    for (let i = 0; i < 3; i++) await session.run({ x });
-    const times: number[] = [];
-    for (let i = 0; i < opts.runs; i++) {
-      const t0 = now();
-      const out = await session.run({ x });
-      times.push(now() - t0);
-      const y = out.y?.data;
-      if (!(y instanceof Float32Array) || !Number.isFinite(y[0])) throw new Error('the bandwidth chain produced a non-finite value');
-    }
-    const runMs = median(times);
-    const bandwidth = bytes / (runMs / 1000);
-    return { d, matrices, bytes, runMs, bandwidthGBs: bandwidth / 1e9, modelBytes, limitTokPerS: bandwidth / modelBytes };
-  } finally {
-    await session.release();
-  }
+  const x = new ort.Tensor('float32', new Float32Array(d).fill(0.5), [1, d]);
+  const runMs = await medianRunMs(join(dir, GRAPH), { x }, { runs: opts.runs, warmups: 3, output: 'y', what: 'the bandwidth chain' });
+  const bandwidth = bytes / (runMs / 1000);
+  return { d, matrices, bytes, runMs, bandwidthGBs: bandwidth / 1e9, modelBytes, limitTokPerS: bandwidth / modelBytes };
 }
