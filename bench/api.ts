@@ -3,7 +3,7 @@ import type { FastifyInstance } from 'fastify';
 import multipart from '@fastify/multipart';
 import { pino } from 'pino';
 import { buildApp } from '../src/app.js';
-import { makeConfig } from '../src/config.js';
+import { makeConfig, type Config } from '../src/config.js';
 import { receiveAdapterUpload } from '../src/adapters/upload.js';
 import { now, throughput, type StreamTrace, type Throughput } from './timing.js';
 
@@ -40,6 +40,8 @@ export interface ServerOptions {
   dtype?: 'fp32' | 'fp16';
   /** WEIGHTS: block-quantized base projections (the llama.cpp comparison's int8/int4 lines); default plain */
   weights?: 'int8' | 'int4';
+  /** KV: the contract the raw lines of the same run were built with; default the service's */
+  kv?: Config['KV'];
 }
 
 export async function startServer(o: ServerOptions): Promise<Server> {
@@ -50,6 +52,7 @@ export async function startServer(o: ServerOptions): Promise<Server> {
     DEVICE: o.device ?? 'cpu',
     DTYPE: o.dtype ?? 'auto',
     ...(o.weights ? { WEIGHTS: o.weights } : {}),
+    ...(o.kv ? { KV: o.kv } : {}),
     HOST: '127.0.0.1',
     PORT: 0,
     MAX_BATCH: o.maxBatch,

@@ -199,7 +199,9 @@ export async function main(argv: readonly string[]): Promise<number> {
   const placement = await resolvePlacement({ device: ConfigSchema.shape.DEVICE.parse(process.env.DEVICE ?? 'cpu'), dtype: ConfigSchema.shape.DTYPE.parse(process.env.DTYPE ?? 'auto') });
   progress(placementLine(placement));
   progress(`model ${modelName}: building graphs (cached after the first run)`);
-  const built = await buildModel(ck, { outDir: buildDir, dtype: placement.dtype, logits: 'last', kv: ConfigSchema.shape.KV.parse(process.env.KV ?? 'gqa'), provider: placement.provider, onProgress: progress });
+  // KV as the service reads it: every graph of the run, raw loop and servers, is built with it
+  const kv = ConfigSchema.shape.KV.parse(process.env.KV);
+  const built = await buildModel(ck, { outDir: buildDir, dtype: placement.dtype, logits: 'last', kv, provider: placement.provider, onProgress: progress });
   let peerBuilt: BuildResult | null = null;
   let peerMissing: string | null = null;
   try {
@@ -262,7 +264,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   const pairs = o.reps ?? (o.quick ? 3 : big ? 4 : 5);
   try {
     progress('server: starting on 127.0.0.1');
-    const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8, device: provider, dtype: placement.dtype });
+    const server = await startServer({ modelPath, cacheDir: buildDir, adapterDir, maxBatch: 8, device: provider, dtype: placement.dtype, kv });
     try {
       const runtime = server.app.runtime;
       await runEngine(runtime.engine, { ...spec, maxTokens: 2 }, 1);
@@ -353,7 +355,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   else if (ck.tokenizer?.kind !== 'hf') llamaCpp = { available: false, missing: 'the GGUF writer needs the model\'s tokenizer.json' };
   else {
     llamaCpp = await measureLlamaCpp(ck, { tokenizerJson: ck.tokenizer.tokenizerJson, cacheDir: cache, spec: { promptIds, maxTokens, threads: availableParallelism() }, reps, agreementTokens, progress });
-    if (llamaCpp.available) quantized = await measureQuantized(ck, { modelPath, buildDir, spec, prompt: PROMPT, rank: o.rank, reps, progress });
+    if (llamaCpp.available) quantized = await measureQuantized(ck, { modelPath, buildDir, kv, spec, prompt: PROMPT, rank: o.rank, reps, progress });
     else progress(`llama.cpp: not measured — ${llamaCpp.missing}`);
   }
   // what onnxruntime's quantized kernels alone allow, beside what we serve and what llama.cpp does

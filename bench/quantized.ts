@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Checkpoint } from '../src/model/checkpoint/types.js';
 import { buildModel } from '../src/model/build.js';
-import { ConfigSchema } from '../src/config.js';
+import type { Config } from '../src/config.js';
 import { adapterForm, concurrentStreams, postForm, startServer } from './api.js';
 import { peftAdapter } from './adapters.js';
 import { openCore, runCore, type GenSpec } from './raw.js';
@@ -34,15 +34,14 @@ async function bestOf(reps: number, f: () => Promise<Throughput>): Promise<Throu
 
 export async function measureQuantized(
   ck: Checkpoint,
-  o: { modelPath: string; buildDir: string; spec: GenSpec; prompt: string; rank: number; reps: number; progress: (l: string) => void },
+  o: { modelPath: string; buildDir: string; kv: Config['KV']; spec: GenSpec; prompt: string; rank: number; reps: number; progress: (l: string) => void },
 ): Promise<QuantizedLines> {
   const b1: Partial<Record<'int8' | 'int4', Throughput>> = {};
   for (const weights of ['int8', 'int4'] as const) {
     o.progress(`quantized: ${weights} weights, raw b1`);
-    // the options the server builds with (runtime.ts servedBuildOptions: KV from the environment as
-    // the bench's fp32 graph, WEIGHTS_ACCURACY_LEVEL 4), so the cache serves both and b1 runs what is served
-    const kv = ConfigSchema.shape.KV.parse(process.env.KV ?? 'gqa');
-    const built = await buildModel(ck, { outDir: o.buildDir, dtype: 'fp32', logits: 'last', kv, provider: 'cpu', weights, accuracyLevel: 4, onProgress: o.progress });
+    // the options the server builds with (runtime.ts servedBuildOptions, WEIGHTS_ACCURACY_LEVEL 4),
+    // so the cache serves both and b1 runs what is served
+    const built = await buildModel(ck, { outDir: o.buildDir, dtype: 'fp32', logits: 'last', kv: o.kv, provider: 'cpu', weights, accuracyLevel: 4, onProgress: o.progress });
     const core = await openCore(built.dir, built.manifest, 'cpu');
     try {
       await runCore(core.session, built.manifest, { ...o.spec, maxTokens: 2 }, 1, 'cpu');
@@ -55,7 +54,7 @@ export async function measureQuantized(
   const adapterDir = await mkdtemp(join(tmpdir(), 'loraserve-bench-int4-'));
   let int4Mixed8: Throughput;
   try {
-    const server = await startServer({ modelPath: o.modelPath, cacheDir: o.buildDir, adapterDir, maxBatch: 8, device: 'cpu', dtype: 'fp32', weights: 'int4' });
+    const server = await startServer({ modelPath: o.modelPath, cacheDir: o.buildDir, adapterDir, maxBatch: 8, device: 'cpu', dtype: 'fp32', weights: 'int4', kv: o.kv });
     try {
       const names = Array.from({ length: 8 }, (_, i) => `q-${i}`);
       for (const [i, name] of names.entries()) {
