@@ -4,8 +4,9 @@ import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { projectionBlock, projectionDims, projectionsOf, type Architecture } from '../src/model/architecture.js';
-import { ExternalDataWriter, GraphBuilder, int } from '../src/model/graph/onnx-builder.js';
-import { QUANT_BLOCK, type QuantBits } from '../src/model/graph/quantize.js';
+import { ExternalDataWriter, GraphBuilder } from '../src/model/graph/onnx-builder.js';
+import { matMulNBits } from '../src/model/graph/matmulnbits.js';
+import { blockLayout, QUANT_BLOCK, type QuantBits, type QuantizedWeight } from '../src/model/graph/quantize.js';
 import { llamaCppLine, type LlamaCppSection } from './llama-cpp.js';
 import { medianRunMs } from './graph-timing.js';
 
@@ -56,6 +57,21 @@ export interface KernelCeiling {
   lines: KernelLine[];
 }
 
+/** random codes in the served layout; small scales and mid-range zero points keep the outputs finite (the values do not change the kernel's work) */
+function randomQuantized(m: KernelMatMul, bits: QuantBits): QuantizedWeight {
+  const { nBlocks, blob, zpRow } = blockLayout(m.k, bits);
+  return {
+    bits,
+    blockSize: QUANT_BLOCK,
+    n: m.n,
+    k: m.k,
+    nBlocks,
+    packed: randomFillSync(new Uint8Array(m.n * nBlocks * blob)),
+    scales: new Float32Array(m.n * nBlocks).fill(1 / 1024),
+    zeroPoints: new Uint8Array(m.n * zpRow).fill(bits === 4 ? 0x88 : 0x80),
+  };
+}
+
 /**
  * `dir/stem.onnx` (and `stem.data`): one graph input per distinct K, one graph output per product: nothing orders or joins the
  * products, so the graph is the kernels and the copies of their outputs (the logits' copy is in
@@ -69,17 +85,7 @@ export async function writeKernelGraph(dir: string, stem: string, products: read
     const inputs = new Map<number, string>();
     for (const [i, m] of products.entries()) {
       if (!inputs.has(m.k)) inputs.set(m.k, g.input(`x${m.k}`, 'float32', [rows, m.k]));
-      const nBlocks = Math.ceil(m.k / QUANT_BLOCK);
-      const packed = randomFillSync(new Uint8Array(m.n * nBlocks * ((QUANT_BLOCK * bits) / 8)));
-      // small scales and mid-range zero points keep the outputs finite; the values do not change the kernel's work
-      const scales = new Float32Array(m.n * nBlocks).fill(1 / 1024);
-      const zeroPoints = new Uint8Array(m.n * Math.ceil((nBlocks * bits) / 8)).fill(bits === 4 ? 0x88 : 0x80);
-      const y = g.op(
-        'MatMulNBits',
-        [inputs.get(m.k)!, await g.bytesWeight(`${m.name}.q${bits}`, [m.n, nBlocks, (QUANT_BLOCK * bits) / 8], packed), await g.weight(`${m.name}.scales`, 'float32', [m.n * nBlocks], scales), await g.bytesWeight(`${m.name}.zero_points`, [zeroPoints.length], zeroPoints)],
-        { K: int(m.k), N: int(m.n), bits: int(bits), block_size: int(QUANT_BLOCK), accuracy_level: int(accuracyLevel) },
-        'com.microsoft',
-      );
+      const y = await matMulNBits(g, m.name, inputs.get(m.k)!, randomQuantized(m, bits), 'float32', accuracyLevel);
       g.node('Identity', [y], { outputs: [`y${i}`] });
       g.output(`y${i}`, 'float32', [rows, m.n]);
     }

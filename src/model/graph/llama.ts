@@ -9,7 +9,8 @@ import { frobeniusNorm } from '../../adapters/effect.js';
 import { ropeFrequencies } from './rope.js';
 import { slidingWindowBias } from './window.js';
 import { GraphBuilder, float, float32ToFloat16Bits, int, ints, type ExternalDataWriter } from './onnx-builder.js';
-import { quantizeBlockwise, QUANT_BLOCK, type QuantBits } from './quantize.js';
+import { quantizeBlockwise, type QuantBits } from './quantize.js';
+import { matMulNBits } from './matmulnbits.js';
 import { f16ToF32 } from '../../adapters/safetensors.js';
 
 /** Bump whenever the emitted graph changes: it is part of the build cache key. */
@@ -314,12 +315,7 @@ export async function buildLlamaGraph(
     const bits: QuantBits = opts.weights === 'int4' ? 4 : 8;
     // scales are stored in T: codes are chosen against the scale as the runtime will read it
     const roundScale = T === 'float16' ? (v: number) => f16ToF32(float32ToFloat16Bits(v)) : Math.fround;
-    const q = quantizeBlockwise(w, n, k, bits, roundScale);
-    const packed = await g.bytesWeight(`${name}.q${bits}`, [n, q.nBlocks, (QUANT_BLOCK * bits) / 8], q.packed);
-    const scales = await g.weight(`${name}.scales`, T, [n * q.nBlocks], q.scales);
-    const zeroPoints = await g.bytesWeight(`${name}.zero_points`, [q.zeroPoints.length], q.zeroPoints);
-    const attrs = { K: int(k), N: int(n), bits: int(bits), block_size: int(QUANT_BLOCK), accuracy_level: int(opts.accuracyLevel ?? 4) };
-    return g.op('MatMulNBits', [x, packed, scales, zeroPoints], attrs, 'com.microsoft');
+    return matMulNBits(g, name, x, quantizeBlockwise(w, n, k, bits, roundScale), T, opts.accuracyLevel ?? 4);
   };
 
   const projection = async (layer: number, p: Projection, x: string): Promise<string> => {

@@ -32,6 +32,12 @@ export interface QuantizedWeight {
   zeroPoints: Uint8Array;
 }
 
+/** the packed layout's sizes: blocks per row, bytes per block, zero-point bytes per row */
+export function blockLayout(k: number, bits: QuantBits, blockSize = QUANT_BLOCK): { nBlocks: number; blob: number; zpRow: number } {
+  const nBlocks = Math.ceil(k / blockSize);
+  return { nBlocks, blob: (blockSize * bits) / 8, zpRow: Math.ceil((nBlocks * bits) / 8) };
+}
+
 /**
  * `w` is [n, k] row-major (PyTorch Linear [out, in]). `roundScale` rounds a scale to the graph's
  * float type (Math.fround for float32, a float16 round trip for fp16) before codes are chosen, so
@@ -46,10 +52,8 @@ export function quantizeBlockwise(
   blockSize = QUANT_BLOCK,
 ): QuantizedWeight {
   if (w.length !== n * k) throw new Error(`quantizeBlockwise: ${w.length} values for [${n}, ${k}]`);
-  const nBlocks = Math.ceil(k / blockSize);
-  const blob = (blockSize * bits) / 8;
+  const { nBlocks, blob, zpRow } = blockLayout(k, bits, blockSize);
   const qmax = (1 << bits) - 1;
-  const zpRow = Math.ceil((nBlocks * bits) / 8);
   const packed = new Uint8Array(n * nBlocks * blob);
   const scales = new Float32Array(n * nBlocks);
   const zeroPoints = new Uint8Array(n * zpRow);
@@ -85,8 +89,7 @@ export function quantizeBlockwise(
 /** The [n, k] weight the runtime multiplies by: (code − zero point) · scale. */
 export function dequantizeBlockwise(q: QuantizedWeight): Float32Array {
   const { n, k, nBlocks, blockSize, bits } = q;
-  const blob = (blockSize * bits) / 8;
-  const zpRow = Math.ceil((nBlocks * bits) / 8);
+  const { blob, zpRow } = blockLayout(k, bits, blockSize);
   const out = new Float32Array(n * k);
   for (let r = 0; r < n; r++) {
     for (let c = 0; c < k; c++) {
