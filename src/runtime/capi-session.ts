@@ -146,6 +146,12 @@ interface HostMemory {
 /** what one input of the kept binding is bound to: a device tensor, or host memory */
 type BoundInput = HostMemory | { memory: DeviceTensor; offset: 0; bytes: 0; type: ElementType; dims: readonly number[] };
 
+/** the IoBinding a session keeps between runs, with what each input name is bound to */
+interface KeptBinding {
+  binding: Pointer;
+  inputs: Map<string, BoundInput>;
+}
+
 function hostMemory(v: CapiValue, role: string): HostMemory {
   if (!(v instanceof ort.Tensor)) throw new Error(`${role} is neither an onnxruntime Tensor nor a DeviceTensor`);
   const type = hostType(v);
@@ -219,7 +225,7 @@ export class CapiSession {
    * device when it is bound, so host inputs are bound every run there, as before). One run at a
    * time uses it; a run that overlaps it binds on its own.
    */
-  private kept: { binding: Pointer; inputs: Map<string, BoundInput> } | null = null;
+  private kept: KeptBinding | null = null;
   private keptInUse = false;
   private bindings = 0;
 
@@ -496,7 +502,7 @@ export class CapiSession {
    * name; a different set of names starts the inputs over. Each bound host array stays referenced
    * in `kept.inputs` while onnxruntime may read it.
    */
-  private bindChanged(kept: { binding: Pointer; inputs: Map<string, BoundInput> }, feeds: CapiFeeds): void {
+  private bindChanged(kept: KeptBinding, feeds: CapiFeeds): void {
     const { api } = this.capi;
     const entries = Object.entries(feeds);
     if (entries.length !== kept.inputs.size || entries.some(([name]) => !kept.inputs.has(name))) {
